@@ -1,0 +1,201 @@
+//! `usersync run`: checks the database, then wires reader → pipeline →
+//! write-back and keeps them running. A lost connection or a sink that stays
+//! down tears the session down and starts a new one from the slot's confirmed
+//! position (nothing past it was acknowledged, so nothing is lost); a
+//! configuration or schema problem stops the daemon with one message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::{connect, ConnectError};
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::schema::{self, SchemaError, TableShape};
+use crate::sink::webhook::WebhookSink;
+use crate::sink::Sink;
+use crate::source::rows::RowBuilder;
+use crate::source::stream::{self, Reader, SourceError};
+use crate::writeback::{SyncReport, WritebackError, Writer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("sink.columns names {column}, which {table} does not have")]
+    UnknownColumn { column: String, table: String },
+    #[error("{0}")]
+    Sink(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Writeback(#[from] WritebackError),
+}
+
+impl RunError {
+    /// Problems the operator must fix (exit code 2) as opposed to runtime failures.
+    pub fn is_config(&self) -> bool {
+        match self {
+            RunError::Schema(SchemaError::Query { .. }) => false,
+            RunError::Schema(_) | RunError::UnknownColumn { .. } | RunError::Sink(_) => true,
+            _ => false,
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        match self {
+            RunError::Connect(_) | RunError::Writeback(_) => true,
+            RunError::Source(e) => e.is_transient(),
+            RunError::Pipeline(e) => e.is_transient(),
+            RunError::Schema(SchemaError::Query { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Runs until `cancel` fires. `reports` receives every completed sync (the demo prints them).
+pub async fn run(
+    cfg: &Config,
+    cancel: CancellationToken,
+    reports: Option<mpsc::UnboundedSender<SyncReport>>,
+) -> Result<(), RunError> {
+    // The first check fails fast: a wrong setup is reported, not retried.
+    let shape = prepare(cfg).await?;
+    let sink: Arc<dyn Sink> = Arc::new(WebhookSink::new(&cfg.sink).map_err(RunError::Sink)?);
+    let mut delay = Duration::from_millis(500);
+    let mut shape = Some(shape);
+    loop {
+        let current = match shape.take() {
+            Some(s) => s,
+            None => match prepare(cfg).await {
+                Ok(s) => s,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot start a session yet");
+                    if sleep_or_cancel(delay, &cancel).await {
+                        return Ok(());
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let started = std::time::Instant::now();
+        match session(
+            cfg,
+            &current,
+            Arc::clone(&sink),
+            cancel.clone(),
+            reports.clone(),
+        )
+        .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    delay = Duration::from_millis(500);
+                }
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "session ended; restarting from the slot's confirmed position");
+                if sleep_or_cancel(delay, &cancel).await {
+                    return Ok(());
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+/// Preflight: everything the session needs exists and has the right shape.
+pub async fn prepare(cfg: &Config) -> Result<TableShape, RunError> {
+    let client = connect(&cfg.database, "usersync-check").await?;
+    let shape = schema::preflight(&client, &cfg.database).await?;
+    for column in &cfg.sink.columns {
+        if !shape.has_column(column) {
+            return Err(RunError::UnknownColumn {
+                column: column.clone(),
+                table: shape.table.to_string(),
+            });
+        }
+    }
+    Ok(shape)
+}
+
+async fn session(
+    cfg: &Config,
+    shape: &TableShape,
+    sink: Arc<dyn Sink>,
+    cancel: CancellationToken,
+    reports: Option<mpsc::UnboundedSender<SyncReport>>,
+) -> Result<(), RunError> {
+    let writer = Writer::connect(&cfg.database, shape, cfg.writeback.batch_size).await?;
+    let client = stream::open(&cfg.database, "usersync").await?;
+    tracing::info!(
+        slot = %cfg.database.slot,
+        publication = %cfg.database.publication,
+        table = %shape.table,
+        database = %cfg.database.describe(),
+        "streaming"
+    );
+    let reader = Reader {
+        client,
+        rows: RowBuilder::new(
+            shape.table.clone(),
+            shape.key_column.clone(),
+            &cfg.sink.columns,
+        ),
+        origin: cfg.database.origin.clone(),
+        target: cfg.database.describe(),
+    };
+    let (source_tx, source_rx) = mpsc::channel(1024);
+    let (write_tx, write_rx) = mpsc::channel(cfg.writeback.batch_size * 4);
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let (ack_tx, ack_rx) = watch::channel(0u64);
+    let session_cancel = cancel.child_token();
+
+    let reader_cancel = session_cancel.clone();
+    let mut reader_task = tokio::spawn(reader.run(source_tx, ack_rx, reader_cancel));
+    let mut writer_task = tokio::spawn(writer.run(write_rx, done_tx, reports));
+    let pipeline = Pipeline {
+        sink,
+        retry: cfg.retry.clone(),
+        max_in_flight: cfg.sink.max_in_flight,
+        max_buffered: cfg.pipeline.max_buffered_changes,
+    };
+    let pipeline_cancel = session_cancel.clone();
+    let outcome: Result<(), RunError> = tokio::select! {
+        r = pipeline.run(source_rx, write_tx, done_rx, ack_tx, pipeline_cancel) => r.map_err(RunError::from),
+        r = &mut reader_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        },
+        r = &mut writer_task => match r {
+            Ok(Ok(())) => Err(PipelineError::WriterGone.into()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        },
+    };
+    session_cancel.cancel();
+    // Let the reader pass the last acknowledgement to the server: the worker
+    // sends a raised position within its status interval (1 s).
+    if outcome.is_ok() {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    reader_task.abort();
+    writer_task.abort();
+    outcome
+}

@@ -1,0 +1,57 @@
+//! Plain SQL connections to the app database (for setup, preflight and the
+//! write-back), with errors that say which server could not be reached.
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::DatabaseConfig;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to PostgreSQL at {target}: {reason}")]
+pub struct ConnectError {
+    pub target: String,
+    pub reason: String,
+}
+
+/// Opens a connection and drives it on a background task. `app` names the
+/// session in `pg_stat_activity` so a DBA can tell usersync's sessions apart.
+pub async fn connect(cfg: &DatabaseConfig, app: &str) -> Result<Client, ConnectError> {
+    let mut pg = cfg.pg.clone();
+    pg.application_name(app);
+    pg.connect_timeout(std::time::Duration::from_secs(10));
+    let (client, connection) = pg.connect(NoTls).await.map_err(|e| ConnectError {
+        target: cfg.describe(),
+        reason: error_text(&e),
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// The most useful text of a tokio-postgres error: the server's message and
+/// hint when there is one, else the client-side cause.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = db.message().to_string();
+        if let Some(detail) = db.detail() {
+            s.push_str(" (");
+            s.push_str(detail);
+            s.push(')');
+        }
+        if let Some(hint) = db.hint() {
+            s.push_str("; hint: ");
+            s.push_str(hint);
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

@@ -1,0 +1,228 @@
+//! `usersync demo`: a throw-away PostgreSQL, the fake webhook service and
+//! the daemon, driven by a short script of inserts, updates and deletes whose
+//! syncs are printed as they happen. Everything it starts is stopped and
+//! removed at the end or on Ctrl-C.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::Failure;
+use crate::config::Config;
+use crate::fake::{FakeOptions, FakeService};
+use crate::pgtemp::{TempCluster, TempClusterOptions};
+use crate::sink::signature::WebhookSecret;
+use crate::writeback::SyncReport;
+
+const DEMO_TABLE: &str = "CREATE TABLE public.users (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    email text NOT NULL UNIQUE,
+    name text,
+    plan text NOT NULL DEFAULT 'free',
+    created_at timestamptz NOT NULL DEFAULT now()
+)";
+
+pub async fn run(users: u32, keep_running: bool) -> Result<(), Failure> {
+    crate::observe::init_logging("warn", false);
+    let cancel = CancellationToken::new();
+    crate::cli::spawn_signal_handler(cancel.clone());
+
+    println!("usersync demo: starting a throw-away PostgreSQL ...");
+    let cluster = tokio::task::spawn_blocking(|| {
+        TempCluster::start(TempClusterOptions {
+            fsync: false,
+            extra_conf: Vec::new(),
+            port: None,
+        })
+    })
+    .await
+    .map_err(Failure::runtime)?
+    .map_err(Failure::runtime)?;
+    let result = with_cluster(&cluster, users, keep_running, cancel).await;
+    drop(cluster);
+    println!("usersync demo: stopped PostgreSQL and removed its files.");
+    result
+}
+
+async fn with_cluster(
+    cluster: &TempCluster,
+    users: u32,
+    keep_running: bool,
+    cancel: CancellationToken,
+) -> Result<(), Failure> {
+    cluster.create_database("demo").map_err(Failure::runtime)?;
+    cluster.psql("demo", DEMO_TABLE).map_err(Failure::runtime)?;
+
+    let secret = WebhookSecret::generate();
+    let fake = FakeService::start(FakeOptions {
+        port: 0,
+        secret: Some(secret.clone()),
+        latency: Duration::ZERO,
+    })
+    .await
+    .map_err(|e| Failure::runtime(format!("cannot start the fake service: {e}")))?;
+    println!(
+        "usersync demo: PostgreSQL on 127.0.0.1:{}, fake webhook service at {}",
+        cluster.port(),
+        fake.url()
+    );
+
+    let toml = format!(
+        "[database]\nurl = \"{}\"\n[sink]\nurl = \"{}\"\nsecret_env = \"DEMO_SECRET\"\n",
+        cluster.url("demo"),
+        fake.url()
+    );
+    let env: BTreeMap<String, String> = [("DEMO_SECRET".to_string(), secret.to_whsec())]
+        .into_iter()
+        .collect();
+    let cfg = Config::from_parts(Some(&toml), "demo config", &env).map_err(Failure::runtime)?;
+
+    let client = crate::db::connect(&cfg.database, "usersync-demo")
+        .await
+        .map_err(Failure::runtime)?;
+    crate::setup::apply(&client, &cfg.database)
+        .await
+        .map_err(Failure::runtime)?;
+    println!("usersync demo: ran `usersync setup` (columns, publication, origin, slot)\n");
+
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    let daemon_cancel = cancel.child_token();
+    let daemon = {
+        let cfg = cfg.clone();
+        let c = daemon_cancel.clone();
+        tokio::spawn(async move { crate::daemon::run(&cfg, c, Some(reports_tx)).await })
+    };
+
+    let script = script(users);
+    let expected = script.iter().map(|(_, pushes)| pushes).sum::<usize>();
+    let writer = async {
+        for (sql, _) in &script {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            println!("  app> {sql}");
+            if let Err(e) = client.batch_execute(sql).await {
+                return Err(Failure::runtime(format!("demo script: {e}")));
+            }
+        }
+        Ok(())
+    };
+    let printer = async {
+        let mut seen = 0;
+        while seen < expected {
+            match tokio::time::timeout(Duration::from_secs(30), reports.recv()).await {
+                Ok(Some(r)) => {
+                    print_report(&r);
+                    seen += 1;
+                }
+                _ => break,
+            }
+        }
+        seen
+    };
+    let (written, seen) = tokio::select! {
+        _ = cancel.cancelled() => (Ok(()), 0),
+        both = async { tokio::join!(writer, printer) } => both,
+    };
+    written?;
+
+    if !cancel.is_cancelled() {
+        println!();
+        let live = fake.users().into_iter().filter(|u| !u.deleted).count();
+        println!(
+            "usersync demo: {seen} of {expected} changes pushed and written back; the fake service holds {live} live users."
+        );
+        let rows = cluster
+            .psql(
+                "demo",
+                "SELECT email, plan, external_user_id, to_char(external_synced_at, 'HH24:MI:SS.MS') FROM users ORDER BY email",
+            )
+            .map_err(Failure::runtime)?;
+        println!(
+            "usersync demo: the users table now (email | plan | external_user_id | synced at):"
+        );
+        for line in rows.lines() {
+            println!("  {line}");
+        }
+        if keep_running {
+            println!(
+                "\nusersync demo: still running. Try: psql '{}' -c \"INSERT INTO users (email) VALUES ('you@example.com')\"\nPress Ctrl-C to stop.",
+                cluster.url("demo")
+            );
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = reports.recv() => match r {
+                        Some(r) => print_report(&r),
+                        None => break,
+                    },
+                }
+            }
+        }
+    }
+    daemon_cancel.cancel();
+    let outcome = daemon.await;
+    fake.shutdown().await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Failure::runtime(e)),
+        Err(e) => return Err(Failure::runtime(e)),
+    }
+    if seen < expected && !cancel.is_cancelled() {
+        return Err(Failure::runtime(format!(
+            "only {seen} of {expected} changes were synced within 30 s"
+        )));
+    }
+    Ok(())
+}
+
+/// The statements the demo app runs, each with the number of pushes it causes.
+fn script(users: u32) -> Vec<(String, usize)> {
+    let mut s = Vec::new();
+    for i in 1..=users {
+        s.push((
+            format!("INSERT INTO users (email, name) VALUES ('user{i}@example.com', 'User {i}')"),
+            1,
+        ));
+    }
+    if users >= 1 {
+        s.push((
+            "UPDATE users SET plan = 'pro' WHERE email = 'user1@example.com'".into(),
+            1,
+        ));
+        s.push((
+            // Touches no synced value: nothing is pushed.
+            "UPDATE users SET plan = plan WHERE email = 'user1@example.com'".into(),
+            0,
+        ));
+    }
+    if users >= 2 {
+        s.push((
+            "DELETE FROM users WHERE email = 'user2@example.com'".into(),
+            1,
+        ));
+    }
+    s.push((
+        "BEGIN; INSERT INTO users (email, name) VALUES ('team-a@example.com', 'Team A'), ('team-b@example.com', 'Team B'); \
+         UPDATE users SET name = 'Team B (owner)' WHERE email = 'team-b@example.com'; COMMIT"
+            .into(),
+        3,
+    ));
+    s
+}
+
+fn print_report(r: &SyncReport) {
+    println!(
+        "  sync> {:<13} user {} -> {}  (push {} ms, decoded -> written back {} ms{})",
+        r.op.event_type(),
+        r.key,
+        r.external_id.as_deref().unwrap_or("-"),
+        r.push_latency.as_millis(),
+        r.total_latency.as_millis(),
+        if r.attempts > 1 {
+            format!(", {} attempts", r.attempts)
+        } else {
+            String::new()
+        }
+    );
+}

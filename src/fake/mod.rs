@@ -1,0 +1,223 @@
+//! The fake external user service: a real HTTP server on loopback that receives
+//! usersync's Standard Webhooks deliveries the way a production receiver
+//! would (signature and replay checks, `webhook-id` idempotency, a user
+//! store keyed by the ids it hands out) and can be told to misbehave. The
+//! demo runs it in or out of process, the integration tests drive it in
+//! process. This file owns the public API and the server's lifecycle;
+//! `store` owns the state and the event semantics, `http` the wire format.
+
+mod http;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::sink::signature::WebhookSecret;
+use store::Store;
+
+/// How long `shutdown` waits for in-flight requests before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Default)]
+pub struct FakeOptions {
+    /// 0 lets the OS pick a free port.
+    pub port: u16,
+    /// When set, every delivery must carry a valid signature by this secret.
+    pub secret: Option<WebhookSecret>,
+    /// Added to every webhook request (not to admin requests).
+    pub latency: Duration,
+}
+
+/// A user as the external service stores it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FakeUser {
+    /// The service's own id, `usr_…`, returned to the sender on creation.
+    pub external_id: String,
+    /// The source row's primary key as sent in the envelope.
+    pub key: serde_json::Value,
+    pub data: serde_json::Value,
+    /// Deleted users are kept so tests can tell "deleted" from "never made".
+    pub deleted: bool,
+    /// The envelope `id` (`evt_…`) of the `user.created` that made it.
+    pub created_by_event: String,
+    /// Number of `user.updated` events applied.
+    pub updates: u32,
+}
+
+/// One webhook request as the service saw it, including rejected ones and
+/// injected faults. Admin requests are not recorded.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    pub webhook_id: Option<String>,
+    /// The raw `webhook-timestamp` header.
+    pub webhook_timestamp: Option<String>,
+    /// `None` when the service has no secret; otherwise whether the request
+    /// passed verification (signature and timestamp tolerance).
+    pub signature_valid: Option<bool>,
+    /// The request body parsed as JSON, or null when it wasn't JSON.
+    pub body: serde_json::Value,
+    pub status: u16,
+    /// The JSON body the service answered with.
+    pub response: serde_json::Value,
+    /// Arrival time, milliseconds since the Unix epoch.
+    pub received_at_ms: u128,
+}
+
+/// A misbehaviour applied to the next `count` webhook requests. Queued
+/// faults run one after another in the order they were injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this status and a JSON error body, changing nothing.
+    Status { status: u16, count: u32 },
+    /// Answer 429 with a `Retry-After` header.
+    RateLimit { retry_after_secs: u64, count: u32 },
+    /// Hold the request for a minute, then answer 504: long enough that the
+    /// sender's own timeout has to fire.
+    Timeout { count: u32 },
+}
+
+/// State shared by the handlers and the owning [`FakeService`].
+struct Shared {
+    store: Mutex<Store>,
+    secret: Option<WebhookSecret>,
+    /// Turns true (or closes) when the service stops, so held requests end.
+    stopping: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn store(&self) -> MutexGuard<'_, Store> {
+        // A panicking handler must not take the whole fake down with it:
+        // the store stays consistent because every mutation is one short,
+        // synchronous critical section.
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A running fake service. Dropping it also stops the server (without
+/// waiting); [`FakeService::shutdown`] stops it and waits.
+pub struct FakeService {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+}
+
+impl FakeService {
+    /// Binds 127.0.0.1 and starts serving in the background.
+    pub async fn start(opts: FakeOptions) -> std::io::Result<FakeService> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, opts.port)).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopping) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store::new(opts.latency)),
+            secret: opts.secret,
+            stopping: stopping.clone(),
+        });
+        let app = http::router(Arc::clone(&shared));
+        let server = tokio::spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped(stopping))
+                .await;
+            if let Err(err) = result {
+                tracing::warn!(%err, "fake service stopped with an error");
+            }
+        });
+        tracing::debug!(%addr, "fake service listening");
+        Ok(FakeService {
+            addr,
+            shared,
+            stop,
+            server,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The root URL deliveries should be POSTed to, with a trailing slash.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// All users, deleted ones included, in creation order.
+    pub fn users(&self) -> Vec<FakeUser> {
+        self.shared.store().users().to_vec()
+    }
+
+    /// Users with this primary key that aren't deleted; more than one means
+    /// the sender created a duplicate.
+    pub fn live_users_with_key(&self, key: &serde_json::Value) -> Vec<FakeUser> {
+        self.shared.store().live_users_with_key(key)
+    }
+
+    /// Every recorded webhook request, in the order they were answered
+    /// (a request held by a timeout fault is recorded when it arrives).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.store().requests().to_vec()
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        self.shared.store().inject(fault);
+    }
+
+    pub fn set_latency(&self, d: Duration) {
+        self.shared.store().set_latency(d);
+    }
+
+    /// Forgets users, recorded requests, queued faults and the idempotency
+    /// memory. The standing latency is configuration and stays.
+    pub fn clear(&self) {
+        self.shared.store().clear();
+    }
+
+    /// Stops accepting connections, releases requests held by faults or
+    /// latency, and waits (briefly) for the server to finish.
+    pub async fn shutdown(self) {
+        let FakeService {
+            stop, mut server, ..
+        } = self;
+        // Err only means the server is already gone.
+        let _ = stop.send(true);
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("fake service did not stop in time; aborting it");
+            server.abort();
+        }
+    }
+}
+
+/// Runs the fake as a foreground server until Ctrl-C (for
+/// `usersync fake-service`). The URL goes alone on stdout so scripts can
+/// read it; the human-readable note goes to stderr.
+pub async fn serve_forever(opts: FakeOptions) -> std::io::Result<()> {
+    let signed = opts.secret.is_some();
+    let service = FakeService::start(opts).await?;
+    let url = service.url();
+    println!("{url}");
+    eprintln!(
+        "fake user service listening on {url} (signatures {}); \
+         inspect with GET {url}_fake/users and {url}_fake/requests; Ctrl-C to stop",
+        if signed { "required" } else { "not checked" }
+    );
+    let result = tokio::signal::ctrl_c().await;
+    service.shutdown().await;
+    result
+}
+
+/// Resolves once the service is stopping, or its owner is gone.
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    // An Err means the sender was dropped with the FakeService: stop too.
+    let _ = stopping.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,335 @@
+//! The pipeline between the reader and the sink: per-user lanes (one change
+//! in flight per user, commit order within a user, users concurrent up to
+//! `max_in_flight`), a bound on buffered changes (when reached, the reader is
+//! no longer drained, so it stops reading the stream), and the ack tracker
+//! that confirms to the slot only positions below which every change has been
+//! written back.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::change::{Change, Lsn};
+use crate::config::RetryConfig;
+use crate::sink::retry::{push_with_retry, PushFailed};
+use crate::sink::{Sink, SinkError};
+use crate::source::stream::SourceEvent;
+use crate::writeback::WriteItem;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("the sink refused {event_id} ({operation} of user {key}) permanently after {attempts} attempt(s): {error}. Nothing past it was acknowledged; fix the cause (endpoint, secret, payload) and restart usersync to retry it")]
+    Refused {
+        event_id: String,
+        operation: &'static str,
+        key: String,
+        attempts: u32,
+        error: SinkError,
+    },
+    #[error("the sink still fails for {event_id} after {attempts} attempt(s): {error}")]
+    Exhausted {
+        event_id: String,
+        attempts: u32,
+        error: SinkError,
+    },
+    #[error("the write-back task stopped")]
+    WriterGone,
+}
+
+impl PipelineError {
+    /// A sink that is down is retried by reconnecting later; a refusal is not.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, PipelineError::Refused { .. })
+    }
+}
+
+/// Confirms the highest LSN below which every change is complete.
+#[derive(Debug, Default)]
+pub struct AckTracker {
+    next_seq: u64,
+    pending: BTreeSet<u64>,
+    /// (first sequence number after the transaction, its end LSN), in stream order.
+    boundaries: VecDeque<(u64, Lsn)>,
+    confirmed: Lsn,
+}
+
+impl AckTracker {
+    pub fn register(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.insert(seq);
+        seq
+    }
+
+    /// Everything registered so far belongs to transactions ending at or before `lsn`.
+    pub fn boundary(&mut self, lsn: Lsn) {
+        self.boundaries.push_back((self.next_seq, lsn));
+    }
+
+    pub fn complete(&mut self, seq: u64) {
+        self.pending.remove(&seq);
+    }
+
+    /// The new confirmed LSN, if it moved.
+    pub fn advance(&mut self) -> Option<Lsn> {
+        let lowest_pending = self.pending.first().copied().unwrap_or(self.next_seq);
+        let before = self.confirmed;
+        while let Some(&(bound, lsn)) = self.boundaries.front() {
+            if bound > lowest_pending {
+                break;
+            }
+            self.confirmed = self.confirmed.max(lsn);
+            self.boundaries.pop_front();
+        }
+        (self.confirmed > before).then_some(self.confirmed)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+struct Queued {
+    seq: u64,
+    change: Box<Change>,
+}
+
+struct PushResult {
+    key: String,
+    external_id: Option<String>,
+    failure: Option<(Box<Change>, PushFailed)>,
+}
+
+pub struct Pipeline {
+    pub sink: Arc<dyn Sink>,
+    pub retry: RetryConfig,
+    pub max_in_flight: usize,
+    pub max_buffered: usize,
+}
+
+struct State {
+    /// Changes waiting per user; a key is present while its user has work.
+    lanes: HashMap<String, VecDeque<Queued>>,
+    /// Users with queued work and nothing in flight, in arrival order.
+    ready: VecDeque<String>,
+    /// Users with a push in flight.
+    active: HashSet<String>,
+    /// Pushed changes whose write-back has not been reported yet (may dip
+    /// below zero for a moment: the writer can report before the push task ends).
+    unwritten: i64,
+    /// External ids learnt from pushes whose write-back may not be visible yet
+    /// in later changes' rows (an update right after the create).
+    known_ids: HashMap<String, String>,
+    ack: AckTracker,
+}
+
+impl Pipeline {
+    /// Runs until the source closes, `cancel` fires, or a change cannot be
+    /// delivered. On cancel, in-flight pushes finish and are written back first.
+    pub async fn run(
+        &self,
+        mut source: mpsc::Receiver<SourceEvent>,
+        writer: mpsc::Sender<WriteItem>,
+        mut written: mpsc::UnboundedReceiver<Vec<u64>>,
+        acks: watch::Sender<Lsn>,
+        cancel: CancellationToken,
+    ) -> Result<(), PipelineError> {
+        let mut st = State {
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            active: HashSet::new(),
+            unwritten: 0,
+            known_ids: HashMap::new(),
+            ack: AckTracker::default(),
+        };
+        let mut pushes: JoinSet<PushResult> = JoinSet::new();
+        let mut draining = false;
+        loop {
+            self.start_ready(&mut st, &mut pushes, &writer);
+            if draining && st.active.is_empty() && st.unwritten == 0 {
+                return Ok(());
+            }
+            let room = !draining && st.ack.in_flight() < self.max_buffered;
+            tokio::select! {
+                _ = cancel.cancelled(), if !draining => {
+                    draining = true;
+                    // Queued changes that never started stay unacknowledged
+                    // and are replayed from the slot next time.
+                    st.lanes.retain(|key, lane| {
+                        lane.clear();
+                        st.active.contains(key)
+                    });
+                    st.ready.clear();
+                }
+                ev = source.recv(), if room => match ev {
+                    Some(SourceEvent::Change(change)) => {
+                        let seq = st.ack.register();
+                        let key = change.key.text.clone();
+                        let lane = st.lanes.entry(key.clone()).or_default();
+                        if lane.is_empty() && !st.active.contains(&key) {
+                            st.ready.push_back(key);
+                        }
+                        lane.push_back(Queued { seq, change });
+                    }
+                    Some(SourceEvent::TxnEnd { end_lsn }) | Some(SourceEvent::Idle { wal_end: end_lsn }) => {
+                        st.ack.boundary(end_lsn);
+                        if let Some(lsn) = st.ack.advance() {
+                            let _ = acks.send(lsn);
+                        }
+                    }
+                    None => draining = true,
+                },
+                Some(done) = pushes.join_next() => {
+                    let result = match done {
+                        Ok(r) => r,
+                        Err(e) => std::panic::resume_unwind(e.into_panic()),
+                    };
+                    st.active.remove(&result.key);
+                    if let Some((change, failed)) = result.failure {
+                        return Err(if failed.error.is_retryable() {
+                            PipelineError::Exhausted {
+                                event_id: change.event_id,
+                                attempts: failed.attempts,
+                                error: failed.error,
+                            }
+                        } else {
+                            PipelineError::Refused {
+                                event_id: change.event_id,
+                                operation: change.op.event_type(),
+                                key: change.key.text,
+                                attempts: failed.attempts,
+                                error: failed.error,
+                            }
+                        });
+                    }
+                    st.unwritten += 1;
+                    match result.external_id {
+                        Some(id) => { st.known_ids.insert(result.key.clone(), id); }
+                        None => { st.known_ids.remove(&result.key); }
+                    }
+                    match st.lanes.get(&result.key) {
+                        Some(lane) if !lane.is_empty() && !draining => st.ready.push_back(result.key),
+                        _ => {
+                            st.lanes.remove(&result.key);
+                            st.known_ids.remove(&result.key);
+                        }
+                    }
+                }
+                seqs = written.recv() => {
+                    let Some(seqs) = seqs else { return Err(PipelineError::WriterGone) };
+                    for seq in seqs {
+                        st.ack.complete(seq);
+                        st.unwritten -= 1;
+                    }
+                    if let Some(lsn) = st.ack.advance() {
+                        let _ = acks.send(lsn);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_ready(
+        &self,
+        st: &mut State,
+        pushes: &mut JoinSet<PushResult>,
+        writer: &mpsc::Sender<WriteItem>,
+    ) {
+        while st.active.len() < self.max_in_flight {
+            let Some(key) = st.ready.pop_front() else {
+                break;
+            };
+            let Some(queued) = st.lanes.get_mut(&key).and_then(|l| l.pop_front()) else {
+                continue;
+            };
+            st.active.insert(key.clone());
+            let external_id = st
+                .known_ids
+                .get(&key)
+                .cloned()
+                .or_else(|| queued.change.external_id.clone());
+            let sink = Arc::clone(&self.sink);
+            let retry = self.retry.clone();
+            let writer = writer.clone();
+            pushes.spawn(async move {
+                let Queued { seq, change } = queued;
+                let started = Instant::now();
+                match push_with_retry(sink.as_ref(), &change, external_id.as_deref(), &retry).await
+                {
+                    Ok(pushed) => {
+                        let external_id = pushed.external_id.or(external_id);
+                        let item = WriteItem {
+                            seq,
+                            event_id: change.event_id.clone(),
+                            key: change.key.clone(),
+                            op: change.op,
+                            external_id: external_id.clone(),
+                            synced_at: SystemTime::now(),
+                            commit_lsn: change.commit_lsn,
+                            decoded_at: change.decoded_at,
+                            push_latency: started.elapsed(),
+                            attempts: pushed.attempts,
+                        };
+                        // A closed writer means shutdown; the change is replayed next start.
+                        let _ = writer.send(item).await;
+                        PushResult {
+                            key,
+                            external_id,
+                            failure: None,
+                        }
+                    }
+                    Err(failed) => PushResult {
+                        key,
+                        external_id: None,
+                        failure: Some((change, failed)),
+                    },
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_waits_for_the_oldest_pending_change() {
+        let mut t = AckTracker::default();
+        let a = t.register();
+        t.boundary(100);
+        let b = t.register();
+        t.boundary(200);
+        t.boundary(250); // an empty transaction
+        assert_eq!(t.advance(), None);
+        t.complete(b);
+        assert_eq!(t.advance(), None, "a is still pending");
+        t.complete(a);
+        assert_eq!(t.advance(), Some(250));
+        assert_eq!(t.advance(), None);
+    }
+
+    #[test]
+    fn ack_moves_per_completed_transaction() {
+        let mut t = AckTracker::default();
+        let a = t.register();
+        t.boundary(100);
+        let _b = t.register();
+        t.boundary(200);
+        t.complete(a);
+        assert_eq!(t.advance(), Some(100));
+        t.boundary(300);
+        assert_eq!(t.advance(), None);
+    }
+
+    #[test]
+    fn empty_stream_positions_are_confirmed() {
+        let mut t = AckTracker::default();
+        t.boundary(42);
+        assert_eq!(t.advance(), Some(42));
+    }
+}

@@ -1,0 +1,299 @@
+//! Turns decoded pgoutput tuples of the users table into `Change`s: keeps the
+//! relation and type caches current (ALTER TABLE mid-stream sends a new
+//! Relation message), restricts rows to the synced columns, recovers
+//! unchanged TOASTed values from the old row, and drops updates that change
+//! no synced column.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+
+use super::pgoutput::{ColumnValue, OldTuple, Relation, TupleData};
+use super::value::{text_to_json, type_name, TypeRegistry, ValueError};
+use crate::change::{Change, Lsn, Operation, UserKey};
+use crate::config::TableName;
+use crate::schema::{EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RowError {
+    #[error("change for relation {0} arrived before its Relation message")]
+    UnknownRelation(u32),
+    #[error("the users table no longer has its key column {0} (was it renamed or dropped?); restore it or update the configuration")]
+    KeyColumnGone(String),
+    #[error("the tuple has {got} columns but relation {table} has {expected}")]
+    ColumnCount {
+        table: String,
+        expected: usize,
+        got: usize,
+    },
+    #[error("the key column {0} is NULL or was not sent")]
+    KeyMissing(String),
+    #[error("column {column}: {source}")]
+    Value { column: String, source: ValueError },
+}
+
+/// Where a change sits in the stream, for its event id and time.
+#[derive(Debug, Clone, Copy)]
+pub struct TxnPosition {
+    pub commit_lsn: Lsn,
+    pub commit_time_us: i64,
+    pub position: u32,
+}
+
+/// One decoded column: a value, or PostgreSQL's "unchanged TOAST, not sent".
+enum Cell {
+    Value(Value),
+    Unchanged,
+}
+
+pub struct RowBuilder {
+    table: TableName,
+    table_label: String,
+    key_column: String,
+    /// Synced columns; `None` means every column but the two sync columns.
+    columns: Option<HashSet<String>>,
+    relations: HashMap<u32, Relation>,
+    types: TypeRegistry,
+}
+
+impl RowBuilder {
+    pub fn new(table: TableName, key_column: String, columns: &[String]) -> Self {
+        RowBuilder {
+            table_label: table.to_string(),
+            table,
+            key_column,
+            columns: if columns.is_empty() {
+                None
+            } else {
+                Some(columns.iter().cloned().collect())
+            },
+            relations: HashMap::new(),
+            types: TypeRegistry::default(),
+        }
+    }
+
+    pub fn on_relation(&mut self, rel: Relation) -> Result<(), RowError> {
+        if self.is_users(&rel) && !rel.columns.iter().any(|c| c.name == self.key_column) {
+            return Err(RowError::KeyColumnGone(self.key_column.clone()));
+        }
+        self.relations.insert(rel.id, rel);
+        Ok(())
+    }
+
+    pub fn on_type(&mut self, oid: u32, namespace: String, name: String) {
+        self.types.insert(oid, namespace, name);
+    }
+
+    fn is_users(&self, rel: &Relation) -> bool {
+        rel.namespace == self.table.schema && rel.name == self.table.name
+    }
+
+    /// Whether `rel_id` is the users table (changes to other tables in the
+    /// publication are not ours to push).
+    pub fn is_users_relation(&self, rel_id: u32) -> Result<bool, RowError> {
+        self.relations
+            .get(&rel_id)
+            .map(|r| self.is_users(r))
+            .ok_or(RowError::UnknownRelation(rel_id))
+    }
+
+    fn synced(&self, column: &str) -> bool {
+        match &self.columns {
+            Some(set) => set.contains(column) || column == self.key_column,
+            None => column != EXTERNAL_ID_COLUMN && column != SYNCED_AT_COLUMN,
+        }
+    }
+
+    /// Every column of the tuple, decoded.
+    fn decode(&self, rel: &Relation, tuple: &TupleData) -> Result<Vec<(String, Cell)>, RowError> {
+        if tuple.0.len() != rel.columns.len() {
+            return Err(RowError::ColumnCount {
+                table: self.table_label.clone(),
+                expected: rel.columns.len(),
+                got: tuple.0.len(),
+            });
+        }
+        rel.columns
+            .iter()
+            .zip(&tuple.0)
+            .map(|(col, v)| {
+                let cell = match v {
+                    ColumnValue::Null => Cell::Value(Value::Null),
+                    ColumnValue::UnchangedToast => Cell::Unchanged,
+                    ColumnValue::Text(b) | ColumnValue::Binary(b) => {
+                        Cell::Value(text_to_json(col.type_oid, b, &self.types).map_err(
+                            |source| RowError::Value {
+                                column: col.name.clone(),
+                                source,
+                            },
+                        )?)
+                    }
+                };
+                Ok((col.name.clone(), cell))
+            })
+            .collect()
+    }
+
+    fn key_of(&self, rel: &Relation, tuple: &TupleData) -> Result<UserKey, RowError> {
+        let idx = rel
+            .columns
+            .iter()
+            .position(|c| c.name == self.key_column)
+            .ok_or_else(|| RowError::KeyColumnGone(self.key_column.clone()))?;
+        match tuple.0.get(idx) {
+            Some(ColumnValue::Text(b)) | Some(ColumnValue::Binary(b)) => {
+                let text = String::from_utf8_lossy(b).into_owned();
+                let json =
+                    text_to_json(rel.columns[idx].type_oid, b, &self.types).map_err(|source| {
+                        RowError::Value {
+                            column: self.key_column.clone(),
+                            source,
+                        }
+                    })?;
+                Ok(UserKey { text, json })
+            }
+            _ => Err(RowError::KeyMissing(self.key_column.clone())),
+        }
+    }
+
+    fn external_id(cells: &[(String, Cell)]) -> Option<String> {
+        cells.iter().find_map(|(name, cell)| match cell {
+            Cell::Value(Value::String(s)) if name == EXTERNAL_ID_COLUMN && !s.is_empty() => {
+                Some(s.clone())
+            }
+            _ => None,
+        })
+    }
+
+    fn relation(&self, rel_id: u32) -> Result<&Relation, RowError> {
+        self.relations
+            .get(&rel_id)
+            .ok_or(RowError::UnknownRelation(rel_id))
+    }
+
+    fn base_change(&self, op: Operation, key: UserKey, at: TxnPosition) -> Change {
+        Change {
+            event_id: Change::event_id_for(at.commit_lsn, at.position),
+            op,
+            key,
+            table: self.table_label.clone(),
+            commit_lsn: at.commit_lsn,
+            commit_time_us: at.commit_time_us,
+            data: None,
+            previous: None,
+            changed: Vec::new(),
+            omitted: Vec::new(),
+            external_id: None,
+            decoded_at: Instant::now(),
+        }
+    }
+
+    fn synced_map(&self, cells: Vec<(String, Cell)>) -> Map<String, Value> {
+        cells
+            .into_iter()
+            .filter(|(name, _)| self.synced(name))
+            .filter_map(|(name, cell)| match cell {
+                Cell::Value(v) => Some((name, v)),
+                Cell::Unchanged => None,
+            })
+            .collect()
+    }
+
+    pub fn insert(
+        &self,
+        rel_id: u32,
+        new: &TupleData,
+        at: TxnPosition,
+    ) -> Result<Change, RowError> {
+        let rel = self.relation(rel_id)?;
+        let key = self.key_of(rel, new)?;
+        let cells = self.decode(rel, new)?;
+        let mut change = self.base_change(Operation::Insert, key, at);
+        change.external_id = Self::external_id(&cells);
+        let data = self.synced_map(cells);
+        change.changed = data.keys().cloned().collect();
+        change.data = Some(data);
+        Ok(change)
+    }
+
+    /// `None` when no synced column changed: nothing to push.
+    pub fn update(
+        &self,
+        rel_id: u32,
+        old: Option<&OldTuple>,
+        new: &TupleData,
+        at: TxnPosition,
+    ) -> Result<Option<Change>, RowError> {
+        let rel = self.relation(rel_id)?;
+        let key = self.key_of(rel, new)?;
+        let new_cells = self.decode(rel, new)?;
+        let old_cells = match old {
+            Some(OldTuple::Full(t)) => Some(self.decode(rel, t)?),
+            // A key-only old tuple says nothing about other columns' old values.
+            Some(OldTuple::Key(_)) | None => None,
+        };
+        let mut change = self.base_change(Operation::Update, key, at);
+        change.external_id = Self::external_id(&new_cells)
+            .or_else(|| old_cells.as_deref().and_then(Self::external_id));
+        let old_value = |name: &str| -> Option<&Value> {
+            old_cells.as_ref().and_then(|cells| {
+                cells.iter().find_map(|(n, c)| match c {
+                    Cell::Value(v) if n == name => Some(v),
+                    _ => None,
+                })
+            })
+        };
+        let mut data = Map::new();
+        for (name, cell) in &new_cells {
+            if !self.synced(name) {
+                continue;
+            }
+            match cell {
+                Cell::Value(v) => {
+                    let differs = match &old_cells {
+                        Some(_) => old_value(name) != Some(v),
+                        None => true,
+                    };
+                    if differs {
+                        change.changed.push(name.clone());
+                    }
+                    data.insert(name.clone(), v.clone());
+                }
+                // Unchanged by definition; carry the real value when the old row has it.
+                Cell::Unchanged => match old_value(name) {
+                    Some(v) => {
+                        data.insert(name.clone(), v.clone());
+                    }
+                    None => change.omitted.push(name.clone()),
+                },
+            }
+        }
+        if change.changed.is_empty() {
+            return Ok(None);
+        }
+        change.previous = old_cells.map(|cells| self.synced_map(cells));
+        change.data = Some(data);
+        Ok(Some(change))
+    }
+
+    pub fn delete(&self, rel_id: u32, old: &OldTuple, at: TxnPosition) -> Result<Change, RowError> {
+        let rel = self.relation(rel_id)?;
+        let tuple = match old {
+            OldTuple::Full(t) | OldTuple::Key(t) => t,
+        };
+        let key = self.key_of(rel, tuple)?;
+        let mut change = self.base_change(Operation::Delete, key, at);
+        if let OldTuple::Full(t) = old {
+            let cells = self.decode(rel, t)?;
+            change.external_id = Self::external_id(&cells);
+            change.previous = Some(self.synced_map(cells));
+        }
+        Ok(change)
+    }
+
+    /// A readable type name for messages.
+    pub fn type_name(&self, oid: u32) -> String {
+        type_name(oid, &self.types)
+    }
+}

@@ -1,0 +1,286 @@
+//! The reader task: opens the slot with pgwire-replication, decodes each
+//! message, drops our own write-back transactions (Origin message naming our
+//! origin), assembles changes with their transaction position, and forwards
+//! them to the pipeline. It also carries the pipeline's acknowledged LSN back
+//! to the server. Sending blocks when the pipeline is full, which stops reading
+//! (pgwire-replication keeps the keepalives going meanwhile).
+
+use pgwire_replication::{Lsn as WireLsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::pgoutput::{decode, DecodeError, PgOutputMessage};
+use super::rows::{RowBuilder, RowError, TxnPosition};
+use crate::change::{Change, Lsn, PG_EPOCH_OFFSET_US};
+use crate::config::DatabaseConfig;
+
+/// What the reader hands the pipeline.
+#[derive(Debug)]
+pub enum SourceEvent {
+    Change(Box<Change>),
+    /// Every change of the transaction ending at `end_lsn` has been sent.
+    TxnEnd {
+        end_lsn: Lsn,
+    },
+    /// The server has sent everything up to `wal_end` and no transaction is open.
+    Idle {
+        wal_end: Lsn,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("replication stream from {target}: {reason}")]
+    Stream { target: String, reason: String },
+    #[error("cannot decode the replication stream at {lsn}: {source}")]
+    Decode { lsn: String, source: DecodeError },
+    #[error("cannot build a change at {lsn}: {source}")]
+    Row { lsn: String, source: RowError },
+    #[error("the replication stream ended")]
+    Ended,
+}
+
+impl SourceError {
+    /// Stream failures (server restart, network) are worth reconnecting for;
+    /// a message we cannot decode will not decode better next time.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Stream { .. } | SourceError::Ended)
+    }
+}
+
+/// Session settings that make the text output of values deterministic.
+pub const SESSION_OPTIONS: &str =
+    "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=iso_8601 -c extra_float_digits=3";
+
+pub fn replication_config(cfg: &DatabaseConfig, app: &str) -> ReplicationConfig {
+    ReplicationConfig::new(
+        cfg.host.clone(),
+        cfg.user.clone(),
+        cfg.password.clone().unwrap_or_default(),
+        cfg.dbname.clone(),
+        cfg.slot.clone(),
+        cfg.publication.as_str(),
+    )
+    .with_port(cfg.port)
+    .with_start_lsn(WireLsn::ZERO)
+    .with_options(SESSION_OPTIONS)
+    .with_application_name(app)
+    .with_status_interval(std::time::Duration::from_secs(1))
+    .with_buffer_size(1024)
+}
+
+pub async fn open(cfg: &DatabaseConfig, app: &str) -> Result<ReplicationClient, SourceError> {
+    let err = |e: pgwire_replication::PgWireError| SourceError::Stream {
+        target: cfg.describe(),
+        reason: e.to_string(),
+    };
+    let mut client = ReplicationClient::connect(replication_config(cfg, app))
+        .await
+        .map_err(err)?;
+    client.wait_started().await.map_err(err)?;
+    Ok(client)
+}
+
+struct OpenTxn {
+    commit_lsn: Lsn,
+    commit_time_us: i64,
+    ours: bool,
+    position: u32,
+}
+
+pub struct Reader {
+    pub client: ReplicationClient,
+    pub rows: RowBuilder,
+    pub origin: String,
+    pub target: String,
+}
+
+impl Reader {
+    /// Runs until `cancel` fires (returns Ok) or the stream fails.
+    pub async fn run(
+        mut self,
+        out: mpsc::Sender<SourceEvent>,
+        mut acks: watch::Receiver<Lsn>,
+        cancel: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut txn: Option<OpenTxn> = None;
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => break,
+                changed = acks.changed() => {
+                    if changed.is_ok() {
+                        self.client.update_applied_lsn(WireLsn::from_u64(*acks.borrow_and_update()));
+                    }
+                    continue;
+                }
+                ev = self.client.recv() => ev,
+            };
+            let event = match event {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return Err(SourceError::Ended),
+                Err(e) => {
+                    return Err(SourceError::Stream {
+                        target: self.target.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            let forward = match event {
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    commit_time_micros,
+                    ..
+                } => {
+                    txn = Some(OpenTxn {
+                        commit_lsn: final_lsn.as_u64(),
+                        commit_time_us: commit_time_micros + PG_EPOCH_OFFSET_US,
+                        ours: false,
+                        position: 0,
+                    });
+                    None
+                }
+                ReplicationEvent::Commit { end_lsn, .. } => {
+                    txn = None;
+                    Some(SourceEvent::TxnEnd {
+                        end_lsn: end_lsn.as_u64(),
+                    })
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } if txn.is_none() => {
+                    Some(SourceEvent::Idle {
+                        wal_end: wal_end.as_u64(),
+                    })
+                }
+                ReplicationEvent::XLogData {
+                    wal_start, data, ..
+                } => {
+                    let msg = decode(&data).map_err(|source| SourceError::Decode {
+                        lsn: wal_start.to_string(),
+                        source,
+                    })?;
+                    self.handle(msg, &mut txn)
+                        .map_err(|source| SourceError::Row {
+                            lsn: wal_start.to_string(),
+                            source,
+                        })?
+                }
+                ReplicationEvent::KeepAlive { .. }
+                | ReplicationEvent::Message { .. }
+                | ReplicationEvent::StoppedAt { .. } => None,
+            };
+            let Some(forward) = forward else { continue };
+            // Wait for room in the pipeline, still passing acknowledgements on.
+            let mut pending = Some(forward);
+            while let Some(ev) = pending.take() {
+                let permit = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    changed = acks.changed() => {
+                        if changed.is_ok() {
+                            self.client.update_applied_lsn(WireLsn::from_u64(*acks.borrow_and_update()));
+                        }
+                        pending = Some(ev);
+                        continue;
+                    }
+                    permit = out.reserve() => permit,
+                };
+                match permit {
+                    Ok(p) => p.send(ev),
+                    Err(_) => return Ok(()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(
+        &mut self,
+        msg: PgOutputMessage,
+        txn: &mut Option<OpenTxn>,
+    ) -> Result<Option<SourceEvent>, RowError> {
+        match msg {
+            PgOutputMessage::Origin { name, .. } => {
+                if let Some(t) = txn.as_mut() {
+                    t.ours = name == self.origin;
+                }
+                Ok(None)
+            }
+            PgOutputMessage::Relation(rel) => {
+                self.rows.on_relation(rel)?;
+                Ok(None)
+            }
+            PgOutputMessage::Type {
+                oid,
+                namespace,
+                name,
+            } => {
+                self.rows.on_type(oid, namespace, name);
+                Ok(None)
+            }
+            PgOutputMessage::Insert { rel_id, new } => {
+                let Some(at) = self.position(rel_id, txn)? else {
+                    return Ok(None);
+                };
+                let change = self.rows.insert(rel_id, &new, at)?;
+                Ok(Some(SourceEvent::Change(Box::new(change))))
+            }
+            PgOutputMessage::Update { rel_id, old, new } => {
+                let Some(at) = self.position(rel_id, txn)? else {
+                    return Ok(None);
+                };
+                Ok(self
+                    .rows
+                    .update(rel_id, old.as_ref(), &new, at)?
+                    .map(|c| SourceEvent::Change(Box::new(c))))
+            }
+            PgOutputMessage::Delete { rel_id, old } => {
+                let Some(at) = self.position(rel_id, txn)? else {
+                    return Ok(None);
+                };
+                let change = self.rows.delete(rel_id, &old, at)?;
+                Ok(Some(SourceEvent::Change(Box::new(change))))
+            }
+            PgOutputMessage::Truncate { rel_ids, .. } => {
+                for rel_id in rel_ids {
+                    if self.rows.is_users_relation(rel_id).unwrap_or(false) {
+                        tracing::error!(
+                            "the users table was TRUNCATEd: PostgreSQL does not send the removed rows, \
+                             so no user.deleted events are pushed for them; remove those users from the \
+                             external service by hand"
+                        );
+                    }
+                }
+                Ok(None)
+            }
+            // pgwire-replication delivers these as their own events; decoded
+            // here only if a future version forwards them raw.
+            PgOutputMessage::Begin { .. }
+            | PgOutputMessage::Commit { .. }
+            | PgOutputMessage::Message { .. } => Ok(None),
+        }
+    }
+
+    /// The change's place in its transaction, or `None` when it is not ours
+    /// to push (another table, or our own write-back). Every users-table change
+    /// takes a position, pushed or not, so event ids do not depend on filters.
+    fn position(
+        &mut self,
+        rel_id: u32,
+        txn: &mut Option<OpenTxn>,
+    ) -> Result<Option<TxnPosition>, RowError> {
+        if !self.rows.is_users_relation(rel_id)? {
+            return Ok(None);
+        }
+        let Some(t) = txn.as_mut() else {
+            return Ok(None);
+        };
+        let position = t.position;
+        t.position += 1;
+        if t.ours {
+            return Ok(None);
+        }
+        Ok(Some(TxnPosition {
+            commit_lsn: t.commit_lsn,
+            commit_time_us: t.commit_time_us,
+            position,
+        }))
+    }
+}

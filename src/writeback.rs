@@ -1,0 +1,207 @@
+//! The write-back: records the external id and the sync time in the users
+//! row after a successful push. One session, tagged with the daemon's
+//! replication origin so the decoder drops these transactions (no echo);
+//! items are grouped into one UPDATE per batch, and a row is only touched if
+//! its `external_synced_at` is older, so a newer sync is never overwritten.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, Statement};
+
+use crate::change::{format_lsn, Lsn, Operation, UserKey};
+use crate::config::{quote_ident, DatabaseConfig};
+use crate::db::{connect, error_text, ConnectError};
+use crate::schema::{TableShape, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WritebackError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("replication origin {origin} is in use by another session (is another usersync running against this database?): {reason}")]
+    OriginBusy { origin: String, reason: String },
+    #[error("write-back failed: {0}")]
+    Sql(String),
+}
+
+/// A pushed change waiting to be recorded in its row.
+#[derive(Debug)]
+pub struct WriteItem {
+    /// The pipeline's sequence number, reported back once durable.
+    pub seq: u64,
+    pub event_id: String,
+    pub key: UserKey,
+    pub op: Operation,
+    pub external_id: Option<String>,
+    pub synced_at: SystemTime,
+    pub commit_lsn: Lsn,
+    pub decoded_at: Instant,
+    pub push_latency: Duration,
+    pub attempts: u32,
+}
+
+/// One change that reached the external service and, where the row still
+/// exists, was written back. For the demo's live output and for logs.
+#[derive(Debug, Clone)]
+pub struct SyncReport {
+    pub event_id: String,
+    pub key: String,
+    pub op: Operation,
+    pub external_id: Option<String>,
+    pub push_latency: Duration,
+    /// From decoding to the write-back's commit.
+    pub total_latency: Duration,
+    pub attempts: u32,
+}
+
+pub struct Writer {
+    client: Client,
+    update: Statement,
+    progress: Statement,
+    batch_size: usize,
+}
+
+impl Writer {
+    pub async fn connect(
+        cfg: &DatabaseConfig,
+        shape: &TableShape,
+        batch_size: usize,
+    ) -> Result<Writer, WritebackError> {
+        let client = connect(cfg, "usersync-writeback").await?;
+        setup_origin_session(&client, &cfg.origin).await?;
+        let sql = format!(
+            "UPDATE {table} AS u SET {ext} = COALESCE(w.ext, u.{ext}), {at} = w.at \
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS w(k, ext, at) \
+             WHERE u.{key} = w.k::{key_type} AND (u.{at} IS NULL OR u.{at} < w.at)",
+            table = shape.table.quoted(),
+            ext = quote_ident(EXTERNAL_ID_COLUMN),
+            at = quote_ident(SYNCED_AT_COLUMN),
+            key = quote_ident(&shape.key_column),
+            key_type = shape.key_type,
+        );
+        let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
+        let update = client.prepare(&sql).await.map_err(sql_err)?;
+        let progress = client
+            .prepare("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)")
+            .await
+            .map_err(sql_err)?;
+        Ok(Writer {
+            client,
+            update,
+            progress,
+            batch_size,
+        })
+    }
+
+    /// Writes batches until `items` closes. Each batch's sequence numbers go
+    /// to `done` only after its transaction committed.
+    pub async fn run(
+        mut self,
+        mut items: mpsc::Receiver<WriteItem>,
+        done: mpsc::UnboundedSender<Vec<u64>>,
+        reports: Option<mpsc::UnboundedSender<SyncReport>>,
+    ) -> Result<(), WritebackError> {
+        let mut batch = Vec::with_capacity(self.batch_size);
+        loop {
+            batch.clear();
+            if items.recv_many(&mut batch, self.batch_size).await == 0 {
+                return Ok(());
+            }
+            self.write(&batch).await?;
+            let seqs = batch.iter().map(|i| i.seq).collect();
+            if done.send(seqs).is_err() {
+                return Ok(());
+            }
+            for item in &batch {
+                let total = item.decoded_at.elapsed();
+                tracing::info!(
+                    event_id = %item.event_id,
+                    user = %item.key,
+                    operation = item.op.event_type(),
+                    external_id = item.external_id.as_deref().unwrap_or(""),
+                    attempts = item.attempts,
+                    push_ms = item.push_latency.as_millis() as u64,
+                    total_ms = total.as_millis() as u64,
+                    "synced"
+                );
+                if let Some(r) = &reports {
+                    let _ = r.send(SyncReport {
+                        event_id: item.event_id.clone(),
+                        key: item.key.text.clone(),
+                        op: item.op,
+                        external_id: item.external_id.clone(),
+                        push_latency: item.push_latency,
+                        total_latency: total,
+                        attempts: item.attempts,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, batch: &[WriteItem]) -> Result<(), WritebackError> {
+        // The last item per user wins: a batch may hold several syncs of one
+        // user, and one UPDATE cannot apply two rows to the same target.
+        let mut latest: HashMap<&str, &WriteItem> = HashMap::new();
+        for item in batch.iter().filter(|i| i.op != Operation::Delete) {
+            latest.insert(item.key.text.as_str(), item);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = latest.keys().copied().collect();
+        let ext: Vec<Option<&str>> = keys
+            .iter()
+            .map(|k| latest[k].external_id.as_deref())
+            .collect();
+        let at: Vec<SystemTime> = keys.iter().map(|k| latest[k].synced_at).collect();
+        let max_lsn = batch.iter().map(|i| i.commit_lsn).max().unwrap_or(0);
+        let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
+        let tx = self.client.transaction().await.map_err(sql_err)?;
+        // Records the highest source LSN written back in the origin's progress.
+        tx.execute(&self.progress, &[&format_lsn(max_lsn), &SystemTime::now()])
+            .await
+            .map_err(sql_err)?;
+        tx.execute(&self.update, &[&keys, &ext, &at])
+            .await
+            .map_err(sql_err)?;
+        tx.commit().await.map_err(sql_err)?;
+        Ok(())
+    }
+}
+
+/// Tags this session's transactions with our origin. A killed daemon's
+/// backend can hold the origin for a moment after the process is gone, so a
+/// busy origin is retried briefly before it is reported.
+async fn setup_origin_session(client: &Client, origin: &str) -> Result<(), WritebackError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let busy = e
+                    .as_db_error()
+                    .is_some_and(|d| d.message().contains("is already active"));
+                if busy && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                let reason = error_text(&e);
+                return Err(if busy {
+                    WritebackError::OriginBusy {
+                        origin: origin.to_string(),
+                        reason,
+                    }
+                } else {
+                    WritebackError::Sql(format!(
+                        "cannot tag the write-back session with origin {origin}: {reason}"
+                    ))
+                });
+            }
+        }
+    }
+}
