@@ -53,8 +53,10 @@ async fn webhook(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         path: parts.uri.path().to_owned(),
         webhook_id: webhook_id.clone(),
         webhook_timestamp: header(&parts.headers, "webhook-timestamp"),
+        webhook_signature: header(&parts.headers, "webhook-signature"),
         signature_valid: None,
         body: Value::Null,
+        raw_body: Vec::new(),
         status: 0,
         response: Value::Null,
         received_at_ms,
@@ -64,6 +66,7 @@ async fn webhook(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         let reply = Reply::error(413, "request body too large or unreadable");
         return finish(&shared, record, reply, None);
     };
+    record.raw_body = bytes.to_vec();
     let parsed = serde_json::from_slice::<Value>(&bytes).map_err(|err| err.to_string());
     if let Ok(value) = &parsed {
         record.body = value.clone();

@@ -60,11 +60,16 @@ pub struct RecordedRequest {
     pub webhook_id: Option<String>,
     /// The raw `webhook-timestamp` header.
     pub webhook_timestamp: Option<String>,
+    /// The raw `webhook-signature` header.
+    pub webhook_signature: Option<String>,
     /// `None` when the service has no secret; otherwise whether the request
     /// passed verification (signature and timestamp tolerance).
     pub signature_valid: Option<bool>,
     /// The request body parsed as JSON, or null when it wasn't JSON.
     pub body: serde_json::Value,
+    /// The body exactly as received, for checking signatures independently.
+    #[serde(skip)]
+    pub raw_body: Vec<u8>,
     pub status: u16,
     /// The JSON body the service answered with.
     pub response: serde_json::Value,

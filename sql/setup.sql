@@ -1,0 +1,33 @@
+-- usersync setup for table public.users (publication usersync_users, slot usersync, origin usersync).
+-- Idempotent: safe to run again. Run each statement on its own (psql -f does);
+-- a logical slot cannot be created inside a transaction that wrote.
+
+-- The two columns usersync writes back: the external service's id and the time of the last successful sync.
+ALTER TABLE "public"."users" ADD COLUMN IF NOT EXISTS external_user_id text,
+    ADD COLUMN IF NOT EXISTS external_synced_at timestamptz;
+
+-- usersync's own objects live in their own schema.
+CREATE SCHEMA IF NOT EXISTS usersync;
+
+-- Deletes and updates carry the whole old row, so a delete reaches the external service with its external id although the row is gone.
+ALTER TABLE "public"."users" REPLICA IDENTITY FULL;
+
+-- The publication the slot streams: the users table only.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'usersync_users') THEN
+        CREATE PUBLICATION "usersync_users" FOR TABLE "public"."users";
+    ELSIF NOT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = 'usersync_users'
+                      AND schemaname = 'public' AND tablename = 'users') THEN
+        ALTER PUBLICATION "usersync_users" ADD TABLE "public"."users";
+    END IF;
+END
+$$;
+
+-- The replication origin that tags usersync's write-backs, so the daemon never pushes its own writes again.
+SELECT pg_replication_origin_create('usersync')
+    WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'usersync');
+
+-- The logical replication slot: PostgreSQL keeps WAL from here until usersync confirms it.
+SELECT pg_create_logical_replication_slot('usersync', 'pgoutput')
+    WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'usersync');
