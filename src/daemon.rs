@@ -174,6 +174,7 @@ async fn session(
         retry: cfg.retry.clone(),
         max_in_flight: cfg.sink.max_in_flight,
         max_buffered: cfg.pipeline.max_buffered_changes,
+        log_personal_data: cfg.log.personal_data,
     };
     let pipeline_cancel = session_cancel.clone();
     let outcome: Result<(), RunError> = tokio::select! {

@@ -109,6 +109,8 @@ pub struct Pipeline {
     pub retry: RetryConfig,
     pub max_in_flight: usize,
     pub max_buffered: usize,
+    /// Log row values of pushed changes (`log.personal_data`).
+    pub log_personal_data: bool,
 }
 
 struct State {
@@ -255,6 +257,7 @@ impl Pipeline {
             let sink = Arc::clone(&self.sink);
             let retry = self.retry.clone();
             let writer = writer.clone();
+            let log_values = self.log_personal_data;
             pushes.spawn(async move {
                 let Queued { seq, change } = queued;
                 let started = Instant::now();
@@ -262,6 +265,14 @@ impl Pipeline {
                 {
                     Ok(pushed) => {
                         let external_id = pushed.external_id.or(external_id);
+                        if log_values {
+                            tracing::info!(
+                                event_id = %change.event_id,
+                                data = %serde_json::Value::from(change.data.clone()),
+                                previous = %serde_json::Value::from(change.previous.clone()),
+                                "pushed values"
+                            );
+                        }
                         let item = WriteItem {
                             seq,
                             event_id: change.event_id.clone(),
