@@ -309,6 +309,9 @@ impl TempCluster {
             cmd.uid(user.uid).gid(user.gid);
         }
         cmd.current_dir(&self.data_dir);
+        // Its own process group: a Ctrl-C at the terminal must reach usersync,
+        // which then drains and stops the server, not the server first.
+        cmd.process_group(0);
         cmd
     }
 
