@@ -191,10 +191,13 @@ async fn session(
         },
     };
     session_cancel.cancel();
-    // Let the reader pass the last acknowledgement to the server: the worker
-    // sends a raised position within its status interval (1 s).
-    if outcome.is_ok() {
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+    if outcome.is_ok() && !reader_task.is_finished() {
+        // The reader passes the last acknowledgement to the server, then ends.
+        match tokio::time::timeout(Duration::from_secs(10), &mut reader_task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "while confirming the last position"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("the last confirmed position may not have reached the server; those changes are replayed next start"),
+        }
     }
     reader_task.abort();
     writer_task.abort();

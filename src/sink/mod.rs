@@ -95,6 +95,8 @@ pub fn http_client(timeout: Duration, max_idle: usize) -> Result<reqwest::Client
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .pool_max_idle_per_host(max_idle)
+        // A redirected POST would silently turn into a GET; a 3xx is an answer to report.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("usersync/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))

@@ -67,6 +67,9 @@ pub fn replication_config(cfg: &DatabaseConfig, app: &str) -> ReplicationConfig 
     .with_application_name(app)
     .with_status_interval(std::time::Duration::from_secs(1))
     .with_buffer_size(1024)
+    // Without an observer the client does not track whether an acknowledged
+    // position is still waiting to be reported, which a clean stop waits for.
+    .with_feedback_observer(pgwire_replication::FeedbackObserver::new(|_| {}))
 }
 
 pub async fn open(cfg: &DatabaseConfig, app: &str) -> Result<ReplicationClient, SourceError> {
@@ -106,7 +109,7 @@ impl Reader {
         let mut txn: Option<OpenTxn> = None;
         loop {
             let event = tokio::select! {
-                _ = cancel.cancelled() => break,
+                _ = cancel.cancelled() => return self.finish(acks).await,
                 changed = acks.changed() => {
                     if changed.is_ok() {
                         self.client.update_applied_lsn(WireLsn::from_u64(*acks.borrow_and_update()));
@@ -172,7 +175,7 @@ impl Reader {
             let mut pending = Some(forward);
             while let Some(ev) = pending.take() {
                 let permit = tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
+                    _ = cancel.cancelled() => return self.finish(acks).await,
                     changed = acks.changed() => {
                         if changed.is_ok() {
                             self.client.update_applied_lsn(WireLsn::from_u64(*acks.borrow_and_update()));
@@ -184,10 +187,30 @@ impl Reader {
                 };
                 match permit {
                     Ok(p) => p.send(ev),
-                    Err(_) => return Ok(()),
+                    Err(_) => return self.finish(acks).await,
                 }
             }
         }
+    }
+
+    /// Stops reading but keeps passing acknowledgements on until the
+    /// pipeline has drained (it drops the sender), then waits until the last
+    /// one has reached the server, so a clean stop does not replay changes
+    /// that were already written back.
+    async fn finish(self, mut acks: watch::Receiver<Lsn>) -> Result<(), SourceError> {
+        while acks.changed().await.is_ok() {
+            self.client
+                .update_applied_lsn(WireLsn::from_u64(*acks.borrow_and_update()));
+        }
+        self.client
+            .update_applied_lsn(WireLsn::from_u64(*acks.borrow()));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.client.feedback_pending_since().is_some()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.client.stop();
         Ok(())
     }
 
