@@ -9,6 +9,23 @@ ALTER TABLE "public"."users" ADD COLUMN IF NOT EXISTS external_user_id text,
 -- usersync's own objects live in their own schema.
 CREATE SCHEMA IF NOT EXISTS usersync;
 
+-- Changes the external service refused, and the later changes of those users parked behind them.
+CREATE TABLE IF NOT EXISTS usersync.dead_letters (
+    id bigserial PRIMARY KEY,
+    event_id text NOT NULL UNIQUE,
+    user_key text NOT NULL,
+    operation text NOT NULL,
+    state text NOT NULL CHECK (state IN ('failed', 'parked')),
+    envelope jsonb NOT NULL,
+    last_status integer,
+    last_error text NOT NULL,
+    attempts integer NOT NULL,
+    first_attempt_at timestamptz NOT NULL,
+    last_attempt_at timestamptz NOT NULL,
+    commit_lsn pg_lsn NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_user_key ON usersync.dead_letters (user_key, id);
+
 -- Deletes and updates carry the whole old row, so a delete reaches the external service with its external id although the row is gone.
 ALTER TABLE "public"."users" REPLICA IDENTITY FULL;
 

@@ -160,10 +160,10 @@ pub struct RetryConfig {
 impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
-            max_attempts: 10,
+            max_attempts: 50,
             initial_backoff_ms: 200,
             max_backoff_ms: 30_000,
-            max_elapsed_secs: 600,
+            max_elapsed_secs: 3_600,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! position (nothing past it was acknowledged, so nothing is lost); a
 //! configuration or schema problem stops the daemon with one message.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db::{connect, ConnectError};
+use crate::deadletter;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::schema::{self, SchemaError, TableShape};
 use crate::sink::webhook::WebhookSink;
@@ -52,7 +54,7 @@ impl RunError {
         match self {
             RunError::Connect(_) | RunError::Writeback(_) => true,
             RunError::Source(e) => e.is_transient(),
-            RunError::Pipeline(e) => e.is_transient(),
+            RunError::Pipeline(_) => true,
             RunError::Schema(SchemaError::Query { .. }) => true,
             _ => false,
         }
@@ -141,6 +143,18 @@ async fn session(
     cancel: CancellationToken,
     reports: Option<mpsc::UnboundedSender<SyncReport>>,
 ) -> Result<(), RunError> {
+    let db = connect(&cfg.database, "usersync").await?;
+    let parked: HashSet<String> = deadletter::parked_users(&db)
+        .await
+        .map_err(PipelineError::from)?
+        .into_iter()
+        .collect();
+    if !parked.is_empty() {
+        tracing::warn!(
+            users = parked.len(),
+            "users with dead letters are parked; see `usersync dlq list`"
+        );
+    }
     let writer = Writer::connect(&cfg.database, shape, cfg.writeback.batch_size).await?;
     let client = stream::open(&cfg.database, "usersync").await?;
     tracing::info!(
@@ -178,7 +192,7 @@ async fn session(
     };
     let pipeline_cancel = session_cancel.clone();
     let outcome: Result<(), RunError> = tokio::select! {
-        r = pipeline.run(source_rx, write_tx, done_rx, ack_tx, pipeline_cancel) => r.map_err(RunError::from),
+        r = pipeline.run(source_rx, write_tx, done_rx, ack_tx, parked, &db, pipeline_cancel) => r.map_err(RunError::from),
         r = &mut reader_task => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod deadletter;
 pub mod demo;
 pub mod fake;
 pub mod observe;

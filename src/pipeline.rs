@@ -1,9 +1,9 @@
 //! The pipeline between the reader and the sink: per-user lanes (one change
 //! in flight per user, commit order within a user, users concurrent up to
 //! `max_in_flight`), a bound on buffered changes (when reached, the reader is
-//! no longer drained, so it stops reading the stream), and the ack tracker
-//! that confirms to the slot only positions below which every change has been
-//! written back.
+//! no longer drained, so it stops reading the stream), parking of users with
+//! dead letters, and the ack tracker that confirms to the slot only positions
+//! below which every change has been written back or dead-lettered.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -13,38 +13,21 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::change::{Change, Lsn};
+use crate::change::{format_lsn, Change, Lsn};
 use crate::config::RetryConfig;
+use crate::deadletter::{self, DeadLetterError, NewDeadLetter, State as DeadState};
 use crate::sink::retry::{push_with_retry, PushFailed};
-use crate::sink::{Sink, SinkError};
+use crate::sink::webhook::Envelope;
+use crate::sink::Sink;
 use crate::source::stream::SourceEvent;
-use crate::writeback::WriteItem;
+use crate::writeback::{Outcome, WriteItem};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("the sink refused {event_id} ({operation} of user {key}) permanently after {attempts} attempt(s): {error}. Nothing past it was acknowledged; fix the cause (endpoint, secret, payload) and restart usersync to retry it")]
-    Refused {
-        event_id: String,
-        operation: &'static str,
-        key: String,
-        attempts: u32,
-        error: SinkError,
-    },
-    #[error("the sink still fails for {event_id} after {attempts} attempt(s): {error}")]
-    Exhausted {
-        event_id: String,
-        attempts: u32,
-        error: SinkError,
-    },
     #[error("the write-back task stopped")]
     WriterGone,
-}
-
-impl PipelineError {
-    /// A sink that is down is retried by reconnecting later; a refusal is not.
-    pub fn is_transient(&self) -> bool {
-        !matches!(self, PipelineError::Refused { .. })
-    }
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
 }
 
 /// Confirms the highest LSN below which every change is complete.
@@ -101,7 +84,15 @@ struct Queued {
 struct PushResult {
     key: String,
     external_id: Option<String>,
-    failure: Option<(Box<Change>, PushFailed)>,
+    failure: Option<Failure>,
+}
+
+struct Failure {
+    seq: u64,
+    change: Box<Change>,
+    external_id: Option<String>,
+    failed: PushFailed,
+    first_attempt_at: SystemTime,
 }
 
 pub struct Pipeline {
@@ -120,7 +111,9 @@ struct State {
     ready: VecDeque<String>,
     /// Users with a push in flight.
     active: HashSet<String>,
-    /// Pushed changes whose write-back has not been reported yet (may dip
+    /// Users with dead letters: their changes are stored behind them, not pushed.
+    parked: HashSet<String>,
+    /// Items handed to the writer and not yet reported durable (may dip
     /// below zero for a moment: the writer can report before the push task ends).
     unwritten: i64,
     /// External ids learnt from pushes whose write-back may not be visible yet
@@ -129,21 +122,80 @@ struct State {
     ack: AckTracker,
 }
 
+/// The dead letter for `change`: `failed` when the sink refused it, else
+/// parked behind the user's earlier failure.
+fn dead_letter(
+    seq: u64,
+    change: &Change,
+    external_id: Option<&str>,
+    failure: Option<(&PushFailed, SystemTime)>,
+) -> WriteItem {
+    let now = SystemTime::now();
+    let envelope =
+        serde_json::to_value(Envelope::new(change, external_id)).unwrap_or(serde_json::Value::Null);
+    let (state, last_status, last_error, attempts, first) = match failure {
+        Some((f, first)) => (
+            DeadState::Failed,
+            f.error.status(),
+            if f.error.is_retryable() {
+                format!("gave up after {} attempts: {}", f.attempts, f.error)
+            } else {
+                f.error.to_string()
+            },
+            f.attempts,
+            first,
+        ),
+        None => (
+            DeadState::Parked,
+            None,
+            "parked behind an earlier dead letter of this user".to_string(),
+            0,
+            now,
+        ),
+    };
+    WriteItem {
+        seq,
+        event_id: change.event_id.clone(),
+        key: change.key.clone(),
+        op: change.op,
+        commit_lsn: change.commit_lsn,
+        decoded_at: change.decoded_at,
+        outcome: Outcome::DeadLetter(Box::new(NewDeadLetter {
+            event_id: change.event_id.clone(),
+            user_key: change.key.text.clone(),
+            operation: change.op.event_type(),
+            state,
+            envelope,
+            last_status,
+            last_error,
+            attempts,
+            first_attempt_at: first,
+            last_attempt_at: now,
+            commit_lsn: format_lsn(change.commit_lsn),
+        })),
+    }
+}
+
 impl Pipeline {
-    /// Runs until the source closes, `cancel` fires, or a change cannot be
-    /// delivered. On cancel, in-flight pushes finish and are written back first.
+    /// Runs until the source closes or `cancel` fires. On cancel, in-flight
+    /// pushes finish and are written back first. `parked` are the users with
+    /// dead letters at start; `db` re-checks whether a parked user was replayed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn run(
         &self,
         mut source: mpsc::Receiver<SourceEvent>,
         writer: mpsc::Sender<WriteItem>,
         mut written: mpsc::UnboundedReceiver<Vec<u64>>,
         acks: watch::Sender<Lsn>,
+        parked: HashSet<String>,
+        db: &tokio_postgres::Client,
         cancel: CancellationToken,
     ) -> Result<(), PipelineError> {
         let mut st = State {
             lanes: HashMap::new(),
             ready: VecDeque::new(),
             active: HashSet::new(),
+            parked,
             unwritten: 0,
             known_ids: HashMap::new(),
             ack: AckTracker::default(),
@@ -171,6 +223,15 @@ impl Pipeline {
                     Some(SourceEvent::Change(change)) => {
                         let seq = st.ack.register();
                         let key = change.key.text.clone();
+                        if st.parked.contains(&key) {
+                            if deadletter::is_parked(db, &key).await? {
+                                let item = dead_letter(seq, &change, change.external_id.as_deref(), None);
+                                send(&writer, item, &mut st).await?;
+                                continue;
+                            }
+                            tracing::info!(user = %key, "dead letters resolved; pushing this user's changes again");
+                            st.parked.remove(&key);
+                        }
                         let lane = st.lanes.entry(key.clone()).or_default();
                         if lane.is_empty() && !st.active.contains(&key) {
                             st.ready.push_back(key);
@@ -190,34 +251,32 @@ impl Pipeline {
                         Ok(r) => r,
                         Err(e) => std::panic::resume_unwind(e.into_panic()),
                     };
-                    st.active.remove(&result.key);
-                    if let Some((change, failed)) = result.failure {
-                        return Err(if failed.error.is_retryable() {
-                            PipelineError::Exhausted {
-                                event_id: change.event_id,
-                                attempts: failed.attempts,
-                                error: failed.error,
-                            }
-                        } else {
-                            PipelineError::Refused {
-                                event_id: change.event_id,
-                                operation: change.op.event_type(),
-                                key: change.key.text,
-                                attempts: failed.attempts,
-                                error: failed.error,
-                            }
-                        });
+                    let key = result.key;
+                    st.active.remove(&key);
+                    if let Some(f) = result.failure {
+                        // Park the user: this change and every later one go to
+                        // the dead-letter table, in order, until replayed.
+                        let item = dead_letter(f.seq, &f.change, f.external_id.as_deref(), Some((&f.failed, f.first_attempt_at)));
+                        send(&writer, item, &mut st).await?;
+                        st.parked.insert(key.clone());
+                        for q in st.lanes.remove(&key).into_iter().flatten() {
+                            let ext = st.known_ids.get(&key).cloned().or_else(|| q.change.external_id.clone());
+                            let item = dead_letter(q.seq, &q.change, ext.as_deref(), None);
+                            send(&writer, item, &mut st).await?;
+                        }
+                        st.known_ids.remove(&key);
+                        continue;
                     }
                     st.unwritten += 1;
                     match result.external_id {
-                        Some(id) => { st.known_ids.insert(result.key.clone(), id); }
-                        None => { st.known_ids.remove(&result.key); }
+                        Some(id) => { st.known_ids.insert(key.clone(), id); }
+                        None => { st.known_ids.remove(&key); }
                     }
-                    match st.lanes.get(&result.key) {
-                        Some(lane) if !lane.is_empty() && !draining => st.ready.push_back(result.key),
+                    match st.lanes.get(&key) {
+                        Some(lane) if !lane.is_empty() && !draining => st.ready.push_back(key),
                         _ => {
-                            st.lanes.remove(&result.key);
-                            st.known_ids.remove(&result.key);
+                            st.lanes.remove(&key);
+                            st.known_ids.remove(&key);
                         }
                     }
                 }
@@ -261,6 +320,7 @@ impl Pipeline {
             pushes.spawn(async move {
                 let Queued { seq, change } = queued;
                 let started = Instant::now();
+                let first_attempt_at = SystemTime::now();
                 match push_with_retry(sink.as_ref(), &change, external_id.as_deref(), &retry).await
                 {
                     Ok(pushed) => {
@@ -278,12 +338,14 @@ impl Pipeline {
                             event_id: change.event_id.clone(),
                             key: change.key.clone(),
                             op: change.op,
-                            external_id: external_id.clone(),
-                            synced_at: SystemTime::now(),
                             commit_lsn: change.commit_lsn,
                             decoded_at: change.decoded_at,
-                            push_latency: started.elapsed(),
-                            attempts: pushed.attempts,
+                            outcome: Outcome::Synced {
+                                external_id: external_id.clone(),
+                                synced_at: SystemTime::now(),
+                                push_latency: started.elapsed(),
+                                attempts: pushed.attempts,
+                            },
                         };
                         // A closed writer means shutdown; the change is replayed next start.
                         let _ = writer.send(item).await;
@@ -296,12 +358,31 @@ impl Pipeline {
                     Err(failed) => PushResult {
                         key,
                         external_id: None,
-                        failure: Some((change, failed)),
+                        failure: Some(Failure {
+                            seq,
+                            change,
+                            external_id,
+                            failed,
+                            first_attempt_at,
+                        }),
                     },
                 }
             });
         }
     }
+}
+
+async fn send(
+    writer: &mpsc::Sender<WriteItem>,
+    item: WriteItem,
+    st: &mut State,
+) -> Result<(), PipelineError> {
+    writer
+        .send(item)
+        .await
+        .map_err(|_| PipelineError::WriterGone)?;
+    st.unwritten += 1;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -70,6 +70,8 @@ pub enum SchemaError {
     SlotUnusable { slot: String, problem: String },
     #[error("replication origin {0} does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA)")]
     OriginMissing(String),
+    #[error("table {0} does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA)")]
+    OwnTablesMissing(&'static str),
     #[error("database query failed while checking {what}: {reason}")]
     Query { what: &'static str, reason: String },
 }
@@ -317,6 +319,22 @@ pub async fn check_origin(client: &Client, cfg: &DatabaseConfig) -> Result<(), S
     Ok(())
 }
 
+/// usersync's own tables exist (an older setup may predate them).
+pub async fn check_own_tables(client: &Client) -> Result<(), SchemaError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('usersync.dead_letters') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(query_err("usersync's tables"))?
+        .get(0);
+    if !exists {
+        return Err(SchemaError::OwnTablesMissing("usersync.dead_letters"));
+    }
+    Ok(())
+}
+
 /// Everything `run` needs before it opens the stream.
 pub async fn preflight(client: &Client, cfg: &DatabaseConfig) -> Result<TableShape, SchemaError> {
     check_wal_level(client).await?;
@@ -325,5 +343,6 @@ pub async fn preflight(client: &Client, cfg: &DatabaseConfig) -> Result<TableSha
     check_publication(client, cfg).await?;
     check_slot(client, cfg).await?;
     check_origin(client, cfg).await?;
+    check_own_tables(client).await?;
     Ok(shape)
 }

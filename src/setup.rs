@@ -40,6 +40,10 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
             sql: "CREATE SCHEMA IF NOT EXISTS usersync;".to_string(),
         },
         Step {
+            comment: "Changes the external service refused, and the later changes of those users parked behind them.",
+            sql: crate::deadletter::TABLE_DDL.to_string(),
+        },
+        Step {
             comment: "Deletes and updates carry the whole old row, so a delete reaches the external service with its external id although the row is gone.",
             sql: format!("ALTER TABLE {table} REPLICA IDENTITY FULL;"),
         },
@@ -107,5 +111,6 @@ pub async fn apply(client: &Client, cfg: &DatabaseConfig) -> Result<(), SetupErr
     schema::check_publication(client, cfg).await?;
     schema::check_slot(client, cfg).await?;
     schema::check_origin(client, cfg).await?;
+    schema::check_own_tables(client).await?;
     Ok(())
 }

@@ -13,6 +13,7 @@ use tokio_postgres::{Client, Statement};
 use crate::change::{format_lsn, Lsn, Operation, UserKey};
 use crate::config::{quote_ident, DatabaseConfig};
 use crate::db::{connect, error_text, ConnectError};
+use crate::deadletter::{self, NewDeadLetter};
 use crate::schema::{TableShape, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +26,8 @@ pub enum WritebackError {
     Sql(String),
 }
 
-/// A pushed change waiting to be recorded in its row.
+/// A change whose outcome must be made durable before it is acknowledged:
+/// written back into its row, or stored as a dead letter.
 #[derive(Debug)]
 pub struct WriteItem {
     /// The pipeline's sequence number, reported back once durable.
@@ -33,12 +35,20 @@ pub struct WriteItem {
     pub event_id: String,
     pub key: UserKey,
     pub op: Operation,
-    pub external_id: Option<String>,
-    pub synced_at: SystemTime,
     pub commit_lsn: Lsn,
     pub decoded_at: Instant,
-    pub push_latency: Duration,
-    pub attempts: u32,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Synced {
+        external_id: Option<String>,
+        synced_at: SystemTime,
+        push_latency: Duration,
+        attempts: u32,
+    },
+    DeadLetter(Box<NewDeadLetter>),
 }
 
 /// One change that reached the external service and, where the row still
@@ -115,47 +125,73 @@ impl Writer {
             }
             for item in &batch {
                 let total = item.decoded_at.elapsed();
-                tracing::info!(
-                    event_id = %item.event_id,
-                    user = %item.key,
-                    operation = item.op.event_type(),
-                    external_id = item.external_id.as_deref().unwrap_or(""),
-                    attempts = item.attempts,
-                    push_ms = item.push_latency.as_millis() as u64,
-                    total_ms = total.as_millis() as u64,
-                    "synced"
-                );
-                if let Some(r) = &reports {
-                    let _ = r.send(SyncReport {
-                        event_id: item.event_id.clone(),
-                        key: item.key.text.clone(),
-                        op: item.op,
-                        external_id: item.external_id.clone(),
-                        push_latency: item.push_latency,
-                        total_latency: total,
-                        attempts: item.attempts,
-                    });
+                match &item.outcome {
+                    Outcome::Synced {
+                        external_id,
+                        push_latency,
+                        attempts,
+                        ..
+                    } => {
+                        tracing::info!(
+                            event_id = %item.event_id,
+                            user = %item.key,
+                            operation = item.op.event_type(),
+                            external_id = external_id.as_deref().unwrap_or(""),
+                            attempts,
+                            push_ms = push_latency.as_millis() as u64,
+                            total_ms = total.as_millis() as u64,
+                            "synced"
+                        );
+                        if let Some(r) = &reports {
+                            let _ = r.send(SyncReport {
+                                event_id: item.event_id.clone(),
+                                key: item.key.text.clone(),
+                                op: item.op,
+                                external_id: external_id.clone(),
+                                push_latency: *push_latency,
+                                total_latency: total,
+                                attempts: *attempts,
+                            });
+                        }
+                    }
+                    Outcome::DeadLetter(dl) => tracing::warn!(
+                        event_id = %item.event_id,
+                        user = %item.key,
+                        operation = item.op.event_type(),
+                        state = dl.state.as_str(),
+                        attempts = dl.attempts,
+                        error = %dl.last_error,
+                        "dead-lettered; the user is parked until `usersync dlq replay`"
+                    ),
                 }
             }
         }
     }
 
     async fn write(&mut self, batch: &[WriteItem]) -> Result<(), WritebackError> {
-        // The last item per user wins: a batch may hold several syncs of one
+        // The last sync per user wins: a batch may hold several syncs of one
         // user, and one UPDATE cannot apply two rows to the same target.
-        let mut latest: HashMap<&str, &WriteItem> = HashMap::new();
-        for item in batch.iter().filter(|i| i.op != Operation::Delete) {
-            latest.insert(item.key.text.as_str(), item);
+        let mut latest: HashMap<&str, (Option<&str>, SystemTime)> = HashMap::new();
+        let mut dead = Vec::new();
+        for item in batch {
+            match &item.outcome {
+                Outcome::Synced {
+                    external_id,
+                    synced_at,
+                    ..
+                } if item.op != Operation::Delete => {
+                    latest.insert(item.key.text.as_str(), (external_id.as_deref(), *synced_at));
+                }
+                Outcome::Synced { .. } => {}
+                Outcome::DeadLetter(dl) => dead.push(dl),
+            }
         }
-        if latest.is_empty() {
+        if latest.is_empty() && dead.is_empty() {
             return Ok(());
         }
         let keys: Vec<&str> = latest.keys().copied().collect();
-        let ext: Vec<Option<&str>> = keys
-            .iter()
-            .map(|k| latest[k].external_id.as_deref())
-            .collect();
-        let at: Vec<SystemTime> = keys.iter().map(|k| latest[k].synced_at).collect();
+        let ext: Vec<Option<&str>> = keys.iter().map(|k| latest[k].0).collect();
+        let at: Vec<SystemTime> = keys.iter().map(|k| latest[k].1).collect();
         let max_lsn = batch.iter().map(|i| i.commit_lsn).max().unwrap_or(0);
         let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
         let tx = self.client.transaction().await.map_err(sql_err)?;
@@ -163,9 +199,16 @@ impl Writer {
         tx.execute(&self.progress, &[&format_lsn(max_lsn), &SystemTime::now()])
             .await
             .map_err(sql_err)?;
-        tx.execute(&self.update, &[&keys, &ext, &at])
-            .await
-            .map_err(sql_err)?;
+        if !keys.is_empty() {
+            tx.execute(&self.update, &[&keys, &ext, &at])
+                .await
+                .map_err(sql_err)?;
+        }
+        for dl in dead {
+            deadletter::insert(&tx, dl)
+                .await
+                .map_err(|e| WritebackError::Sql(e.to_string()))?;
+        }
         tx.commit().await.map_err(sql_err)?;
         Ok(())
     }

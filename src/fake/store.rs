@@ -179,6 +179,17 @@ impl Store {
         if let Some(problem) = envelope_problem(&envelope) {
             return Reply::error(400, problem);
         }
+        // Like a real user service, refuse an email it cannot use: the
+        // permanent, per-user error the dead-letter tests rely on.
+        let bad_email = envelope
+            .data
+            .as_ref()
+            .and_then(|d| d.get("email"))
+            .and_then(|e| e.as_str())
+            .is_some_and(|e| !e.contains('@'));
+        if bad_email && envelope.kind != "user.deleted" {
+            return Reply::error(422, "invalid email address");
+        }
         match envelope.kind.as_str() {
             "user.created" => self.create(envelope),
             "user.updated" => self.update(envelope),

@@ -4,7 +4,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, Retryable};
+use rand::Rng;
 
 use super::{Sink, SinkError};
 use crate::change::Change;
@@ -26,13 +27,64 @@ pub struct PushFailed {
     pub attempts: u32,
 }
 
-pub fn backoff(policy: &RetryConfig) -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(policy.initial_backoff_ms))
-        .with_max_delay(Duration::from_millis(policy.max_backoff_ms))
-        .with_max_times(policy.max_attempts.saturating_sub(1))
-        .with_total_delay(Some(Duration::from_secs(policy.max_elapsed_secs)))
-        .with_jitter()
+/// Exponential backoff with full jitter (each wait uniform in
+/// `[0, min(max, initial * 2^n)]`), ending after `max_attempts` attempts or
+/// once `max_elapsed` has passed since the first attempt.
+#[derive(Debug, Clone)]
+pub struct FullJitter {
+    pub initial: Duration,
+    pub max: Duration,
+    pub max_attempts: usize,
+    pub max_elapsed: Duration,
+}
+
+impl FullJitter {
+    pub fn from_config(policy: &RetryConfig) -> Self {
+        FullJitter {
+            initial: Duration::from_millis(policy.initial_backoff_ms),
+            max: Duration::from_millis(policy.max_backoff_ms),
+            max_attempts: policy.max_attempts,
+            max_elapsed: Duration::from_secs(policy.max_elapsed_secs),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct FullJitterDelays {
+    policy: FullJitter,
+    retries: usize,
+    started: std::time::Instant,
+}
+
+impl BackoffBuilder for FullJitter {
+    type Backoff = FullJitterDelays;
+    fn build(self) -> FullJitterDelays {
+        FullJitterDelays {
+            policy: self,
+            retries: 0,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Iterator for FullJitterDelays {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        if self.retries + 1 >= self.policy.max_attempts
+            || self.started.elapsed() >= self.policy.max_elapsed
+        {
+            return None;
+        }
+        let exp = self.retries.min(30) as u32;
+        self.retries += 1;
+        let ceiling = self
+            .policy
+            .initial
+            .saturating_mul(1u32 << exp)
+            .min(self.policy.max);
+        let ms = rand::rng().random_range(0..=ceiling.as_millis() as u64);
+        Some(Duration::from_millis(ms))
+    }
 }
 
 /// Pushes with retries. Permanent errors return at once.
@@ -47,7 +99,7 @@ pub async fn push_with_retry(
         attempts.fetch_add(1, Ordering::Relaxed);
         sink.push(change, external_id).await
     })
-    .retry(backoff(policy))
+    .retry(FullJitter::from_config(policy))
     .when(SinkError::is_retryable)
     .adjust(|e: &SinkError, planned: Option<Duration>| {
         // Exhausted stays exhausted; otherwise wait at least what the server asked.
@@ -75,5 +127,51 @@ pub async fn push_with_retry(
             attempts,
         }),
         Err(error) => Err(PushFailed { error, attempts }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(attempts: usize, elapsed_secs: u64) -> FullJitter {
+        FullJitter {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+            max_attempts: attempts,
+            max_elapsed: Duration::from_secs(elapsed_secs),
+        }
+    }
+
+    #[test]
+    fn delays_stay_under_the_doubling_cap() {
+        for _ in 0..50 {
+            let delays: Vec<Duration> = policy(8, 3600).build().collect();
+            assert_eq!(delays.len(), 7, "8 attempts = 7 waits");
+            for (n, d) in delays.iter().enumerate() {
+                let cap = (100u64 << n).min(1000);
+                assert!(d.as_millis() as u64 <= cap, "wait {n}: {d:?} > {cap} ms");
+            }
+        }
+    }
+
+    #[test]
+    fn jitter_spreads_the_waits() {
+        let firsts: std::collections::BTreeSet<u128> = (0..200)
+            .filter_map(|_| policy(5, 3600).build().nth(3))
+            .map(|d| d.as_millis())
+            .collect();
+        assert!(firsts.len() > 20, "full jitter should vary: {firsts:?}");
+    }
+
+    #[test]
+    fn elapsed_budget_ends_retries() {
+        let mut delays = policy(1000, 0).build();
+        assert_eq!(delays.next(), None);
+        assert_eq!(
+            policy(1, 3600).build().next(),
+            None,
+            "one attempt, no retry"
+        );
     }
 }
