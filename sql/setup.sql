@@ -26,6 +26,13 @@ CREATE TABLE IF NOT EXISTS usersync.dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_user_key ON usersync.dead_letters (user_key, id);
 
+-- The newest change made durable per user, so a restart does not push what was already written back.
+CREATE TABLE IF NOT EXISTS usersync.user_progress (
+    user_key text PRIMARY KEY,
+    commit_lsn pg_lsn NOT NULL,
+    position integer NOT NULL
+);
+
 -- Deletes and updates carry the whole old row, so a delete reaches the external service with its external id although the row is gone.
 ALTER TABLE "public"."users" REPLICA IDENTITY FULL;
 

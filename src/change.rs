@@ -55,6 +55,8 @@ pub struct Change {
     pub key: UserKey,
     pub table: String,
     pub commit_lsn: Lsn,
+    /// Position among the users-table changes of its transaction.
+    pub position: u32,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_us: i64,
     /// The row after the change (inserts, updates), restricted to the synced columns.

@@ -155,6 +155,15 @@ async fn session(
             "users with dead letters are parked; see `usersync dlq list`"
         );
     }
+    let done = crate::progress::load(&db, &cfg.database.origin, &cfg.database.slot)
+        .await
+        .map_err(|e| RunError::Writeback(WritebackError::Sql(e.to_string())))?;
+    if !done.users.is_empty() {
+        tracing::info!(
+            users = done.users.len(),
+            "changes written back before the last stop are skipped when replayed"
+        );
+    }
     let writer = Writer::connect(&cfg.database, shape, cfg.writeback.batch_size).await?;
     let client = stream::open(&cfg.database, "usersync").await?;
     tracing::info!(
@@ -192,7 +201,7 @@ async fn session(
     };
     let pipeline_cancel = session_cancel.clone();
     let outcome: Result<(), RunError> = tokio::select! {
-        r = pipeline.run(source_rx, write_tx, done_rx, ack_tx, parked, &db, pipeline_cancel) => r.map_err(RunError::from),
+        r = pipeline.run(source_rx, write_tx, done_rx, ack_tx, parked, done, &db, pipeline_cancel) => r.map_err(RunError::from),
         r = &mut reader_task => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),

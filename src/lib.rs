@@ -15,6 +15,7 @@ pub mod fake;
 pub mod observe;
 pub mod pgtemp;
 pub mod pipeline;
+pub mod progress;
 pub mod schema;
 pub mod setup;
 pub mod sink;

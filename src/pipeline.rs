@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::change::{format_lsn, Change, Lsn};
 use crate::config::RetryConfig;
 use crate::deadletter::{self, DeadLetterError, NewDeadLetter, State as DeadState};
+use crate::progress::Done;
 use crate::sink::retry::{push_with_retry, PushFailed};
 use crate::sink::webhook::Envelope;
 use crate::sink::Sink;
@@ -159,6 +160,7 @@ fn dead_letter(
         key: change.key.clone(),
         op: change.op,
         commit_lsn: change.commit_lsn,
+        position: change.position,
         decoded_at: change.decoded_at,
         outcome: Outcome::DeadLetter(Box::new(NewDeadLetter {
             event_id: change.event_id.clone(),
@@ -179,7 +181,8 @@ fn dead_letter(
 impl Pipeline {
     /// Runs until the source closes or `cancel` fires. On cancel, in-flight
     /// pushes finish and are written back first. `parked` are the users with
-    /// dead letters at start; `db` re-checks whether a parked user was replayed.
+    /// dead letters at start; `done` what an earlier session already made
+    /// durable; `db` re-checks whether a parked user was replayed.
     #[allow(clippy::too_many_arguments)]
     pub async fn run(
         &self,
@@ -188,6 +191,7 @@ impl Pipeline {
         mut written: mpsc::UnboundedReceiver<Vec<u64>>,
         acks: watch::Sender<Lsn>,
         parked: HashSet<String>,
+        done: Done,
         db: &tokio_postgres::Client,
         cancel: CancellationToken,
     ) -> Result<(), PipelineError> {
@@ -221,8 +225,12 @@ impl Pipeline {
                 }
                 ev = source.recv(), if room => match ev {
                     Some(SourceEvent::Change(change)) => {
-                        let seq = st.ack.register();
                         let key = change.key.text.clone();
+                        if done.covers(&key, change.commit_lsn, change.position) {
+                            tracing::debug!(event_id = %change.event_id, "already written back before the restart; skipped");
+                            continue;
+                        }
+                        let seq = st.ack.register();
                         if st.parked.contains(&key) {
                             if deadletter::is_parked(db, &key).await? {
                                 let item = dead_letter(seq, &change, change.external_id.as_deref(), None);
@@ -339,6 +347,7 @@ impl Pipeline {
                             key: change.key.clone(),
                             op: change.op,
                             commit_lsn: change.commit_lsn,
+                            position: change.position,
                             decoded_at: change.decoded_at,
                             outcome: Outcome::Synced {
                                 external_id: external_id.clone(),

@@ -321,16 +321,15 @@ pub async fn check_origin(client: &Client, cfg: &DatabaseConfig) -> Result<(), S
 
 /// usersync's own tables exist (an older setup may predate them).
 pub async fn check_own_tables(client: &Client) -> Result<(), SchemaError> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('usersync.dead_letters') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(query_err("usersync's tables"))?
-        .get(0);
-    if !exists {
-        return Err(SchemaError::OwnTablesMissing("usersync.dead_letters"));
+    for table in ["usersync.dead_letters", "usersync.user_progress"] {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+            .await
+            .map_err(query_err("usersync's tables"))?
+            .get(0);
+        if !exists {
+            return Err(SchemaError::OwnTablesMissing(table));
+        }
     }
     Ok(())
 }

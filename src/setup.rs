@@ -44,6 +44,10 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
             sql: crate::deadletter::TABLE_DDL.to_string(),
         },
         Step {
+            comment: "The newest change made durable per user, so a restart does not push what was already written back.",
+            sql: crate::progress::TABLE_DDL.to_string(),
+        },
+        Step {
             comment: "Deletes and updates carry the whole old row, so a delete reaches the external service with its external id although the row is gone.",
             sql: format!("ALTER TABLE {table} REPLICA IDENTITY FULL;"),
         },

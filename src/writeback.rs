@@ -36,6 +36,7 @@ pub struct WriteItem {
     pub key: UserKey,
     pub op: Operation,
     pub commit_lsn: Lsn,
+    pub position: u32,
     pub decoded_at: Instant,
     pub outcome: Outcome,
 }
@@ -69,6 +70,7 @@ pub struct Writer {
     client: Client,
     update: Statement,
     progress: Statement,
+    user_progress: Statement,
     batch_size: usize,
 }
 
@@ -96,10 +98,15 @@ impl Writer {
             .prepare("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)")
             .await
             .map_err(sql_err)?;
+        let user_progress = client
+            .prepare(crate::progress::UPSERT_SQL)
+            .await
+            .map_err(sql_err)?;
         Ok(Writer {
             client,
             update,
             progress,
+            user_progress,
             batch_size,
         })
     }
@@ -186,9 +193,7 @@ impl Writer {
                 Outcome::DeadLetter(dl) => dead.push(dl),
             }
         }
-        if latest.is_empty() && dead.is_empty() {
-            return Ok(());
-        }
+
         let keys: Vec<&str> = latest.keys().copied().collect();
         let ext: Vec<Option<&str>> = keys.iter().map(|k| latest[k].0).collect();
         let at: Vec<SystemTime> = keys.iter().map(|k| latest[k].1).collect();
@@ -209,6 +214,18 @@ impl Writer {
                 .await
                 .map_err(|e| WritebackError::Sql(e.to_string()))?;
         }
+        // Per user, the newest change this batch makes durable.
+        let mut newest: HashMap<&str, (Lsn, u32)> = HashMap::new();
+        for item in batch {
+            let entry = newest.entry(item.key.text.as_str()).or_insert((0, 0));
+            *entry = (*entry).max((item.commit_lsn, item.position));
+        }
+        let users: Vec<&str> = newest.keys().copied().collect();
+        let lsns: Vec<String> = users.iter().map(|k| format_lsn(newest[k].0)).collect();
+        let positions: Vec<i32> = users.iter().map(|k| newest[k].1 as i32).collect();
+        tx.execute(&self.user_progress, &[&users, &lsns, &positions])
+            .await
+            .map_err(sql_err)?;
         tx.commit().await.map_err(sql_err)?;
         Ok(())
     }

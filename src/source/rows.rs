@@ -179,6 +179,7 @@ impl RowBuilder {
             key,
             table: self.table_label.clone(),
             commit_lsn: at.commit_lsn,
+            position: at.position,
             commit_time_us: at.commit_time_us,
             data: None,
             previous: None,
