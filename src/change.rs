@@ -57,6 +57,8 @@ pub struct Change {
     pub commit_lsn: Lsn,
     /// Position among the users-table changes of its transaction.
     pub position: u32,
+    /// The source transaction's id (32 bits, as pgoutput sends it).
+    pub xid: u32,
     /// Commit time, microseconds since the Unix epoch.
     pub commit_time_us: i64,
     /// The row after the change (inserts, updates), restricted to the synced columns.

@@ -161,6 +161,7 @@ fn dead_letter(
         op: change.op,
         commit_lsn: change.commit_lsn,
         position: change.position,
+        xid: change.xid,
         decoded_at: change.decoded_at,
         outcome: Outcome::DeadLetter(Box::new(NewDeadLetter {
             event_id: change.event_id.clone(),
@@ -348,6 +349,7 @@ impl Pipeline {
                             op: change.op,
                             commit_lsn: change.commit_lsn,
                             position: change.position,
+                            xid: change.xid,
                             decoded_at: change.decoded_at,
                             outcome: Outcome::Synced {
                                 external_id: external_id.clone(),

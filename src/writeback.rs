@@ -4,7 +4,7 @@
 //! items are grouped into one UPDATE per batch, and a row is only touched if
 //! its `external_synced_at` is older, so a newer sync is never overwritten.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
@@ -37,6 +37,7 @@ pub struct WriteItem {
     pub op: Operation,
     pub commit_lsn: Lsn,
     pub position: u32,
+    pub xid: u32,
     pub decoded_at: Instant,
     pub outcome: Outcome,
 }
@@ -71,6 +72,7 @@ pub struct Writer {
     update: Statement,
     progress: Statement,
     user_progress: Statement,
+    visible: Statement,
     batch_size: usize,
 }
 
@@ -85,7 +87,8 @@ impl Writer {
         let sql = format!(
             "UPDATE {table} AS u SET {ext} = COALESCE(w.ext, u.{ext}), {at} = w.at \
              FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS w(k, ext, at) \
-             WHERE u.{key} = w.k::{key_type} AND (u.{at} IS NULL OR u.{at} < w.at)",
+             WHERE u.{key} = w.k::{key_type} AND (u.{at} IS NULL OR u.{at} < w.at) \
+             RETURNING w.k",
             table = shape.table.quoted(),
             ext = quote_ident(EXTERNAL_ID_COLUMN),
             at = quote_ident(SYNCED_AT_COLUMN),
@@ -102,11 +105,13 @@ impl Writer {
             .prepare(crate::progress::UPSERT_SQL)
             .await
             .map_err(sql_err)?;
+        let visible = client.prepare(VISIBLE_SQL).await.map_err(sql_err)?;
         Ok(Writer {
             client,
             update,
             progress,
             user_progress,
+            visible,
             batch_size,
         })
     }
@@ -178,7 +183,7 @@ impl Writer {
     async fn write(&mut self, batch: &[WriteItem]) -> Result<(), WritebackError> {
         // The last sync per user wins: a batch may hold several syncs of one
         // user, and one UPDATE cannot apply two rows to the same target.
-        let mut latest: HashMap<&str, (Option<&str>, SystemTime)> = HashMap::new();
+        let mut latest: HashMap<&str, (Option<&str>, SystemTime, u32)> = HashMap::new();
         let mut dead = Vec::new();
         for item in batch {
             match &item.outcome {
@@ -187,7 +192,10 @@ impl Writer {
                     synced_at,
                     ..
                 } if item.op != Operation::Delete => {
-                    latest.insert(item.key.text.as_str(), (external_id.as_deref(), *synced_at));
+                    latest.insert(
+                        item.key.text.as_str(),
+                        (external_id.as_deref(), *synced_at, item.xid),
+                    );
                 }
                 Outcome::Synced { .. } => {}
                 Outcome::DeadLetter(dl) => dead.push(dl),
@@ -199,15 +207,26 @@ impl Writer {
         let at: Vec<SystemTime> = keys.iter().map(|k| latest[k].1).collect();
         let max_lsn = batch.iter().map(|i| i.commit_lsn).max().unwrap_or(0);
         let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
+        let (update, visible) = (self.update.clone(), self.visible.clone());
         let tx = self.client.transaction().await.map_err(sql_err)?;
         // Records the highest source LSN written back in the origin's progress.
         tx.execute(&self.progress, &[&format_lsn(max_lsn), &SystemTime::now()])
             .await
             .map_err(sql_err)?;
         if !keys.is_empty() {
-            tx.execute(&self.update, &[&keys, &ext, &at])
+            let matched = tx
+                .query(&self.update, &[&keys, &ext, &at])
                 .await
                 .map_err(sql_err)?;
+            if matched.len() < keys.len() {
+                let matched: HashSet<String> = matched.iter().map(|r| r.get(0)).collect();
+                let unmatched: Vec<&str> = keys
+                    .iter()
+                    .copied()
+                    .filter(|k| !matched.contains(*k))
+                    .collect();
+                await_visibility(&tx, &update, &visible, unmatched, &latest).await?;
+            }
         }
         for dl in dead {
             deadletter::insert(&tx, dl)
@@ -229,6 +248,66 @@ impl Writer {
         tx.commit().await.map_err(sql_err)?;
         Ok(())
     }
+}
+
+/// Whether every given source transaction (32-bit xid, widened with the
+/// epoch of the current snapshot) is visible to a new snapshot.
+const VISIBLE_SQL: &str = "SELECT coalesce(bool_and(pg_visible_in_snapshot(\
+     (CASE WHEN (((m.xmax >> 32) << 32) | x) > m.xmax \
+           THEN (((m.xmax >> 32) << 32) | x) - 4294967296 \
+           ELSE (((m.xmax >> 32) << 32) | x) END)::text::xid8, m.snap)), true) \
+     FROM (SELECT s AS snap, pg_snapshot_xmax(s)::text::bigint AS xmax FROM pg_current_snapshot() AS s) AS m, \
+     unnest($1::int8[]) AS x";
+
+/// How long a write-back waits for its source transaction to become visible.
+const VISIBILITY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// pgoutput sends a transaction once its commit is flushed, a moment
+/// before other sessions can see its rows (longer with synchronous
+/// replication). A write-back that ran in that gap matched nothing;
+/// retry it until the source transaction is visible. A row still
+/// unmatched then was deleted meanwhile or has a newer sync: both fine.
+async fn await_visibility(
+    tx: &tokio_postgres::Transaction<'_>,
+    update: &Statement,
+    visible_sql: &Statement,
+    mut unmatched: Vec<&str>,
+    latest: &HashMap<&str, (Option<&str>, SystemTime, u32)>,
+) -> Result<(), WritebackError> {
+    let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
+    let deadline = Instant::now() + VISIBILITY_TIMEOUT;
+    let mut wait = Duration::from_millis(2);
+    while !unmatched.is_empty() {
+        let xids: Vec<i64> = unmatched.iter().map(|k| i64::from(latest[k].2)).collect();
+        let visible: bool = tx
+            .query_one(visible_sql, &[&xids])
+            .await
+            .map_err(sql_err)?
+            .get(0);
+        if visible {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(WritebackError::Sql(format!(
+                    "source transactions of {} change(s) did not become visible within {:?} (is a synchronous standby missing?)",
+                    unmatched.len(),
+                    VISIBILITY_TIMEOUT
+                )));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(200));
+        let ext: Vec<Option<&str>> = unmatched.iter().map(|k| latest[k].0).collect();
+        let at: Vec<SystemTime> = unmatched.iter().map(|k| latest[k].1).collect();
+        let matched: HashSet<String> = tx
+            .query(update, &[&unmatched, &ext, &at])
+            .await
+            .map_err(sql_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        unmatched.retain(|k| !matched.contains(*k));
+    }
+    Ok(())
 }
 
 /// Tags this session's transactions with our origin. A killed daemon's

@@ -58,9 +58,9 @@ fn bare_command(args: &[&str], dir: &Path) -> Command {
     cmd
 }
 
-/// Exit code as expected; stderr is one readable message (one line, the
-/// `usersync:` prefix, no panic, no debug dump, no log lines) containing
-/// every phrase; nothing on stdout.
+/// Exit code as expected; stderr is one readable message (the `usersync:`
+/// prefix once, at most two lines, no panic, no debug dump, no log lines)
+/// containing every phrase; nothing on stdout.
 fn assert_one_message(out: &Outcome, code: i32, phrases: &[&str]) {
     let err = out.stderr.trim_end();
     assert_eq!(
@@ -365,6 +365,7 @@ async fn setup_refuses_table_without_primary_key() {
     let db = TestDb::bare("CREATE TABLE public.users (id int, email text)", "").await;
     let out = run(db.binary_command(&["setup"])).await;
     assert_one_message(&out, 2, &["no primary key"]);
+    assert_no_secret(&db, &out);
     assert_nothing_created(&db).await;
 }
 
@@ -373,6 +374,7 @@ async fn setup_refuses_missing_table() {
     let db = TestDb::bare("", "").await;
     let out = run(db.binary_command(&["setup"])).await;
     assert_one_message(&out, 2, &["public.users", "does not exist"]);
+    assert_no_secret(&db, &out);
     assert_nothing_created(&db).await;
     // run says the same before it looks for anything else.
     let out = run(db.binary_command(&["run"])).await;
@@ -460,11 +462,7 @@ async fn print_sql_needs_no_config_and_matches_the_committed_script() {
             out.stdout
         );
     }
-    // Read at run time rather than with include_str!, so that a missing
-    // file fails this test only instead of the whole binary's build.
-    let committed_path = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/setup.sql");
-    let committed = std::fs::read_to_string(committed_path)
-        .unwrap_or_else(|e| panic!("{committed_path}: {e} (it should hold the default setup SQL)"));
+    let committed = include_str!("../sql/setup.sql");
     assert_eq!(
         out.stdout, committed,
         "sql/setup.sql differs from `usersync setup --print-sql`"

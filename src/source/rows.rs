@@ -37,6 +37,7 @@ pub enum RowError {
 #[derive(Debug, Clone, Copy)]
 pub struct TxnPosition {
     pub commit_lsn: Lsn,
+    pub xid: u32,
     pub commit_time_us: i64,
     pub position: u32,
 }
@@ -180,6 +181,7 @@ impl RowBuilder {
             table: self.table_label.clone(),
             commit_lsn: at.commit_lsn,
             position: at.position,
+            xid: at.xid,
             commit_time_us: at.commit_time_us,
             data: None,
             previous: None,

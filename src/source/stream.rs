@@ -86,6 +86,7 @@ pub async fn open(cfg: &DatabaseConfig, app: &str) -> Result<ReplicationClient, 
 
 struct OpenTxn {
     commit_lsn: Lsn,
+    xid: u32,
     commit_time_us: i64,
     ours: bool,
     position: u32,
@@ -132,10 +133,11 @@ impl Reader {
                 ReplicationEvent::Begin {
                     final_lsn,
                     commit_time_micros,
-                    ..
+                    xid,
                 } => {
                     txn = Some(OpenTxn {
                         commit_lsn: final_lsn.as_u64(),
+                        xid,
                         commit_time_us: commit_time_micros + PG_EPOCH_OFFSET_US,
                         ours: false,
                         position: 0,
@@ -302,6 +304,7 @@ impl Reader {
         }
         Ok(Some(TxnPosition {
             commit_lsn: t.commit_lsn,
+            xid: t.xid,
             commit_time_us: t.commit_time_us,
             position,
         }))
