@@ -67,9 +67,19 @@ pub async fn run(
     cancel: CancellationToken,
     reports: Option<mpsc::UnboundedSender<SyncReport>>,
 ) -> Result<(), RunError> {
+    let sink: Arc<dyn Sink> = Arc::new(WebhookSink::new(&cfg.sink).map_err(RunError::Sink)?);
+    run_with_sink(cfg, sink, cancel, reports).await
+}
+
+/// `run` with any sink (benchmarks use a null sink).
+pub async fn run_with_sink(
+    cfg: &Config,
+    sink: Arc<dyn Sink>,
+    cancel: CancellationToken,
+    reports: Option<mpsc::UnboundedSender<SyncReport>>,
+) -> Result<(), RunError> {
     // The first check fails fast: a wrong setup is reported, not retried.
     let shape = prepare(cfg).await?;
-    let sink: Arc<dyn Sink> = Arc::new(WebhookSink::new(&cfg.sink).map_err(RunError::Sink)?);
     let mut delay = Duration::from_millis(500);
     let mut shape = Some(shape);
     loop {
