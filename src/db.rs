@@ -6,7 +6,7 @@ use tokio_postgres::{Client, NoTls};
 use crate::config::DatabaseConfig;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to PostgreSQL at {target}: {reason}")]
+#[error("cannot connect to PostgreSQL at {target}: {reason} (check database.url / USERSYNC_DATABASE_URL, the password reference, and that the server accepts connections)")]
 pub struct ConnectError {
     pub target: String,
     pub reason: String,
