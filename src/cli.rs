@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, ProcessEnv};
@@ -71,6 +71,17 @@ pub enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+    /// Inspect, replay or discard dead letters: changes the sink refused
+    /// (or kept failing past the retry budget), and the later changes of the
+    /// same user parked behind them. A user with dead letters is parked: the
+    /// daemon pushes nothing for it until its dead letters are replayed or
+    /// discarded.
+    ///
+    /// Entries live in usersync.dead_letters (created by `usersync setup`).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Run the fake webhook receiver used by the demo and the tests, for
     /// trying usersync against something local. It stores users, verifies
     /// signatures and shows its state at /_fake/users and /_fake/requests.
@@ -85,6 +96,71 @@ pub enum Command {
         /// Added latency per request, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first: id, event id, user key, operation,
+    /// state (failed, or parked behind a failed change), attempts, last
+    /// HTTP status, last attempt time and an excerpt of the last error.
+    ///
+    /// The envelopes (row data, personal data) are never listed; see
+    /// `usersync dlq show <ID>` for one entry in full.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only this user's entries (the primary key as text).
+        #[arg(long, value_name = "KEY")]
+        user: Option<String>,
+    },
+    /// Print one dead letter in full, as JSON, including the envelope that
+    /// was (or would have been) pushed. The envelope holds row data.
+    Show {
+        /// The entry's id (first column of `usersync dlq list`).
+        id: i64,
+    },
+    /// Re-sync users with dead letters from their CURRENT rows.
+    ///
+    /// For each user (in the order of their oldest dead letter), usersync
+    /// reads the row as it is now (never the stored envelope, which may be
+    /// stale) and pushes it through the configured sink with the usual
+    /// retries: user.updated if an external id is known, user.created if not,
+    /// user.deleted if the row is gone (nothing is pushed for a deleted row
+    /// that never reached the service). On success the external id and sync
+    /// time are written back and the user's dead letters are removed, which
+    /// unparks the user; changes parked while the replay ran stay. On
+    /// failure the entries stay, with the attempt recorded, and the next
+    /// user follows. The event id is evt_replay_<highest dead-letter id of
+    /// the user>, the same if the replay is repeated.
+    ///
+    /// Exit code 1 if any user failed.
+    #[command(group(ArgGroup::new("target").required(true).args(["id", "user", "all"])))]
+    Replay {
+        /// Replay the user of this entry (all of the user's dead letters:
+        /// they are one ordered backlog).
+        id: Option<i64>,
+        /// Replay this user (the primary key as text).
+        #[arg(long, value_name = "KEY")]
+        user: Option<String>,
+        /// Replay every user with dead letters.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters without pushing them: the changes are given up
+    /// for good. A user whose dead letters are all gone is no longer parked;
+    /// `usersync dlq replay` is usually what you want instead.
+    #[command(group(ArgGroup::new("target").required(true).args(["id", "user"])))]
+    Discard {
+        /// Discard this entry only.
+        id: Option<i64>,
+        /// Discard every entry of this user (the primary key as text).
+        #[arg(long, value_name = "KEY")]
+        user: Option<String>,
+        /// Confirm: without it, nothing is deleted.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -191,6 +267,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             users,
             keep_running,
         } => crate::demo::run(users, keep_running).await,
+        Command::Dlq { command } => dlq(command, &path, explicit).await,
         Command::FakeService {
             port,
             secret_env,
@@ -222,6 +299,156 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             .map_err(|e| Failure::runtime(format!("fake service: {e}")))
         }
     }
+}
+
+/// `usersync dlq …`.
+async fn dlq(command: DlqCommand, path: &std::path::Path, explicit: bool) -> Result<(), Failure> {
+    use crate::deadletter;
+
+    if let DlqCommand::Discard { yes: false, .. } = command {
+        return Err(Failure::usage(
+            "dlq discard deletes dead letters for good (their changes are never pushed); \
+             nothing was deleted: add --yes to confirm, or use `usersync dlq replay` to push the users' current rows instead",
+        ));
+    }
+    if let DlqCommand::Replay { id, user, all } = command {
+        let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+        // One line per user goes to stdout; logs only for retries and
+        // problems (RUST_LOG still overrides).
+        crate::observe::init_logging("warn", cfg.log.format == "json");
+        return dlq_replay(&cfg, id, user, all).await;
+    }
+    let db = config::load_database(path, explicit, &ProcessEnv, true).map_err(Failure::usage)?;
+    crate::observe::init_logging("warn", false);
+    let client = crate::db::connect(&db, "usersync-dlq")
+        .await
+        .map_err(Failure::runtime)?;
+    if !deadletter::table_exists(&client)
+        .await
+        .map_err(Failure::runtime)?
+    {
+        return Err(Failure::usage(crate::replay::ReplayError::TableMissing));
+    }
+    match command {
+        DlqCommand::List { json, user } => {
+            let entries = deadletter::list(&client, user.as_deref())
+                .await
+                .map_err(Failure::runtime)?;
+            if json {
+                let text = serde_json::to_string_pretty(&entries).map_err(Failure::runtime)?;
+                println!("{text}");
+            } else if entries.is_empty() {
+                match user {
+                    Some(user) => println!("no dead letters for user {user}"),
+                    None => println!("no dead letters"),
+                }
+            } else {
+                print!("{}", deadletter::render_table(&entries));
+            }
+            Ok(())
+        }
+        DlqCommand::Show { id } => match deadletter::get(&client, id)
+            .await
+            .map_err(Failure::runtime)?
+        {
+            Some(entry) => {
+                let text = serde_json::to_string_pretty(&entry).map_err(Failure::runtime)?;
+                println!("{text}");
+                Ok(())
+            }
+            None => Err(Failure::usage(crate::replay::ReplayError::UnknownId(id))),
+        },
+        DlqCommand::Discard { id: Some(id), .. } => {
+            match deadletter::discard_one(&client, id)
+                .await
+                .map_err(Failure::runtime)?
+            {
+                Some(e) => {
+                    println!(
+                        "discarded dead letter {} ({}, user {}, {}, {})",
+                        e.id, e.event_id, e.user_key, e.operation, e.state
+                    );
+                    if !deadletter::is_parked(&client, &e.user_key)
+                        .await
+                        .map_err(Failure::runtime)?
+                    {
+                        println!("user {} has no dead letters left", e.user_key);
+                    }
+                    Ok(())
+                }
+                None => Err(Failure::usage(crate::replay::ReplayError::UnknownId(id))),
+            }
+        }
+        DlqCommand::Discard { user, .. } => {
+            let user = user.unwrap_or_default();
+            let gone = deadletter::discard_user(&client, &user)
+                .await
+                .map_err(Failure::runtime)?;
+            if gone.is_empty() {
+                println!("no dead letters for user {user}");
+            }
+            for e in &gone {
+                println!(
+                    "discarded dead letter {} ({}, user {}, {}, {})",
+                    e.id, e.event_id, e.user_key, e.operation, e.state
+                );
+            }
+            Ok(())
+        }
+        // Handled above, before any table query.
+        DlqCommand::Replay { .. } => Ok(()),
+    }
+}
+
+async fn dlq_replay(
+    cfg: &Config,
+    id: Option<i64>,
+    user: Option<String>,
+    all: bool,
+) -> Result<(), Failure> {
+    use crate::replay::{ReplayError, Replayer, Selection};
+
+    let fail = |e: ReplayError| {
+        if e.is_config() {
+            Failure::usage(e)
+        } else {
+            Failure::runtime(e)
+        }
+    };
+    let selection = match (id, user) {
+        (Some(id), _) => Selection::Entry(id),
+        (None, Some(user)) => Selection::User(user),
+        (None, None) if all => Selection::All,
+        (None, None) => return Err(Failure::usage("name an entry id, --user KEY or --all")),
+    };
+    let mut replayer = Replayer::connect(cfg).await.map_err(fail)?;
+    let users = replayer.users(&selection).await.map_err(fail)?;
+    if users.is_empty() {
+        match &selection {
+            Selection::User(user) => println!("no dead letters for user {user}"),
+            _ => println!("no dead letters to replay"),
+        }
+        return Ok(());
+    }
+    let outcomes = replayer
+        .replay(&users, |outcome| {
+            if outcome.is_failure() {
+                eprintln!("{outcome}");
+            } else {
+                println!("{outcome}");
+            }
+        })
+        .await
+        .map_err(fail)?;
+    let failed = outcomes.iter().filter(|o| o.is_failure()).count();
+    if failed > 0 {
+        return Err(Failure::runtime(format!(
+            "replay failed for {failed} of {} user{}; their dead letters stay (see `usersync dlq list`)",
+            outcomes.len(),
+            if outcomes.len() == 1 { "" } else { "s" }
+        )));
+    }
+    Ok(())
 }
 
 /// Ctrl-C and SIGTERM both ask for a clean stop; a second one exits at once.

@@ -16,6 +16,7 @@ pub mod observe;
 pub mod pgtemp;
 pub mod pipeline;
 pub mod progress;
+pub mod replay;
 pub mod schema;
 pub mod setup;
 pub mod sink;
