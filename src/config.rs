@@ -51,6 +51,8 @@ pub enum KeyKind {
     Int,
     Bool,
     StrList,
+    /// `field=column,field=column`
+    Map,
 }
 
 /// Every key the config knows, with its type. Drives environment overrides
@@ -71,6 +73,11 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("sink", "columns", KeyKind::StrList),
     ("sink", "timeout_ms", KeyKind::Int),
     ("sink", "max_in_flight", KeyKind::Int),
+    ("sink", "api_key_env", KeyKind::Str),
+    ("sink", "api_key_file", KeyKind::Str),
+    ("sink", "rate_limit_per_sec", KeyKind::Int),
+    ("sink", "on_delete", KeyKind::Str),
+    ("sink", "mapping", KeyKind::Map),
     ("retry", "max_attempts", KeyKind::Int),
     ("retry", "initial_backoff_ms", KeyKind::Int),
     ("retry", "max_backoff_ms", KeyKind::Int),
@@ -130,6 +137,11 @@ struct RawSink {
     columns: Vec<String>,
     timeout_ms: u64,
     max_in_flight: usize,
+    api_key_env: Option<String>,
+    api_key_file: Option<PathBuf>,
+    rate_limit_per_sec: Option<u32>,
+    on_delete: Option<String>,
+    mapping: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for RawSink {
@@ -143,6 +155,11 @@ impl Default for RawSink {
             columns: Vec::new(),
             timeout_ms: 10_000,
             max_in_flight: 16,
+            api_key_env: None,
+            api_key_file: None,
+            rate_limit_per_sec: None,
+            on_delete: None,
+            mapping: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -302,15 +319,76 @@ impl DatabaseConfig {
     }
 }
 
+/// Which external service the sink talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkKind {
+    Webhook,
+    Memberstack,
+    Stripe,
+}
+
+impl SinkKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Webhook => "webhook",
+            SinkKind::Memberstack => "memberstack",
+            SinkKind::Stripe => "stripe",
+        }
+    }
+}
+
+/// What a delete in the table does to the external record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDelete {
+    /// Delete the external record.
+    Delete,
+    /// Leave it alone.
+    Ignore,
+    /// Keep it and mark it deleted (metadata `deleted_at`).
+    Mark,
+}
+
+/// A secret value: never printed by `Debug`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
+    pub kind: SinkKind,
+    /// The webhook endpoint, or the vendor API's base URL.
     pub url: String,
-    pub secret: WebhookSecret,
+    /// Webhook signing secret (webhook only).
+    pub secret: Option<WebhookSecret>,
+    /// Vendor API key (memberstack, stripe).
+    pub api_key: Option<Secret>,
+    /// Where the API key came from, for messages ("environment variable X").
+    pub api_key_source: String,
     pub external_id_pointer: String,
-    /// Columns sent and watched; empty means every column but the two sync columns.
+    /// Columns sent and watched; empty means every column but the two sync
+    /// columns. With `[sink.mapping]`, exactly the mapped columns.
     pub columns: Vec<String>,
+    /// External field path (dots for nesting) → users column.
+    pub mapping: Vec<(String, String)>,
     pub timeout: Duration,
     pub max_in_flight: usize,
+    /// Client-side request rate limit; 0 means none.
+    pub rate_limit_per_sec: u32,
+    pub on_delete: OnDelete,
 }
 
 #[derive(Debug, Clone)]
@@ -459,6 +537,23 @@ fn apply_env_overrides(table: &mut toml::Table, env: &dyn Env) -> Result<(), Con
                     })
                 }
             },
+            KeyKind::Map => {
+                let mut t = toml::Table::new();
+                for pair in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let Some((field, column)) = pair.split_once('=') else {
+                        return Err(ConfigError::EnvType {
+                            var,
+                            expected: "field=column pairs separated by commas",
+                            got: raw.clone(),
+                        });
+                    };
+                    t.insert(
+                        field.trim().to_string(),
+                        toml::Value::String(column.trim().to_string()),
+                    );
+                }
+                toml::Value::Table(t)
+            }
             KeyKind::StrList => toml::Value::Array(
                 raw.split(',')
                     .map(str::trim)
@@ -487,7 +582,7 @@ fn apply_env_overrides(table: &mut toml::Table, env: &dyn Env) -> Result<(), Con
         .iter()
         .flat_map(|s| {
             let t = table.get(*s).and_then(|v| v.as_table());
-            ["password_env", "secret_env"]
+            ["password_env", "secret_env", "api_key_env"]
                 .iter()
                 .filter_map(move |k| t.and_then(|t| t.get(*k)).and_then(|v| v.as_str()))
                 .map(str::to_string)
@@ -638,45 +733,165 @@ impl RawConfig {
         })
     }
 
-    fn validate(self, env: &dyn Env) -> Result<Config, ConfigError> {
-        let database = self.database(env, true)?;
-        if self.sink.kind != "webhook" {
-            return Err(ConfigError::Invalid {
-                key: "sink.kind",
-                message: format!(
-                    "unknown sink kind {:?}; this version supports \"webhook\"",
-                    self.sink.kind
+    /// The `[sink]` section: kind, endpoint, credentials, mapping, policies.
+    fn sink_parts(&self, env: &dyn Env) -> Result<SinkConfig, ConfigError> {
+        let s = &self.sink;
+        let kind = match s.kind.as_str() {
+            "webhook" => SinkKind::Webhook,
+            "memberstack" => SinkKind::Memberstack,
+            "stripe" => SinkKind::Stripe,
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "sink.kind",
+                    message: format!(
+                    "unknown sink kind {other:?}; use \"webhook\", \"memberstack\" or \"stripe\""
                 ),
-            });
-        }
-        let sink_url = self.sink.url.clone().ok_or(ConfigError::Missing {
-            key: "sink.url",
-            env: env_name("sink", "url"),
-        })?;
-        if !(sink_url.starts_with("http://") || sink_url.starts_with("https://")) {
+                })
+            }
+        };
+        let url = match (&s.url, kind) {
+            (Some(u), _) => u.clone(),
+            (None, SinkKind::Memberstack) => "https://admin.memberstack.com".into(),
+            (None, SinkKind::Stripe) => "https://api.stripe.com".into(),
+            (None, SinkKind::Webhook) => {
+                return Err(ConfigError::Missing {
+                    key: "sink.url",
+                    env: env_name("sink", "url"),
+                })
+            }
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ConfigError::Invalid {
                 key: "sink.url",
-                message: format!("{sink_url:?} is not an http:// or https:// URL"),
+                message: format!("{url:?} is not an http:// or https:// URL"),
             });
         }
-        let secret_text = read_secret(
-            env,
-            "sink.secret",
-            "sink.secret_file",
-            &self.sink.secret_env,
-            &self.sink.secret_file,
-        )?
-        .ok_or(ConfigError::Invalid {
-            key: "sink.secret_env",
-            message:
-                "the webhook signing secret is required: set sink.secret_env to the name of an \
-                      environment variable (or sink.secret_file to a file) holding whsec_<base64>"
-                    .into(),
-        })?;
-        let secret = WebhookSecret::parse(&secret_text).map_err(|e| ConfigError::Invalid {
-            key: "sink.secret_env",
-            message: e.to_string(),
-        })?;
+        let mut secret = None;
+        let mut api_key = None;
+        let mut api_key_source = String::new();
+        if kind == SinkKind::Webhook {
+            let text = read_secret(
+                env,
+                "sink.secret",
+                "sink.secret_file",
+                &s.secret_env,
+                &s.secret_file,
+            )?
+            .ok_or(ConfigError::Invalid {
+                key: "sink.secret_env",
+                message:
+                    "the webhook signing secret is required: set sink.secret_env to the name of an \
+                     environment variable (or sink.secret_file to a file) holding whsec_<base64>"
+                        .into(),
+            })?;
+            secret = Some(
+                WebhookSecret::parse(&text).map_err(|e| ConfigError::Invalid {
+                    key: "sink.secret_env",
+                    message: e.to_string(),
+                })?,
+            );
+        } else {
+            let key = read_secret(
+                env,
+                "sink.api_key",
+                "sink.api_key_file",
+                &s.api_key_env,
+                &s.api_key_file,
+            )?
+            .filter(|k| !k.is_empty())
+            .ok_or(ConfigError::Invalid {
+                key: "sink.api_key_env",
+                message: format!(
+                    "the {} API key is required: set sink.api_key_env to the name of an \
+                     environment variable (or sink.api_key_file to a file) holding it",
+                    kind.name()
+                ),
+            })?;
+            api_key = Some(Secret::new(key));
+            api_key_source = match s.api_key_env.as_ref().filter(|v| !v.is_empty()) {
+                Some(var) => format!("environment variable {var}"),
+                None => format!(
+                    "file {}",
+                    s.api_key_file
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                ),
+            };
+        }
+        let on_delete = match (s.on_delete.as_deref(), kind) {
+            (Some("delete"), _) => OnDelete::Delete,
+            (Some("ignore"), _) => OnDelete::Ignore,
+            (Some("mark"), SinkKind::Webhook) => {
+                return Err(ConfigError::Invalid {
+                    key: "sink.on_delete",
+                    message: "\"mark\" needs a service that keeps metadata; the webhook sink supports \"delete\" and \"ignore\"".into(),
+                })
+            }
+            (Some("mark"), _) => OnDelete::Mark,
+            (Some(other), _) => {
+                return Err(ConfigError::Invalid {
+                    key: "sink.on_delete",
+                    message: format!("{other:?}: use \"delete\", \"ignore\" or \"mark\""),
+                })
+            }
+            (None, SinkKind::Stripe) => OnDelete::Mark,
+            (None, _) => OnDelete::Delete,
+        };
+        if !s.mapping.is_empty() && !s.columns.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "sink.columns",
+                message: "set either sink.columns or [sink.mapping], not both: with a mapping, the mapped columns are the synced ones".into(),
+            });
+        }
+        let mapping: Vec<(String, String)> = s
+            .mapping
+            .iter()
+            .map(|(f, c)| (f.clone(), c.clone()))
+            .collect();
+        if let Some((f, _)) = mapping
+            .iter()
+            .find(|(f, _)| f.is_empty() || f.split('.').any(str::is_empty))
+        {
+            return Err(ConfigError::Invalid {
+                key: "sink.mapping",
+                message: format!("{f:?} is not a field path (names separated by dots)"),
+            });
+        }
+        if kind == SinkKind::Memberstack && !mapping.iter().any(|(f, _)| f == "email") {
+            return Err(ConfigError::Invalid {
+                key: "sink.mapping",
+                message: "Memberstack needs an email: map it, e.g. email = \"email\" under [sink.mapping]".into(),
+            });
+        }
+        let mut columns = s.columns.clone();
+        for (_, c) in &mapping {
+            if !columns.contains(c) {
+                columns.push(c.clone());
+            }
+        }
+        Ok(SinkConfig {
+            kind,
+            url,
+            secret,
+            api_key,
+            api_key_source,
+            external_id_pointer: s.external_id_pointer.clone(),
+            columns,
+            mapping,
+            timeout: Duration::from_millis(s.timeout_ms),
+            max_in_flight: s.max_in_flight,
+            rate_limit_per_sec: s.rate_limit_per_sec.unwrap_or(match kind {
+                SinkKind::Webhook => 0,
+                SinkKind::Memberstack | SinkKind::Stripe => 25,
+            }),
+            on_delete,
+        })
+    }
+
+    fn validate(self, env: &dyn Env) -> Result<Config, ConfigError> {
+        let database = self.database(env, true)?;
+        let sink = self.sink_parts(env)?;
         if !self.sink.external_id_pointer.is_empty()
             && !self.sink.external_id_pointer.starts_with('/')
         {
@@ -728,14 +943,7 @@ impl RawConfig {
         }
         Ok(Config {
             database,
-            sink: SinkConfig {
-                url: sink_url,
-                secret,
-                external_id_pointer: self.sink.external_id_pointer,
-                columns: self.sink.columns,
-                timeout: Duration::from_millis(self.sink.timeout_ms),
-                max_in_flight: self.sink.max_in_flight,
-            },
+            sink,
             retry: self.retry,
             writeback: self.writeback,
             pipeline: self.pipeline,

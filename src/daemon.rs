@@ -16,7 +16,6 @@ use crate::db::{connect, ConnectError};
 use crate::deadletter;
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::schema::{self, SchemaError, TableShape};
-use crate::sink::webhook::WebhookSink;
 use crate::sink::Sink;
 use crate::source::rows::RowBuilder;
 use crate::source::stream::{self, Reader, SourceError};
@@ -28,7 +27,7 @@ pub enum RunError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Schema(#[from] SchemaError),
-    #[error("sink.columns names {column}, which {table} does not have")]
+    #[error("sink.columns or [sink.mapping] names column {column}, which {table} does not have")]
     UnknownColumn { column: String, table: String },
     #[error("{0}")]
     Sink(String),
@@ -67,7 +66,7 @@ pub async fn run(
     cancel: CancellationToken,
     reports: Option<mpsc::UnboundedSender<SyncReport>>,
 ) -> Result<(), RunError> {
-    let sink: Arc<dyn Sink> = Arc::new(WebhookSink::new(&cfg.sink).map_err(RunError::Sink)?);
+    let sink = crate::sink::build(&cfg.sink).map_err(RunError::Sink)?;
     run_with_sink(cfg, sink, cancel, reports).await
 }
 
@@ -80,6 +79,7 @@ pub async fn run_with_sink(
 ) -> Result<(), RunError> {
     // The first check fails fast: a wrong setup is reported, not retried.
     let shape = prepare(cfg).await?;
+    check_sink(cfg, sink.as_ref()).await?;
     let mut delay = Duration::from_millis(500);
     let mut shape = Some(shape);
     loop {
@@ -128,6 +128,23 @@ async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         _ = cancel.cancelled() => true,
         _ = tokio::time::sleep(d) => false,
+    }
+}
+
+/// A wrong API key is refused before anything is consumed; an unreachable
+/// service is only a warning (pushes retry, nothing is lost).
+pub async fn check_sink(cfg: &Config, sink: &dyn Sink) -> Result<(), RunError> {
+    match sink.check().await {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.status(), Some(401 | 403)) => Err(RunError::Sink(format!(
+            "the {} API rejected the API key from {} ({e}); check that it is a valid key with access",
+            sink.name(),
+            cfg.sink.api_key_source
+        ))),
+        Err(e) => {
+            tracing::warn!(sink = sink.name(), error = %e, "the sink is not reachable yet; pushes will retry");
+            Ok(())
+        }
     }
 }
 

@@ -17,7 +17,6 @@ use crate::db::{connect, error_text, ConnectError};
 use crate::deadletter::{self, DeadLetterError, Entry};
 use crate::schema::{self, SchemaError, TableShape, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
 use crate::sink::retry::push_with_retry;
-use crate::sink::webhook::WebhookSink;
 use crate::sink::Sink;
 use crate::source::value::{text_to_json, TypeRegistry, ValueError};
 
@@ -37,7 +36,7 @@ pub enum ReplayError {
     DeadLetters(#[from] DeadLetterError),
     #[error("the dead-letter table usersync.dead_letters does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA)")]
     TableMissing,
-    #[error("sink.columns names {column}, which {table} does not have")]
+    #[error("sink.columns or [sink.mapping] names column {column}, which {table} does not have")]
     UnknownColumn { column: String, table: String },
     #[error("no dead letter with id {0} (see `usersync dlq list`)")]
     UnknownId(i64),
@@ -378,7 +377,7 @@ impl std::fmt::Display for Outcome {
 pub struct Replayer {
     client: Client,
     rows: RowReader,
-    sink: Box<dyn Sink>,
+    sink: std::sync::Arc<dyn Sink>,
     retry: crate::config::RetryConfig,
     writeback: String,
 }
@@ -387,11 +386,14 @@ impl Replayer {
     /// Connects and checks the table, the sync columns and the dead-letter
     /// table, before anything is pushed.
     pub async fn connect(cfg: &Config) -> Result<Replayer, ReplayError> {
-        let sink = WebhookSink::new(&cfg.sink).map_err(ReplayError::Sink)?;
-        Self::with_sink(cfg, Box::new(sink)).await
+        let sink = crate::sink::build(&cfg.sink).map_err(ReplayError::Sink)?;
+        Self::with_sink(cfg, sink).await
     }
 
-    pub async fn with_sink(cfg: &Config, sink: Box<dyn Sink>) -> Result<Replayer, ReplayError> {
+    pub async fn with_sink(
+        cfg: &Config,
+        sink: std::sync::Arc<dyn Sink>,
+    ) -> Result<Replayer, ReplayError> {
         let client = connect(&cfg.database, "usersync-dlq").await?;
         client
             .batch_execute(SESSION_SETTINGS)

@@ -2,8 +2,12 @@
 //! `Sink` trait every adapter implements, the error classification that
 //! decides retry versus dead letter, and the shared HTTP client.
 
+pub mod mapping;
+pub mod memberstack;
+pub mod ratelimit;
 pub mod retry;
 pub mod signature;
+pub mod stripe;
 pub mod webhook;
 
 use std::time::Duration;
@@ -24,6 +28,16 @@ pub enum SinkError {
         body: String,
         retry_after: Option<Duration>,
     },
+    /// A vendor API's error, classified by the adapter (which may know
+    /// better than the status, e.g. Stripe's `Stripe-Should-Retry`).
+    #[error("HTTP {status}: {message}")]
+    Api {
+        status: u16,
+        /// The API's own message (never the request, which may hold secrets).
+        message: String,
+        retryable: bool,
+        retry_after: Option<Duration>,
+    },
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("cannot connect: {0}")]
@@ -38,6 +52,7 @@ impl SinkError {
             SinkError::Http { status, .. } => {
                 matches!(status, 408 | 425 | 429) || (500..=599).contains(status)
             }
+            SinkError::Api { retryable, .. } => *retryable,
             SinkError::Timeout(_) | SinkError::Connect(_) => true,
             SinkError::Malformed(_) => false,
         }
@@ -45,14 +60,16 @@ impl SinkError {
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            SinkError::Http { retry_after, .. } => *retry_after,
+            SinkError::Http { retry_after, .. } | SinkError::Api { retry_after, .. } => {
+                *retry_after
+            }
             _ => None,
         }
     }
 
     pub fn status(&self) -> Option<u16> {
         match self {
-            SinkError::Http { status, .. } => Some(*status),
+            SinkError::Http { status, .. } | SinkError::Api { status, .. } => Some(*status),
             _ => None,
         }
     }
@@ -71,6 +88,13 @@ pub trait Sink: Send + Sync + 'static {
         change: &'a Change,
         external_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Option<String>, SinkError>>;
+
+    /// A cheap authenticated request made at start, so that a wrong API key
+    /// is one clear error before anything is consumed. `Ok` when the sink has
+    /// nothing to check.
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Parses `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3).
@@ -110,6 +134,16 @@ pub fn excerpt(body: &str) -> String {
         .take(300)
         .collect();
     one_line.trim().to_string()
+}
+
+/// The sink `cfg` asks for.
+pub fn build(cfg: &crate::config::SinkConfig) -> Result<std::sync::Arc<dyn Sink>, String> {
+    use crate::config::SinkKind;
+    Ok(match cfg.kind {
+        SinkKind::Webhook => std::sync::Arc::new(webhook::WebhookSink::new(cfg)?),
+        SinkKind::Memberstack => std::sync::Arc::new(memberstack::MemberstackSink::new(cfg)?),
+        SinkKind::Stripe => std::sync::Arc::new(stripe::StripeSink::new(cfg)?),
+    })
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub struct WebhookSink {
     secret: WebhookSecret,
     pointer: String,
     timeout: Duration,
+    ignore_deletes: bool,
 }
 
 /// The body of every webhook request. Field order is the documented one.
@@ -59,9 +60,13 @@ impl WebhookSink {
         Ok(WebhookSink {
             client: super::http_client(cfg.timeout, cfg.max_in_flight)?,
             url: cfg.url.clone(),
-            secret: cfg.secret.clone(),
+            secret: cfg
+                .secret
+                .clone()
+                .ok_or("the webhook sink needs sink.secret_env or sink.secret_file")?,
             pointer: cfg.external_id_pointer.clone(),
             timeout: cfg.timeout,
+            ignore_deletes: cfg.on_delete == crate::config::OnDelete::Ignore,
         })
     }
 
@@ -70,6 +75,9 @@ impl WebhookSink {
         change: &Change,
         external_id: Option<&str>,
     ) -> Result<Option<String>, SinkError> {
+        if self.ignore_deletes && change.op == Operation::Delete {
+            return Ok(external_id.map(str::to_string));
+        }
         let body = serde_json::to_vec(&Envelope::new(change, external_id))
             .map_err(|e| SinkError::Malformed(format!("cannot encode envelope: {e}")))?;
         let timestamp = SystemTime::now()
