@@ -154,16 +154,10 @@ fn dead_letter(
             now,
         ),
     };
-    WriteItem {
+    WriteItem::new(
         seq,
-        event_id: change.event_id.clone(),
-        key: change.key.clone(),
-        op: change.op,
-        commit_lsn: change.commit_lsn,
-        position: change.position,
-        xid: change.xid,
-        decoded_at: change.decoded_at,
-        outcome: Outcome::DeadLetter(Box::new(NewDeadLetter {
+        change,
+        Outcome::DeadLetter(Box::new(NewDeadLetter {
             event_id: change.event_id.clone(),
             user_key: change.key.text.clone(),
             operation: change.op.event_type(),
@@ -176,7 +170,7 @@ fn dead_letter(
             last_attempt_at: now,
             commit_lsn: format_lsn(change.commit_lsn),
         })),
-    }
+    )
 }
 
 impl Pipeline {
@@ -342,22 +336,16 @@ impl Pipeline {
                                 "pushed values"
                             );
                         }
-                        let item = WriteItem {
+                        let item = WriteItem::new(
                             seq,
-                            event_id: change.event_id.clone(),
-                            key: change.key.clone(),
-                            op: change.op,
-                            commit_lsn: change.commit_lsn,
-                            position: change.position,
-                            xid: change.xid,
-                            decoded_at: change.decoded_at,
-                            outcome: Outcome::Synced {
+                            &change,
+                            Outcome::Synced {
                                 external_id: external_id.clone(),
                                 synced_at: SystemTime::now(),
                                 push_latency: started.elapsed(),
                                 attempts: pushed.attempts,
                             },
-                        };
+                        );
                         // A closed writer means shutdown; the change is replayed next start.
                         let _ = writer.send(item).await;
                         PushResult {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, Statement};
 
-use crate::change::{format_lsn, Lsn, Operation, UserKey};
+use crate::change::{format_lsn, Change, Lsn, Operation, UserKey};
 use crate::config::{quote_ident, DatabaseConfig};
 use crate::db::{connect, error_text, ConnectError};
 use crate::deadletter::{self, NewDeadLetter};
@@ -40,6 +40,22 @@ pub struct WriteItem {
     pub xid: u32,
     pub decoded_at: Instant,
     pub outcome: Outcome,
+}
+
+impl WriteItem {
+    pub fn new(seq: u64, change: &Change, outcome: Outcome) -> WriteItem {
+        WriteItem {
+            seq,
+            event_id: change.event_id.clone(),
+            key: change.key.clone(),
+            op: change.op,
+            commit_lsn: change.commit_lsn,
+            position: change.position,
+            xid: change.xid,
+            decoded_at: change.decoded_at,
+            outcome,
+        }
+    }
 }
 
 #[derive(Debug)]
