@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
@@ -25,27 +25,10 @@ const EVE: &str = "55555555-5555-4555-8555-555555555555";
 
 // ---------------------------------------------------------------- helpers
 
-struct Outcome {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
+use common::CliOutcome as Outcome;
 
 async fn run(cmd: Command) -> Outcome {
-    let mut cmd = tokio::process::Command::from(cmd);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("usersync dlq did not exit within 60 s")
-        .expect("spawn usersync");
-    Outcome {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    common::run_cli(cmd, Duration::from_secs(60)).await
 }
 
 async fn dlq(db: &TestDb, args: &[&str]) -> Outcome {

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{TestDb, USERS_UUID};
@@ -17,35 +17,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_usersync");
 
 // ---------------------------------------------------------------- helpers
 
-struct Outcome {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Outcome {
-    fn all(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-}
+use common::CliOutcome as Outcome;
 
 /// Runs the binary to completion (at most 30 s: every case here must exit
 /// on its own; one that starts streaming instead is a failure).
 async fn run(cmd: Command) -> Outcome {
-    let mut cmd = tokio::process::Command::from(cmd);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .expect("usersync did not exit within 30 s (it should have refused to start)")
-        .expect("spawn usersync");
-    Outcome {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    common::run_cli(cmd, Duration::from_secs(30)).await
 }
 
 /// The binary with nothing from the outer environment that could configure it.

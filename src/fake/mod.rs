@@ -7,6 +7,7 @@
 //! `store` owns the state and the event semantics, `http` the wire format.
 
 mod http;
+pub mod memberstack;
 mod store;
 #[cfg(test)]
 mod tests;

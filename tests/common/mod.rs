@@ -364,3 +364,35 @@ pub fn python_with_standardwebhooks() -> (String, Vec<(String, String)>) {
     }
     ("python3".into(), env)
 }
+
+/// What a finished run of the binary printed.
+pub struct CliOutcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutcome {
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs the binary to completion; one that is still running after `limit`
+/// is a failure (every such case must exit on its own).
+pub async fn run_cli(cmd: Command, limit: Duration) -> CliOutcome {
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("usersync did not exit within {limit:?}"))
+        .expect("spawn usersync");
+    CliOutcome {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
