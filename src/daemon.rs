@@ -240,6 +240,18 @@ async fn session(
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         },
     };
+    // The pipeline also ends when the reader's channel closes: without a
+    // stop request, that is the stream failing, not a clean stop.
+    let outcome = match outcome {
+        Ok(()) if !cancel.is_cancelled() => {
+            let reader = tokio::time::timeout(Duration::from_secs(5), &mut reader_task).await;
+            Err(match reader {
+                Ok(Ok(Err(e))) => RunError::Source(e),
+                _ => RunError::Source(SourceError::Ended),
+            })
+        }
+        other => other,
+    };
     session_cancel.cancel();
     if outcome.is_ok() && !reader_task.is_finished() {
         // The reader passes the last acknowledgement to the server, then ends.

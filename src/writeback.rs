@@ -300,18 +300,8 @@ async fn await_visibility(
             .await
             .map_err(sql_err)?
             .get(0);
-        if visible {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(WritebackError::Sql(format!(
-                    "source transactions of {} change(s) did not become visible within {:?} (is a synchronous standby missing?)",
-                    unmatched.len(),
-                    VISIBILITY_TIMEOUT
-                )));
-        }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(200));
+        // Always update again after the check: its snapshot is newer than
+        // the check's, so it sees every row the check found visible.
         let ext: Vec<Option<&str>> = unmatched.iter().map(|k| latest[k].0).collect();
         let at: Vec<SystemTime> = unmatched.iter().map(|k| latest[k].1).collect();
         let matched: HashSet<String> = tx
@@ -322,6 +312,18 @@ async fn await_visibility(
             .map(|r| r.get(0))
             .collect();
         unmatched.retain(|k| !matched.contains(*k));
+        if visible || unmatched.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(WritebackError::Sql(format!(
+                "source transactions of {} change(s) did not become visible within {:?} (is a synchronous standby missing?)",
+                unmatched.len(),
+                VISIBILITY_TIMEOUT
+            )));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(200));
     }
     Ok(())
 }
