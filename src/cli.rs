@@ -70,6 +70,10 @@ pub enum Command {
         /// connect with psql) until Ctrl-C.
         #[arg(long)]
         keep_running: bool,
+        /// Which external service to sync to (each is a local fake that
+        /// behaves like the real API).
+        #[arg(long, value_enum, default_value_t = SinkArg::Webhook)]
+        sink: SinkArg,
     },
     /// Inspect, replay or discard dead letters: changes the sink refused
     /// (or kept failing past the retry budget), and the later changes of the
@@ -89,13 +93,18 @@ pub enum Command {
         /// Port on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 8080)]
         port: u16,
-        /// Name of the environment variable holding the signing secret
-        /// (whsec_...). Without it, a secret is generated and printed.
+        /// Name of the environment variable holding the webhook signing
+        /// secret (whsec_...) or, with --mode memberstack|stripe, the API key
+        /// the fake accepts. Without it, one is generated and printed.
         #[arg(long)]
         secret_env: Option<String>,
         /// Added latency per request, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
+        /// Which service to imitate: a webhook receiver, the Memberstack
+        /// admin API, or Stripe's customers API.
+        #[arg(long, value_enum, default_value_t = SinkArg::Webhook)]
+        mode: SinkArg,
     },
 }
 
@@ -162,6 +171,23 @@ pub enum DlqCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum SinkArg {
+    Webhook,
+    Memberstack,
+    Stripe,
+}
+
+impl SinkArg {
+    pub fn kind(self) -> crate::config::SinkKind {
+        match self {
+            SinkArg::Webhook => crate::config::SinkKind::Webhook,
+            SinkArg::Memberstack => crate::config::SinkKind::Memberstack,
+            SinkArg::Stripe => crate::config::SinkKind::Stripe,
+        }
+    }
 }
 
 /// An error at the edge: the message to print and the exit code.
@@ -266,38 +292,15 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Demo {
             users,
             keep_running,
-        } => crate::demo::run(users, keep_running).await,
+            sink,
+        } => crate::demo::run(users, keep_running, sink.kind()).await,
         Command::Dlq { command } => dlq(command, &path, explicit).await,
         Command::FakeService {
             port,
             secret_env,
             latency_ms,
-        } => {
-            crate::observe::init_logging("info", false);
-            let secret = match secret_env {
-                Some(var) => {
-                    let text = std::env::var(&var).map_err(|_| {
-                        Failure::usage(format!("environment variable {var} is not set"))
-                    })?;
-                    crate::sink::signature::WebhookSecret::parse(&text).map_err(Failure::usage)?
-                }
-                None => {
-                    let s = crate::sink::signature::WebhookSecret::generate();
-                    println!(
-                        "signing secret (give it to usersync as sink.secret_env): {}",
-                        s.to_whsec()
-                    );
-                    s
-                }
-            };
-            crate::fake::serve_forever(crate::fake::FakeOptions {
-                port,
-                secret: Some(secret),
-                latency: std::time::Duration::from_millis(latency_ms),
-            })
-            .await
-            .map_err(|e| Failure::runtime(format!("fake service: {e}")))
-        }
+            mode,
+        } => fake_service(port, secret_env, latency_ms, mode).await,
     }
 }
 
@@ -448,6 +451,91 @@ async fn dlq_replay(
             if outcomes.len() == 1 { "" } else { "s" }
         )));
     }
+    Ok(())
+}
+
+async fn fake_service(
+    port: u16,
+    secret_env: Option<String>,
+    latency_ms: u64,
+    mode: SinkArg,
+) -> Result<(), Failure> {
+    use crate::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
+    use crate::fake::stripe::{FakeStripe, FakeStripeOptions};
+    use crate::sink::signature::WebhookSecret;
+    crate::observe::init_logging("info", false);
+    let latency = std::time::Duration::from_millis(latency_ms);
+    let given = match &secret_env {
+        Some(var) => Some(
+            std::env::var(var)
+                .map_err(|_| Failure::usage(format!("environment variable {var} is not set")))?,
+        ),
+        None => None,
+    };
+    let started = |e: std::io::Error| Failure::runtime(format!("fake service: {e}"));
+    let stop: Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()>> = match mode {
+        SinkArg::Webhook => {
+            let secret = match given {
+                Some(text) => WebhookSecret::parse(&text).map_err(Failure::usage)?,
+                None => {
+                    let s = WebhookSecret::generate();
+                    eprintln!(
+                        "signing secret (give it to usersync through sink.secret_env): {}",
+                        s.to_whsec()
+                    );
+                    s
+                }
+            };
+            let fake = crate::fake::FakeService::start(crate::fake::FakeOptions {
+                port,
+                secret: Some(secret),
+                latency,
+            })
+            .await
+            .map_err(started)?;
+            println!("{}", fake.url());
+            Box::new(move || Box::pin(fake.shutdown()))
+        }
+        SinkArg::Memberstack | SinkArg::Stripe => {
+            let key = given.unwrap_or_else(|| {
+                let k = format!(
+                    "sk_test_{}",
+                    WebhookSecret::generate()
+                        .to_whsec()
+                        .trim_start_matches("whsec_")
+                        .replace(['+', '/', '='], "")
+                );
+                eprintln!("API key (give it to usersync through sink.api_key_env): {k}");
+                k
+            });
+            if matches!(mode, SinkArg::Memberstack) {
+                let fake = FakeMemberstack::start(FakeMemberstackOptions {
+                    port,
+                    api_key: key,
+                    latency,
+                    ..FakeMemberstackOptions::default()
+                })
+                .await
+                .map_err(started)?;
+                println!("{}", fake.url());
+                Box::new(move || Box::pin(fake.shutdown()))
+            } else {
+                let fake = FakeStripe::start(FakeStripeOptions {
+                    port,
+                    api_key: key,
+                    latency,
+                    ..FakeStripeOptions::default()
+                })
+                .await
+                .map_err(started)?;
+                println!("{}", fake.url());
+                Box::new(move || Box::pin(fake.shutdown()))
+            }
+        }
+    };
+    eprintln!("fake service running; Ctrl-C stops it");
+    let _ = tokio::signal::ctrl_c().await;
+    stop().await;
     Ok(())
 }
 

@@ -10,7 +10,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::Failure;
-use crate::config::Config;
+use crate::config::{Config, SinkKind};
+use crate::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
+use crate::fake::stripe::{FakeStripe, FakeStripeOptions};
 use crate::fake::{FakeOptions, FakeService};
 use crate::pgtemp::{TempCluster, TempClusterOptions};
 use crate::sink::signature::WebhookSecret;
@@ -24,7 +26,106 @@ const DEMO_TABLE: &str = "CREATE TABLE public.users (
     created_at timestamptz NOT NULL DEFAULT now()
 )";
 
-pub async fn run(users: u32, keep_running: bool) -> Result<(), Failure> {
+/// The fake external service the demo runs, one per sink kind.
+enum DemoService {
+    Webhook(FakeService, WebhookSecret),
+    Memberstack(FakeMemberstack),
+    Stripe(FakeStripe),
+}
+
+const DEMO_API_KEY: &str = "sk_test_usersyncDemoKey00000000000";
+
+impl DemoService {
+    async fn start(kind: SinkKind) -> std::io::Result<DemoService> {
+        Ok(match kind {
+            SinkKind::Webhook => {
+                let secret = WebhookSecret::generate();
+                let fake = FakeService::start(FakeOptions {
+                    port: 0,
+                    secret: Some(secret.clone()),
+                    latency: Duration::ZERO,
+                })
+                .await?;
+                DemoService::Webhook(fake, secret)
+            }
+            SinkKind::Memberstack => DemoService::Memberstack(
+                FakeMemberstack::start(FakeMemberstackOptions {
+                    api_key: DEMO_API_KEY.into(),
+                    ..FakeMemberstackOptions::default()
+                })
+                .await?,
+            ),
+            SinkKind::Stripe => DemoService::Stripe(
+                FakeStripe::start(FakeStripeOptions {
+                    api_key: DEMO_API_KEY.into(),
+                    ..FakeStripeOptions::default()
+                })
+                .await?,
+            ),
+        })
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            DemoService::Webhook(..) => "fake webhook service",
+            DemoService::Memberstack(_) => "fake Memberstack admin API",
+            DemoService::Stripe(_) => "fake Stripe API",
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            DemoService::Webhook(f, _) => f.url(),
+            DemoService::Memberstack(f) => f.url(),
+            DemoService::Stripe(f) => f.url(),
+        }
+    }
+
+    /// The `[sink]` part of the demo's config, and the secret's environment.
+    fn sink_config(&self) -> (String, BTreeMap<String, String>) {
+        let (section, secret) = match self {
+            DemoService::Webhook(_, s) => (
+                "kind = \"webhook\"\nsecret_env = \"DEMO_SECRET\"\n".to_string(),
+                s.to_whsec(),
+            ),
+            DemoService::Memberstack(_) => (
+                "kind = \"memberstack\"\napi_key_env = \"DEMO_SECRET\"\n\
+                 [sink.mapping]\nemail = \"email\"\n\"customFields.name\" = \"name\"\n\"metaData.plan\" = \"plan\"\n"
+                    .to_string(),
+                DEMO_API_KEY.to_string(),
+            ),
+            DemoService::Stripe(_) => (
+                "kind = \"stripe\"\napi_key_env = \"DEMO_SECRET\"\non_delete = \"delete\"\n\
+                 [sink.mapping]\nemail = \"email\"\nname = \"name\"\n\"metadata.plan\" = \"plan\"\n"
+                    .to_string(),
+                DEMO_API_KEY.to_string(),
+            ),
+        };
+        let toml = format!("url = \"{}\"\n{section}", self.url());
+        (
+            toml,
+            [("DEMO_SECRET".to_string(), secret)].into_iter().collect(),
+        )
+    }
+
+    fn live_users(&self) -> usize {
+        match self {
+            DemoService::Webhook(f, _) => f.users().iter().filter(|u| !u.deleted).count(),
+            DemoService::Memberstack(f) => f.members().iter().filter(|m| !m.deleted).count(),
+            DemoService::Stripe(f) => f.customers().iter().filter(|c| !c.deleted).count(),
+        }
+    }
+
+    async fn shutdown(self) {
+        match self {
+            DemoService::Webhook(f, _) => f.shutdown().await,
+            DemoService::Memberstack(f) => f.shutdown().await,
+            DemoService::Stripe(f) => f.shutdown().await,
+        }
+    }
+}
+
+pub async fn run(users: u32, keep_running: bool, sink: SinkKind) -> Result<(), Failure> {
     crate::observe::init_logging("warn", false);
     let cancel = CancellationToken::new();
     crate::cli::spawn_signal_handler(cancel.clone());
@@ -40,7 +141,7 @@ pub async fn run(users: u32, keep_running: bool) -> Result<(), Failure> {
     .await
     .map_err(Failure::runtime)?
     .map_err(Failure::runtime)?;
-    let result = with_cluster(&cluster, users, keep_running, cancel).await;
+    let result = with_cluster(&cluster, users, keep_running, sink, cancel).await;
     drop(cluster);
     println!("usersync demo: stopped PostgreSQL and removed its files.");
     result
@@ -50,33 +151,27 @@ async fn with_cluster(
     cluster: &TempCluster,
     users: u32,
     keep_running: bool,
+    sink: SinkKind,
     cancel: CancellationToken,
 ) -> Result<(), Failure> {
     cluster.create_database("demo").map_err(Failure::runtime)?;
     cluster.psql("demo", DEMO_TABLE).map_err(Failure::runtime)?;
 
-    let secret = WebhookSecret::generate();
-    let fake = FakeService::start(FakeOptions {
-        port: 0,
-        secret: Some(secret.clone()),
-        latency: Duration::ZERO,
-    })
-    .await
-    .map_err(|e| Failure::runtime(format!("cannot start the fake service: {e}")))?;
+    let fake = DemoService::start(sink)
+        .await
+        .map_err(|e| Failure::runtime(format!("cannot start the fake service: {e}")))?;
     println!(
-        "usersync demo: PostgreSQL on 127.0.0.1:{}, fake webhook service at {}",
+        "usersync demo: PostgreSQL on 127.0.0.1:{}, {} at {}",
         cluster.port(),
+        fake.label(),
         fake.url()
     );
 
+    let (sink_toml, env) = fake.sink_config();
     let toml = format!(
-        "[database]\nurl = \"{}\"\n[sink]\nurl = \"{}\"\nsecret_env = \"DEMO_SECRET\"\n",
+        "[database]\nurl = \"{}\"\n[sink]\n{sink_toml}",
         cluster.url("demo"),
-        fake.url()
     );
-    let env: BTreeMap<String, String> = [("DEMO_SECRET".to_string(), secret.to_whsec())]
-        .into_iter()
-        .collect();
     let cfg = Config::from_parts(Some(&toml), "demo config", &env).map_err(Failure::runtime)?;
 
     let client = crate::db::connect(&cfg.database, "usersync-demo")
@@ -128,7 +223,7 @@ async fn with_cluster(
 
     if !cancel.is_cancelled() {
         println!();
-        let live = fake.users().into_iter().filter(|u| !u.deleted).count();
+        let live = fake.live_users();
         println!(
             "usersync demo: {seen} of {expected} changes pushed and written back; the fake service holds {live} live users."
         );

@@ -188,8 +188,8 @@ impl Writer {
                         operation = item.op.event_type(),
                         state = dl.state.as_str(),
                         attempts = dl.attempts,
-                        error = %dl.last_error,
-                        "dead-lettered; the user is parked until `usersync dlq replay`"
+                        status = dl.last_status,
+                        "dead-lettered (details: `usersync dlq list`); the user is parked until `usersync dlq replay`"
                     ),
                 }
             }

@@ -105,3 +105,29 @@ fn demo_stops_cleanly_on_ctrl_c() {
     );
     assert_gone(port, tmp.path());
 }
+
+/// `--sink memberstack|stripe`: the same script against the local fakes of
+/// those APIs.
+#[test]
+fn demo_runs_against_each_vendor_fake() {
+    for sink in ["memberstack", "stripe"] {
+        let tmp = scratch_tmpdir();
+        let out = Command::new(env!("CARGO_BIN_EXE_usersync"))
+            .args(["demo", "--users", "2", "--sink", sink])
+            .env("TMPDIR", tmp.path())
+            .output()
+            .expect("run demo");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{sink} demo failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // 2 creates, 1 update, 1 delete, and 2 creates + 1 update.
+        assert!(stdout.contains("7 of 7 changes pushed and written back"), "{stdout}");
+        let prefix = if sink == "memberstack" { "mem_" } else { "cus_" };
+        assert!(stdout.contains(&format!("-> {prefix}")), "{stdout}");
+        let port = stdout.lines().find_map(port_from).expect("port in output");
+        assert_gone(port, tmp.path());
+    }
+}

@@ -9,6 +9,7 @@
 mod http;
 pub mod memberstack;
 mod store;
+pub mod stripe;
 #[cfg(test)]
 mod tests;
 

@@ -67,6 +67,19 @@ impl SinkError {
         }
     }
 
+    /// Safe to log: the status or transport failure, without the service's
+    /// message (which may echo personal data, e.g. an invalid email).
+    pub fn summary(&self) -> String {
+        match self {
+            SinkError::Http { status, .. } | SinkError::Api { status, .. } => {
+                format!("HTTP {status}")
+            }
+            SinkError::Timeout(d) => format!("no answer within {d:?}"),
+            SinkError::Connect(e) => format!("cannot connect: {e}"),
+            SinkError::Malformed(_) => "malformed response".to_string(),
+        }
+    }
+
     pub fn status(&self) -> Option<u16> {
         match self {
             SinkError::Http { status, .. } | SinkError::Api { status, .. } => Some(*status),

@@ -114,7 +114,7 @@ pub async fn push_with_retry(
             event_id = %change.event_id,
             sink = sink.name(),
             attempt = attempts.load(Ordering::Relaxed),
-            error = %e,
+            error = %e.summary(),
             retry_in_ms = wait.as_millis() as u64,
             "push failed, will retry"
         );
