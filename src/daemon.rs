@@ -19,7 +19,7 @@ use crate::schema::{self, SchemaError, TableShape};
 use crate::sink::Sink;
 use crate::source::rows::RowBuilder;
 use crate::source::stream::{self, Reader, SourceError};
-use crate::writeback::{SyncReport, WritebackError, Writer};
+use crate::writeback::{ExternalIds, SyncReport, WritebackError, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -225,6 +225,7 @@ async fn session(
         max_in_flight: cfg.sink.max_in_flight,
         max_buffered: cfg.pipeline.max_buffered_changes,
         log_personal_data: cfg.log.personal_data,
+        external_ids: Some(Arc::new(ExternalIds::connect(&cfg.database, shape).await?)),
     };
     let pipeline_cancel = session_cancel.clone();
     let outcome: Result<(), RunError> = tokio::select! {

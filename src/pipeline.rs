@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::change::{format_lsn, Change, Lsn};
+use crate::change::{format_lsn, Change, Lsn, Operation};
 use crate::config::RetryConfig;
 use crate::deadletter::{self, DeadLetterError, NewDeadLetter, State as DeadState};
 use crate::progress::Done;
@@ -21,7 +21,7 @@ use crate::sink::retry::{push_with_retry, PushFailed};
 use crate::sink::webhook::Envelope;
 use crate::sink::Sink;
 use crate::source::stream::SourceEvent;
-use crate::writeback::{Outcome, WriteItem};
+use crate::writeback::{ExternalIds, Outcome, WriteItem};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -72,6 +72,10 @@ impl AckTracker {
         (self.confirmed > before).then_some(self.confirmed)
     }
 
+    pub fn is_pending(&self, seq: u64) -> bool {
+        self.pending.contains(&seq)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.pending.len()
     }
@@ -103,6 +107,8 @@ pub struct Pipeline {
     pub max_buffered: usize,
     /// Log row values of pushed changes (`log.personal_data`).
     pub log_personal_data: bool,
+    /// Reads a row's external id when neither memory nor the change has it.
+    pub external_ids: Option<Arc<ExternalIds>>,
 }
 
 struct State {
@@ -112,8 +118,12 @@ struct State {
     ready: VecDeque<String>,
     /// Users with a push in flight.
     active: HashSet<String>,
-    /// Users with dead letters: their changes are stored behind them, not pushed.
-    parked: HashSet<String>,
+    /// Users with dead letters: their changes are stored behind them, not
+    /// pushed. The value is the sequence number of the user's newest dead
+    /// letter sent to the writer in this session (none for users parked at
+    /// start): until it is durable, the table cannot yet show the user as
+    /// parked, so it must not be asked.
+    parked: HashMap<String, Option<u64>>,
     /// Items handed to the writer and not yet reported durable (may dip
     /// below zero for a moment: the writer can report before the push task ends).
     unwritten: i64,
@@ -194,7 +204,7 @@ impl Pipeline {
             lanes: HashMap::new(),
             ready: VecDeque::new(),
             active: HashSet::new(),
-            parked,
+            parked: parked.into_iter().map(|k| (k, None)).collect(),
             unwritten: 0,
             known_ids: HashMap::new(),
             ack: AckTracker::default(),
@@ -226,10 +236,15 @@ impl Pipeline {
                             continue;
                         }
                         let seq = st.ack.register();
-                        if st.parked.contains(&key) {
-                            if deadletter::is_parked(db, &key).await? {
+                        if let Some(&last) = st.parked.get(&key) {
+                            let still = match last {
+                                Some(last) if st.ack.is_pending(last) => true,
+                                _ => deadletter::is_parked(db, &key).await?,
+                            };
+                            if still {
                                 let item = dead_letter(seq, &change, change.external_id.as_deref(), None);
                                 send(&writer, item, &mut st).await?;
+                                st.parked.insert(key, Some(seq));
                                 continue;
                             }
                             tracing::info!(user = %key, "dead letters resolved; pushing this user's changes again");
@@ -261,12 +276,14 @@ impl Pipeline {
                         // the dead-letter table, in order, until replayed.
                         let item = dead_letter(f.seq, &f.change, f.external_id.as_deref(), Some((&f.failed, f.first_attempt_at)));
                         send(&writer, item, &mut st).await?;
-                        st.parked.insert(key.clone());
+                        let mut last = f.seq;
                         for q in st.lanes.remove(&key).into_iter().flatten() {
                             let ext = st.known_ids.get(&key).cloned().or_else(|| q.change.external_id.clone());
                             let item = dead_letter(q.seq, &q.change, ext.as_deref(), None);
                             send(&writer, item, &mut st).await?;
+                            last = q.seq;
                         }
+                        st.parked.insert(key.clone(), Some(last));
                         st.known_ids.remove(&key);
                         continue;
                     }
@@ -320,8 +337,15 @@ impl Pipeline {
             let retry = self.retry.clone();
             let writer = writer.clone();
             let log_values = self.log_personal_data;
+            let lookup = self.external_ids.clone();
             pushes.spawn(async move {
                 let Queued { seq, change } = queued;
+                let external_id = match (external_id, &lookup) {
+                    (None, Some(ids)) if change.op != Operation::Insert => {
+                        ids.get(&change.key.text).await
+                    }
+                    (id, _) => id,
+                };
                 let started = Instant::now();
                 let first_attempt_at = SystemTime::now();
                 match push_with_retry(sink.as_ref(), &change, external_id.as_deref(), &retry).await

@@ -362,3 +362,42 @@ async fn setup_origin_session(client: &Client, origin: &str) -> Result<(), Write
         }
     }
 }
+
+/// Reads a row's current external id: for an update or delete decoded
+/// before its create's write-back landed (after a restart, when the id the
+/// create returned is no longer in memory), so the sink need not search for
+/// the record (Stripe's search is only eventually consistent).
+pub struct ExternalIds {
+    client: Client,
+    select: Statement,
+}
+
+impl ExternalIds {
+    pub async fn connect(cfg: &DatabaseConfig, shape: &TableShape) -> Result<Self, WritebackError> {
+        let client = connect(cfg, "usersync-lookup").await?;
+        let sql = format!(
+            "SELECT {ext} FROM {table} WHERE {key} = $1::text::{key_type}",
+            ext = quote_ident(EXTERNAL_ID_COLUMN),
+            table = shape.table.quoted(),
+            key = quote_ident(&shape.key_column),
+            key_type = shape.key_type,
+        );
+        let select = client
+            .prepare(&sql)
+            .await
+            .map_err(|e| WritebackError::Sql(error_text(&e)))?;
+        Ok(ExternalIds { client, select })
+    }
+
+    /// `None` when the row is gone, has no id, or the read failed (the sink
+    /// then finds the record its own way).
+    pub async fn get(&self, key: &str) -> Option<String> {
+        match self.client.query_opt(&self.select, &[&key]).await {
+            Ok(row) => row.and_then(|r| r.get::<_, Option<String>>(0)),
+            Err(e) => {
+                tracing::debug!(error = %error_text(&e), "external id look-up failed");
+                None
+            }
+        }
+    }
+}
