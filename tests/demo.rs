@@ -124,8 +124,15 @@ fn demo_runs_against_each_vendor_fake() {
             String::from_utf8_lossy(&out.stderr)
         );
         // 2 creates, 1 update, 1 delete, and 2 creates + 1 update.
-        assert!(stdout.contains("7 of 7 changes pushed and written back"), "{stdout}");
-        let prefix = if sink == "memberstack" { "mem_" } else { "cus_" };
+        assert!(
+            stdout.contains("7 of 7 changes pushed and written back"),
+            "{stdout}"
+        );
+        let prefix = if sink == "memberstack" {
+            "mem_"
+        } else {
+            "cus_"
+        };
         assert!(stdout.contains(&format!("-> {prefix}")), "{stdout}");
         let port = stdout.lines().find_map(port_from).expect("port in output");
         assert_gone(port, tmp.path());
