@@ -147,6 +147,14 @@ impl Writer {
                 return Ok(());
             }
             self.write(&batch).await?;
+            tracing::info!(
+                changes = batch.len(),
+                dead_lettered = batch
+                    .iter()
+                    .filter(|i| matches!(i.outcome, Outcome::DeadLetter(_)))
+                    .count(),
+                "written back"
+            );
             let seqs = batch.iter().map(|i| i.seq).collect();
             if done.send(seqs).is_err() {
                 return Ok(());
@@ -160,7 +168,7 @@ impl Writer {
                         attempts,
                         ..
                     } => {
-                        tracing::info!(
+                        tracing::debug!(
                             event_id = %item.event_id,
                             user = %item.key,
                             operation = item.op.event_type(),
