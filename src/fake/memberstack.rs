@@ -18,7 +18,7 @@
 //!   show the state to another process.
 
 use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,16 +31,13 @@ use axum::routing::get;
 use axum::{Json, Router};
 use rand::Rng;
 use serde_json::{json, Map, Value};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
-use super::Fault;
+use super::{Fault, Server};
 
 const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// How long a timeout fault holds a request.
 const TIMEOUT_HOLD: Duration = Duration::from_secs(60);
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const MIN_PASSWORD_LEN: usize = 8;
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 100;
@@ -498,18 +495,14 @@ impl Shared {
 
 /// A running fake Memberstack. Dropping it stops the server too.
 pub struct FakeMemberstack {
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
-    server: JoinHandle<()>,
+    server: Server,
 }
 
 impl FakeMemberstack {
     /// Binds 127.0.0.1 and serves in the background.
     pub async fn start(opts: FakeMemberstackOptions) -> std::io::Result<FakeMemberstack> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, opts.port)).await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopping) = watch::channel(false);
+        let bound = Server::bind(opts.port).await?;
         let shared = Arc::new(Shared {
             store: Mutex::new(Store {
                 members: Vec::new(),
@@ -520,39 +513,24 @@ impl FakeMemberstack {
                 delays: Vec::new(),
             }),
             api_key: opts.api_key,
-            stopping: stopping.clone(),
+            stopping: bound.stopping(),
         });
         let app = Router::new()
             .route("/_fake/members", get(admin_members))
             .route("/_fake/requests", get(admin_requests))
             .fallback(api)
             .with_state(Arc::clone(&shared));
-        let server = tokio::spawn(async move {
-            let mut stopping = stopping;
-            let result = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopping.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(err) = result {
-                tracing::warn!(%err, "fake Memberstack stopped with an error");
-            }
-        });
-        Ok(FakeMemberstack {
-            addr,
-            shared,
-            stop,
-            server,
-        })
+        let server = bound.serve(app, "fake Memberstack")?;
+        Ok(FakeMemberstack { shared, server })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// The API base URL (what `sink.url` should be), without a trailing slash.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.server.addr())
     }
 
     /// All members, deleted ones included, in creation order.
@@ -627,16 +605,7 @@ impl FakeMemberstack {
 
     /// Stops the server, releasing held requests, and waits briefly.
     pub async fn shutdown(self) {
-        let FakeMemberstack {
-            stop, mut server, ..
-        } = self;
-        let _ = stop.send(true);
-        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-        }
+        self.server.shutdown("fake Memberstack").await;
     }
 }
 

@@ -112,48 +112,30 @@ impl Shared {
 /// A running fake service. Dropping it also stops the server (without
 /// waiting); [`FakeService::shutdown`] stops it and waits.
 pub struct FakeService {
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
-    server: JoinHandle<()>,
+    server: Server,
 }
 
 impl FakeService {
     /// Binds 127.0.0.1 and starts serving in the background.
     pub async fn start(opts: FakeOptions) -> std::io::Result<FakeService> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, opts.port)).await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopping) = watch::channel(false);
+        let bound = Server::bind(opts.port).await?;
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::new(opts.latency)),
             secret: opts.secret,
-            stopping: stopping.clone(),
+            stopping: bound.stopping(),
         });
-        let app = http::router(Arc::clone(&shared));
-        let server = tokio::spawn(async move {
-            let result = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped(stopping))
-                .await;
-            if let Err(err) = result {
-                tracing::warn!(%err, "fake service stopped with an error");
-            }
-        });
-        tracing::debug!(%addr, "fake service listening");
-        Ok(FakeService {
-            addr,
-            shared,
-            stop,
-            server,
-        })
+        let server = bound.serve(http::router(Arc::clone(&shared)), "fake service")?;
+        Ok(FakeService { shared, server })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// The root URL deliveries should be POSTed to, with a trailing slash.
     pub fn url(&self) -> String {
-        format!("http://{}/", self.addr)
+        format!("http://{}/", self.server.addr())
     }
 
     /// All users, deleted ones included, in creation order.
@@ -190,18 +172,7 @@ impl FakeService {
     /// Stops accepting connections, releases requests held by faults or
     /// latency, and waits (briefly) for the server to finish.
     pub async fn shutdown(self) {
-        let FakeService {
-            stop, mut server, ..
-        } = self;
-        // Err only means the server is already gone.
-        let _ = stop.send(true);
-        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
-            .await
-            .is_err()
-        {
-            tracing::warn!("fake service did not stop in time; aborting it");
-            server.abort();
-        }
+        self.server.shutdown("fake service").await;
     }
 }
 
@@ -227,4 +198,76 @@ pub async fn serve_forever(opts: FakeOptions) -> std::io::Result<()> {
 async fn stopped(mut stopping: watch::Receiver<bool>) {
     // An Err means the sender was dropped with the FakeService: stop too.
     let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+/// The HTTP server of a fake: bound on 127.0.0.1, stopped gracefully (on
+/// `shutdown`, or when dropped) so that requests held by faults end.
+pub(crate) struct Server {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// A bound listener, before the router (which needs `stopping`) exists.
+pub(crate) struct Bound {
+    listener: TcpListener,
+    stop: watch::Sender<bool>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl Server {
+    pub(crate) async fn bind(port: u16) -> std::io::Result<Bound> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
+        let (stop, stopping) = watch::channel(false);
+        Ok(Bound {
+            listener,
+            stop,
+            stopping,
+        })
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, releases held requests, waits briefly, then aborts.
+    pub(crate) async fn shutdown(self, name: &str) {
+        let Server { stop, mut task, .. } = self;
+        // Err only means the server is already gone.
+        let _ = stop.send(true);
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("{name} did not stop in time; aborting it");
+            task.abort();
+        }
+    }
+}
+
+impl Bound {
+    /// Turns true when the server stops (closed when it is dropped).
+    pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.clone()
+    }
+
+    pub(crate) fn serve(self, app: axum::Router, name: &'static str) -> std::io::Result<Server> {
+        let addr = self.listener.local_addr()?;
+        let stopping = self.stopping;
+        let listener = self.listener;
+        let task = tokio::spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped(stopping))
+                .await;
+            if let Err(err) = result {
+                tracing::warn!(%err, "{name} stopped with an error");
+            }
+        });
+        tracing::debug!(%addr, "{name} listening");
+        Ok(Server {
+            addr,
+            stop: self.stop,
+            task,
+        })
+    }
 }

@@ -29,7 +29,7 @@
 //! /_fake/clear`) let another process inspect it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,13 +43,10 @@ use base64::Engine;
 use rand::distr::Alphanumeric;
 use rand::Rng;
 use serde_json::{json, Map, Value};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
-use super::Fault;
+use super::{Fault, Server};
 
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const TIMEOUT_HOLD: Duration = Duration::from_secs(60);
 const MAX_BODY_BYTES: usize = 1024 * 1024;
 const ID_RANDOM_CHARS: usize = 14;
@@ -805,18 +802,14 @@ impl Shared {
 
 /// A running fake Stripe. Dropping it stops the server without waiting.
 pub struct FakeStripe {
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
-    server: JoinHandle<()>,
+    server: Server,
 }
 
 impl FakeStripe {
     /// Binds 127.0.0.1 and serves in the background.
     pub async fn start(opts: FakeStripeOptions) -> std::io::Result<FakeStripe> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, opts.port)).await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopping) = watch::channel(false);
+        let bound = Server::bind(opts.port).await?;
         let shared = Arc::new(Shared {
             store: Mutex::new(Store {
                 customers: Vec::new(),
@@ -827,7 +820,7 @@ impl FakeStripe {
                 bucket: Bucket::new(opts.rate_limit_per_sec),
             }),
             api_key: opts.api_key,
-            stopping: stopping.clone(),
+            stopping: bound.stopping(),
         });
         let app = Router::new()
             .route("/_fake/customers", get(admin_customers))
@@ -835,32 +828,17 @@ impl FakeStripe {
             .route("/_fake/clear", post(admin_clear))
             .fallback(api)
             .with_state(Arc::clone(&shared));
-        let server = tokio::spawn(async move {
-            let result = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let mut stopping = stopping;
-                    let _ = stopping.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(err) = result {
-                tracing::warn!(%err, "fake stripe stopped with an error");
-            }
-        });
-        Ok(FakeStripe {
-            addr,
-            shared,
-            stop,
-            server,
-        })
+        let server = bound.serve(app, "fake Stripe")?;
+        Ok(FakeStripe { shared, server })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// The API base URL (what `sink.url` should be), without a trailing slash.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.server.addr())
     }
 
     /// Every customer ever created, deleted ones included, oldest first.
@@ -893,16 +871,7 @@ impl FakeStripe {
 
     /// Stops serving, releases held requests, waits briefly.
     pub async fn shutdown(self) {
-        let FakeStripe {
-            stop, mut server, ..
-        } = self;
-        let _ = stop.send(true);
-        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-        }
+        self.server.shutdown("fake Stripe").await;
     }
 }
 

@@ -148,6 +148,8 @@ impl TestDb {
             .expect("log file");
         let log2 = log.try_clone().expect("log file");
         self.binary_command(args)
+            // Per-change "synced" lines, for diagnosing a failed test.
+            .env("USERSYNC_LOG_LEVEL", "info,usersync=debug")
             .stdout(log)
             .stderr(log2)
             .spawn()
@@ -177,8 +179,6 @@ impl TestDb {
             .env("TEST_SECRET", self.secret.to_whsec())
             .env("USERSYNC_RETRY_INITIAL_BACKOFF_MS", "20")
             .env("USERSYNC_RETRY_MAX_BACKOFF_MS", "200")
-            // Per-change "synced" lines, for diagnosing a failed test.
-            .env("USERSYNC_LOG_LEVEL", "info,usersync=debug")
             .current_dir(std::env::temp_dir());
         cmd
     }
