@@ -1221,51 +1221,63 @@ impl Bench<'_> {
             ),
         ));
 
-        // (b) the sink is down (503 for everything) while inserts go on.
-        let db = self.db("b_mem_down").await?;
-        let fake = self.fake(Duration::ZERO).await?;
-        self.setup(&db, &fake.url(), "").await?;
-        let mut daemon = self.spawn_daemon(&db, &fake.url(), "mem-down")?;
-        self.warm_up(&db, &mut daemon).await?;
-        fake.inject(Fault::Status {
-            status: 503,
-            count: u32::MAX,
-        });
-        let (done, took) = paced_inserts(&db.client, z.down_rate, z.down_secs, "down").await?;
-        // Let the reader catch up with what was written.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let alive = daemon.alive();
-        let peak_kb = daemon.status_kb("VmHWM:").unwrap_or(0);
-        let rss_kb = daemon.status_kb("VmRSS:").unwrap_or(0);
-        let lag = db
-            .text(&format!(
-                "SELECT pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) \
-                 FROM pg_replication_slots WHERE slot_name = '{}'",
-                db.name
-            ))
-            .await?;
-        let attempts = fake.requests().len();
-        let tail = daemon.log_tail();
-        // Pushes in flight retry for an hour: do not wait for the drain.
-        daemon.stop(Duration::from_secs(1)).await;
-        self.stop_fake(fake).await;
-        self.drop_db(db).await;
-        if !alive {
-            return Err(format!("the daemon died while the sink was down\n{tail}"));
+        // (b) the sink is down (503 for everything), and (c) the sink answers
+        // every request after 5 s, while inserts go on.
+        for (label, latency, down) in [
+            ("sink down (503)", Duration::ZERO, true),
+            ("sink answering in 5 s", Duration::from_secs(5), false),
+        ] {
+            let db = self
+                .db(if down { "b_mem_down" } else { "b_mem_slow" })
+                .await?;
+            let fake = self.fake(Duration::ZERO).await?;
+            self.setup(&db, &fake.url(), "").await?;
+            let mut daemon =
+                self.spawn_daemon(&db, &fake.url(), if down { "mem-down" } else { "mem-slow" })?;
+            self.warm_up(&db, &mut daemon).await?;
+            if down {
+                fake.inject(Fault::Status {
+                    status: 503,
+                    count: u32::MAX,
+                });
+            }
+            fake.set_latency(latency);
+            let (done, took) = paced_inserts(&db.client, z.down_rate, z.down_secs, "down").await?;
+            // Let the reader catch up with what was written.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let alive = daemon.alive();
+            let peak_kb = daemon.status_kb("VmHWM:").unwrap_or(0);
+            let rss_kb = daemon.status_kb("VmRSS:").unwrap_or(0);
+            let lag = db
+                .text(&format!(
+                    "SELECT pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) \
+                     FROM pg_replication_slots WHERE slot_name = '{}'",
+                    db.name
+                ))
+                .await?;
+            let attempts = fake.requests().len();
+            let tail = daemon.log_tail();
+            // Pushes in flight retry or wait: do not wait for the drain.
+            daemon.stop(Duration::from_secs(1)).await;
+            self.stop_fake(fake).await;
+            self.drop_db(db).await;
+            if !alive {
+                return Err(format!("the daemon died ({label})\n{tail}"));
+            }
+            rows.push(row(
+                s,
+                format!(
+                    "daemon peak RSS, {label} during {} s of inserts at {}/s",
+                    z.down_secs, z.down_rate
+                ),
+                format!(
+                    "{:.1} MB (RSS at end {:.1} MB; {done} changes in {:.1} s; slot lag {lag}; {attempts} push attempts)",
+                    peak_kb as f64 / 1024.0,
+                    rss_kb as f64 / 1024.0,
+                    took.as_secs_f64()
+                ),
+            ));
         }
-        rows.push(row(
-            s,
-            format!(
-                "daemon peak RSS, sink down (503) during {} s of inserts at {}/s",
-                z.down_secs, z.down_rate
-            ),
-            format!(
-                "{:.1} MB (RSS at end {:.1} MB; {done} changes in {:.1} s; slot lag {lag}; {attempts} push attempts)",
-                peak_kb as f64 / 1024.0,
-                rss_kb as f64 / 1024.0,
-                took.as_secs_f64()
-            ),
-        ));
         Ok(rows)
     }
 
