@@ -7,6 +7,11 @@
 //! BENCHMARKS.md for the list, the method and the results.
 
 use std::collections::HashMap;
+
+// The same allocator as the shipped binary (src/main.rs), so the in-process
+// daemon measures what users run.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
