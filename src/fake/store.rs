@@ -75,6 +75,11 @@ pub(super) struct Store {
     latency: Duration,
     /// 2xx replies by `webhook-id`, replayed verbatim on a retry.
     answered: HashMap<String, Reply>,
+    /// Index into `users` by external id: an update must not scan every
+    /// user ever created (the benchmark's fake shares the daemon's cores).
+    by_id: HashMap<String, usize>,
+    /// Indexes into `users` by key (as JSON text), in creation order.
+    by_key: HashMap<String, Vec<usize>>,
 }
 
 impl Store {
@@ -85,6 +90,8 @@ impl Store {
             faults: VecDeque::new(),
             latency,
             answered: HashMap::new(),
+            by_id: HashMap::new(),
+            by_key: HashMap::new(),
         }
     }
 
@@ -125,6 +132,8 @@ impl Store {
         self.requests.clear();
         self.faults.clear();
         self.answered.clear();
+        self.by_id.clear();
+        self.by_key.clear();
     }
 
     /// Consumes one request's worth of the oldest queued fault.
@@ -205,6 +214,12 @@ impl Store {
             return Reply::error(400, "user.created requires data");
         };
         let external_id = new_user_id();
+        let index = self.users.len();
+        self.by_id.insert(external_id.clone(), index);
+        self.by_key
+            .entry(envelope.key.to_string())
+            .or_default()
+            .push(index);
         self.users.push(FakeUser {
             external_id: external_id.clone(),
             key: envelope.key,
@@ -220,11 +235,21 @@ impl Store {
         let Some(data) = envelope.data else {
             return Reply::error(400, "user.updated requires data");
         };
-        let Some(user) = self.find_live(envelope.external_id.as_deref(), &envelope.key) else {
+        let Some(index) = self.find_live(envelope.external_id.as_deref(), &envelope.key) else {
             return user_not_found();
         };
         // The key is taken from the event too: a primary-key change arrives
         // as an update and later lookups by key must follow it.
+        if self.users[index].key != envelope.key {
+            let old = self.users[index].key.to_string();
+            if let Some(list) = self.by_key.get_mut(&old) {
+                list.retain(|&i| i != index);
+            }
+            let list = self.by_key.entry(envelope.key.to_string()).or_default();
+            list.push(index);
+            list.sort_unstable();
+        }
+        let user = &mut self.users[index];
         user.key = envelope.key;
         user.data = Value::Object(data);
         user.updates += 1;
@@ -232,20 +257,27 @@ impl Store {
     }
 
     fn delete(&mut self, envelope: Envelope) -> Reply {
-        let Some(user) = self.find_live(envelope.external_id.as_deref(), &envelope.key) else {
+        let Some(index) = self.find_live(envelope.external_id.as_deref(), &envelope.key) else {
             return user_not_found();
         };
+        let user = &mut self.users[index];
         user.deleted = true;
         Reply::new(200, json!({ "id": user.external_id, "deleted": true }))
     }
 
     /// By external id when the sender knows it, else the newest live user
     /// with the key. Deleted users are gone as far as the API is concerned.
-    fn find_live(&mut self, external_id: Option<&str>, key: &Value) -> Option<&mut FakeUser> {
-        let mut live = self.users.iter_mut().rev().filter(|u| !u.deleted);
+    fn find_live(&self, external_id: Option<&str>, key: &Value) -> Option<usize> {
+        let live = |&i: &usize| !self.users[i].deleted;
         match external_id {
-            Some(id) => live.find(|u| u.external_id == id),
-            None => live.find(|u| &u.key == key),
+            Some(id) => self.by_id.get(id).copied().filter(live),
+            None => self
+                .by_key
+                .get(&key.to_string())?
+                .iter()
+                .rev()
+                .copied()
+                .find(live),
         }
     }
 }

@@ -289,6 +289,27 @@ async fn string_keys_and_newest_live_user_wins_lookup_by_key() {
 }
 
 #[tokio::test]
+async fn lookup_by_key_follows_a_key_change() {
+    let (fake, tx) = start(None).await;
+    let id = user_id(
+        &tx.post(
+            "a",
+            &envelope("user.created", json!(1), None, Some(json!({}))),
+        )
+        .await,
+    );
+    // The update names the user by external id and carries its new key.
+    let rekey = envelope("user.updated", json!(2), Some(&id), Some(json!({"n": 1})));
+    assert_eq!(user_id(&tx.post("b", &rekey).await), id);
+    let by_old = envelope("user.updated", json!(1), None, Some(json!({})));
+    assert_eq!(tx.post("c", &by_old).await.status, 404, "old key is gone");
+    let by_new = envelope("user.deleted", json!(2), None, None);
+    assert_eq!(user_id(&tx.post("d", &by_new).await), id);
+    assert_eq!(tx.post("e", &by_new).await.status, 404);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn same_webhook_id_is_answered_once_and_replayed() {
     let (fake, tx) = start(Some(WebhookSecret::generate())).await;
     let create = envelope("user.created", json!(1), None, Some(json!({"v": 1})));
