@@ -348,3 +348,48 @@ print("ok")
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Rows that existed before usersync (no external id, inserts not in the
+/// slot): their first update creates the external user, and a delete has
+/// nothing to delete; neither is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_from_before_usersync_are_created_on_first_update() {
+    install_crypto();
+    let db = TestDb::new(&format!(
+        "{USERS_UUID}; INSERT INTO users (email) VALUES ('old1@example.com'), ('old2@example.com')"
+    ))
+    .await;
+    let daemon = db.start_daemon();
+    db.exec("UPDATE users SET plan = 'pro' WHERE email = 'old1@example.com'")
+        .await;
+    db.exec("DELETE FROM users WHERE email = 'old2@example.com'")
+        .await;
+    wait_for("both pushes", WAIT, || db.fake.requests().len() == 2).await;
+    db.wait_consistent(WAIT).await;
+    let bodies = db.accepted();
+    let created = of_type(&bodies, "user.created");
+    assert_eq!(created.len(), 1, "{bodies:#?}");
+    assert_eq!(created[0]["data"]["email"], "old1@example.com");
+    assert_eq!(created[0]["previous"]["plan"], "free");
+    let rows = db.synced_rows().await;
+    assert_eq!(rows.len(), 1);
+    let ext = rows[0].1.clone().expect("external id written back");
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.dead_letters").await,
+        0
+    );
+
+    // From then on it is an ordinary synced user.
+    db.exec("UPDATE users SET plan = 'team'").await;
+    wait_for("the update push", WAIT, || {
+        of_type(&db.accepted(), "user.updated").len() == 1
+    })
+    .await;
+    let bodies = db.accepted();
+    assert_eq!(
+        of_type(&bodies, "user.updated")[0]["external_id"],
+        Value::String(ext)
+    );
+    assert_eq!(db.fake.users().len(), 1);
+    daemon.stop().await;
+}

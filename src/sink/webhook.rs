@@ -78,7 +78,17 @@ impl WebhookSink {
         if self.ignore_deletes && change.op == Operation::Delete {
             return Ok(external_id.map(str::to_string));
         }
-        let body = serde_json::to_vec(&Envelope::new(change, external_id))
+        let mut envelope = Envelope::new(change, external_id);
+        // A row that existed before usersync (or whose create was never
+        // answered with an id) has no external record to update: its first
+        // push creates it. Only when the endpoint returns ids: otherwise no
+        // row ever has one, and every update would read as a create.
+        let first_push =
+            change.op == Operation::Update && external_id.is_none() && !self.pointer.is_empty();
+        if first_push {
+            envelope.kind = Operation::Insert.event_type();
+        }
+        let body = serde_json::to_vec(&envelope)
             .map_err(|e| SinkError::Malformed(format!("cannot encode envelope: {e}")))?;
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -103,6 +113,12 @@ impl WebhookSink {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let text = response.text().await.map_err(|e| self.transport_error(e))?;
+        if status == 404 && change.op == Operation::Delete {
+            // Deleting what the service does not have leaves it as wanted:
+            // never created (a row from before usersync) or already deleted.
+            tracing::debug!(event_id = %change.event_id, "user.deleted answered 404: nothing to delete");
+            return Ok(external_id.map(str::to_string));
+        }
         if !(200..300).contains(&status) {
             return Err(SinkError::Http {
                 status,
@@ -110,7 +126,12 @@ impl WebhookSink {
                 retry_after,
             });
         }
-        self.external_id_from(change.op, &text)
+        let op = if first_push {
+            Operation::Insert
+        } else {
+            change.op
+        };
+        self.external_id_from(op, &text)
             .map(|id| id.or_else(|| external_id.map(str::to_string)))
     }
 
