@@ -106,7 +106,9 @@ impl RowBuilder {
         }
     }
 
-    /// Every column of the tuple, decoded.
+    /// The tuple's synced columns and the external id, decoded; the rest
+    /// (external_synced_at, unmapped columns) is skipped unparsed: decoding
+    /// is most of the daemon's CPU per change (BENCHMARKS.md).
     fn decode(&self, rel: &Relation, tuple: &TupleData) -> Result<Vec<(String, Cell)>, RowError> {
         if tuple.0.len() != rel.columns.len() {
             return Err(RowError::ColumnCount {
@@ -118,6 +120,7 @@ impl RowBuilder {
         rel.columns
             .iter()
             .zip(&tuple.0)
+            .filter(|(col, _)| col.name == EXTERNAL_ID_COLUMN || self.synced(&col.name))
             .map(|(col, v)| {
                 let cell = match v {
                     ColumnValue::Null => Cell::Value(Value::Null),
