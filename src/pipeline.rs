@@ -9,8 +9,9 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{format_lsn, Change, Lsn, Operation};
@@ -88,6 +89,9 @@ struct Queued {
 
 struct PushResult {
     key: String,
+    seq: u64,
+    /// After a delete nothing is known: a new row with the key is a new user.
+    deleted: bool,
     external_id: Option<String>,
     failure: Option<Failure>,
 }
@@ -128,8 +132,11 @@ struct State {
     /// below zero for a moment: the writer can report before the push task ends).
     unwritten: i64,
     /// External ids learnt from pushes whose write-back may not be visible yet
-    /// in later changes' rows (an update right after the create).
-    known_ids: HashMap<String, String>,
+    /// in later changes' rows (an update right after the create), with the
+    /// push's sequence number: kept until that write-back is durable, also
+    /// when the user's lane empties meanwhile, because until then a lookup
+    /// of the row finds no id and the update would go out without one.
+    known_ids: HashMap<String, (String, u64)>,
     ack: AckTracker,
 }
 
@@ -209,7 +216,9 @@ impl Pipeline {
             known_ids: HashMap::new(),
             ack: AckTracker::default(),
         };
-        let mut pushes: JoinSet<PushResult> = JoinSet::new();
+        // Polled by this loop rather than spawned: a task per change cost
+        // ~12 % of the daemon's CPU (BENCHMARKS.md), and the pushes are I/O.
+        let mut pushes: Pushes = FuturesUnordered::new();
         let mut draining = false;
         loop {
             self.start_ready(&mut st, &mut pushes, &writer);
@@ -264,11 +273,7 @@ impl Pipeline {
                     }
                     None => draining = true,
                 },
-                Some(done) = pushes.join_next() => {
-                    let result = match done {
-                        Ok(r) => r,
-                        Err(e) => std::panic::resume_unwind(e.into_panic()),
-                    };
+                Some(result) = pushes.next() => {
                     let key = result.key;
                     st.active.remove(&key);
                     if let Some(f) = result.failure {
@@ -278,7 +283,7 @@ impl Pipeline {
                         send(&writer, item, &mut st).await?;
                         let mut last = f.seq;
                         for q in st.lanes.remove(&key).into_iter().flatten() {
-                            let ext = st.known_ids.get(&key).cloned().or_else(|| q.change.external_id.clone());
+                            let ext = st.known_ids.get(&key).map(|(id, _)| id.clone()).or_else(|| q.change.external_id.clone());
                             let item = dead_letter(q.seq, &q.change, ext.as_deref(), None);
                             send(&writer, item, &mut st).await?;
                             last = q.seq;
@@ -289,23 +294,25 @@ impl Pipeline {
                     }
                     st.unwritten += 1;
                     match result.external_id {
-                        Some(id) => { st.known_ids.insert(key.clone(), id); }
-                        None => { st.known_ids.remove(&key); }
+                        Some(id) if !result.deleted => { st.known_ids.insert(key.clone(), (id, result.seq)); }
+                        _ => { st.known_ids.remove(&key); }
                     }
                     match st.lanes.get(&key) {
                         Some(lane) if !lane.is_empty() && !draining => st.ready.push_back(key),
                         _ => {
                             st.lanes.remove(&key);
-                            st.known_ids.remove(&key);
                         }
                     }
                 }
                 seqs = written.recv() => {
                     let Some(seqs) = seqs else { return Err(PipelineError::WriterGone) };
+                    let durable: HashSet<u64> = seqs.iter().copied().collect();
                     for seq in seqs {
                         st.ack.complete(seq);
                         st.unwritten -= 1;
                     }
+                    // The row now holds the id: later changes find it there.
+                    st.known_ids.retain(|_, (_, seq)| !durable.contains(seq));
                     if let Some(lsn) = st.ack.advance() {
                         let _ = acks.send(lsn);
                     }
@@ -314,12 +321,7 @@ impl Pipeline {
         }
     }
 
-    fn start_ready(
-        &self,
-        st: &mut State,
-        pushes: &mut JoinSet<PushResult>,
-        writer: &mpsc::Sender<WriteItem>,
-    ) {
+    fn start_ready(&self, st: &mut State, pushes: &mut Pushes, writer: &mpsc::Sender<WriteItem>) {
         while st.active.len() < self.max_in_flight {
             let Some(key) = st.ready.pop_front() else {
                 break;
@@ -331,14 +333,14 @@ impl Pipeline {
             let external_id = st
                 .known_ids
                 .get(&key)
-                .cloned()
+                .map(|(id, _)| id.clone())
                 .or_else(|| queued.change.external_id.clone());
             let sink = Arc::clone(&self.sink);
             let retry = self.retry.clone();
             let writer = writer.clone();
             let log_values = self.log_personal_data;
             let lookup = self.external_ids.clone();
-            pushes.spawn(async move {
+            pushes.push(Box::pin(async move {
                 let Queued { seq, change } = queued;
                 let external_id = match (external_id, &lookup) {
                     (None, Some(ids)) if change.op != Operation::Insert => {
@@ -374,12 +376,16 @@ impl Pipeline {
                         let _ = writer.send(item).await;
                         PushResult {
                             key,
+                            seq,
+                            deleted: change.op == Operation::Delete,
                             external_id,
                             failure: None,
                         }
                     }
                     Err(failed) => PushResult {
                         key,
+                        seq,
+                        deleted: false,
                         external_id: None,
                         failure: Some(Failure {
                             seq,
@@ -390,10 +396,12 @@ impl Pipeline {
                         }),
                     },
                 }
-            });
+            }));
         }
     }
 }
+
+type Pushes = FuturesUnordered<BoxFuture<'static, PushResult>>;
 
 async fn send(
     writer: &mpsc::Sender<WriteItem>,

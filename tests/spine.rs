@@ -364,13 +364,18 @@ async fn rows_from_before_usersync_are_created_on_first_update() {
         .await;
     db.exec("DELETE FROM users WHERE email = 'old2@example.com'")
         .await;
-    wait_for("both pushes", WAIT, || db.fake.requests().len() == 2).await;
+    // The update is answered 404 (no record with that key) and then created;
+    // the delete is answered 404 (nothing to delete) and is done.
+    wait_for("three requests", WAIT, || db.fake.requests().len() == 3).await;
     db.wait_consistent(WAIT).await;
     let bodies = db.accepted();
     let created = of_type(&bodies, "user.created");
     assert_eq!(created.len(), 1, "{bodies:#?}");
     assert_eq!(created[0]["data"]["email"], "old1@example.com");
     assert_eq!(created[0]["previous"]["plan"], "free");
+    assert!(created[0]["id"]
+        .as_str()
+        .is_some_and(|id| id.ends_with("_create")));
     let rows = db.synced_rows().await;
     assert_eq!(rows.len(), 1);
     let ext = rows[0].1.clone().expect("external id written back");

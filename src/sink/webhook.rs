@@ -78,28 +78,56 @@ impl WebhookSink {
         if self.ignore_deletes && change.op == Operation::Delete {
             return Ok(external_id.map(str::to_string));
         }
-        let mut envelope = Envelope::new(change, external_id);
-        // A row that existed before usersync (or whose create was never
-        // answered with an id) has no external record to update: its first
-        // push creates it. Only when the endpoint returns ids: otherwise no
-        // row ever has one, and every update would read as a create.
-        let first_push =
-            change.op == Operation::Update && external_id.is_none() && !self.pointer.is_empty();
-        if first_push {
-            envelope.kind = Operation::Insert.event_type();
+        let envelope = Envelope::new(change, external_id);
+        match self.post(&envelope, change.op).await {
+            // An update naming no external id that the endpoint cannot place
+            // (by key) has no record there: a row from before usersync. Its
+            // first push creates it, under its own webhook id so that a
+            // receiver deduplicating on ids does not take it for the update.
+            // Only when the endpoint returns ids: otherwise no row ever has
+            // one, and every update would read as a create.
+            Err(SinkError::Http { status: 404, .. })
+                if change.op == Operation::Update
+                    && external_id.is_none()
+                    && !self.pointer.is_empty() =>
+            {
+                tracing::debug!(event_id = %change.event_id, "user.updated answered 404 and no external id is known: creating the user");
+                let id = format!("{}_create", change.event_id);
+                let create = Envelope {
+                    id: &id,
+                    kind: Operation::Insert.event_type(),
+                    ..envelope
+                };
+                self.post(&create, Operation::Insert).await
+            }
+            // Deleting what the service does not have leaves it as wanted:
+            // never created (a row from before usersync) or already deleted.
+            Err(SinkError::Http { status: 404, .. }) if change.op == Operation::Delete => {
+                tracing::debug!(event_id = %change.event_id, "user.deleted answered 404: nothing to delete");
+                Ok(external_id.map(str::to_string))
+            }
+            other => other.map(|id| id.or_else(|| external_id.map(str::to_string))),
         }
-        let body = serde_json::to_vec(&envelope)
+    }
+
+    /// One signed POST; `op` decides whether the answer must carry an id.
+    async fn post(
+        &self,
+        envelope: &Envelope<'_>,
+        op: Operation,
+    ) -> Result<Option<String>, SinkError> {
+        let body = serde_json::to_vec(envelope)
             .map_err(|e| SinkError::Malformed(format!("cannot encode envelope: {e}")))?;
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let signature = self.secret.sign(&change.event_id, timestamp, &body);
+        let signature = self.secret.sign(envelope.id, timestamp, &body);
         let response = self
             .client
             .post(&self.url)
             .header("content-type", "application/json")
-            .header("webhook-id", &change.event_id)
+            .header("webhook-id", envelope.id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
             .body(body)
@@ -113,12 +141,6 @@ impl WebhookSink {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let text = response.text().await.map_err(|e| self.transport_error(e))?;
-        if status == 404 && change.op == Operation::Delete {
-            // Deleting what the service does not have leaves it as wanted:
-            // never created (a row from before usersync) or already deleted.
-            tracing::debug!(event_id = %change.event_id, "user.deleted answered 404: nothing to delete");
-            return Ok(external_id.map(str::to_string));
-        }
         if !(200..300).contains(&status) {
             return Err(SinkError::Http {
                 status,
@@ -126,13 +148,7 @@ impl WebhookSink {
                 retry_after,
             });
         }
-        let op = if first_push {
-            Operation::Insert
-        } else {
-            change.op
-        };
         self.external_id_from(op, &text)
-            .map(|id| id.or_else(|| external_id.map(str::to_string)))
     }
 
     fn transport_error(&self, e: reqwest::Error) -> SinkError {
