@@ -65,6 +65,7 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("database", "slot", KeyKind::Str),
     ("database", "publication", KeyKind::Str),
     ("database", "origin", KeyKind::Str),
+    ("database", "max_retained_wal_mb", KeyKind::Int),
     ("sink", "kind", KeyKind::Str),
     ("sink", "url", KeyKind::Str),
     ("sink", "secret_env", KeyKind::Str),
@@ -110,6 +111,7 @@ struct RawDatabase {
     slot: String,
     publication: String,
     origin: String,
+    max_retained_wal_mb: u64,
 }
 
 impl Default for RawDatabase {
@@ -122,6 +124,7 @@ impl Default for RawDatabase {
             slot: "usersync".into(),
             publication: "usersync_users".into(),
             origin: "usersync".into(),
+            max_retained_wal_mb: 1024,
         }
     }
 }
@@ -291,6 +294,8 @@ pub struct DatabaseConfig {
     pub slot: String,
     pub publication: String,
     pub origin: String,
+    /// `check` and `status` warn when the slot retains more WAL than this.
+    pub max_retained_wal_mb: u64,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -305,6 +310,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("origin", &self.origin)
+            .field("max_retained_wal_mb", &self.max_retained_wal_mb)
             .finish()
     }
 }
@@ -730,6 +736,7 @@ impl RawConfig {
             slot: self.database.slot.clone(),
             publication: self.database.publication.clone(),
             origin: self.database.origin.clone(),
+            max_retained_wal_mb: self.database.max_retained_wal_mb,
         })
     }
 
