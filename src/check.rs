@@ -146,7 +146,10 @@ pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
     let full = Config::load(path, explicit, env);
     let db = match &full {
         Ok(cfg) => {
-            out.push(Finding::ok("config", format!("{} is valid", path.display())));
+            out.push(Finding::ok(
+                "config",
+                format!("{} is valid", path.display()),
+            ));
             Some(cfg.database.clone())
         }
         Err(e) => {
@@ -411,17 +414,18 @@ async fn privileges(
     let (user, superuser, replication): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
     let role = quote_ident(&user);
     if superuser {
-        out.push(Finding::warn(
+        // Works, so not a failure; the hint points at the least-privilege role.
+        out.push(Finding::ok(
             "privileges",
-            format!("role {user} is a superuser: everything works, but a leaked password gives away the whole server"),
-            Some(format!(
-                "usersync setup --role usersync (creates a least-privilege role), then connect as it instead of {user}"
-            )),
+            format!("role {user} is a superuser (consider `usersync setup --role usersync` and connecting as that least-privilege role)"),
         ));
         return Ok(out);
     }
     out.push(if replication {
-        Finding::ok("privilege.replication", format!("role {user} has REPLICATION"))
+        Finding::ok(
+            "privilege.replication",
+            format!("role {user} has REPLICATION"),
+        )
     } else {
         Finding::fail(
             "privilege.replication",
@@ -457,7 +461,10 @@ async fn privileges(
             .await?
             .get(0);
         out.push(if select {
-            Finding::ok("privilege.select", format!("role {user} may read {}", db.table))
+            Finding::ok(
+                "privilege.select",
+                format!("role {user} may read {}", db.table),
+            )
         } else {
             Finding::fail(
                 "privilege.select",

@@ -377,9 +377,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Dlq { command } => dlq(command, &path, explicit).await,
         Command::Check { json } => check(&path, explicit, json).await,
         Command::Status { json } => status(&path, explicit, json).await,
-        Command::Teardown { yes, drop_schema } => {
-            teardown(&path, explicit, yes, drop_schema).await
-        }
+        Command::Teardown { yes, drop_schema } => teardown(&path, explicit, yes, drop_schema).await,
         Command::FakeService {
             port,
             secret_env,
@@ -655,7 +653,11 @@ pub fn spawn_signal_handler(cancel: CancellationToken) {
 
 /// `usersync setup --role NAME`: the role (and, unless --role-only, the
 /// usual setup first, since the grants name usersync's tables).
-async fn setup_role(db: &config::DatabaseConfig, role: &str, role_only: bool) -> Result<(), Failure> {
+async fn setup_role(
+    db: &config::DatabaseConfig,
+    role: &str,
+    role_only: bool,
+) -> Result<(), Failure> {
     crate::observe::init_logging("info", false);
     let client = crate::db::connect(db, "usersync-setup")
         .await
@@ -736,7 +738,10 @@ async fn teardown(
         .await
         .map_err(Failure::runtime)?;
     if items.is_empty() {
-        println!("nothing to drop: no slot {}, origin {} or publication {}", db.slot, db.origin, db.publication);
+        println!(
+            "nothing to drop: no slot {}, origin {} or publication {}",
+            db.slot, db.origin, db.publication
+        );
         return Ok(());
     }
     if !yes {
@@ -744,10 +749,13 @@ async fn teardown(
         for item in &items {
             println!("  {}: {}", item.what, item.sql);
         }
-        println!("{} and its columns {} and {} stay.", db.table, crate::schema::EXTERNAL_ID_COLUMN, crate::schema::SYNCED_AT_COLUMN);
-        return Err(Failure::usage(
-            "nothing was dropped: add --yes to confirm",
-        ));
+        println!(
+            "{} and its columns {} and {} stay.",
+            db.table,
+            crate::schema::EXTERNAL_ID_COLUMN,
+            crate::schema::SYNCED_AT_COLUMN
+        );
+        return Err(Failure::usage("nothing was dropped: add --yes to confirm"));
     }
     crate::teardown::apply(&client, &items)
         .await

@@ -41,7 +41,10 @@ pub struct SlotInfo {
 /// `flush_lag` for the walsender (time from writing recent WAL to usersync
 /// confirming it); else (not streaming) unknown. The exact figure (now minus
 /// the commit time of the oldest unconfirmed change) would need decoding WAL.
-pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
+pub async fn slot_info(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
     let row = client
         .query_opt(
             "SELECT s.active, s.active_pid, a.application_name::text, s.confirmed_flush_lsn::text, \
@@ -235,7 +238,10 @@ impl Status {
                             self.slot_name,
                             s.application_name.as_deref().unwrap_or("unknown client")
                         ),
-                        _ => format!("no (slot {} is not in use: is `usersync run` running?)", self.slot_name),
+                        _ => format!(
+                            "no (slot {} is not in use: is `usersync run` running?)",
+                            self.slot_name
+                        ),
                     },
                 ));
                 lines.push((
@@ -255,7 +261,9 @@ impl Status {
                 ));
                 lines.push((
                     "retained WAL".into(),
-                    s.retained_bytes.map(mib).unwrap_or_else(|| "unknown".into()),
+                    s.retained_bytes
+                        .map(mib)
+                        .unwrap_or_else(|| "unknown".into()),
                 ));
                 if self.retained_wal_over_limit {
                     warnings.push(format!(
@@ -272,7 +280,9 @@ impl Status {
             Some(l) => {
                 lines.push((
                     "last successful push".into(),
-                    l.last_synced_at.clone().unwrap_or_else(|| "none in the last hour".into()),
+                    l.last_synced_at
+                        .clone()
+                        .unwrap_or_else(|| "none in the last hour".into()),
                 ));
                 lines.push((
                     "last hour".into(),

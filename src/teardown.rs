@@ -100,10 +100,7 @@ pub async fn plan(
     }
     if drop_schema {
         let schema = client
-            .query_opt(
-                "SELECT 1 FROM pg_namespace WHERE nspname = 'usersync'",
-                &[],
-            )
+            .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = 'usersync'", &[])
             .await
             .map_err(sql_err("reading schema usersync"))?;
         if schema.is_some() {
