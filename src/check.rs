@@ -158,10 +158,8 @@ pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
                 format!("{e}; usersync cannot start until it is fixed"),
                 None,
             ));
-            match config::load_database(path, explicit, env, true) {
-                Ok(db) => Some(db),
-                Err(_) => None,
-            }
+            // The [database] part is read first, so its error (if any) is the one above.
+            config::load_database(path, explicit, env, true).ok()
         }
     };
     match &db {
