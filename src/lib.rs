@@ -25,4 +25,5 @@ pub mod sink;
 pub mod source;
 pub mod status;
 pub mod teardown;
+pub mod tls;
 pub mod writeback;
