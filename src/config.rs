@@ -761,8 +761,10 @@ impl RawConfig {
                 url_sslmode.unwrap_or_else(|| "prefer".into()),
             ),
         };
-        let mode = crate::tls::SslMode::parse(&mode)
-            .map_err(|message| ConfigError::Invalid { key: mode_key, message })?;
+        let mode = crate::tls::SslMode::parse(&mode).map_err(|message| ConfigError::Invalid {
+            key: mode_key,
+            message,
+        })?;
         let (root_key, root_cert) = match self
             .database
             .sslrootcert

@@ -151,7 +151,10 @@ impl TlsSettings {
                 let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                     .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                     .map_err(|e| {
-                        format!("sslrootcert {}: cannot read PEM certificates: {e}", path.display())
+                        format!(
+                            "sslrootcert {}: cannot read PEM certificates: {e}",
+                            path.display()
+                        )
                     })?;
                 let (added, _) = roots.add_parsable_certificates(certs);
                 if added == 0 {
@@ -192,7 +195,9 @@ pub fn explain(tls: &TlsSettings, reason: String) -> String {
             "; the server accepts only TLS connections here, but sslmode={}: use sslmode=require or stricter",
             tls.mode.name()
         )
-    } else if lower.contains("does not support tls") || lower.contains("server does not support ssl") {
+    } else if lower.contains("does not support tls")
+        || lower.contains("server does not support ssl")
+    {
         format!(
             "; the server does not offer TLS, but sslmode={} requires it",
             tls.mode.name()
@@ -266,7 +271,11 @@ impl MakeTlsConnect<Socket> for MakeRustls {
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, std::io::Error> {
         // Unix sockets have no host name; PostgreSQL refuses TLS on them, so
         // the name is never used there.
-        let domain = if domain.is_empty() { "localhost" } else { domain };
+        let domain = if domain.is_empty() {
+            "localhost"
+        } else {
+            domain
+        };
         let name = ServerName::try_from(domain.to_string()).map_err(|e| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
