@@ -192,7 +192,7 @@ pub fn explain(tls: &TlsSettings, reason: String) -> String {
         }
     } else if lower.contains("no encryption") || lower.contains("ssl off") {
         format!(
-            "; the server accepts only TLS connections here, but sslmode={}: use sslmode=require or stricter",
+            "; sslmode={} sends no TLS: if pg_hba.conf admits this client only over TLS (hostssl), use sslmode=require or stricter",
             tls.mode.name()
         )
     } else if lower.contains("does not support tls")
@@ -454,6 +454,54 @@ mod tests {
         assert_eq!(mode.as_deref(), Some("require"));
         assert_eq!(root, None);
         assert_eq!(split_url("postgres://u@h/db").0, "postgres://u@h/db");
+    }
+
+    fn database(toml: &str, env: &[(&str, &str)]) -> Result<crate::config::DatabaseConfig, String> {
+        let env: std::collections::BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        crate::config::Config::from_parts(Some(toml), "t", &env)
+            .map(|c| c.database)
+            .map_err(|e| e.to_string())
+    }
+
+    const SINK: &str = "[sink]\nurl = \"http://127.0.0.1:9/\"\nsecret_env = \"S\"\n";
+    const S: (&str, &str) = ("S", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+
+    #[test]
+    fn sslmode_from_url_and_keys() {
+        let url = |q: &str| format!("[database]\nurl = \"postgres://u@db.example/app{q}\"\n{SINK}");
+        let d = database(&url(""), &[S]).unwrap();
+        assert_eq!(d.tls.mode, SslMode::Prefer);
+        let d = database(&url("?sslmode=verify-full&sslrootcert=/"), &[S]).unwrap();
+        assert_eq!(d.tls.mode, SslMode::VerifyFull);
+        assert_eq!(d.tls.root_cert.as_deref(), Some(std::path::Path::new("/")));
+        assert_eq!(d.dbname, "app");
+        let d = database(
+            &url("?sslmode=verify-full"),
+            &[S, ("USERSYNC_DATABASE_SSLMODE", "require")],
+        )
+        .unwrap();
+        assert_eq!(d.tls.mode, SslMode::Require);
+        let e = database(&url("?sslmode=allow"), &[S]).unwrap_err();
+        assert!(e.contains("verify-full"), "{e}");
+        let e = database(
+            &url("?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem"),
+            &[S],
+        )
+        .unwrap_err();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+    }
+
+    #[test]
+    fn password_in_a_tls_url_is_still_refused() {
+        let toml = format!(
+            "[database]\nurl = \"postgres://u:hunter2@db.example/app?sslmode=verify-full\"\n{SINK}"
+        );
+        let e = database(&toml, &[S]).unwrap_err();
+        assert!(e.contains("password"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]
