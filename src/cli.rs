@@ -55,6 +55,19 @@ pub enum Command {
         /// Print the SQL (also in sql/setup.sql) instead of applying it.
         #[arg(long)]
         print_sql: bool,
+        /// Also create (or bring up to date) a least-privilege role NAME for
+        /// the daemon: LOGIN REPLICATION, SELECT on the users table, UPDATE of
+        /// the two sync columns only, rows of schema usersync, and EXECUTE on
+        /// the replication origin functions the write-back calls. usersync
+        /// never sets its password: the DBA does (`\password NAME` in psql),
+        /// and usersync reads it through database.password_env. Needs a
+        /// superuser. The SQL for the role `usersync` is in sql/role.sql.
+        #[arg(long, value_name = "NAME")]
+        role: Option<String>,
+        /// With --role: only the role, not the other setup steps (for a DBA
+        /// who ran setup already).
+        #[arg(long, requires = "role")]
+        role_only: bool,
     },
     /// Show usersync working end to end on this machine: a throw-away
     /// PostgreSQL from the local binaries, the fake webhook service, the
@@ -85,6 +98,55 @@ pub enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Diagnose the setup: every problem on its own line, with why it
+    /// matters and the command or SQL that fixes it.
+    ///
+    /// Checks the configuration (an unset secret variable is one line; the
+    /// database is still checked), the connection, wal_level, free
+    /// replication slots and WAL senders, the users table (single-column
+    /// primary key, the two sync columns, REPLICA IDENTITY FULL), the
+    /// publication, the slot (in use by another process? WAL retained above
+    /// database.max_retained_wal_mb?), the origin, usersync's tables, the
+    /// connecting role's privileges (REPLICATION, SELECT, UPDATE of the sync
+    /// columns, schema usersync, the origin functions), and the sink
+    /// (reachable, API key accepted; nothing is created). Exit code 0 when
+    /// every check is ok, 1 otherwise (warnings included).
+    Check {
+        /// Print a JSON object {"ok": bool, "checks": [{check, level,
+        /// message, fix}]} instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what the daemon is doing, from the database: streaming or not
+    /// (and which server process), the slot's confirmed position, lag in
+    /// bytes and (approximately) seconds, retained WAL, the last successful
+    /// push and pushes and failures in the last hour (from usersync.sync_log),
+    /// dead letters and parked users, and backfill progress.
+    ///
+    /// Lag in seconds is PostgreSQL's flush_lag for the streaming connection
+    /// (0 when nothing is unconfirmed, unknown while not streaming).
+    Status {
+        /// Print a JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what setup created for streaming: the replication slot (so
+    /// PostgreSQL stops keeping WAL for usersync), the replication origin
+    /// and the publication.
+    ///
+    /// The users table and its external_user_id / external_synced_at columns
+    /// are never touched; schema usersync (dead letters, progress) stays
+    /// unless --drop-schema is given. Refuses while a daemon streams the
+    /// slot. Without --yes, prints what would be dropped and exits with 2.
+    Teardown {
+        /// Confirm: without it, nothing is dropped.
+        #[arg(long)]
+        yes: bool,
+        /// Also drop schema usersync with everything in it (dead letters,
+        /// progress, sync log): their data is lost.
+        #[arg(long)]
+        drop_schema: bool,
     },
     /// Run the fake webhook receiver used by the demo and the tests, for
     /// trying usersync against something local. It stores users, verifies
@@ -266,12 +328,30 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 }
             })
         }
-        Command::Setup { print_sql } => {
+        Command::Setup {
+            print_sql,
+            role,
+            role_only,
+        } => {
             let db = config::load_database(&path, explicit, &ProcessEnv, !print_sql)
                 .map_err(Failure::usage)?;
+            if let Some(role) = &role {
+                crate::role::valid_role_name(role).map_err(Failure::usage)?;
+            }
             if print_sql {
-                print!("{}", crate::setup::render(&db));
+                if !role_only {
+                    print!("{}", crate::setup::render(&db));
+                }
+                if let Some(role) = &role {
+                    if !role_only {
+                        println!();
+                    }
+                    print!("{}", crate::role::render(&db, role));
+                }
                 return Ok(());
+            }
+            if let Some(role) = role {
+                return setup_role(&db, &role, role_only).await;
             }
             crate::observe::init_logging("info", false);
             let client = crate::db::connect(&db, "usersync-setup")
@@ -295,6 +375,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             sink,
         } => crate::demo::run(users, keep_running, sink.kind()).await,
         Command::Dlq { command } => dlq(command, &path, explicit).await,
+        Command::Check { json } => check(&path, explicit, json).await,
+        Command::Status { json } => status(&path, explicit, json).await,
+        Command::Teardown { yes, drop_schema } => teardown(&path, explicit, yes, drop_schema).await,
         Command::FakeService {
             port,
             secret_env,
@@ -566,4 +649,119 @@ pub fn spawn_signal_handler(cancel: CancellationToken) {
             }
         }
     });
+}
+
+/// `usersync setup --role NAME`: the role (and, unless --role-only, the
+/// usual setup first, since the grants name usersync's tables).
+async fn setup_role(
+    db: &config::DatabaseConfig,
+    role: &str,
+    role_only: bool,
+) -> Result<(), Failure> {
+    crate::observe::init_logging("info", false);
+    let client = crate::db::connect(db, "usersync-setup")
+        .await
+        .map_err(Failure::runtime)?;
+    if !role_only {
+        match crate::setup::apply(&client, db).await {
+            Ok(()) => {}
+            Err(crate::setup::SetupError::Schema(e)) => return Err(Failure::usage(e)),
+            Err(e) => return Err(Failure::runtime(e)),
+        }
+    }
+    for step in crate::role::steps(db, role) {
+        client.batch_execute(&step.sql).await.map_err(|e| {
+            Failure::runtime(format!(
+                "creating role {role}: {}: {}",
+                step.comment,
+                crate::db::error_text(&e)
+            ))
+        })?;
+    }
+    println!(
+        "usersync: role {role} is ready (LOGIN REPLICATION, SELECT on {table}, UPDATE of the two sync columns, schema usersync, origin functions).\n\
+         usersync sets no password: set one with `\\password {role}` in psql, export it (e.g. USERSYNC_DB_PASSWORD) and set database.password_env; then connect as {role} in database.url.",
+        table = db.table
+    );
+    Ok(())
+}
+
+/// `usersync check`.
+async fn check(path: &std::path::Path, explicit: bool, json: bool) -> Result<(), Failure> {
+    crate::observe::init_logging("error", false);
+    let report = crate::check::run(path, explicit, &ProcessEnv).await;
+    if json {
+        let text = serde_json::to_string_pretty(&report).map_err(Failure::runtime)?;
+        println!("{text}");
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        Err(Failure::runtime("check found problems (see above)"))
+    }
+}
+
+/// `usersync status`.
+async fn status(path: &std::path::Path, explicit: bool, json: bool) -> Result<(), Failure> {
+    let db = config::load_database(path, explicit, &ProcessEnv, true).map_err(Failure::usage)?;
+    crate::observe::init_logging("warn", false);
+    let client = crate::db::connect(&db, "usersync-status")
+        .await
+        .map_err(Failure::runtime)?;
+    let status = crate::status::read(&client, &db)
+        .await
+        .map_err(Failure::runtime)?;
+    if json {
+        let text = serde_json::to_string_pretty(&status).map_err(Failure::runtime)?;
+        println!("{text}");
+    } else {
+        print!("{}", status.render());
+    }
+    Ok(())
+}
+
+/// `usersync teardown`.
+async fn teardown(
+    path: &std::path::Path,
+    explicit: bool,
+    yes: bool,
+    drop_schema: bool,
+) -> Result<(), Failure> {
+    let db = config::load_database(path, explicit, &ProcessEnv, true).map_err(Failure::usage)?;
+    crate::observe::init_logging("warn", false);
+    let client = crate::db::connect(&db, "usersync-teardown")
+        .await
+        .map_err(Failure::runtime)?;
+    let items = crate::teardown::plan(&client, &db, drop_schema)
+        .await
+        .map_err(Failure::runtime)?;
+    if items.is_empty() {
+        println!(
+            "nothing to drop: no slot {}, origin {} or publication {}",
+            db.slot, db.origin, db.publication
+        );
+        return Ok(());
+    }
+    if !yes {
+        println!("teardown would drop:");
+        for item in &items {
+            println!("  {}: {}", item.what, item.sql);
+        }
+        println!(
+            "{} and its columns {} and {} stay.",
+            db.table,
+            crate::schema::EXTERNAL_ID_COLUMN,
+            crate::schema::SYNCED_AT_COLUMN
+        );
+        return Err(Failure::usage("nothing was dropped: add --yes to confirm"));
+    }
+    crate::teardown::apply(&client, &items)
+        .await
+        .map_err(Failure::runtime)?;
+    for item in &items {
+        println!("dropped {}", item.what);
+    }
+    Ok(())
 }

@@ -65,6 +65,9 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("database", "slot", KeyKind::Str),
     ("database", "publication", KeyKind::Str),
     ("database", "origin", KeyKind::Str),
+    ("database", "max_retained_wal_mb", KeyKind::Int),
+    ("database", "sslmode", KeyKind::Str),
+    ("database", "sslrootcert", KeyKind::Str),
     ("sink", "kind", KeyKind::Str),
     ("sink", "url", KeyKind::Str),
     ("sink", "secret_env", KeyKind::Str),
@@ -110,6 +113,9 @@ struct RawDatabase {
     slot: String,
     publication: String,
     origin: String,
+    max_retained_wal_mb: u64,
+    sslmode: Option<String>,
+    sslrootcert: Option<PathBuf>,
 }
 
 impl Default for RawDatabase {
@@ -122,6 +128,9 @@ impl Default for RawDatabase {
             slot: "usersync".into(),
             publication: "usersync_users".into(),
             origin: "usersync".into(),
+            max_retained_wal_mb: 1024,
+            sslmode: None,
+            sslrootcert: None,
         }
     }
 }
@@ -291,6 +300,10 @@ pub struct DatabaseConfig {
     pub slot: String,
     pub publication: String,
     pub origin: String,
+    /// `check` and `status` warn when the slot retains more WAL than this.
+    pub max_retained_wal_mb: u64,
+    /// sslmode and sslrootcert, from `[database]` or the URL's query.
+    pub tls: crate::tls::TlsSettings,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -305,6 +318,8 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("origin", &self.origin)
+            .field("max_retained_wal_mb", &self.max_retained_wal_mb)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -491,7 +506,7 @@ fn raw_config(
             .get("database")
             .and_then(|d| d.get("url"))
             .and_then(|u| u.as_str())
-            .and_then(|u| tokio_postgres::Config::from_str(u).ok())
+            .and_then(|u| tokio_postgres::Config::from_str(&crate::tls::split_url(u).0).ok())
             .is_some_and(|c| c.get_password().is_some());
         if file_has_url_password {
             return Err(ConfigError::Invalid {
@@ -648,6 +663,9 @@ impl RawConfig {
                 })
             }
         };
+        // sslmode and sslrootcert are ours to interpret (verify-ca and
+        // verify-full are unknown to tokio-postgres).
+        let (url, url_sslmode, url_sslrootcert) = crate::tls::split_url(&url);
         let mut pg = tokio_postgres::Config::from_str(&url).map_err(|e| ConfigError::Invalid {
             key: "database.url",
             message: format!(
@@ -683,15 +701,8 @@ impl RawConfig {
                 message: "the URL names no user (postgres://USER@host/dbname)".into(),
             })?;
         let dbname = pg.get_dbname().unwrap_or(&user).to_string();
-        if !matches!(
-            pg.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer
-        ) {
-            return Err(ConfigError::Invalid {
-                key: "database.url",
-                message: "sslmode=require is not supported by this version; use sslmode=disable or prefer (TLS to PostgreSQL is on the roadmap)".into(),
-            });
-        }
+        let tls = self.tls_settings(url_sslmode, url_sslrootcert)?;
+        pg.ssl_mode(tls.tokio_postgres_mode());
         let url_password = pg
             .get_password()
             .map(|p| String::from_utf8_lossy(p).into_owned());
@@ -730,7 +741,51 @@ impl RawConfig {
             slot: self.database.slot.clone(),
             publication: self.database.publication.clone(),
             origin: self.database.origin.clone(),
+            max_retained_wal_mb: self.database.max_retained_wal_mb,
+            tls,
         })
+    }
+
+    /// `[database] sslmode` / `sslrootcert` win over the URL's query (so
+    /// USERSYNC_DATABASE_SSLMODE can override a URL); the default is prefer,
+    /// as in libpq.
+    fn tls_settings(
+        &self,
+        url_sslmode: Option<String>,
+        url_sslrootcert: Option<String>,
+    ) -> Result<crate::tls::TlsSettings, ConfigError> {
+        let (mode_key, mode) = match self.database.sslmode.as_ref().filter(|m| !m.is_empty()) {
+            Some(m) => ("database.sslmode", m.clone()),
+            None => (
+                "database.url",
+                url_sslmode.unwrap_or_else(|| "prefer".into()),
+            ),
+        };
+        let mode = crate::tls::SslMode::parse(&mode).map_err(|message| ConfigError::Invalid {
+            key: mode_key,
+            message,
+        })?;
+        let (root_key, root_cert) = match self
+            .database
+            .sslrootcert
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            Some(p) => ("database.sslrootcert", Some(p.clone())),
+            None => (
+                "database.url",
+                url_sslrootcert.filter(|p| !p.is_empty()).map(PathBuf::from),
+            ),
+        };
+        if let Some(path) = &root_cert {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(ConfigError::Invalid {
+                    key: root_key,
+                    message: format!("sslrootcert {}: {e}", path.display()),
+                });
+            }
+        }
+        Ok(crate::tls::TlsSettings { mode, root_cert })
     }
 
     /// The `[sink]` section: kind, endpoint, credentials, mapping, policies.

@@ -1,7 +1,7 @@
 //! Plain SQL connections to the app database (for setup, preflight and the
 //! write-back), with errors that say which server could not be reached.
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::DatabaseConfig;
 
@@ -18,9 +18,13 @@ pub async fn connect(cfg: &DatabaseConfig, app: &str) -> Result<Client, ConnectE
     let mut pg = cfg.pg.clone();
     pg.application_name(app);
     pg.connect_timeout(std::time::Duration::from_secs(10));
-    let (client, connection) = pg.connect(NoTls).await.map_err(|e| ConnectError {
+    let tls = cfg.tls.connector().map_err(|reason| ConnectError {
         target: cfg.describe(),
-        reason: error_text(&e),
+        reason,
+    })?;
+    let (client, connection) = pg.connect(tls).await.map_err(|e| ConnectError {
+        target: cfg.describe(),
+        reason: crate::tls::explain(&cfg.tls, error_text(&e)),
     })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {

@@ -5,6 +5,7 @@
 //! benchmarks drive exactly the same code. See DESIGN.md for the data flow.
 
 pub mod change;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -17,8 +18,12 @@ pub mod pgtemp;
 pub mod pipeline;
 pub mod progress;
 pub mod replay;
+pub mod role;
 pub mod schema;
 pub mod setup;
 pub mod sink;
 pub mod source;
+pub mod status;
+pub mod teardown;
+pub mod tls;
 pub mod writeback;

@@ -178,6 +178,16 @@ pub async fn inspect_table(client: &Client, table: &TableName) -> Result<TableSh
 
 /// The sync columns exist with the right types and deletes carry the old row.
 pub fn check_table_ready(shape: &TableShape) -> Result<(), SchemaError> {
+    if let Some(first) = sync_column_problems(shape).into_iter().next() {
+        return Err(first);
+    }
+    check_replica_identity(shape)
+}
+
+/// Every problem with the two sync columns (missing, wrong type), so that
+/// `usersync check` can list them all while `run` stops at the first.
+pub fn sync_column_problems(shape: &TableShape) -> Vec<SchemaError> {
+    let mut problems = Vec::new();
     for (column, expected, accepted) in [
         (
             EXTERNAL_ID_COLUMN,
@@ -191,17 +201,15 @@ pub fn check_table_ready(shape: &TableShape) -> Result<(), SchemaError> {
         ),
     ] {
         match shape.column_type(column) {
-            None => {
-                return Err(SchemaError::MissingColumn {
-                    table: shape.table.clone(),
-                    column,
-                    ty: expected,
-                })
-            }
+            None => problems.push(SchemaError::MissingColumn {
+                table: shape.table.clone(),
+                column,
+                ty: expected,
+            }),
             Some(found) => {
                 let base = found.split('(').next().unwrap_or_default();
                 if !accepted.contains(&base) {
-                    return Err(SchemaError::ColumnType {
+                    problems.push(SchemaError::ColumnType {
                         table: shape.table.clone(),
                         column,
                         found: found.to_string(),
@@ -211,6 +219,11 @@ pub fn check_table_ready(shape: &TableShape) -> Result<(), SchemaError> {
             }
         }
     }
+    problems
+}
+
+/// Deletes and updates must carry the whole old row (REPLICA IDENTITY FULL).
+pub fn check_replica_identity(shape: &TableShape) -> Result<(), SchemaError> {
     if shape.replica_identity != 'f' {
         let found = match shape.replica_identity {
             'd' => "DEFAULT",

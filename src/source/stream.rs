@@ -72,12 +72,13 @@ pub fn replication_config(cfg: &DatabaseConfig, app: &str) -> ReplicationConfig 
     // Without an observer the client does not track whether an acknowledged
     // position is still waiting to be reported, which a clean stop waits for.
     .with_feedback_observer(pgwire_replication::FeedbackObserver::new(|_| {}))
+    .with_tls(cfg.tls.replication(&cfg.host))
 }
 
 pub async fn open(cfg: &DatabaseConfig, app: &str) -> Result<ReplicationClient, SourceError> {
     let err = |e: pgwire_replication::PgWireError| SourceError::Stream {
         target: cfg.describe(),
-        reason: e.to_string(),
+        reason: crate::tls::explain(&cfg.tls, e.to_string()),
     };
     let mut client = ReplicationClient::connect(replication_config(cfg, app))
         .await
