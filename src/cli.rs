@@ -31,6 +31,14 @@ pub struct Cli {
     #[arg(long, short = 'c', global = true, env = "USERSYNC_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// Log format, overriding log.format (and USERSYNC_LOG_FORMAT): `text`
+    /// for people, `json` (one object per line) for log collectors. Logs go
+    /// to stderr. Per-change lines ("synced", with operation, user key,
+    /// external id, attempts, durations and commit LSN) are at debug level:
+    /// add `--log-format json` and set USERSYNC_LOG_LEVEL=info,usersync=debug.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<crate::observe::LogFormat>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -251,6 +259,7 @@ fn config_path(cli: &Cli) -> (PathBuf, bool) {
 }
 
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    crate::observe::set_format_override(cli.log_format);
     let (path, explicit) = config_path(&cli);
     match cli.command {
         Command::Run => {
@@ -258,6 +267,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             crate::observe::init_logging(&cfg.log.level, cfg.log.format == "json");
             let cancel = CancellationToken::new();
             spawn_signal_handler(cancel.clone());
+            crate::metrics::serve(&cfg, cancel.clone())
+                .await
+                .map_err(Failure::usage)?;
             crate::daemon::run(&cfg, cancel, None).await.map_err(|e| {
                 if e.is_config() {
                     Failure::usage(e)

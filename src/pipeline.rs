@@ -213,6 +213,12 @@ impl Pipeline {
         let mut draining = false;
         loop {
             self.start_ready(&mut st, &mut pushes, &writer);
+            crate::metrics::pipeline_state(
+                st.active.len(),
+                st.ack.in_flight(),
+                self.max_buffered,
+                st.parked.len(),
+            );
             if draining && st.active.is_empty() && st.unwritten == 0 {
                 return Ok(());
             }
@@ -230,6 +236,7 @@ impl Pipeline {
                 }
                 ev = source.recv(), if room => match ev {
                     Some(SourceEvent::Change(change)) => {
+                        crate::metrics::change_seen(change.op);
                         let key = change.key.text.clone();
                         if done.covers(&key, change.commit_lsn, change.position) {
                             tracing::debug!(event_id = %change.event_id, "already written back before the restart; skipped");

@@ -40,6 +40,8 @@ pub struct WriteItem {
     pub xid: u32,
     pub decoded_at: Instant,
     pub outcome: Outcome,
+    /// Commit time of the source transaction (µs since the Unix epoch).
+    pub commit_time_us: i64,
 }
 
 impl WriteItem {
@@ -54,6 +56,7 @@ impl WriteItem {
             xid: change.xid,
             decoded_at: change.decoded_at,
             outcome,
+            commit_time_us: change.commit_time_us,
         }
     }
 }
@@ -90,6 +93,7 @@ pub struct Writer {
     user_progress: Statement,
     visible: Statement,
     batch_size: usize,
+    sync_log: Option<Statement>,
 }
 
 impl Writer {
@@ -122,6 +126,7 @@ impl Writer {
             .await
             .map_err(sql_err)?;
         let visible = client.prepare(VISIBLE_SQL).await.map_err(sql_err)?;
+        let sync_log = crate::synclog::prepare(&client).await?;
         Ok(Writer {
             client,
             update,
@@ -129,6 +134,7 @@ impl Writer {
             user_progress,
             visible,
             batch_size,
+            sync_log,
         })
     }
 
@@ -147,6 +153,7 @@ impl Writer {
                 return Ok(());
             }
             self.write(&batch).await?;
+            crate::metrics::written(&batch);
             tracing::info!(
                 changes = batch.len(),
                 dead_lettered = batch
@@ -269,6 +276,7 @@ impl Writer {
         tx.execute(&self.user_progress, &[&users, &lsns, &positions])
             .await
             .map_err(sql_err)?;
+        crate::synclog::insert(&tx, self.sync_log.as_ref(), batch).await?;
         tx.commit().await.map_err(sql_err)?;
         Ok(())
     }
