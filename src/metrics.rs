@@ -270,11 +270,10 @@ pub fn retry(sink: &'static str) {
 }
 
 /// The pipeline's occupancy, recorded once per loop turn (plain stores).
-pub fn pipeline_state(in_flight: usize, buffered: usize, limit: usize, parked: usize) {
+pub fn pipeline(in_flight: usize, buffered: usize, parked: usize) {
     let m = metrics();
     m.in_flight.set(in_flight as i64);
     m.buffered.set(buffered as i64);
-    m.buffer_capacity.set(limit as i64);
     m.parked_users.set(parked as i64);
 }
 
@@ -440,7 +439,9 @@ pub async fn serve(
                 }
             }),
         );
-    metrics(); // register everything before the first scrape
+    metrics()
+        .buffer_capacity
+        .set(cfg.pipeline.max_buffered_changes as i64);
     tokio::spawn(poll_lag(cfg.database.clone(), cancel.clone()));
     let stop = cancel.clone();
     tokio::spawn(async move {

@@ -213,12 +213,7 @@ impl Pipeline {
         let mut draining = false;
         loop {
             self.start_ready(&mut st, &mut pushes, &writer);
-            crate::metrics::pipeline_state(
-                st.active.len(),
-                st.ack.in_flight(),
-                self.max_buffered,
-                st.parked.len(),
-            );
+            crate::metrics::pipeline(st.active.len(), st.ack.in_flight(), st.parked.len());
             if draining && st.active.is_empty() && st.unwritten == 0 {
                 return Ok(());
             }
