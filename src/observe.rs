@@ -13,6 +13,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// Libraries whose debug lines carry data: tokio-postgres prints query
+/// parameters (row values, envelopes with emails), the HTTP stack prints
+/// frames and headers (API keys). A global `debug` must not turn them on;
+/// naming one explicitly in the filter still does.
+const QUIET_TARGETS: [&str; 7] = [
+    "tokio_postgres",
+    "pgwire_replication",
+    "reqwest",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "rustls",
+];
+
 static FORMAT_OVERRIDE: OnceLock<LogFormat> = OnceLock::new();
 
 /// Records the command line's `--log-format` before any logging starts.
@@ -28,9 +42,18 @@ pub fn init_logging(level: &str, json: bool) {
         Some(f) => *f == LogFormat::Json,
         None => json,
     };
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| EnvFilter::try_new(s).is_ok())
+        .unwrap_or_else(|| level.to_string());
+    let mut filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    for target in QUIET_TARGETS {
+        if !spec.contains(target) {
+            if let Ok(d) = format!("{target}=info").parse() {
+                filter = filter.add_directive(d);
+            }
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -180,9 +180,11 @@ impl Writer {
                             user = %item.key,
                             operation = item.op.event_type(),
                             external_id = external_id.as_deref().unwrap_or(""),
+                            outcome = "synced",
                             attempts,
                             push_ms = push_latency.as_millis() as u64,
                             total_ms = total.as_millis() as u64,
+                            lsn = %format_lsn(item.commit_lsn),
                             "synced"
                         );
                         if let Some(r) = &reports {
@@ -201,9 +203,12 @@ impl Writer {
                         event_id = %item.event_id,
                         user = %item.key,
                         operation = item.op.event_type(),
+                        outcome = "dead_letter",
                         state = dl.state.as_str(),
                         attempts = dl.attempts,
                         status = dl.last_status,
+                        total_ms = total.as_millis() as u64,
+                        lsn = %format_lsn(item.commit_lsn),
                         "dead-lettered (details: `usersync dlq list`); the user is parked until `usersync dlq replay`"
                     ),
                 }
