@@ -51,6 +51,12 @@ pub enum Command {
     /// replica identity, publication, slot, origin) and refuses to start, with
     /// exit code 2, if anything is missing: run `usersync setup` first.
     /// Stops cleanly on Ctrl-C or SIGTERM, finishing the pushes in flight.
+    ///
+    /// Serves Prometheus metrics on /metrics, liveness on /healthz and
+    /// readiness on /readyz (streaming, and slot lag under
+    /// metrics.ready_max_lag_mb) at metrics.listen, 127.0.0.1:9187 by
+    /// default ("" disables). Records every synced or dead-lettered change in
+    /// usersync.sync_log (sync_log.enabled, sync_log.retention_days).
     Run,
     /// Prepare the database (idempotent): add the two sync columns, schema
     /// `usersync`, REPLICA IDENTITY FULL, the publication, the replication
