@@ -5,7 +5,8 @@
 //! transaction, so the log never disagrees with the rows), and retention
 //! pruning. Rows hold keys, ids, outcomes, timings and LSNs, never row values.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::{Client, GenericClient, Statement};
@@ -47,22 +48,36 @@ const PRUNE_SQL: &str = "DELETE FROM usersync.sync_log WHERE id IN (\
      ORDER BY logged_at LIMIT $2)";
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// `sync_log.enabled` for the write-back sessions of this process.
-static ENABLED: AtomicBool = AtomicBool::new(true);
+/// `sync_log.enabled` per replication origin (one daemon per origin), for
+/// the write-back sessions; keyed so that daemons sharing a process (tests,
+/// the demo) keep their own setting. Absent means enabled.
+static ENABLED: Mutex<Option<HashMap<String, bool>>> = Mutex::new(None);
+
+fn enabled(origin: &str) -> bool {
+    let map = ENABLED.lock().unwrap_or_else(PoisonError::into_inner);
+    map.as_ref()
+        .and_then(|m| m.get(origin).copied())
+        .unwrap_or(true)
+}
 
 /// Applies `[sync_log]`: whether write-backs log, and the retention pruner
 /// (runs at once, then every minute, until `cancel`).
 pub fn start(cfg: &Config, cancel: CancellationToken) {
-    ENABLED.store(cfg.sync_log.enabled, Ordering::Relaxed);
+    ENABLED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_or_insert_with(HashMap::new)
+        .insert(cfg.database.origin.clone(), cfg.sync_log.enabled);
     if cfg.sync_log.enabled && cfg.sync_log.retention_days > 0 {
         let days = i32::try_from(cfg.sync_log.retention_days).unwrap_or(i32::MAX);
         tokio::spawn(prune_loop(cfg.database.clone(), days, cancel));
     }
 }
 
-/// The prepared INSERT for a write-back session, `None` when disabled.
-pub async fn prepare(client: &Client) -> Result<Option<Statement>, WritebackError> {
-    if !ENABLED.load(Ordering::Relaxed) {
+/// The prepared INSERT for the write-back session of the daemon using
+/// `origin`, `None` when its sync log is disabled.
+pub async fn prepare(client: &Client, origin: &str) -> Result<Option<Statement>, WritebackError> {
+    if !enabled(origin) {
         return Ok(None);
     }
     client.prepare(INSERT_SQL).await.map(Some).map_err(|e| {

@@ -126,7 +126,7 @@ impl Writer {
             .await
             .map_err(sql_err)?;
         let visible = client.prepare(VISIBLE_SQL).await.map_err(sql_err)?;
-        let sync_log = crate::synclog::prepare(&client).await?;
+        let sync_log = crate::synclog::prepare(&client, &cfg.origin).await?;
         Ok(Writer {
             client,
             update,

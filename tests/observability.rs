@@ -361,3 +361,16 @@ async fn run_without_the_sync_log_table_says_run_setup() {
     assert!(out.stderr.contains("usersync.sync_log"), "{}", out.all());
     assert!(out.stderr.contains("usersync setup"), "{}", out.all());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_log_can_be_switched_off() {
+    install_crypto();
+    // sink_extra ends the [sink] section, so a new section can follow.
+    let db = TestDb::with_sink(USERS_BIGINT, "[sync_log]\nenabled = false").await;
+    let daemon = db.start_daemon();
+    db.exec("INSERT INTO users (id, email) VALUES (1, 'a@example.com')")
+        .await;
+    db.wait_consistent(WAIT).await;
+    daemon.stop().await;
+    assert_eq!(db.count("SELECT count(*) FROM usersync.sync_log").await, 0);
+}
