@@ -34,8 +34,8 @@ pub struct Cli {
     /// Log format, overriding log.format (and USERSYNC_LOG_FORMAT): `text`
     /// for people, `json` (one object per line) for log collectors. Logs go
     /// to stderr. Per-change lines ("synced", with operation, user key,
-    /// external id, attempts, durations and commit LSN) are at debug level:
-    /// add `--log-format json` and set USERSYNC_LOG_LEVEL=info,usersync=debug.
+    /// external id, outcome, attempts, durations and commit LSN) are at
+    /// debug level: set USERSYNC_LOG_LEVEL=info,usersync=debug to see them.
     #[arg(long, global = true, value_enum, value_name = "FORMAT")]
     pub log_format: Option<crate::observe::LogFormat>,
 
