@@ -196,3 +196,41 @@ async fn prune_loop(db: DatabaseConfig, days: i32, cancel: CancellationToken) {
         }
     }
 }
+
+/// A `usersync dlq replay` that reached the service: logged like a daemon
+/// sync, so "when was this user last synced" sees it (no commit LSN or
+/// commit-to-sync latency: the replay pushes the row as it is now).
+pub struct Replayed<'a> {
+    pub event_id: &'a str,
+    pub op: crate::change::Operation,
+    pub key: &'a str,
+    pub external_id: Option<&'a str>,
+    pub attempts: u32,
+    pub push: Duration,
+}
+
+const REPLAY_SQL: &str = "INSERT INTO usersync.sync_log \
+     (event_id, operation, user_key, external_id, outcome, attempts, push_ms) \
+     VALUES ($1, $2, $3, $4, 'synced', $5, $6)";
+
+/// Logs a replay inside its write-back transaction `tx`.
+pub async fn insert_replayed(
+    tx: &impl GenericClient,
+    r: &Replayed<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    let attempts = i32::try_from(r.attempts).unwrap_or(i32::MAX);
+    let push_ms = r.push.as_secs_f64() * 1000.0;
+    tx.execute(
+        REPLAY_SQL,
+        &[
+            &r.event_id,
+            &r.op.event_type(),
+            &r.key,
+            &r.external_id,
+            &attempts,
+            &push_ms,
+        ],
+    )
+    .await?;
+    Ok(())
+}

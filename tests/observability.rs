@@ -374,3 +374,31 @@ async fn sync_log_can_be_switched_off() {
     daemon.stop().await;
     assert_eq!(db.count("SELECT count(*) FROM usersync.sync_log").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_is_in_the_sync_log() {
+    install_crypto();
+    let db = TestDb::new(USERS_BIGINT).await;
+    let daemon = db.start_daemon();
+    db.exec("INSERT INTO users (id, email) VALUES (7, 'not-an-email')")
+        .await;
+    wait_rows(&db, "7", 1).await;
+    daemon.stop().await;
+    db.exec("UPDATE users SET email = 'seven@example.com' WHERE id = 7")
+        .await;
+    let out = run_cli(db.binary_command(&["dlq", "replay", "--user", "7"]), WAIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let rows = sync_log(&db, "7").await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (event, op, ext, outcome, attempts, push_ms, _, lsn) = &rows[1];
+    assert!(event.starts_with("evt_replay_"), "{event}");
+    assert_eq!(
+        (op.as_str(), outcome.as_str(), *attempts),
+        ("user.created", "synced", 1)
+    );
+    assert!(
+        ext.is_some() && push_ms.is_some() && lsn.is_none(),
+        "{:?}",
+        rows[1]
+    );
+}
