@@ -33,6 +33,23 @@ CREATE TABLE IF NOT EXISTS usersync.user_progress (
     position integer NOT NULL
 );
 
+-- One row per synced or dead-lettered change (keys, outcome, timings; no row values), for "when was this user last synced"; pruned after sync_log.retention_days.
+CREATE TABLE IF NOT EXISTS usersync.sync_log (
+    id bigserial PRIMARY KEY,
+    logged_at timestamptz NOT NULL DEFAULT now(),
+    event_id text,
+    operation text NOT NULL,
+    user_key text NOT NULL,
+    external_id text,
+    outcome text NOT NULL,
+    attempts integer NOT NULL,
+    push_ms double precision,
+    latency_ms double precision,
+    commit_lsn pg_lsn
+);
+CREATE INDEX IF NOT EXISTS sync_log_user_key_idx ON usersync.sync_log (user_key, logged_at DESC);
+CREATE INDEX IF NOT EXISTS sync_log_logged_at_idx ON usersync.sync_log (logged_at);
+
 -- Deletes and updates carry the whole old row, so a delete reaches the external service with its external id although the row is gone.
 ALTER TABLE "public"."users" REPLICA IDENTITY FULL;
 

@@ -31,6 +31,14 @@ pub struct Cli {
     #[arg(long, short = 'c', global = true, env = "USERSYNC_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// Log format, overriding log.format (and USERSYNC_LOG_FORMAT): `text`
+    /// for people, `json` (one object per line) for log collectors. Logs go
+    /// to stderr. Per-change lines ("synced", with operation, user key,
+    /// external id, outcome, attempts, durations and commit LSN) are at
+    /// debug level: set USERSYNC_LOG_LEVEL=info,usersync=debug to see them.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<crate::observe::LogFormat>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -43,6 +51,12 @@ pub enum Command {
     /// replica identity, publication, slot, origin) and refuses to start, with
     /// exit code 2, if anything is missing: run `usersync setup` first.
     /// Stops cleanly on Ctrl-C or SIGTERM, finishing the pushes in flight.
+    ///
+    /// Serves Prometheus metrics on /metrics, liveness on /healthz and
+    /// readiness on /readyz (streaming, and slot lag under
+    /// metrics.ready_max_lag_mb) at metrics.listen, 127.0.0.1:9187 by
+    /// default ("" disables). Records every synced or dead-lettered change in
+    /// usersync.sync_log (sync_log.enabled, sync_log.retention_days).
     Run,
     /// Prepare the database (idempotent): add the two sync columns, schema
     /// `usersync`, REPLICA IDENTITY FULL, the publication, the replication
@@ -313,6 +327,7 @@ fn config_path(cli: &Cli) -> (PathBuf, bool) {
 }
 
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    crate::observe::set_format_override(cli.log_format);
     let (path, explicit) = config_path(&cli);
     match cli.command {
         Command::Run => {
@@ -320,6 +335,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             crate::observe::init_logging(&cfg.log.level, cfg.log.format == "json");
             let cancel = CancellationToken::new();
             spawn_signal_handler(cancel.clone());
+            crate::metrics::serve(&cfg, cancel.clone())
+                .await
+                .map_err(Failure::usage)?;
             crate::daemon::run(&cfg, cancel, None).await.map_err(|e| {
                 if e.is_config() {
                     Failure::usage(e)

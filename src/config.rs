@@ -90,6 +90,10 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("log", "level", KeyKind::Str),
     ("log", "format", KeyKind::Str),
     ("log", "personal_data", KeyKind::Bool),
+    ("metrics", "listen", KeyKind::Str),
+    ("metrics", "ready_max_lag_mb", KeyKind::Int),
+    ("sync_log", "enabled", KeyKind::Bool),
+    ("sync_log", "retention_days", KeyKind::Int),
 ];
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -101,6 +105,8 @@ struct RawConfig {
     writeback: WritebackConfig,
     pipeline: PipelineConfig,
     log: LogConfig,
+    metrics: MetricsConfig,
+    sync_log: SyncLogConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +243,43 @@ impl Default for LogConfig {
             level: "info".into(),
             format: "text".into(),
             personal_data: false,
+        }
+    }
+}
+
+/// The HTTP endpoint for Prometheus and health probes (`src/metrics.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` for /metrics, /healthz and /readyz; empty disables them.
+    pub listen: String,
+    /// /readyz answers 503 while the slot lags more than this many MiB.
+    pub ready_max_lag_mb: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9187".into(),
+            ready_max_lag_mb: 64,
+        }
+    }
+}
+
+/// The per-change audit table `usersync.sync_log` (`src/synclog.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncLogConfig {
+    pub enabled: bool,
+    /// Rows older than this are pruned; 0 keeps them forever.
+    pub retention_days: u64,
+}
+
+impl Default for SyncLogConfig {
+    fn default() -> Self {
+        SyncLogConfig {
+            enabled: true,
+            retention_days: 30,
         }
     }
 }
@@ -414,6 +457,8 @@ pub struct Config {
     pub writeback: WritebackConfig,
     pub pipeline: PipelineConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    pub sync_log: SyncLogConfig,
 }
 
 /// Where environment values come from; a map in tests, the process env otherwise.
@@ -996,6 +1041,17 @@ impl RawConfig {
                 ),
             });
         }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::Invalid {
+                key: "metrics.listen",
+                message: format!(
+                    "{:?} is not an address: use IP:port such as \"127.0.0.1:9187\", or \"\" to disable",
+                    self.metrics.listen
+                ),
+            });
+        }
         Ok(Config {
             database,
             sink,
@@ -1003,6 +1059,8 @@ impl RawConfig {
             writeback: self.writeback,
             pipeline: self.pipeline,
             log: self.log,
+            metrics: self.metrics,
+            sync_log: self.sync_log,
         })
     }
 }

@@ -80,6 +80,7 @@ pub async fn run_with_sink(
     // The first check fails fast: a wrong setup is reported, not retried.
     let shape = prepare(cfg).await?;
     check_sink(cfg, sink.as_ref()).await?;
+    crate::synclog::start(cfg, cancel.clone());
     let mut delay = Duration::from_millis(500);
     let mut shape = Some(shape);
     loop {
@@ -200,6 +201,7 @@ async fn session(
         database = %cfg.database.describe(),
         "streaming"
     );
+    let _streaming = crate::metrics::streaming();
     let reader = Reader {
         client,
         rows: RowBuilder::new(

@@ -184,6 +184,15 @@ async fn with_cluster(
 
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let daemon_cancel = cancel.child_token();
+    // A free port: the demo must not collide with a real daemon's 9187.
+    let mut metrics_cfg = cfg.clone();
+    metrics_cfg.metrics.listen = "127.0.0.1:0".into();
+    if let Ok(Some(m)) = crate::metrics::serve(&metrics_cfg, daemon_cancel.clone()).await {
+        println!(
+            "usersync demo: metrics on http://{}/metrics (also /healthz, /readyz)\n",
+            m.addr
+        );
+    }
     let daemon = {
         let cfg = cfg.clone();
         let c = daemon_cancel.clone();

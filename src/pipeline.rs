@@ -222,6 +222,7 @@ impl Pipeline {
         let mut draining = false;
         loop {
             self.start_ready(&mut st, &mut pushes, &writer);
+            crate::metrics::pipeline(st.active.len(), st.ack.in_flight(), st.parked.len());
             if draining && st.active.is_empty() && st.unwritten == 0 {
                 return Ok(());
             }
@@ -239,6 +240,7 @@ impl Pipeline {
                 }
                 ev = source.recv(), if room => match ev {
                     Some(SourceEvent::Change(change)) => {
+                        crate::metrics::change_seen(change.op);
                         let key = change.key.text.clone();
                         if done.covers(&key, change.commit_lsn, change.position) {
                             tracing::debug!(event_id = %change.event_id, "already written back before the restart; skipped");

@@ -380,6 +380,8 @@ pub struct Replayer {
     sink: std::sync::Arc<dyn Sink>,
     retry: crate::config::RetryConfig,
     writeback: String,
+    /// `sync_log.enabled`: successful replays are logged in usersync.sync_log.
+    sync_log: bool,
 }
 
 impl Replayer {
@@ -432,6 +434,7 @@ impl Replayer {
             sink,
             retry: cfg.retry.clone(),
             writeback,
+            sync_log: cfg.sync_log.enabled,
         })
     }
 
@@ -537,8 +540,16 @@ impl Replayer {
             Ok(pushed) => {
                 let latency = started.elapsed();
                 let external_id = pushed.external_id.or(external_id);
+                let log = self.sync_log.then(|| crate::synclog::Replayed {
+                    event_id: &change.event_id,
+                    op,
+                    key,
+                    external_id: external_id.as_deref(),
+                    attempts: pushed.attempts,
+                    push: latency,
+                });
                 let resolved = self
-                    .write_back_and_resolve(key, op, external_id.as_deref(), &ids)
+                    .write_back_and_resolve(key, op, external_id.as_deref(), &ids, log.as_ref())
                     .await?;
                 tracing::info!(
                     event_id = %change.event_id,
@@ -596,6 +607,7 @@ impl Replayer {
         op: Operation,
         external_id: Option<&str>,
         ids: &[i64],
+        log: Option<&crate::synclog::Replayed<'_>>,
     ) -> Result<u64, ReplayError> {
         let wb_err = |e: tokio_postgres::Error| ReplayError::Writeback {
             key: key.to_string(),
@@ -608,6 +620,11 @@ impl Replayer {
                 .map_err(wb_err)?;
         }
         let resolved = deadletter::resolve(&tx, key, ids).await?;
+        if let Some(log) = log {
+            crate::synclog::insert_replayed(&tx, log)
+                .await
+                .map_err(wb_err)?;
+        }
         tx.commit().await.map_err(wb_err)?;
         Ok(resolved)
     }

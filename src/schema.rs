@@ -334,7 +334,11 @@ pub async fn check_origin(client: &Client, cfg: &DatabaseConfig) -> Result<(), S
 
 /// usersync's own tables exist (an older setup may predate them).
 pub async fn check_own_tables(client: &Client) -> Result<(), SchemaError> {
-    for table in ["usersync.dead_letters", "usersync.user_progress"] {
+    for table in [
+        "usersync.dead_letters",
+        "usersync.user_progress",
+        "usersync.sync_log",
+    ] {
         let exists: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
             .await

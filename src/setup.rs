@@ -48,6 +48,10 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
             sql: crate::progress::TABLE_DDL.to_string(),
         },
         Step {
+            comment: "One row per synced or dead-lettered change (keys, outcome, timings; no row values), for \"when was this user last synced\"; pruned after sync_log.retention_days.",
+            sql: crate::synclog::TABLE_DDL.to_string(),
+        },
+        Step {
             comment: "Deletes and updates carry the whole old row, so a delete reaches the external service with its external id although the row is gone.",
             sql: format!("ALTER TABLE {table} REPLICA IDENTITY FULL;"),
         },

@@ -40,6 +40,8 @@ pub struct WriteItem {
     pub xid: u32,
     pub decoded_at: Instant,
     pub outcome: Outcome,
+    /// Commit time of the source transaction (µs since the Unix epoch).
+    pub commit_time_us: i64,
 }
 
 impl WriteItem {
@@ -54,6 +56,7 @@ impl WriteItem {
             xid: change.xid,
             decoded_at: change.decoded_at,
             outcome,
+            commit_time_us: change.commit_time_us,
         }
     }
 }
@@ -90,6 +93,7 @@ pub struct Writer {
     user_progress: Statement,
     visible: Statement,
     batch_size: usize,
+    sync_log: Option<Statement>,
 }
 
 impl Writer {
@@ -122,6 +126,7 @@ impl Writer {
             .await
             .map_err(sql_err)?;
         let visible = client.prepare(VISIBLE_SQL).await.map_err(sql_err)?;
+        let sync_log = crate::synclog::prepare(&client, &cfg.origin).await?;
         Ok(Writer {
             client,
             update,
@@ -129,6 +134,7 @@ impl Writer {
             user_progress,
             visible,
             batch_size,
+            sync_log,
         })
     }
 
@@ -147,6 +153,7 @@ impl Writer {
                 return Ok(());
             }
             self.write(&batch).await?;
+            crate::metrics::written(&batch);
             tracing::info!(
                 changes = batch.len(),
                 dead_lettered = batch
@@ -173,9 +180,11 @@ impl Writer {
                             user = %item.key,
                             operation = item.op.event_type(),
                             external_id = external_id.as_deref().unwrap_or(""),
+                            outcome = "synced",
                             attempts,
                             push_ms = push_latency.as_millis() as u64,
                             total_ms = total.as_millis() as u64,
+                            lsn = %format_lsn(item.commit_lsn),
                             "synced"
                         );
                         if let Some(r) = &reports {
@@ -194,9 +203,12 @@ impl Writer {
                         event_id = %item.event_id,
                         user = %item.key,
                         operation = item.op.event_type(),
+                        outcome = "dead_letter",
                         state = dl.state.as_str(),
                         attempts = dl.attempts,
                         status = dl.last_status,
+                        total_ms = total.as_millis() as u64,
+                        lsn = %format_lsn(item.commit_lsn),
                         "dead-lettered (details: `usersync dlq list`); the user is parked until `usersync dlq replay`"
                     ),
                 }
@@ -269,6 +281,7 @@ impl Writer {
         tx.execute(&self.user_progress, &[&users, &lsns, &positions])
             .await
             .map_err(sql_err)?;
+        crate::synclog::insert(&tx, self.sync_log.as_ref(), batch).await?;
         tx.commit().await.map_err(sql_err)?;
         Ok(())
     }

@@ -97,7 +97,7 @@ pub async fn push_with_retry(
     let attempts = AtomicU32::new(0);
     let result = (|| async {
         attempts.fetch_add(1, Ordering::Relaxed);
-        sink.push(change, external_id).await
+        crate::metrics::timed_push(sink.name(), sink.push(change, external_id)).await
     })
     .retry(FullJitter::from_config(policy))
     .when(SinkError::is_retryable)
@@ -110,6 +110,7 @@ pub async fn push_with_retry(
         })
     })
     .notify(|e: &SinkError, wait: Duration| {
+        crate::metrics::retry(sink.name());
         tracing::warn!(
             event_id = %change.event_id,
             sink = sink.name(),

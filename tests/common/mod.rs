@@ -179,6 +179,8 @@ impl TestDb {
             .env("TEST_SECRET", self.secret.to_whsec())
             .env("USERSYNC_RETRY_INITIAL_BACKOFF_MS", "20")
             .env("USERSYNC_RETRY_MAX_BACKOFF_MS", "200")
+            // Parallel daemons would fight over the default metrics port.
+            .env("USERSYNC_METRICS_LISTEN", "")
             .current_dir(std::env::temp_dir());
         cmd
     }
