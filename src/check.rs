@@ -432,15 +432,16 @@ async fn privileges(
         )
     });
     let table = db.table.quoted();
-    let schema_ok: bool = client
+    // A missing schema is the table check's finding, not a privilege one.
+    let schema_ok: Option<bool> = client
         .query_one(
-            "SELECT has_schema_privilege($1, 'USAGE')",
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) \
+             THEN has_schema_privilege($1, 'USAGE') END",
             &[&db.table.schema],
         )
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(false);
-    if !schema_ok {
+        .await?
+        .get(0);
+    if schema_ok == Some(false) {
         out.push(Finding::fail(
             "privilege.table_schema",
             format!(

@@ -282,7 +282,7 @@ impl Status {
                     "last successful push".into(),
                     l.last_synced_at
                         .clone()
-                        .unwrap_or_else(|| "none in the last hour".into()),
+                        .unwrap_or_else(|| "none yet".into()),
                 ));
                 lines.push((
                     "last hour".into(),

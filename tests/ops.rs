@@ -400,6 +400,17 @@ async fn status_shows_streaming_lag_dead_letters_and_newer_tables() {
         out.stdout
     );
     assert!(out.stdout.contains("no (slot"), "{}", out.stdout);
+    assert!(!out.stdout.contains("warning"), "{}", out.stdout);
+    let mut cmd = db.binary_command(&["status"]);
+    cmd.env("USERSYNC_DATABASE_MAX_RETAINED_WAL_MB", "0");
+    let out = run_cli(cmd, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout
+            .contains("warning: the slot retains more than database.max_retained_wal_mb = 0 MiB"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[tokio::test]
