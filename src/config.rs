@@ -87,6 +87,9 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("log", "level", KeyKind::Str),
     ("log", "format", KeyKind::Str),
     ("log", "personal_data", KeyKind::Bool),
+    ("sync", "enabled", KeyKind::Bool),
+    ("backfill", "on_start", KeyKind::Bool),
+    ("backfill", "chunk_size", KeyKind::Int),
 ];
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -98,6 +101,8 @@ struct RawConfig {
     writeback: WritebackConfig,
     pipeline: PipelineConfig,
     log: LogConfig,
+    sync: SyncConfig,
+    backfill: BackfillConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,6 +233,40 @@ impl Default for LogConfig {
             level: "info".into(),
             format: "text".into(),
             personal_data: false,
+        }
+    }
+}
+
+/// The off switch: with `enabled = false` the daemon keeps consuming the
+/// slot (so WAL does not pile up) but pushes nothing, and records which users
+/// changed; switching it back on (SIGHUP or restart) pushes those users.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    pub enabled: bool,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig { enabled: true }
+    }
+}
+
+/// Pushing the users that already exist in the table.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackfillConfig {
+    /// Run a backfill (changed rows only) beside the stream when `run` starts.
+    pub on_start: bool,
+    /// Rows scanned, and requests queued, per step.
+    pub chunk_size: usize,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            on_start: false,
+            chunk_size: 500,
         }
     }
 }
@@ -399,6 +438,8 @@ pub struct Config {
     pub writeback: WritebackConfig,
     pub pipeline: PipelineConfig,
     pub log: LogConfig,
+    pub sync: SyncConfig,
+    pub backfill: BackfillConfig,
 }
 
 /// Where environment values come from; a map in tests, the process env otherwise.
@@ -912,6 +953,7 @@ impl RawConfig {
                 "pipeline.max_buffered_changes",
                 self.pipeline.max_buffered_changes as u64,
             ),
+            ("backfill.chunk_size", self.backfill.chunk_size as u64),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid {
@@ -948,6 +990,8 @@ impl RawConfig {
             writeback: self.writeback,
             pipeline: self.pipeline,
             log: self.log,
+            sync: self.sync,
+            backfill: self.backfill,
         })
     }
 }

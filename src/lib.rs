@@ -22,3 +22,7 @@ pub mod setup;
 pub mod sink;
 pub mod source;
 pub mod writeback;
+
+pub mod backfill;
+pub mod manual;
+pub mod requests;

@@ -84,10 +84,13 @@ impl AckTracker {
 struct Queued {
     seq: u64,
     change: Box<Change>,
+    /// A sync request: the change is built from the row when its turn comes.
+    request: Option<i64>,
 }
 
 struct PushResult {
     key: String,
+    seq: u64,
     external_id: Option<String>,
     failure: Option<Failure>,
 }
@@ -95,6 +98,7 @@ struct PushResult {
 struct Failure {
     seq: u64,
     change: Box<Change>,
+    request: Option<i64>,
     external_id: Option<String>,
     failed: PushFailed,
     first_attempt_at: SystemTime,
@@ -109,6 +113,10 @@ pub struct Pipeline {
     pub log_personal_data: bool,
     /// Reads a row's external id when neither memory nor the change has it.
     pub external_ids: Option<Arc<ExternalIds>>,
+    /// Reads a user's current row for sync requests (`requests`).
+    pub current_rows: Option<Arc<crate::requests::CurrentRows>>,
+    /// The off switch (`[sync] enabled`); `None` means always on.
+    pub sync_enabled: Option<watch::Receiver<bool>>,
 }
 
 struct State {
@@ -130,6 +138,11 @@ struct State {
     /// External ids learnt from pushes whose write-back may not be visible yet
     /// in later changes' rows (an update right after the create).
     known_ids: HashMap<String, String>,
+    /// External ids returned by pushes whose write-back is not durable yet
+    /// (by user: the push's sequence number and the id). A sync request reads
+    /// the row, which may not show the id before then; without this a second
+    /// request right after a create would create the user again.
+    unwritten_ids: HashMap<String, (u64, String)>,
     ack: AckTracker,
 }
 
@@ -207,10 +220,20 @@ impl Pipeline {
             parked: parked.into_iter().map(|k| (k, None)).collect(),
             unwritten: 0,
             known_ids: HashMap::new(),
+            unwritten_ids: HashMap::new(),
             ack: AckTracker::default(),
         };
         let mut pushes: JoinSet<PushResult> = JoinSet::new();
         let mut draining = false;
+        let mut switch = self.sync_enabled.clone();
+        let mut enabled = switch.as_ref().is_none_or(|s| *s.borrow());
+        if enabled {
+            // Users changed while sync was off (before a restart) are pushed now.
+            crate::requests::send_resume(&writer, &mut st.ack).await?;
+            st.unwritten += 1;
+        } else {
+            tracing::warn!("sync is switched off ([sync] enabled = false): reading and acknowledging the stream, pushing nothing; changed users are recorded in usersync.pending_users");
+        }
         loop {
             self.start_ready(&mut st, &mut pushes, &writer);
             if draining && st.active.is_empty() && st.unwritten == 0 {
@@ -228,21 +251,48 @@ impl Pipeline {
                     });
                     st.ready.clear();
                 }
+                now = crate::requests::switch_changed(&mut switch), if switch.is_some() => {
+                    match now {
+                        Some(now) if now != enabled => {
+                            enabled = now;
+                            if enabled {
+                                tracing::info!("sync switched on");
+                                crate::requests::send_resume(&writer, &mut st.ack).await?;
+                                st.unwritten += 1;
+                            } else {
+                                tracing::warn!("sync switched off: reading and acknowledging the stream, pushing nothing; changed users are recorded in usersync.pending_users");
+                            }
+                        }
+                        Some(_) => {}
+                        None => switch = None,
+                    }
+                }
                 ev = source.recv(), if room => match ev {
-                    Some(SourceEvent::Change(change)) => {
+                    Some(ev @ (SourceEvent::Change(_) | SourceEvent::Request { .. })) => {
+                        let (change, request) = match ev {
+                            SourceEvent::Change(change) => (change, None),
+                            SourceEvent::Request { change, id } => (change, Some(id)),
+                            _ => continue,
+                        };
                         let key = change.key.text.clone();
                         if done.covers(&key, change.commit_lsn, change.position) {
                             tracing::debug!(event_id = %change.event_id, "already written back before the restart; skipped");
                             continue;
                         }
                         let seq = st.ack.register();
+                        if !enabled {
+                            let item = crate::requests::deferred(seq, &change, request);
+                            send(&writer, item, &mut st).await?;
+                            continue;
+                        }
                         if let Some(&last) = st.parked.get(&key) {
                             let still = match last {
                                 Some(last) if st.ack.is_pending(last) => true,
                                 _ => deadletter::is_parked(db, &key).await?,
                             };
                             if still {
-                                let item = dead_letter(seq, &change, change.external_id.as_deref(), None);
+                                let mut item = dead_letter(seq, &change, change.external_id.as_deref(), None);
+                                item.request = crate::requests::parked_mark(request);
                                 send(&writer, item, &mut st).await?;
                                 st.parked.insert(key, Some(seq));
                                 continue;
@@ -254,7 +304,7 @@ impl Pipeline {
                         if lane.is_empty() && !st.active.contains(&key) {
                             st.ready.push_back(key);
                         }
-                        lane.push_back(Queued { seq, change });
+                        lane.push_back(Queued { seq, change, request });
                     }
                     Some(SourceEvent::TxnEnd { end_lsn }) | Some(SourceEvent::Idle { wal_end: end_lsn }) => {
                         st.ack.boundary(end_lsn);
@@ -274,12 +324,14 @@ impl Pipeline {
                     if let Some(f) = result.failure {
                         // Park the user: this change and every later one go to
                         // the dead-letter table, in order, until replayed.
-                        let item = dead_letter(f.seq, &f.change, f.external_id.as_deref(), Some((&f.failed, f.first_attempt_at)));
+                        let mut item = dead_letter(f.seq, &f.change, f.external_id.as_deref(), Some((&f.failed, f.first_attempt_at)));
+                        item.request = crate::requests::failed_mark(f.request, &f.failed);
                         send(&writer, item, &mut st).await?;
                         let mut last = f.seq;
                         for q in st.lanes.remove(&key).into_iter().flatten() {
                             let ext = st.known_ids.get(&key).cloned().or_else(|| q.change.external_id.clone());
-                            let item = dead_letter(q.seq, &q.change, ext.as_deref(), None);
+                            let mut item = dead_letter(q.seq, &q.change, ext.as_deref(), None);
+                            item.request = crate::requests::parked_mark(q.request);
                             send(&writer, item, &mut st).await?;
                             last = q.seq;
                         }
@@ -289,7 +341,10 @@ impl Pipeline {
                     }
                     st.unwritten += 1;
                     match result.external_id {
-                        Some(id) => { st.known_ids.insert(key.clone(), id); }
+                        Some(id) => {
+                            st.unwritten_ids.insert(key.clone(), (result.seq, id.clone()));
+                            st.known_ids.insert(key.clone(), id);
+                        }
                         None => { st.known_ids.remove(&key); }
                     }
                     match st.lanes.get(&key) {
@@ -302,6 +357,10 @@ impl Pipeline {
                 }
                 seqs = written.recv() => {
                     let Some(seqs) = seqs else { return Err(PipelineError::WriterGone) };
+                    if !st.unwritten_ids.is_empty() {
+                        let durable: HashSet<u64> = seqs.iter().copied().collect();
+                        st.unwritten_ids.retain(|_, (seq, _)| !durable.contains(seq));
+                    }
                     for seq in seqs {
                         st.ack.complete(seq);
                         st.unwritten -= 1;
@@ -331,6 +390,7 @@ impl Pipeline {
             let external_id = st
                 .known_ids
                 .get(&key)
+                .or_else(|| st.unwritten_ids.get(&key).map(|(_, id)| id))
                 .cloned()
                 .or_else(|| queued.change.external_id.clone());
             let sink = Arc::clone(&self.sink);
@@ -338,8 +398,37 @@ impl Pipeline {
             let writer = writer.clone();
             let log_values = self.log_personal_data;
             let lookup = self.external_ids.clone();
+            let current_rows = self.current_rows.clone();
             pushes.spawn(async move {
-                let Queued { seq, change } = queued;
+                let Queued {
+                    seq,
+                    mut change,
+                    request,
+                } = queued;
+                let mut external_id = external_id;
+                if let Some(id) = request {
+                    // The row as it is now: never older than a change this
+                    // lane pushed before, and a later change queues behind.
+                    match crate::requests::prepare(
+                        current_rows.as_deref(),
+                        id,
+                        &mut change,
+                        external_id.take(),
+                    )
+                    .await
+                    {
+                        Ok(id) => external_id = id,
+                        Err(item) => {
+                            let _ = writer.send(item.into_write_item(seq, &change)).await;
+                            return PushResult {
+                                key,
+                                seq,
+                                external_id: None,
+                                failure: None,
+                            };
+                        }
+                    }
+                }
                 let external_id = match (external_id, &lookup) {
                     (None, Some(ids)) if change.op != Operation::Insert => {
                         ids.get(&change.key.text).await
@@ -360,30 +449,41 @@ impl Pipeline {
                                 "pushed values"
                             );
                         }
-                        let item = WriteItem::new(
+                        let push_latency = started.elapsed();
+                        let mut item = WriteItem::new(
                             seq,
                             &change,
                             Outcome::Synced {
                                 external_id: external_id.clone(),
                                 synced_at: SystemTime::now(),
-                                push_latency: started.elapsed(),
+                                push_latency,
                                 attempts: pushed.attempts,
                             },
+                        );
+                        crate::requests::annotate_synced(
+                            &mut item,
+                            &change,
+                            request,
+                            external_id.as_deref(),
+                            push_latency,
                         );
                         // A closed writer means shutdown; the change is replayed next start.
                         let _ = writer.send(item).await;
                         PushResult {
                             key,
+                            seq,
                             external_id,
                             failure: None,
                         }
                     }
                     Err(failed) => PushResult {
                         key,
+                        seq,
                         external_id: None,
                         failure: Some(Failure {
                             seq,
                             change,
+                            request,
                             external_id,
                             failed,
                             first_attempt_at,
