@@ -433,6 +433,16 @@ impl Pipeline {
                     (None, Some(ids)) if change.op != Operation::Insert => {
                         ids.get(&change.key.text).await
                     }
+                    // A row already linked when its insert is pushed: it was
+                    // synced by `sync-user` (no daemon running) before the
+                    // stream got here. Creating it again would duplicate it.
+                    (None, Some(ids)) if change.op == Operation::Insert && request.is_none() => {
+                        let id = ids.get(&change.key.text).await;
+                        if id.is_some() {
+                            change.op = Operation::Update;
+                        }
+                        id
+                    }
                     (id, _) => id,
                 };
                 let started = Instant::now();
