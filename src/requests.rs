@@ -56,7 +56,7 @@ pub fn publication_sql(cfg: &DatabaseConfig) -> String {
 pub const MARK_DONE_SQL: &str = "UPDATE usersync.sync_requests AS r SET done_at = now(), \
      outcome = w.o, external_id = w.e, error = w.err, latency_ms = w.ms \
      FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::float8[]) AS w(id, o, e, err, ms) \
-     WHERE r.id = w.id AND r.done_at IS NULL";
+     WHERE r.id = w.id RETURNING r.id";
 
 /// Remembers users changed while sync is off. Parameter: keys.
 pub const DEFER_SQL: &str = "INSERT INTO usersync.pending_users (user_key) \
@@ -285,14 +285,40 @@ pub async fn write_marks(
     }
     let marks: Vec<&RequestMark> = batch.iter().filter_map(|i| i.request.as_ref()).collect();
     if !marks.is_empty() {
-        let ids: Vec<i64> = marks.iter().map(|m| m.id).collect();
-        let outcomes: Vec<&str> = marks.iter().map(|m| m.outcome.as_str()).collect();
-        let ext: Vec<Option<&str>> = marks.iter().map(|m| m.external_id.as_deref()).collect();
-        let errors: Vec<Option<&str>> = marks.iter().map(|m| m.error.as_deref()).collect();
-        let ms: Vec<Option<f64>> = marks.iter().map(|m| m.latency_ms).collect();
-        tx.execute(MARK_DONE_SQL, &[&ids, &outcomes, &ext, &errors, &ms])
-            .await
-            .map_err(err)?;
+        // pgoutput sends a transaction a moment before other sessions can
+        // see it (the visibility gap in DESIGN.md): a request row may not be
+        // visible yet. Each statement takes a new snapshot, so retry the
+        // unmatched ones briefly; a request row deleted meanwhile is given up.
+        let mut marks = marks;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut wait = std::time::Duration::from_millis(2);
+        loop {
+            let ids: Vec<i64> = marks.iter().map(|m| m.id).collect();
+            let outcomes: Vec<&str> = marks.iter().map(|m| m.outcome.as_str()).collect();
+            let ext: Vec<Option<&str>> = marks.iter().map(|m| m.external_id.as_deref()).collect();
+            let errors: Vec<Option<&str>> = marks.iter().map(|m| m.error.as_deref()).collect();
+            let ms: Vec<Option<f64>> = marks.iter().map(|m| m.latency_ms).collect();
+            let matched: std::collections::HashSet<i64> = tx
+                .query(MARK_DONE_SQL, &[&ids, &outcomes, &ext, &errors, &ms])
+                .await
+                .map_err(err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            marks.retain(|m| !matched.contains(&m.id));
+            if marks.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(
+                    requests = marks.len(),
+                    "sync requests not found to mark done (deleted meanwhile?)"
+                );
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_millis(100));
+        }
     }
     Ok(())
 }
