@@ -414,6 +414,7 @@ impl Pipeline {
                         id,
                         &mut change,
                         external_id.take(),
+                        sink.name(),
                     )
                     .await
                     {

@@ -301,7 +301,7 @@ impl RowReader {
         let key_column = self.shape.key_column.as_str();
         let data = row_to_data(
             &self.columns,
-            &values,
+            values,
             |c| is_synced(c, key_column, &self.sink_columns),
             &self.types,
         )

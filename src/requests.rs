@@ -236,25 +236,6 @@ pub async fn open_count(client: &Client, ids: &[i64]) -> Result<i64, RequestErro
         .get(0))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn hash_ignores_insertion_order_and_sees_values() {
-        let a: Map<String, Value> =
-            serde_json::from_value(json!({"id": 1, "email": "a@x"})).unwrap();
-        let mut b = Map::new();
-        b.insert("email".into(), json!("a@x"));
-        b.insert("id".into(), json!(1));
-        assert_eq!(values_hash(&a), values_hash(&b));
-        b.insert("email".into(), json!("b@x"));
-        assert_ne!(values_hash(&a), values_hash(&b));
-        assert_eq!(values_hash(&a).len(), 64);
-    }
-}
-
 /// The writer's part, inside its origin-tagged transaction: users deferred
 /// while sync is off, pending users turned into requests when it is switched
 /// on (after the deferrals of the same batch), and requests marked done. Each
@@ -379,6 +360,7 @@ pub async fn prepare(
     id: i64,
     change: &mut crate::change::Change,
     known: Option<String>,
+    sink: &str,
 ) -> Result<Option<String>, NoPush> {
     use crate::change::Operation;
     let Some(rows) = rows else {
@@ -397,7 +379,10 @@ pub async fn prepare(
         }
     };
     let external_id = known.or(row.external_id);
-    change.op = if external_id.is_some() {
+    // Stripe links an existing customer only on the update path (search by
+    // metadata key, then create); its creates are deduplicated by
+    // idempotency keys alone, which a customer made by another tool lacks.
+    change.op = if external_id.is_some() || sink == "stripe" {
         Operation::Update
     } else {
         Operation::Insert
@@ -423,9 +408,9 @@ pub fn annotate_synced(
     }
     if let Some(id) = request {
         let outcome = match change.op {
-            Operation::Insert => RequestOutcome::Created,
-            Operation::Update => RequestOutcome::Updated,
             Operation::Delete => RequestOutcome::Unchanged,
+            _ if change.external_id.is_none() => RequestOutcome::Created,
+            _ => RequestOutcome::Updated,
         };
         let mut mark = RequestMark::new(id, outcome);
         mark.external_id = external_id.map(str::to_string);
@@ -569,4 +554,23 @@ pub fn spawn_reload_handler(
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn hash_ignores_insertion_order_and_sees_values() {
+        let a: Map<String, Value> =
+            serde_json::from_value(json!({"id": 1, "email": "a@x"})).unwrap();
+        let mut b = Map::new();
+        b.insert("email".into(), json!("a@x"));
+        b.insert("id".into(), json!(1));
+        assert_eq!(values_hash(&a), values_hash(&b));
+        b.insert("email".into(), json!("b@x"));
+        assert_ne!(values_hash(&a), values_hash(&b));
+        assert_eq!(values_hash(&a).len(), 64);
+    }
 }
