@@ -550,3 +550,22 @@ async fn sync_off_then_on_pushes_each_changed_user_once() {
     unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_refuses_a_setup_without_the_request_table_in_the_publication() {
+    let db = TestDb::new(USERS_BIGINT).await;
+    db.exec("ALTER PUBLICATION usersync_users DROP TABLE usersync.sync_requests")
+        .await;
+    let out = run_cli(db.binary_command(&["run"]), CLI_LIMIT).await;
+    assert_eq!(out.code, Some(2), "{}", out.all());
+    assert!(
+        out.stderr.contains("usersync.sync_requests")
+            && out.stderr.contains("run `usersync setup`"),
+        "{}",
+        out.all()
+    );
+    // setup repairs it.
+    usersync::setup::apply(&db.client, &db.config().database)
+        .await
+        .unwrap_or_else(|e| panic!("setup: {e}"));
+}
