@@ -569,3 +569,86 @@ async fn run_refuses_a_setup_without_the_request_table_in_the_publication() {
         .await
         .unwrap_or_else(|e| panic!("setup: {e}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backfill_links_an_existing_stripe_customer() {
+    use usersync::fake::stripe::{FakeStripe, FakeStripeOptions};
+    const STRIPE_KEY: &str = "sk_test_51UsersyncBackfillKey0123";
+    install_crypto();
+    let db = TestDb::bare(USERS_BIGINT, "").await;
+    insert_users(&db, 1, 3).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 0,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    // A customer made by another tool for row 2, carrying its key.
+    let made: Value = reqwest::Client::new()
+        .post(format!("{}/v1/customers", stripe.url()))
+        .bearer_auth(STRIPE_KEY)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("email=u2%40example.com&metadata%5Busersync_key%5D=2")
+        .send()
+        .await
+        .expect("create customer")
+        .json()
+        .await
+        .expect("customer json");
+    let existing = made["id"].as_str().expect("customer id").to_string();
+    let toml = format!(
+        "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
+         [sink]\nkind = \"stripe\"\nurl = \"{}\"\napi_key_env = \"STRIPE_KEY\"\nrate_limit_per_sec = 0\n\
+         [sink.mapping]\nemail = \"email\"\nname = \"name\"\n\"metadata.plan\" = \"plan\"\n\
+         [retry]\ninitial_backoff_ms = 20\nmax_backoff_ms = 200\n",
+        db.url,
+        db.dbname,
+        db.dbname,
+        stripe.url(),
+    );
+    let env: BTreeMap<String, String> = [("STRIPE_KEY".to_string(), STRIPE_KEY.to_string())].into();
+    let cfg =
+        Config::from_parts(Some(&toml), "test", &env).unwrap_or_else(|e| panic!("config: {e}"));
+    usersync::setup::apply(&db.client, &cfg.database)
+        .await
+        .unwrap_or_else(|e| panic!("setup failed: {e}"));
+    let cancel = CancellationToken::new();
+    let daemon_cfg = cfg.clone();
+    let c = cancel.clone();
+    let daemon = tokio::spawn(async move { usersync::daemon::run(&daemon_cfg, c, None).await });
+    wait_slot_active(&db).await;
+    let opts = Options {
+        mode: Mode::Changed,
+        dry_run: false,
+        chunk_size: 500,
+        beside_daemon: false,
+    };
+    let summary = usersync::backfill::run(&cfg, &opts, CancellationToken::new())
+        .await
+        .unwrap_or_else(|e| panic!("backfill: {e}"));
+    assert_eq!(summary.queued, 3, "{summary}");
+
+    let live: Vec<_> = stripe
+        .customers()
+        .into_iter()
+        .filter(|c| !c.deleted)
+        .collect();
+    assert_eq!(live.len(), 3, "{live:?}");
+    let ext: Option<String> = db
+        .client
+        .query_one("SELECT external_user_id FROM users WHERE id = 2", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(
+        ext.as_deref(),
+        Some(existing.as_str()),
+        "linked, not duplicated"
+    );
+    cancel.cancel();
+    match tokio::time::timeout(Duration::from_secs(30), daemon).await {
+        Ok(Ok(Ok(()))) => {}
+        other => panic!("daemon did not stop cleanly: {other:?}"),
+    }
+}
