@@ -1709,6 +1709,8 @@ async fn route_only(cfg: &Config, db: &Db, n: u64, end_lsn: &str) -> R<u64> {
         max_buffered: cfg.pipeline.max_buffered_changes,
         log_personal_data: false,
         external_ids: None,
+        current_rows: None,
+        sync_enabled: None,
     };
     let (source_tx, source_rx) = mpsc::channel(1024);
     let (write_tx, mut write_rx) = mpsc::channel(cfg.writeback.batch_size * 4);

@@ -72,3 +72,48 @@ SELECT pg_replication_origin_create('usersync')
 -- The logical replication slot: PostgreSQL keeps WAL from here until usersync confirms it.
 SELECT pg_create_logical_replication_slot('usersync', 'pgoutput')
     WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'usersync');
+
+-- Sync requests (backfill, sync-user, switching sync back on): each row asks the daemon to push one user's current state.
+CREATE TABLE IF NOT EXISTS usersync.sync_requests (
+    id bigserial PRIMARY KEY,
+    user_key text NOT NULL,
+    reason text NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    done_at timestamptz,
+    outcome text,
+    external_id text,
+    error text,
+    latency_ms double precision
+);
+
+-- Requests travel through the stream, ordered with the users' own changes.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = 'usersync_users'
+                   AND schemaname = 'usersync' AND tablename = 'sync_requests') THEN
+        ALTER PUBLICATION "usersync_users" ADD TABLE usersync.sync_requests;
+    END IF;
+END
+$$;
+
+-- Users changed while sync was switched off ([sync] enabled = false), pushed when it is switched on.
+CREATE TABLE IF NOT EXISTS usersync.pending_users (
+    user_key text PRIMARY KEY,
+    first_changed_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- A hash of the values last pushed per user, so backfill can tell which rows changed since.
+ALTER TABLE usersync.user_progress ADD COLUMN IF NOT EXISTS values_hash text;
+
+-- The backfill's resumable cursor (one row).
+CREATE TABLE IF NOT EXISTS usersync.backfill (
+    id integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    mode text NOT NULL,
+    cursor text,
+    rows_total bigint,
+    rows_done bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    finished_at timestamptz,
+    rows_queued bigint NOT NULL DEFAULT 0
+);

@@ -182,6 +182,54 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = SinkArg::Webhook)]
         mode: SinkArg,
     },
+    /// Push the users that already exist in the table, beside a running
+    /// daemon.
+    ///
+    /// Scans the users table in key order, in chunks, and queues a sync
+    /// request (usersync.sync_requests) per selected row: by default rows
+    /// with no external id, or whose synced values changed since usersync
+    /// last pushed them (or that usersync never pushed: a row synced by an
+    /// older script is pushed once, and the sink links the record that
+    /// already exists: same email for Memberstack, metadata key for Stripe);
+    /// with --all, every row. The running daemon (`usersync run`) pushes each
+    /// request in the user's own lane, reading the row as it is at that
+    /// moment, so a backfill never overwrites a newer change. Each chunk's
+    /// pushes finish before the next chunk, so the sink's rate limit paces
+    /// the backfill. The cursor is kept in usersync.backfill: after Ctrl-C or
+    /// a crash, the next `usersync backfill` continues where it stopped; a
+    /// finished backfill starts again from the beginning.
+    ///
+    /// Exits with code 1 if no daemon is streaming from the slot.
+    Backfill {
+        /// Push every row, not only the changed ones.
+        #[arg(long)]
+        all: bool,
+        /// Print how many rows would be pushed, and the first keys, without
+        /// queuing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rows per chunk (default: backfill.chunk_size, 500).
+        #[arg(long, value_name = "ROWS")]
+        chunk_size: Option<usize>,
+    },
+    /// Push one user now, from its current row, and print the result
+    /// (external id, status, latency) or the error.
+    ///
+    /// With a daemon streaming, the push goes through the daemon (the user's
+    /// lane, in order with the user's own changes) and this command waits for
+    /// the result; otherwise it pushes directly while holding the replication
+    /// origin, so a daemon starting meanwhile waits for it. Exit code 1 if
+    /// there is no such row or the push failed.
+    SyncUser {
+        /// The user's primary key, as text.
+        key: String,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for a running daemon's answer, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -338,13 +386,17 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             crate::metrics::serve(&cfg, cancel.clone())
                 .await
                 .map_err(Failure::usage)?;
-            crate::daemon::run(&cfg, cancel, None).await.map_err(|e| {
-                if e.is_config() {
-                    Failure::usage(e)
-                } else {
-                    Failure::runtime(e)
-                }
-            })
+            let switch = crate::requests::spawn_reload_handler(path.clone(), explicit, &cfg);
+            let sink = crate::sink::build(&cfg.sink).map_err(Failure::usage)?;
+            crate::daemon::run_with_switch(&cfg, sink, cancel, None, Some(switch))
+                .await
+                .map_err(|e| {
+                    if e.is_config() {
+                        Failure::usage(e)
+                    } else {
+                        Failure::runtime(e)
+                    }
+                })
         }
         Command::Setup {
             print_sql,
@@ -402,6 +454,14 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             latency_ms,
             mode,
         } => fake_service(port, secret_env, latency_ms, mode).await,
+        Command::Backfill {
+            all,
+            dry_run,
+            chunk_size,
+        } => backfill(&path, explicit, all, dry_run, chunk_size).await,
+        Command::SyncUser { key, json, timeout } => {
+            sync_user(&path, explicit, &key, json, timeout).await
+        }
     }
 }
 
@@ -782,4 +842,99 @@ async fn teardown(
         println!("dropped {}", item.what);
     }
     Ok(())
+}
+
+/// `usersync backfill`.
+async fn backfill(
+    path: &std::path::Path,
+    explicit: bool,
+    all: bool,
+    dry_run: bool,
+    chunk_size: Option<usize>,
+) -> Result<(), Failure> {
+    use crate::backfill::{Mode, Options};
+    let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+    crate::observe::init_logging(&cfg.log.level, cfg.log.format == "json");
+    let chunk_size = chunk_size.unwrap_or(cfg.backfill.chunk_size);
+    if chunk_size == 0 {
+        return Err(Failure::usage("--chunk-size must be at least 1"));
+    }
+    let opts = Options {
+        mode: if all { Mode::All } else { Mode::Changed },
+        dry_run,
+        chunk_size,
+        beside_daemon: false,
+    };
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+    match crate::backfill::run(&cfg, &opts, cancel).await {
+        Ok(summary) if dry_run => {
+            println!(
+                "dry run ({} mode): {} of {} rows would be pushed; nothing was queued",
+                opts.mode.as_str(),
+                summary.queued,
+                summary.rows_scanned
+            );
+            if !summary.sample.is_empty() {
+                println!("first keys: {}", summary.sample.join(", "));
+            }
+            Ok(())
+        }
+        Ok(summary) => {
+            println!(
+                "backfill {}: {summary}",
+                if summary.resumed {
+                    "resumed and finished"
+                } else {
+                    "finished"
+                }
+            );
+            let failed = summary.outcomes.get("failed").copied().unwrap_or(0)
+                + summary.outcomes.get("parked").copied().unwrap_or(0);
+            if failed > 0 {
+                return Err(Failure::runtime(format!(
+                    "{failed} user(s) were not pushed (dead-lettered or parked): see `usersync dlq list`"
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.is_config() => Err(Failure::usage(e)),
+        Err(e) => Err(Failure::runtime(e)),
+    }
+}
+
+/// `usersync sync-user`.
+async fn sync_user(
+    path: &std::path::Path,
+    explicit: bool,
+    key: &str,
+    json: bool,
+    timeout: u64,
+) -> Result<(), Failure> {
+    let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+    crate::observe::init_logging(&cfg.log.level, cfg.log.format == "json");
+    let result = crate::manual::sync_user(&cfg, key, std::time::Duration::from_secs(timeout)).await;
+    match result {
+        Ok(r) if json => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            Ok(())
+        }
+        Ok(r) => {
+            println!("{r}");
+            Ok(())
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "key": key, "error": e.to_string() })
+                );
+            }
+            if e.is_config() {
+                Err(Failure::usage(e))
+            } else {
+                Err(Failure::runtime(e))
+            }
+        }
+    }
 }

@@ -94,6 +94,9 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("metrics", "ready_max_lag_mb", KeyKind::Int),
     ("sync_log", "enabled", KeyKind::Bool),
     ("sync_log", "retention_days", KeyKind::Int),
+    ("sync", "enabled", KeyKind::Bool),
+    ("backfill", "on_start", KeyKind::Bool),
+    ("backfill", "chunk_size", KeyKind::Int),
 ];
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -107,6 +110,8 @@ struct RawConfig {
     log: LogConfig,
     metrics: MetricsConfig,
     sync_log: SyncLogConfig,
+    sync: SyncConfig,
+    backfill: BackfillConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -280,6 +285,40 @@ impl Default for SyncLogConfig {
         SyncLogConfig {
             enabled: true,
             retention_days: 30,
+        }
+    }
+}
+
+/// The off switch: with `enabled = false` the daemon keeps consuming the
+/// slot (so WAL does not pile up) but pushes nothing, and records which users
+/// changed; switching it back on (SIGHUP or restart) pushes those users.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    pub enabled: bool,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig { enabled: true }
+    }
+}
+
+/// Pushing the users that already exist in the table.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackfillConfig {
+    /// Run a backfill (changed rows only) beside the stream when `run` starts.
+    pub on_start: bool,
+    /// Rows scanned, and requests queued, per step.
+    pub chunk_size: usize,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            on_start: false,
+            chunk_size: 500,
         }
     }
 }
@@ -459,6 +498,8 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub sync_log: SyncLogConfig,
+    pub sync: SyncConfig,
+    pub backfill: BackfillConfig,
 }
 
 /// Where environment values come from; a map in tests, the process env otherwise.
@@ -1012,6 +1053,7 @@ impl RawConfig {
                 "pipeline.max_buffered_changes",
                 self.pipeline.max_buffered_changes as u64,
             ),
+            ("backfill.chunk_size", self.backfill.chunk_size as u64),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid {
@@ -1061,6 +1103,8 @@ impl RawConfig {
             log: self.log,
             metrics: self.metrics,
             sync_log: self.sync_log,
+            sync: self.sync,
+            backfill: self.backfill,
         })
     }
 }

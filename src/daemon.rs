@@ -77,10 +77,27 @@ pub async fn run_with_sink(
     cancel: CancellationToken,
     reports: Option<mpsc::UnboundedSender<SyncReport>>,
 ) -> Result<(), RunError> {
+    run_with_switch(cfg, sink, cancel, reports, None).await
+}
+
+/// `run` with the off switch driven from outside (`usersync run` flips it
+/// on SIGHUP); without one, `[sync] enabled` holds for the whole run.
+pub async fn run_with_switch(
+    cfg: &Config,
+    sink: Arc<dyn Sink>,
+    cancel: CancellationToken,
+    reports: Option<mpsc::UnboundedSender<SyncReport>>,
+    switch: Option<watch::Receiver<bool>>,
+) -> Result<(), RunError> {
     // The first check fails fast: a wrong setup is reported, not retried.
     let shape = prepare(cfg).await?;
     check_sink(cfg, sink.as_ref()).await?;
     crate::synclog::start(cfg, cancel.clone());
+    let (_fixed, fixed_rx) = watch::channel(cfg.sync.enabled);
+    let switch = switch.unwrap_or(fixed_rx);
+    if cfg.backfill.on_start {
+        crate::backfill::spawn_beside_daemon(cfg.clone(), cancel.clone());
+    }
     let mut delay = Duration::from_millis(500);
     let mut shape = Some(shape);
     loop {
@@ -106,6 +123,7 @@ pub async fn run_with_sink(
             Arc::clone(&sink),
             cancel.clone(),
             reports.clone(),
+            switch.clone(),
         )
         .await
         {
@@ -170,6 +188,7 @@ async fn session(
     sink: Arc<dyn Sink>,
     cancel: CancellationToken,
     reports: Option<mpsc::UnboundedSender<SyncReport>>,
+    switch: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
     let db = connect(&cfg.database, "usersync").await?;
     let parked: HashSet<String> = deadletter::parked_users(&db)
@@ -228,6 +247,12 @@ async fn session(
         max_buffered: cfg.pipeline.max_buffered_changes,
         log_personal_data: cfg.log.personal_data,
         external_ids: Some(Arc::new(ExternalIds::connect(&cfg.database, shape).await?)),
+        current_rows: Some(Arc::new(
+            crate::requests::CurrentRows::connect(cfg, shape)
+                .await
+                .map_err(|e| RunError::Writeback(WritebackError::Sql(e.to_string())))?,
+        )),
+        sync_enabled: Some(switch),
     };
     let pipeline_cancel = session_cancel.clone();
     let outcome: Result<(), RunError> = tokio::select! {

@@ -29,3 +29,7 @@ pub mod synclog;
 pub mod teardown;
 pub mod tls;
 pub mod writeback;
+
+pub mod backfill;
+pub mod manual;
+pub mod requests;

@@ -298,6 +298,7 @@ pub fn written(batch: &[WriteItem]) {
                 };
                 counter.inc();
             }
+            Outcome::Skipped | Outcome::Deferred | Outcome::Resume => {}
         }
     }
 }

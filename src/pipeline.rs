@@ -85,6 +85,8 @@ impl AckTracker {
 struct Queued {
     seq: u64,
     change: Box<Change>,
+    /// A sync request: the change is built from the row when its turn comes.
+    request: Option<i64>,
 }
 
 struct PushResult {
@@ -99,6 +101,7 @@ struct PushResult {
 struct Failure {
     seq: u64,
     change: Box<Change>,
+    request: Option<i64>,
     external_id: Option<String>,
     failed: PushFailed,
     first_attempt_at: SystemTime,
@@ -113,6 +116,10 @@ pub struct Pipeline {
     pub log_personal_data: bool,
     /// Reads a row's external id when neither memory nor the change has it.
     pub external_ids: Option<Arc<ExternalIds>>,
+    /// Reads a user's current row for sync requests (`requests`).
+    pub current_rows: Option<Arc<crate::requests::CurrentRows>>,
+    /// The off switch (`[sync] enabled`); `None` means always on.
+    pub sync_enabled: Option<watch::Receiver<bool>>,
 }
 
 struct State {
@@ -220,6 +227,15 @@ impl Pipeline {
         // ~12 % of the daemon's CPU (BENCHMARKS.md), and the pushes are I/O.
         let mut pushes: Pushes = FuturesUnordered::new();
         let mut draining = false;
+        let mut switch = self.sync_enabled.clone();
+        let mut enabled = switch.as_ref().is_none_or(|s| *s.borrow());
+        if enabled {
+            // Users changed while sync was off (before a restart) are pushed now.
+            crate::requests::send_resume(&writer, &mut st.ack).await?;
+            st.unwritten += 1;
+        } else {
+            tracing::warn!("sync is switched off ([sync] enabled = false): reading and acknowledging the stream, pushing nothing; changed users are recorded in usersync.pending_users");
+        }
         loop {
             self.start_ready(&mut st, &mut pushes, &writer);
             crate::metrics::pipeline(st.active.len(), st.ack.in_flight(), st.parked.len());
@@ -238,8 +254,29 @@ impl Pipeline {
                     });
                     st.ready.clear();
                 }
+                now = crate::requests::switch_changed(&mut switch), if switch.is_some() => {
+                    match now {
+                        Some(now) if now != enabled => {
+                            enabled = now;
+                            if enabled {
+                                tracing::info!("sync switched on");
+                                crate::requests::send_resume(&writer, &mut st.ack).await?;
+                                st.unwritten += 1;
+                            } else {
+                                tracing::warn!("sync switched off: reading and acknowledging the stream, pushing nothing; changed users are recorded in usersync.pending_users");
+                            }
+                        }
+                        Some(_) => {}
+                        None => switch = None,
+                    }
+                }
                 ev = source.recv(), if room => match ev {
-                    Some(SourceEvent::Change(change)) => {
+                    Some(ev @ (SourceEvent::Change(_) | SourceEvent::Request { .. })) => {
+                        let (change, request) = match ev {
+                            SourceEvent::Change(change) => (change, None),
+                            SourceEvent::Request { change, id } => (change, Some(id)),
+                            _ => continue,
+                        };
                         crate::metrics::change_seen(change.op);
                         let key = change.key.text.clone();
                         if done.covers(&key, change.commit_lsn, change.position) {
@@ -247,13 +284,19 @@ impl Pipeline {
                             continue;
                         }
                         let seq = st.ack.register();
+                        if !enabled {
+                            let item = crate::requests::deferred(seq, &change, request);
+                            send(&writer, item, &mut st).await?;
+                            continue;
+                        }
                         if let Some(&last) = st.parked.get(&key) {
                             let still = match last {
                                 Some(last) if st.ack.is_pending(last) => true,
                                 _ => deadletter::is_parked(db, &key).await?,
                             };
                             if still {
-                                let item = dead_letter(seq, &change, change.external_id.as_deref(), None);
+                                let mut item = dead_letter(seq, &change, change.external_id.as_deref(), None);
+                                item.request = crate::requests::parked_mark(request);
                                 send(&writer, item, &mut st).await?;
                                 st.parked.insert(key, Some(seq));
                                 continue;
@@ -265,7 +308,7 @@ impl Pipeline {
                         if lane.is_empty() && !st.active.contains(&key) {
                             st.ready.push_back(key);
                         }
-                        lane.push_back(Queued { seq, change });
+                        lane.push_back(Queued { seq, change, request });
                     }
                     Some(SourceEvent::TxnEnd { end_lsn }) | Some(SourceEvent::Idle { wal_end: end_lsn }) => {
                         st.ack.boundary(end_lsn);
@@ -281,12 +324,14 @@ impl Pipeline {
                     if let Some(f) = result.failure {
                         // Park the user: this change and every later one go to
                         // the dead-letter table, in order, until replayed.
-                        let item = dead_letter(f.seq, &f.change, f.external_id.as_deref(), Some((&f.failed, f.first_attempt_at)));
+                        let mut item = dead_letter(f.seq, &f.change, f.external_id.as_deref(), Some((&f.failed, f.first_attempt_at)));
+                        item.request = crate::requests::failed_mark(f.request, &f.failed);
                         send(&writer, item, &mut st).await?;
                         let mut last = f.seq;
                         for q in st.lanes.remove(&key).into_iter().flatten() {
                             let ext = st.known_ids.get(&key).map(|(id, _)| id.clone()).or_else(|| q.change.external_id.clone());
-                            let item = dead_letter(q.seq, &q.change, ext.as_deref(), None);
+                            let mut item = dead_letter(q.seq, &q.change, ext.as_deref(), None);
+                            item.request = crate::requests::parked_mark(q.request);
                             send(&writer, item, &mut st).await?;
                             last = q.seq;
                         }
@@ -342,11 +387,52 @@ impl Pipeline {
             let writer = writer.clone();
             let log_values = self.log_personal_data;
             let lookup = self.external_ids.clone();
+            let current_rows = self.current_rows.clone();
             pushes.push(Box::pin(async move {
-                let Queued { seq, change } = queued;
+                let Queued {
+                    seq,
+                    mut change,
+                    request,
+                } = queued;
+                let mut external_id = external_id;
+                if let Some(id) = request {
+                    // The row as it is now: never older than a change this
+                    // lane pushed before, and a later change queues behind.
+                    match crate::requests::prepare(
+                        current_rows.as_deref(),
+                        id,
+                        &mut change,
+                        external_id.take(),
+                        sink.name(),
+                    )
+                    .await
+                    {
+                        Ok(id) => external_id = id,
+                        Err(item) => {
+                            let _ = writer.send(item.into_write_item(seq, &change)).await;
+                            return PushResult {
+                                key,
+                                seq,
+                                deleted: false,
+                                external_id: None,
+                                failure: None,
+                            };
+                        }
+                    }
+                }
                 let external_id = match (external_id, &lookup) {
                     (None, Some(ids)) if change.op != Operation::Insert => {
                         ids.get(&change.key.text).await
+                    }
+                    // A row already linked when its insert is pushed: it was
+                    // synced by `sync-user` (no daemon running) before the
+                    // stream got here. Creating it again would duplicate it.
+                    (None, Some(ids)) if change.op == Operation::Insert && request.is_none() => {
+                        let id = ids.get(&change.key.text).await;
+                        if id.is_some() {
+                            change.op = Operation::Update;
+                        }
+                        id
                     }
                     (id, _) => id,
                 };
@@ -364,15 +450,23 @@ impl Pipeline {
                                 "pushed values"
                             );
                         }
-                        let item = WriteItem::new(
+                        let push_latency = started.elapsed();
+                        let mut item = WriteItem::new(
                             seq,
                             &change,
                             Outcome::Synced {
                                 external_id: external_id.clone(),
                                 synced_at: SystemTime::now(),
-                                push_latency: started.elapsed(),
+                                push_latency,
                                 attempts: pushed.attempts,
                             },
+                        );
+                        crate::requests::annotate_synced(
+                            &mut item,
+                            &change,
+                            request,
+                            external_id.as_deref(),
+                            push_latency,
                         );
                         // A closed writer means shutdown; the change is replayed next start.
                         let _ = writer.send(item).await;
@@ -392,6 +486,7 @@ impl Pipeline {
                         failure: Some(Failure {
                             seq,
                             change,
+                            request,
                             external_id,
                             failed,
                             first_attempt_at,

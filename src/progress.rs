@@ -21,10 +21,13 @@ pub const TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.user_progress (
 );";
 
 /// Moves each user's record forward, never back. Parameters: keys, commit
-/// LSNs as text, positions.
-pub const UPSERT_SQL: &str = "INSERT INTO usersync.user_progress AS p (user_key, commit_lsn, position) \
-     SELECT k, l::pg_lsn, n FROM unnest($1::text[], $2::text[], $3::int4[]) AS w(k, l, n) \
-     ON CONFLICT (user_key) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, position = EXCLUDED.position \
+/// LSNs as text, positions, and the hash of the values pushed by that change
+/// (NULL when it pushed no values: a delete, a dead letter, sync switched
+/// off), which `backfill` compares with the row's current values.
+pub const UPSERT_SQL: &str = "INSERT INTO usersync.user_progress AS p (user_key, commit_lsn, position, values_hash) \
+     SELECT k, l::pg_lsn, n, h FROM unnest($1::text[], $2::text[], $3::int4[], $4::text[]) AS w(k, l, n, h) \
+     ON CONFLICT (user_key) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, position = EXCLUDED.position, \
+     values_hash = EXCLUDED.values_hash \
      WHERE (p.commit_lsn, p.position) < (EXCLUDED.commit_lsn, EXCLUDED.position)";
 
 #[derive(Debug, thiserror::Error)]

@@ -274,10 +274,34 @@ impl RowReader {
             .map(|i| row.try_get(i).map(|v| v.map(str::to_string)))
             .collect::<Result<_, _>>()
             .map_err(read_err)?;
+        self.row_from_values(key, &values).map(Some)
+    }
+
+    /// The table's columns, quoted and prefixed with `alias.`, in the order
+    /// [`RowReader::row_from_values`] expects (for scans of many rows).
+    pub fn select_list(&self, alias: &str) -> String {
+        self.columns
+            .iter()
+            .map(|c| format!("{alias}.{}", quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn column_count(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// A row read in text format (columns in `select_list` order), as the
+    /// stream would push it.
+    pub fn row_from_values(
+        &self,
+        key: &str,
+        values: &[Option<String>],
+    ) -> Result<CurrentRow, ReplayError> {
         let key_column = self.shape.key_column.as_str();
         let data = row_to_data(
             &self.columns,
-            &values,
+            values,
             |c| is_synced(c, key_column, &self.sink_columns),
             &self.types,
         )
@@ -294,11 +318,11 @@ impl RowReader {
         };
         let key_text = value_of(key_column).unwrap_or_else(|| key.to_string());
         let external_id = value_of(EXTERNAL_ID_COLUMN).filter(|s| !s.is_empty());
-        Ok(Some(CurrentRow {
+        Ok(CurrentRow {
             key: self.key(&key_text)?,
             data,
             external_id,
-        }))
+        })
     }
 }
 

@@ -72,6 +72,8 @@ pub enum SchemaError {
     OriginMissing(String),
     #[error("table {0} does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA)")]
     OwnTablesMissing(&'static str),
+    #[error("{0}")]
+    Requests(String),
     #[error("database query failed while checking {what}: {reason}")]
     Query { what: &'static str, reason: String },
 }
@@ -360,5 +362,19 @@ pub async fn preflight(client: &Client, cfg: &DatabaseConfig) -> Result<TableSha
     check_slot(client, cfg).await?;
     check_origin(client, cfg).await?;
     check_own_tables(client).await?;
+    check_requests(client, cfg).await?;
     Ok(shape)
+}
+
+/// The request tables exist and requests are published (see `requests`).
+pub async fn check_requests(client: &Client, cfg: &DatabaseConfig) -> Result<(), SchemaError> {
+    use crate::requests::RequestError;
+    match crate::requests::check(client, cfg).await {
+        Ok(()) => Ok(()),
+        Err(RequestError::Sql(reason)) => Err(SchemaError::Query {
+            what: "usersync's request tables",
+            reason,
+        }),
+        Err(e) => Err(SchemaError::Requests(e.to_string())),
+    }
 }

@@ -79,6 +79,26 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
                 slot = quote_literal(&cfg.slot)
             ),
         },
+        Step {
+            comment: "Sync requests (backfill, sync-user, switching sync back on): each row asks the daemon to push one user's current state.",
+            sql: crate::requests::REQUESTS_DDL.to_string(),
+        },
+        Step {
+            comment: "Requests travel through the stream, ordered with the users' own changes.",
+            sql: crate::requests::publication_sql(cfg),
+        },
+        Step {
+            comment: "Users changed while sync was switched off ([sync] enabled = false), pushed when it is switched on.",
+            sql: crate::requests::PENDING_DDL.to_string(),
+        },
+        Step {
+            comment: "A hash of the values last pushed per user, so backfill can tell which rows changed since.",
+            sql: crate::requests::HASH_DDL.to_string(),
+        },
+        Step {
+            comment: "The backfill's resumable cursor (one row).",
+            sql: crate::backfill::TABLE_DDL.to_string(),
+        },
     ]
 }
 
@@ -120,5 +140,6 @@ pub async fn apply(client: &Client, cfg: &DatabaseConfig) -> Result<(), SetupErr
     schema::check_slot(client, cfg).await?;
     schema::check_origin(client, cfg).await?;
     schema::check_own_tables(client).await?;
+    schema::check_requests(client, cfg).await?;
     Ok(())
 }

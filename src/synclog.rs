@@ -112,9 +112,6 @@ pub async fn insert(
     let mut latency_ms: Vec<f64> = Vec::with_capacity(n);
     let mut lsns = Vec::with_capacity(n);
     for item in batch {
-        event_ids.push(item.event_id.as_str());
-        ops.push(item.op.event_type());
-        keys.push(item.key.text.as_str());
         match &item.outcome {
             Outcome::Synced {
                 external_id,
@@ -136,9 +133,18 @@ pub async fn insert(
                 attempts.push(i32::try_from(dl.attempts).unwrap_or(i32::MAX));
                 push_ms.push(None);
             }
+            // Nothing reached the service: no request found its row, sync
+            // was off, or the bookkeeping of switching it on.
+            Outcome::Skipped | Outcome::Deferred | Outcome::Resume => continue,
         }
+        event_ids.push(item.event_id.as_str());
+        ops.push(item.op.event_type());
+        keys.push(item.key.text.as_str());
         latency_ms.push((now_us - item.commit_time_us).max(0) as f64 / 1000.0);
         lsns.push(format_lsn(item.commit_lsn));
+    }
+    if event_ids.is_empty() {
+        return Ok(());
     }
     tx.execute(
         statement,

@@ -42,6 +42,11 @@ pub struct WriteItem {
     pub outcome: Outcome,
     /// Commit time of the source transaction (µs since the Unix epoch).
     pub commit_time_us: i64,
+    /// Hash of the values pushed (`requests::values_hash`), kept per user in
+    /// `usersync.user_progress`; `None` when no values were pushed.
+    pub values_hash: Option<String>,
+    /// The sync request this change answers, marked done in the same transaction.
+    pub request: Option<crate::requests::RequestMark>,
 }
 
 impl WriteItem {
@@ -57,6 +62,8 @@ impl WriteItem {
             decoded_at: change.decoded_at,
             outcome,
             commit_time_us: change.commit_time_us,
+            values_hash: None,
+            request: None,
         }
     }
 }
@@ -70,6 +77,12 @@ pub enum Outcome {
         attempts: u32,
     },
     DeadLetter(Box<NewDeadLetter>),
+    /// Nothing to write back (a sync request whose row is gone).
+    Skipped,
+    /// Sync is switched off: the user is recorded in `usersync.pending_users`.
+    Deferred,
+    /// Sync was switched on: every pending user becomes a sync request.
+    Resume,
 }
 
 /// One change that reached the external service and, where the row still
@@ -211,6 +224,17 @@ impl Writer {
                         lsn = %format_lsn(item.commit_lsn),
                         "dead-lettered (details: `usersync dlq list`); the user is parked until `usersync dlq replay`"
                     ),
+                    Outcome::Skipped => {
+                        tracing::debug!(event_id = %item.event_id, user = %item.key, "sync request: the row is gone; nothing pushed")
+                    }
+                    Outcome::Deferred => {
+                        tracing::debug!(event_id = %item.event_id, user = %item.key, "sync is off; user recorded as pending")
+                    }
+                    Outcome::Resume => {
+                        tracing::info!(
+                            "sync is on: users changed while it was off are queued for a push"
+                        )
+                    }
                 }
             }
         }
@@ -235,6 +259,7 @@ impl Writer {
                 }
                 Outcome::Synced { .. } => {}
                 Outcome::DeadLetter(dl) => dead.push(dl),
+                Outcome::Skipped | Outcome::Deferred | Outcome::Resume => {}
             }
         }
 
@@ -269,16 +294,27 @@ impl Writer {
                 .await
                 .map_err(|e| WritebackError::Sql(e.to_string()))?;
         }
-        // Per user, the newest change this batch makes durable.
-        let mut newest: HashMap<&str, (Lsn, u32)> = HashMap::new();
+        crate::requests::write_marks(&tx, batch).await?;
+        // Per user, the newest change this batch makes durable, with the
+        // hash of the values it pushed.
+        let mut newest: HashMap<&str, ((Lsn, u32), Option<&str>)> = HashMap::new();
         for item in batch {
-            let entry = newest.entry(item.key.text.as_str()).or_insert((0, 0));
-            *entry = (*entry).max((item.commit_lsn, item.position));
+            if matches!(item.outcome, Outcome::Resume) {
+                continue;
+            }
+            let at = (item.commit_lsn, item.position);
+            let entry = newest
+                .entry(item.key.text.as_str())
+                .or_insert(((0, 0), None));
+            if at >= entry.0 {
+                *entry = (at, item.values_hash.as_deref());
+            }
         }
         let users: Vec<&str> = newest.keys().copied().collect();
-        let lsns: Vec<String> = users.iter().map(|k| format_lsn(newest[k].0)).collect();
-        let positions: Vec<i32> = users.iter().map(|k| newest[k].1 as i32).collect();
-        tx.execute(&self.user_progress, &[&users, &lsns, &positions])
+        let lsns: Vec<String> = users.iter().map(|k| format_lsn(newest[k].0 .0)).collect();
+        let positions: Vec<i32> = users.iter().map(|k| newest[k].0 .1 as i32).collect();
+        let hashes: Vec<Option<&str>> = users.iter().map(|k| newest[k].1).collect();
+        tx.execute(&self.user_progress, &[&users, &lsns, &positions, &hashes])
             .await
             .map_err(sql_err)?;
         crate::synclog::insert(&tx, self.sync_log.as_ref(), batch).await?;

@@ -298,6 +298,51 @@ impl RowBuilder {
         Ok(change)
     }
 
+    /// For an INSERT into `usersync.sync_requests`: the request's id and
+    /// user key. `None` for any other relation.
+    pub fn request_of(
+        &self,
+        rel_id: u32,
+        new: &TupleData,
+    ) -> Result<Option<(i64, String)>, RowError> {
+        let rel = self.relation(rel_id)?;
+        if rel.namespace != crate::requests::REQUESTS_SCHEMA
+            || rel.name != crate::requests::REQUESTS_TABLE
+        {
+            return Ok(None);
+        }
+        let text = |column: &str| -> Result<String, RowError> {
+            let idx = rel
+                .columns
+                .iter()
+                .position(|c| c.name == column)
+                .ok_or_else(|| RowError::KeyMissing(format!("usersync.sync_requests.{column}")))?;
+            match new.0.get(idx) {
+                Some(ColumnValue::Text(b)) | Some(ColumnValue::Binary(b)) => {
+                    Ok(String::from_utf8_lossy(b).into_owned())
+                }
+                _ => Err(RowError::KeyMissing(format!(
+                    "usersync.sync_requests.{column}"
+                ))),
+            }
+        };
+        let id = text("id")?;
+        let id = id
+            .parse::<i64>()
+            .map_err(|_| RowError::KeyMissing("usersync.sync_requests.id".into()))?;
+        Ok(Some((id, text("user_key")?)))
+    }
+
+    /// A request's change: the user's lane reads the row when its turn comes
+    /// and fills in the operation, key and data then.
+    pub fn request_change(&self, key: String, at: TxnPosition) -> Change {
+        let key = UserKey {
+            json: Value::String(key.clone()),
+            text: key,
+        };
+        self.base_change(Operation::Update, key, at)
+    }
+
     /// A readable type name for messages.
     pub fn type_name(&self, oid: u32) -> String {
         type_name(oid, &self.types)

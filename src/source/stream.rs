@@ -18,6 +18,12 @@ use crate::config::DatabaseConfig;
 #[derive(Debug)]
 pub enum SourceEvent {
     Change(Box<Change>),
+    /// A sync request (`usersync.sync_requests` INSERT): push the user's
+    /// current row in its lane. `change` carries the position and the key.
+    Request {
+        change: Box<Change>,
+        id: i64,
+    },
     /// Every change of the transaction ending at `end_lsn` has been sent.
     TxnEnd {
         end_lsn: Lsn,
@@ -244,6 +250,22 @@ impl Reader {
                 Ok(None)
             }
             PgOutputMessage::Insert { rel_id, new } => {
+                // Requests are routed even from our own transactions: the
+                // write-back turns pending users into requests (off switch).
+                if let Some((id, key)) = self.rows.request_of(rel_id, &new)? {
+                    let Some(t) = txn.as_mut() else {
+                        return Ok(None);
+                    };
+                    let at = TxnPosition {
+                        commit_lsn: t.commit_lsn,
+                        xid: t.xid,
+                        commit_time_us: t.commit_time_us,
+                        position: t.position,
+                    };
+                    t.position += 1;
+                    let change = Box::new(self.rows.request_change(key, at));
+                    return Ok(Some(SourceEvent::Request { change, id }));
+                }
                 let Some(at) = self.position(rel_id, txn)? else {
                     return Ok(None);
                 };
