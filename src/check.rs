@@ -347,7 +347,17 @@ async fn capacity(client: &Client, slot: Option<&SlotInfo>) -> Vec<Finding> {
 /// The slot is free for this daemon and does not hold back too much WAL.
 fn slot_health(db: &DatabaseConfig, slot: &SlotInfo) -> Vec<Finding> {
     let mut out = Vec::new();
-    if let Some(pid) = slot.active_pid {
+    if let (Some(pid), Some("usersync")) = (slot.active_pid, slot.application_name.as_deref()) {
+        // The daemon's own replication connection: the normal, healthy state
+        // while `check` runs beside it.
+        out.push(Finding::ok(
+            "slot_active",
+            format!(
+                "slot {} is streamed by a running usersync (server process {pid}); a second usersync on this slot would wait as a standby",
+                db.slot
+            ),
+        ));
+    } else if let Some(pid) = slot.active_pid {
         out.push(Finding::warn(
             "slot_active",
             format!(

@@ -204,12 +204,9 @@ async fn check_warns_about_an_active_slot_and_retained_wal() {
     cmd.env("USERSYNC_DATABASE_MAX_RETAINED_WAL_MB", "0");
     let (code, report) = check_json(&db, cmd).await;
     assert_eq!(code, Some(1), "{report:#}");
+    // Streamed by usersync itself: healthy.
     let (l, f) = level(&report, "slot_active");
-    assert_eq!(l, "warn");
-    assert!(
-        f["fix"].as_str().unwrap().contains("pg_terminate_backend"),
-        "{f}"
-    );
+    assert_eq!(l, "ok", "{f}");
     let (l, f) = level(&report, "retained_wal");
     assert_eq!(l, "warn");
     assert!(
@@ -222,6 +219,41 @@ async fn check_warns_about_an_active_slot_and_retained_wal() {
     // The running daemon holds its WAL sender: that is not a shortage.
     assert_eq!(level(&report, "wal_senders").0, "ok");
     daemon.stop().await;
+    wait_slot_inactive(&db).await;
+
+    // Another consumer on the slot is a problem, with the way out.
+    let c = cluster();
+    let mut other = std::process::Command::new(c.bin_dir().join("pg_recvlogical"))
+        .args(["-h", c.host(), "-U", "postgres", "--no-loop", "--start"])
+        .arg(format!("--port={}", c.port()))
+        .arg(format!("--dbname={}", db.dbname))
+        .arg(format!("--slot={}", db.dbname))
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=usersync_users",
+        ])
+        .args(["-f", "/dev/null"])
+        .spawn()
+        .expect("pg_recvlogical");
+    let mut report = Value::Null;
+    for _ in 0..100 {
+        let (_, r) = check_json(&db, db.binary_command(&["check", "--json"])).await;
+        report = r;
+        if level(&report, "slot_active").0 == "warn" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = other.kill();
+    let _ = other.wait();
+    let (l, f) = level(&report, "slot_active");
+    assert_eq!(l, "warn", "{report:#}");
+    assert!(
+        f["fix"].as_str().unwrap().contains("pg_terminate_backend"),
+        "{f}"
+    );
 }
 
 #[tokio::test]
@@ -344,7 +376,7 @@ async fn status_shows_streaming_lag_dead_letters_and_newer_tables() {
     assert!(out.stdout.contains("streaming"), "{}", out.stdout);
     assert!(out.stdout.contains("yes (slot"), "{}", out.stdout);
     assert!(
-        out.stdout.contains("n/a (needs a newer `usersync setup`)"),
+        !out.stdout.contains("n/a (needs a newer `usersync setup`)"),
         "{}",
         out.stdout
     );
@@ -356,26 +388,24 @@ async fn status_shows_streaming_lag_dead_letters_and_newer_tables() {
     assert!(s["slot"]["confirmed_lsn"].as_str().is_some(), "{s:#}");
     assert!(s["slot"]["lag_bytes"].as_i64().is_some(), "{s:#}");
     assert_eq!(s["dead_letters"]["failed"], 0);
-    assert!(s["sync_log"].is_null());
-    assert_eq!(s["backfill_table"], false);
+    // The daemon's own sync log: the two inserts.
+    assert_eq!(s["sync_log"]["synced_last_hour"], 2, "{s:#}");
+    assert!(s["sync_log"]["last_synced_at"].as_str().is_some(), "{s:#}");
+    assert_eq!(s["backfill_table"], true);
+    assert!(s["backfill"].is_null(), "no backfill ran: {s:#}");
     daemon.stop().await;
     wait_slot_inactive(&db).await;
 
-    // The tables a newer setup creates, filled by hand.
+    // The sync log and backfill cursor, filled by hand.
     db.exec(
-        "CREATE TABLE usersync.sync_log (id bigserial primary key, logged_at timestamptz not null default now(),
-            event_id text, operation text not null, user_key text not null, external_id text,
-            outcome text not null, attempts integer not null, push_ms double precision,
-            latency_ms double precision, commit_lsn pg_lsn);
+        "TRUNCATE usersync.sync_log;
          INSERT INTO usersync.sync_log (operation, user_key, outcome, attempts) VALUES
             ('insert', '1', 'synced', 1), ('insert', '2', 'synced', 2), ('update', '1', 'dead_letter', 5),
             ('update', '1', 'parked', 0);
          INSERT INTO usersync.sync_log (logged_at, operation, user_key, outcome, attempts) VALUES
             (now() - interval '2 hours', 'insert', '3', 'synced', 1);
-         CREATE TABLE usersync.backfill (id integer primary key, mode text not null, cursor text,
-            rows_total bigint, rows_done bigint not null, started_at timestamptz not null,
-            updated_at timestamptz not null, finished_at timestamptz);
-         INSERT INTO usersync.backfill VALUES (1, 'missing', '500', 1000, 500, now(), now(), NULL);
+         INSERT INTO usersync.backfill (id, mode, cursor, rows_total, rows_done, started_at, updated_at, finished_at)
+            VALUES (1, 'missing', '500', 1000, 500, now(), now(), NULL);
          INSERT INTO usersync.dead_letters (event_id, user_key, operation, state, envelope, last_error,
             attempts, first_attempt_at, last_attempt_at, commit_lsn) VALUES
             ('e1', '1', 'update', 'failed', '{}', 'HTTP 400', 5, now(), now(), '0/1'),

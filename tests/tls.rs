@@ -157,6 +157,8 @@ fn binary(url: &str, fake: &FakeService, secret: &WebhookSecret, args: &[&str]) 
         .env("TEST_SECRET", secret.to_whsec())
         .env("USERSYNC_RETRY_INITIAL_BACKOFF_MS", "20")
         .env("USERSYNC_RETRY_MAX_BACKOFF_MS", "200")
+        // No metrics port: tests run side by side.
+        .env("USERSYNC_METRICS_LISTEN", "")
         .current_dir(std::env::temp_dir());
     cmd
 }
