@@ -93,6 +93,7 @@ pub async fn run_with_switch(
     let shape = prepare(cfg).await?;
     check_sink(cfg, sink.as_ref()).await?;
     crate::synclog::start(cfg, cancel.clone());
+    crate::requests::spawn_pruner(cfg.database.clone(), cancel.clone());
     let (_fixed, fixed_rx) = watch::channel(cfg.sync.enabled);
     let switch = switch.unwrap_or(fixed_rx);
     if cfg.backfill.on_start {

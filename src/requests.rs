@@ -557,6 +557,58 @@ pub fn spawn_reload_handler(
     rx
 }
 
+/// How long an answered request is kept: `sync-user` and `backfill` read
+/// their outcomes within minutes; a day leaves room to look one up by hand.
+pub const DONE_RETENTION: &str = "1 day";
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Deletes answered requests older than [`DONE_RETENTION`], in bounded
+/// batches (each delete is also decoded by the walsender, and ignored).
+/// Unanswered requests are never touched: the stream still owes them a push.
+pub async fn prune_done(client: &Client) -> Result<u64, tokio_postgres::Error> {
+    let sql = format!(
+        "DELETE FROM usersync.sync_requests WHERE id IN (SELECT id FROM usersync.sync_requests \
+         WHERE done_at < now() - interval '{DONE_RETENTION}' ORDER BY id LIMIT $1)"
+    );
+    let mut total = 0;
+    loop {
+        let n = client.execute(&sql, &[&PRUNE_BATCH]).await?;
+        total += n;
+        if n < PRUNE_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Runs [`prune_done`] at start and every ten minutes until `cancel`.
+pub fn spawn_pruner(db: DatabaseConfig, cancel: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut client = None;
+        loop {
+            if client.is_none() {
+                client = crate::db::connect(&db, "usersync-requests").await.ok();
+            }
+            if let Some(c) = &client {
+                match prune_done(c).await {
+                    Ok(0) => {}
+                    Ok(rows) => {
+                        tracing::info!(rows, "deleted answered sync requests older than a day")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %error_text(&e), "cannot prune usersync.sync_requests; will retry");
+                        client = None;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

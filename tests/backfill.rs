@@ -652,3 +652,47 @@ async fn backfill_links_an_existing_stripe_customer() {
         other => panic!("daemon did not stop cleanly: {other:?}"),
     }
 }
+
+/// Answered requests older than a day are deleted by the daemon; open ones
+/// and recent answers stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn answered_requests_are_pruned_after_a_day() {
+    let db = TestDb::new(USERS_BIGINT).await;
+    // Written as if a daemon had answered them long ago; the slot is moved
+    // past them so that the daemon does not answer them again (the open one
+    // must survive either way).
+    db.exec(
+        "INSERT INTO usersync.sync_requests (user_key, reason, requested_at, done_at, outcome) VALUES
+            ('1', 'sync-user', now() - interval '3 days', now() - interval '2 days', 'synced'),
+            ('2', 'backfill', now() - interval '3 days', now() - interval '2 days', 'synced'),
+            ('3', 'sync-user', now() - interval '2 hours', now() - interval '1 hour', 'synced'),
+            ('4', 'backfill', now() - interval '3 days', NULL, NULL);",
+    )
+    .await;
+    db.exec("SELECT pg_replication_slot_advance(current_database(), pg_current_wal_lsn())")
+        .await;
+    let daemon = db.start_daemon();
+    wait_for_async("the old answers to go", Duration::from_secs(30), || async {
+        db.count("SELECT count(*) FROM usersync.sync_requests")
+            .await
+            == 2
+    })
+    .await;
+    let left = db
+        .count("SELECT count(*) FROM usersync.sync_requests WHERE user_key IN ('3', '4')")
+        .await;
+    assert_eq!(left, 2);
+    daemon.stop().await;
+}
+
+async fn wait_for_async<F, Fut>(what: &str, timeout: Duration, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
