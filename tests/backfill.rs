@@ -696,3 +696,38 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `[backfill] on_start = true`: `run` pushes the users that existed before
+/// usersync by itself, beside the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_with_backfill_on_start_pushes_existing_users() {
+    let db = TestDb::with_sink(
+        &format!(
+            "{USERS_BIGINT}; INSERT INTO users (id, email) SELECT g, 'old' || g || '@example.com' FROM generate_series(1, 200) g"
+        ),
+        "\n[backfill]\non_start = true\nchunk_size = 50\n",
+    )
+    .await;
+    let daemon = db.start_daemon();
+    db.exec("INSERT INTO users (id, email) VALUES (1000, 'new@example.com')")
+        .await;
+    db.wait_consistent(Duration::from_secs(60)).await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM users WHERE external_user_id IS NULL")
+            .await,
+        0
+    );
+    wait_for_async(
+        "the backfill to finish",
+        Duration::from_secs(30),
+        || async {
+            db.count("SELECT count(*) FROM usersync.backfill WHERE finished_at IS NOT NULL")
+                .await
+                == 1
+        },
+    )
+    .await;
+    let users = db.fake.users();
+    assert_eq!(users.len(), 201, "one external user per row, no duplicates");
+    daemon.stop().await;
+}
