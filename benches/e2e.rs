@@ -864,6 +864,23 @@ impl Bench<'_> {
         db.insert_single(n, "d").await?;
         let end_lsn = db.text("SELECT pg_current_wal_lsn()::text").await?;
 
+        // usersync's reader and pipeline alone (no write-back), on the same WAL;
+        // first, so that if reading the WAL cold costs anything, usersync pays it.
+        note(format_args!(
+            "usersync decodes and routes {n} changes into the null sink, write-back off"
+        ));
+        let mut route_cfg = cfg.clone();
+        route_cfg.database.slot = route_slot.clone();
+        let cpu0 = Cpu::now(self.cluster);
+        let started = Instant::now();
+        let routed = route_only(&route_cfg, &db, n, &end_lsn).await?;
+        let route_time = started.elapsed();
+        self.wait_backends_gone(&db, "usersync-route%").await;
+        let route_cpu = Cpu::now(self.cluster).since(cpu0);
+        if routed != n {
+            return Err(format!("decode-and-route pushed {routed} of {n} changes"));
+        }
+
         // pg_recvlogical drains its own slot up to the same position.
         note(format_args!(
             "pg_recvlogical drains {n} changes to {end_lsn}"
@@ -900,22 +917,6 @@ impl Bench<'_> {
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
             ));
-        }
-
-        // usersync's reader and pipeline alone (no write-back), on the same WAL.
-        note(format_args!(
-            "usersync decodes and routes {n} changes into the null sink, write-back off"
-        ));
-        let mut route_cfg = cfg.clone();
-        route_cfg.database.slot = route_slot.clone();
-        let cpu0 = Cpu::now(self.cluster);
-        let started = Instant::now();
-        let routed = route_only(&route_cfg, &db, n, &end_lsn).await?;
-        let route_time = started.elapsed();
-        self.wait_backends_gone(&db, "usersync-route%").await;
-        let route_cpu = Cpu::now(self.cluster).since(cpu0);
-        if routed != n {
-            return Err(format!("decode-and-route pushed {routed} of {n} changes"));
         }
 
         // usersync into the null sink, until the slot confirms the end.
