@@ -13,8 +13,10 @@ use crate::config::{self, Config, ProcessEnv};
 const ABOUT: &str = "Keeps a PostgreSQL users table in sync with an external user service.
 
 usersync reads the logical replication stream of the users table, pushes every
-insert, update and delete to the configured sink (a signed webhook) with retries,
-and writes external_user_id and external_synced_at back into the row.
+insert, update and delete to the configured sink (a signed webhook, Memberstack or
+Stripe) with retries, and writes external_user_id and external_synced_at back into
+the row. Start with `usersync setup`, then `usersync check`, then `usersync run`;
+`usersync backfill` pushes the users that existed before.
 
 Configuration comes from sync.toml (see sync.toml.example); every key can be
 overridden by an environment variable USERSYNC_<SECTION>_<KEY>, for example
