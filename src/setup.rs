@@ -125,6 +125,14 @@ pub fn render(cfg: &DatabaseConfig) -> String {
 pub async fn apply(client: &Client, cfg: &DatabaseConfig) -> Result<(), SetupError> {
     schema::check_wal_level(client).await?;
     schema::inspect_table(client, &cfg.table).await?;
+    // A rerun's "already exists, skipping" notices are expected, not news.
+    client
+        .batch_execute("SET client_min_messages = warning")
+        .await
+        .map_err(|e| SetupError::Step {
+            step: "quiet notices".to_string(),
+            reason: error_text(&e),
+        })?;
     for step in steps(cfg) {
         client
             .batch_execute(&step.sql)
