@@ -443,6 +443,8 @@ struct Progress {
     done: i64,
     started: Instant,
     last_draw: Option<Instant>,
+    /// `done` as last shown, so the end state is shown once, not twice.
+    drawn: i64,
 }
 
 impl Progress {
@@ -454,6 +456,7 @@ impl Progress {
             done,
             started: Instant::now(),
             last_draw: None,
+            drawn: -1,
         }
     }
 
@@ -491,7 +494,8 @@ impl Progress {
         )
     }
 
-    fn draw(&self) {
+    fn draw(&mut self) {
+        self.drawn = self.done;
         if self.bar {
             let mut err = std::io::stderr();
             let _ = write!(err, "\r\x1b[2K{}", self.line());
@@ -512,6 +516,9 @@ impl Progress {
         if self.bar {
             self.draw();
             eprintln!();
+        } else if self.drawn != self.done {
+            // The last update may have fallen inside the log interval.
+            self.draw();
         }
     }
 }
