@@ -519,6 +519,20 @@ struct Db {
 }
 
 impl Db {
+    /// Whether `slot` has confirmed everything up to `lsn`.
+    async fn slot_confirmed(&self, slot: &str, lsn: &str) -> R<bool> {
+        let done: Option<bool> = self
+            .client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&lsn, &slot],
+            )
+            .await
+            .ctx("slot position")?
+            .get(0);
+        Ok(done == Some(true))
+    }
+
     async fn scalar_i64(&self, sql: &str) -> R<i64> {
         let row = self.client.query_one(sql, &[]).await.ctx(sql)?;
         Ok(row.get(0))
@@ -947,16 +961,7 @@ impl Bench<'_> {
         let daemon = InProc::start(cfg, Some(sink.clone() as Arc<dyn Sink>), Some(tx));
         let deadline = started + Duration::from_secs(120 + n / 200);
         loop {
-            let done: Option<bool> = db
-                .client
-                .query_one(
-                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                    &[&end_lsn, &db.name],
-                )
-                .await
-                .ctx("slot position")?
-                .get(0);
-            if done == Some(true) {
+            if db.slot_confirmed(&db.name, &end_lsn).await? {
                 break;
             }
             if daemon.task.is_finished() || Instant::now() > deadline {
@@ -1750,16 +1755,7 @@ async fn route_only(cfg: &Config, db: &Db, n: u64, end_lsn: &str) -> R<u64> {
     });
     let deadline = Instant::now() + Duration::from_secs(120 + n / 200);
     let outcome = loop {
-        let done: Option<bool> = db
-            .client
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
-                &[&end_lsn, &cfg.database.slot],
-            )
-            .await
-            .ctx("slot position")?
-            .get(0);
-        if done == Some(true) {
+        if db.slot_confirmed(&cfg.database.slot, end_lsn).await? {
             break Ok(());
         }
         if pipeline_task.is_finished() || reader_task.is_finished() || Instant::now() > deadline {

@@ -353,13 +353,15 @@ impl Pipeline {
                 }
                 seqs = written.recv() => {
                     let Some(seqs) = seqs else { return Err(PipelineError::WriterGone) };
-                    let durable: HashSet<u64> = seqs.iter().copied().collect();
+                    if !st.known_ids.is_empty() {
+                        // The row now holds the id: later changes find it there.
+                        let durable: HashSet<u64> = seqs.iter().copied().collect();
+                        st.known_ids.retain(|_, (_, seq)| !durable.contains(seq));
+                    }
                     for seq in seqs {
                         st.ack.complete(seq);
                         st.unwritten -= 1;
                     }
-                    // The row now holds the id: later changes find it there.
-                    st.known_ids.retain(|_, (_, seq)| !durable.contains(seq));
                     if let Some(lsn) = st.ack.advance() {
                         let _ = acks.send(lsn);
                     }
