@@ -59,3 +59,38 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
     }
     s
 }
+
+/// Runs `job` at once and then every `every` on a connection of its own
+/// (named `app`) until `cancel`: the daemon's housekeeping (pruning the sync
+/// log and answered sync requests). A failed run is logged as `what` and
+/// drops the connection; the next tick reconnects.
+pub fn spawn_periodic<J, F>(
+    db: DatabaseConfig,
+    app: &'static str,
+    what: &'static str,
+    every: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+    job: J,
+) where
+    J: Fn(std::sync::Arc<Client>) -> F + Send + 'static,
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send,
+{
+    tokio::spawn(async move {
+        let mut client = None;
+        loop {
+            if client.is_none() {
+                client = connect(&db, app).await.ok().map(std::sync::Arc::new);
+            }
+            if let Some(c) = &client {
+                if let Err(e) = job(std::sync::Arc::clone(c)).await {
+                    tracing::warn!(error = %error_text(&e), "cannot {what}; will retry");
+                    client = None;
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+}

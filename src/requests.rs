@@ -583,30 +583,20 @@ pub async fn prune_done(client: &Client) -> Result<u64, tokio_postgres::Error> {
 
 /// Runs [`prune_done`] at start and every ten minutes until `cancel`.
 pub fn spawn_pruner(db: DatabaseConfig, cancel: tokio_util::sync::CancellationToken) {
-    tokio::spawn(async move {
-        let mut client = None;
-        loop {
-            if client.is_none() {
-                client = crate::db::connect(&db, "usersync-requests").await.ok();
+    crate::db::spawn_periodic(
+        db,
+        "usersync-requests",
+        "prune usersync.sync_requests",
+        PRUNE_EVERY,
+        cancel,
+        |c| async move {
+            let rows = prune_done(&c).await?;
+            if rows > 0 {
+                tracing::info!(rows, "deleted answered sync requests older than a day");
             }
-            if let Some(c) = &client {
-                match prune_done(c).await {
-                    Ok(0) => {}
-                    Ok(rows) => {
-                        tracing::info!(rows, "deleted answered sync requests older than a day")
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %error_text(&e), "cannot prune usersync.sync_requests; will retry");
-                        client = None;
-                    }
-                }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(PRUNE_EVERY) => {}
-            }
-        }
-    });
+            Ok(())
+        },
+    );
 }
 
 #[cfg(test)]

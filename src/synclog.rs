@@ -13,7 +13,7 @@ use tokio_postgres::{Client, GenericClient, Statement};
 use tokio_util::sync::CancellationToken;
 
 use crate::change::format_lsn;
-use crate::config::{Config, DatabaseConfig};
+use crate::config::Config;
 use crate::db::error_text;
 use crate::writeback::{Outcome, WriteItem, WritebackError};
 
@@ -70,7 +70,21 @@ pub fn start(cfg: &Config, cancel: CancellationToken) {
         .insert(cfg.database.origin.clone(), cfg.sync_log.enabled);
     if cfg.sync_log.enabled && cfg.sync_log.retention_days > 0 {
         let days = i32::try_from(cfg.sync_log.retention_days).unwrap_or(i32::MAX);
-        tokio::spawn(prune_loop(cfg.database.clone(), days, cancel));
+        crate::db::spawn_periodic(
+            cfg.database.clone(),
+            "usersync-sync-log",
+            "prune usersync.sync_log",
+            PRUNE_EVERY,
+            cancel,
+            move |c| async move {
+                let rows = prune(&c, days).await?;
+                if rows > 0 {
+                    crate::metrics::sync_log_pruned(rows);
+                    tracing::info!(rows, retention_days = days, "pruned the sync log");
+                }
+                Ok(())
+            },
+        );
     }
 }
 
@@ -173,32 +187,6 @@ pub async fn prune(client: &Client, days: i32) -> Result<u64, tokio_postgres::Er
         total += deleted;
         if deleted < PRUNE_BATCH as u64 {
             return Ok(total);
-        }
-    }
-}
-
-async fn prune_loop(db: DatabaseConfig, days: i32, cancel: CancellationToken) {
-    let mut client = None;
-    loop {
-        if client.is_none() {
-            client = crate::db::connect(&db, "usersync-sync-log").await.ok();
-        }
-        if let Some(c) = &client {
-            match prune(c, days).await {
-                Ok(0) => {}
-                Ok(rows) => {
-                    crate::metrics::sync_log_pruned(rows);
-                    tracing::info!(rows, retention_days = days, "pruned the sync log");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %error_text(&e), "cannot prune usersync.sync_log; will retry");
-                    client = None;
-                }
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(PRUNE_EVERY) => {}
         }
     }
 }
