@@ -23,14 +23,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
-use usersync::change::Change;
+use usersync::app::run::RunError;
 use usersync::config::Config;
-use usersync::daemon::RunError;
-use usersync::fake::{FakeOptions, FakeService, Fault};
-use usersync::pgtemp::{TempCluster, TempClusterOptions};
-use usersync::sink::signature::WebhookSecret;
+use usersync::core::change::Change;
+use usersync::core::signature::WebhookSecret;
+use usersync::dev::fake::{FakeOptions, FakeService, Fault};
+use usersync::dev::pgtemp::{TempCluster, TempClusterOptions};
 use usersync::sink::{Sink, SinkError};
-use usersync::writeback::SyncReport;
+use usersync::store::writeback::SyncReport;
 
 type R<T> = Result<T, String>;
 
@@ -393,8 +393,8 @@ impl InProc {
         let c = cancel.clone();
         let task = tokio::spawn(async move {
             match sink {
-                Some(sink) => usersync::daemon::run_with_sink(&cfg, sink, c, reports).await,
-                None => usersync::daemon::run(&cfg, c, reports).await,
+                Some(sink) => usersync::app::run::run_with_sink(&cfg, sink, c, reports).await,
+                None => usersync::app::run::run(&cfg, c, reports).await,
             }
         });
         InProc { cancel, task }
@@ -761,7 +761,7 @@ impl Bench<'_> {
     /// `usersync setup` for this database; returns the daemon's config.
     async fn setup(&self, db: &Db, sink_url: &str, sink_extra: &str) -> R<Config> {
         let cfg = self.config(db, sink_url, sink_extra)?;
-        usersync::setup::apply(&db.client, &cfg.database)
+        usersync::app::setup::apply(&db.client, &cfg.database)
             .await
             .ctx("setup")?;
         Ok(cfg)
@@ -1687,7 +1687,7 @@ async fn route_only(cfg: &Config, db: &Db, n: u64, end_lsn: &str) -> R<u64> {
     use usersync::pipeline::Pipeline;
     use usersync::source::rows::RowBuilder;
     use usersync::source::stream::{self, Reader};
-    let shape = usersync::daemon::prepare(cfg)
+    let shape = usersync::app::run::prepare(cfg)
         .await
         .ctx("preflight for decode-and-route")?;
     let client = stream::open(&cfg.database, "usersync-route")
@@ -1730,7 +1730,7 @@ async fn route_only(cfg: &Config, db: &Db, n: u64, end_lsn: &str) -> R<u64> {
         while write_rx.recv_many(&mut batch, batch_size).await > 0 {
             let seqs: Vec<u64> = batch
                 .drain(..)
-                .map(|i: usersync::writeback::WriteItem| i.seq)
+                .map(|i: usersync::store::writeback::WriteItem| i.seq)
                 .collect();
             if done_tx.send(seqs).is_err() {
                 return;

@@ -6,7 +6,6 @@ pub mod mapping;
 pub mod memberstack;
 pub mod ratelimit;
 pub mod retry;
-pub mod signature;
 pub mod stripe;
 pub mod webhook;
 
@@ -14,7 +13,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::change::Change;
+use crate::core::change::Change;
 
 /// What one attempt at pushing a change can fail with. `retryable` follows
 /// DESIGN.md: 408, 425, 429, 5xx, timeouts and connection errors are retried;

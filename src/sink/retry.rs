@@ -8,8 +8,8 @@ use backon::{BackoffBuilder, Retryable};
 use rand::Rng;
 
 use super::{Sink, SinkError};
-use crate::change::Change;
 use crate::config::RetryConfig;
+use crate::core::change::Change;
 
 /// Longest `Retry-After` honoured as given; a longer one is capped so a
 /// confused server cannot park a user for a day.
@@ -97,7 +97,7 @@ pub async fn push_with_retry(
     let attempts = AtomicU32::new(0);
     let result = (|| async {
         attempts.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::timed_push(sink.name(), sink.push(change, external_id)).await
+        crate::observe::metrics::timed_push(sink.name(), sink.push(change, external_id)).await
     })
     .retry(FullJitter::from_config(policy))
     .when(SinkError::is_retryable)
@@ -110,7 +110,7 @@ pub async fn push_with_retry(
         })
     })
     .notify(|e: &SinkError, wait: Duration| {
-        crate::metrics::retry(sink.name());
+        crate::observe::metrics::retry(sink.name());
         tracing::warn!(
             event_id = %change.event_id,
             sink = sink.name(),

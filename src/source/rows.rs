@@ -11,9 +11,9 @@ use serde_json::{Map, Value};
 
 use super::pgoutput::{ColumnValue, OldTuple, Relation, TupleData};
 use super::value::{text_to_json, type_name, TypeRegistry, ValueError};
-use crate::change::{Change, Lsn, Operation, UserKey};
 use crate::config::TableName;
-use crate::schema::{EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+use crate::core::change::{Change, Lsn, Operation, UserKey};
+use crate::store::schema::{EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RowError {
@@ -306,8 +306,8 @@ impl RowBuilder {
         new: &TupleData,
     ) -> Result<Option<(i64, String)>, RowError> {
         let rel = self.relation(rel_id)?;
-        if rel.namespace != crate::requests::REQUESTS_SCHEMA
-            || rel.name != crate::requests::REQUESTS_TABLE
+        if rel.namespace != crate::store::requests::REQUESTS_SCHEMA
+            || rel.name != crate::store::requests::REQUESTS_TABLE
         {
             return Ok(None);
         }

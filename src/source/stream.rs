@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::pgoutput::{decode, DecodeError, PgOutputMessage};
 use super::rows::{RowBuilder, RowError, TxnPosition};
-use crate::change::{Change, Lsn, PG_EPOCH_OFFSET_US};
 use crate::config::DatabaseConfig;
+use crate::core::change::{Change, Lsn, PG_EPOCH_OFFSET_US};
 
 /// What the reader hands the pipeline.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ pub fn replication_config(cfg: &DatabaseConfig, app: &str) -> ReplicationConfig 
 pub async fn open(cfg: &DatabaseConfig, app: &str) -> Result<ReplicationClient, SourceError> {
     let err = |e: pgwire_replication::PgWireError| SourceError::Stream {
         target: cfg.describe(),
-        reason: crate::tls::explain(&cfg.tls, e.to_string()),
+        reason: crate::config::tls::explain(&cfg.tls, e.to_string()),
     };
     let mut client = ReplicationClient::connect(replication_config(cfg, app))
         .await

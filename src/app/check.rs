@@ -1,0 +1,674 @@
+//! `usersync check`: diagnoses every setup mistake at once, one line per
+//! check (what is wrong, why it matters, the command or SQL that fixes it).
+//! Unlike the preflight of `run` (src/schema.rs), it keeps going after the
+//! first problem; it calls the same per-check functions so both agree.
+
+use std::path::Path;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::app::status::{self, SlotInfo};
+use crate::config::{self, quote_ident, Config, DatabaseConfig, Env};
+use crate::store::db::error_text;
+use crate::store::schema::{self, SchemaError, TableShape, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+
+/// How one check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    /// Works now, but will hurt (retained WAL, slot held by another process).
+    Warn,
+    Fail,
+    /// Could not be checked because an earlier check failed.
+    Skipped,
+}
+
+impl Level {
+    fn label(self) -> &'static str {
+        match self {
+            Level::Ok => "ok  ",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+            Level::Skipped => "skip",
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// Stable name, e.g. `wal_level`, `privilege.replication`.
+    pub check: &'static str,
+    pub level: Level,
+    /// What is wrong and why it matters (or what was found, when ok).
+    pub message: String,
+    /// The exact command or SQL that fixes it, when one exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn ok(check: &'static str, message: impl Into<String>) -> Self {
+        Finding {
+            check,
+            level: Level::Ok,
+            message: message.into(),
+            fix: None,
+        }
+    }
+    fn fail(check: &'static str, message: impl Into<String>, fix: Option<String>) -> Self {
+        Finding {
+            check,
+            level: Level::Fail,
+            message: message.into(),
+            fix,
+        }
+    }
+    fn warn(check: &'static str, message: impl Into<String>, fix: Option<String>) -> Self {
+        Finding {
+            check,
+            level: Level::Warn,
+            message: message.into(),
+            fix,
+        }
+    }
+    fn skipped(check: &'static str, message: impl Into<String>) -> Self {
+        Finding {
+            check,
+            level: Level::Skipped,
+            message: message.into(),
+            fix: None,
+        }
+    }
+    fn from_schema(check: &'static str, e: SchemaError) -> Self {
+        let fix = match &e {
+            SchemaError::WalLevel(_) => {
+                Some("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".to_string())
+            }
+            _ => None,
+        };
+        Finding::fail(check, e.to_string(), fix)
+    }
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// True when every check is ok (warnings count as not ok).
+    pub ok: bool,
+    pub checks: Vec<Finding>,
+}
+
+impl Report {
+    fn new(checks: Vec<Finding>) -> Self {
+        Report {
+            ok: checks
+                .iter()
+                .all(|f| matches!(f.level, Level::Ok | Level::Skipped)),
+            checks,
+        }
+    }
+
+    /// One line per check, for a terminal.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for f in &self.checks {
+            out.push_str(&format!("[{}] {}: {}", f.level.label(), f.check, f.message));
+            if let Some(fix) = &f.fix {
+                out.push_str(" -- fix: ");
+                out.push_str(fix);
+            }
+            out.push('\n');
+        }
+        let bad = self
+            .checks
+            .iter()
+            .filter(|f| matches!(f.level, Level::Fail | Level::Warn))
+            .count();
+        if bad == 0 {
+            out.push_str("all checks passed\n");
+        } else {
+            out.push_str(&format!(
+                "{bad} problem{} found\n",
+                if bad == 1 { "" } else { "s" }
+            ));
+        }
+        out
+    }
+}
+
+/// Runs every check it can. Config errors are findings, not failures: a
+/// missing secret still lets the database be checked.
+pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
+    let mut out = Vec::new();
+    let full = Config::load(path, explicit, env);
+    let db = match &full {
+        Ok(cfg) => {
+            out.push(Finding::ok(
+                "config",
+                format!("{} is valid", path.display()),
+            ));
+            Some(cfg.database.clone())
+        }
+        Err(e) => {
+            out.push(Finding::fail(
+                "config",
+                format!("{e}; usersync cannot start until it is fixed"),
+                None,
+            ));
+            // The [database] part is read first, so its error (if any) is the one above.
+            config::load_database(path, explicit, env, true).ok()
+        }
+    };
+    match &db {
+        Some(db) => database_checks(db, &mut out).await,
+        None => out.push(Finding::skipped(
+            "database",
+            "not checked: the [database] configuration has an error (above)",
+        )),
+    }
+    match &full {
+        Ok(cfg) => out.push(sink_check(cfg).await),
+        Err(_) => out.push(Finding::skipped(
+            "sink",
+            "not checked: the configuration has an error (above)",
+        )),
+    }
+    Report::new(out)
+}
+
+async fn database_checks(db: &DatabaseConfig, out: &mut Vec<Finding>) {
+    let client = match crate::store::db::connect(db, "usersync-check").await {
+        Ok(c) => {
+            out.push(Finding::ok(
+                "connect",
+                format!("connected to {}", db.describe()),
+            ));
+            c
+        }
+        Err(e) => {
+            out.push(Finding::fail("connect", e.to_string(), None));
+            out.push(Finding::skipped(
+                "database",
+                "the remaining database checks need a connection",
+            ));
+            return;
+        }
+    };
+    out.push(match schema::check_wal_level(&client).await {
+        Ok(()) => Finding::ok("wal_level", "wal_level = logical"),
+        Err(e) => Finding::from_schema("wal_level", e),
+    });
+    let slot = match status::slot_info(&client, &db.slot).await {
+        Ok(s) => s,
+        Err(e) => {
+            out.push(Finding::fail(
+                "slot",
+                format!("cannot read pg_replication_slots: {}", error_text(&e)),
+                None,
+            ));
+            None
+        }
+    };
+    out.extend(capacity(&client, slot.as_ref()).await);
+    let shape = match schema::inspect_table(&client, &db.table).await {
+        Ok(shape) => {
+            out.push(Finding::ok(
+                "table",
+                format!(
+                    "{} has primary key {} ({})",
+                    shape.table, shape.key_column, shape.key_type
+                ),
+            ));
+            Some(shape)
+        }
+        Err(e) => {
+            out.push(Finding::from_schema("table", e));
+            None
+        }
+    };
+    match &shape {
+        Some(shape) => {
+            let problems = schema::sync_column_problems(shape);
+            if problems.is_empty() {
+                out.push(Finding::ok(
+                    "columns",
+                    format!("{EXTERNAL_ID_COLUMN} and {SYNCED_AT_COLUMN} exist"),
+                ));
+            }
+            out.extend(
+                problems
+                    .into_iter()
+                    .map(|e| Finding::from_schema("columns", e)),
+            );
+            out.push(match schema::check_replica_identity(shape) {
+                Ok(()) => Finding::ok("replica_identity", "REPLICA IDENTITY FULL"),
+                Err(e) => Finding::from_schema("replica_identity", e),
+            });
+        }
+        None => out.push(Finding::skipped(
+            "columns",
+            "the sync columns and replica identity need the table (above)",
+        )),
+    }
+    out.push(match schema::check_publication(&client, db).await {
+        Ok(()) => Finding::ok(
+            "publication",
+            format!("publication {} includes {}", db.publication, db.table),
+        ),
+        Err(e) => Finding::from_schema("publication", e),
+    });
+    out.push(match schema::check_slot(&client, db).await {
+        Ok(()) => Finding::ok("slot", format!("logical slot {} (pgoutput)", db.slot)),
+        Err(e) => Finding::from_schema("slot", e),
+    });
+    if let Some(slot) = &slot {
+        out.extend(slot_health(db, slot));
+    }
+    out.push(match schema::check_origin(&client, db).await {
+        Ok(()) => Finding::ok("origin", format!("replication origin {}", db.origin)),
+        Err(e) => Finding::from_schema("origin", e),
+    });
+    out.push(match schema::check_own_tables(&client).await {
+        Ok(()) => Finding::ok("usersync_tables", "usersync's tables exist"),
+        Err(e) => Finding::from_schema("usersync_tables", e),
+    });
+    match privileges(&client, db, shape.as_ref()).await {
+        Ok(found) => out.extend(found),
+        Err(e) => out.push(Finding::fail(
+            "privileges",
+            format!("cannot check privileges: {}", error_text(&e)),
+            None,
+        )),
+    }
+}
+
+/// A slot (if none exists yet) and a WAL sender must be free.
+async fn capacity(client: &Client, slot: Option<&SlotInfo>) -> Vec<Finding> {
+    let row = match client
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int, \
+                    (SELECT count(*)::int FROM pg_replication_slots), \
+                    current_setting('max_wal_senders')::int, \
+                    (SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'walsender')",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return vec![Finding::fail(
+                "replication_capacity",
+                format!("cannot read replication settings: {}", error_text(&e)),
+                None,
+            )]
+        }
+    };
+    let (max_slots, slots, max_senders, senders): (i32, i32, i32, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let mut out = Vec::new();
+    if slot.is_none() && slots >= max_slots {
+        out.push(Finding::fail(
+            "replication_slots",
+            format!("all {max_slots} replication slots are in use, so usersync's slot cannot be created"),
+            Some(format!(
+                "ALTER SYSTEM SET max_replication_slots = {}; then restart PostgreSQL (or drop an unused slot with SELECT pg_drop_replication_slot('name'))",
+                max_slots + 1
+            )),
+        ));
+    } else {
+        out.push(Finding::ok(
+            "replication_slots",
+            format!("{slots} of {max_slots} replication slots used"),
+        ));
+    }
+    // A running usersync already holds its sender; only a new one needs a free one.
+    let ours_running = slot.is_some_and(|s| s.active);
+    if !ours_running && senders >= max_senders {
+        out.push(Finding::fail(
+            "wal_senders",
+            format!("all {max_senders} WAL senders are busy, so usersync cannot open its replication connection"),
+            Some(format!(
+                "ALTER SYSTEM SET max_wal_senders = {}; then restart PostgreSQL",
+                max_senders + 1
+            )),
+        ));
+    } else {
+        out.push(Finding::ok(
+            "wal_senders",
+            format!("{senders} of {max_senders} WAL senders busy"),
+        ));
+    }
+    out
+}
+
+/// The slot is free for this daemon and does not hold back too much WAL.
+fn slot_health(db: &DatabaseConfig, slot: &SlotInfo) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if let (Some(pid), Some("usersync")) = (slot.active_pid, slot.application_name.as_deref()) {
+        // The daemon's own replication connection: the normal, healthy state
+        // while `check` runs beside it.
+        out.push(Finding::ok(
+            "slot_active",
+            format!(
+                "slot {} is streamed by a running usersync (server process {pid}); a second usersync on this slot would wait as a standby",
+                db.slot
+            ),
+        ));
+    } else if let Some(pid) = slot.active_pid {
+        out.push(Finding::warn(
+            "slot_active",
+            format!(
+                "slot {} is being streamed by server process {pid} (application {}); a second usersync on this slot fails to start",
+                db.slot,
+                slot.application_name.as_deref().unwrap_or("unknown")
+            ),
+            Some(format!(
+                "stop the other consumer, or, if it is stale: SELECT pg_terminate_backend({pid});"
+            )),
+        ));
+    }
+    if slot.wal_status.as_deref() == Some("lost") {
+        out.push(Finding::fail(
+            "slot_wal",
+            format!(
+                "slot {} has lost WAL it needed (max_slot_wal_keep_size); changes are gone and the slot cannot be used",
+                db.slot
+            ),
+            Some(format!(
+                "usersync teardown --yes && usersync setup && usersync backfill (slot {})",
+                db.slot
+            )),
+        ));
+    } else if let Some(bytes) = slot.retained_bytes {
+        let limit = db.max_retained_wal_mb.saturating_mul(1024 * 1024);
+        if bytes > limit as i64 {
+            out.push(Finding::warn(
+                "retained_wal",
+                format!(
+                    "slot {} retains {} MiB of WAL (limit database.max_retained_wal_mb = {}); PostgreSQL keeps it until usersync confirms, so the disk fills while the daemon is stopped or behind",
+                    db.slot,
+                    bytes / (1024 * 1024),
+                    db.max_retained_wal_mb
+                ),
+                Some("start `usersync run` (or look at `usersync status`); if the slot is abandoned: usersync teardown --yes".to_string()),
+            ));
+        } else {
+            out.push(Finding::ok(
+                "retained_wal",
+                format!("slot retains {} MiB of WAL", bytes / (1024 * 1024)),
+            ));
+        }
+    }
+    out
+}
+
+/// Every privilege the daemon uses, checked for the role it connects as.
+async fn privileges(
+    client: &Client,
+    db: &DatabaseConfig,
+    shape: Option<&TableShape>,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    let row = client
+        .query_one(
+            "SELECT current_user::text, r.rolsuper, r.rolreplication \
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (user, superuser, replication): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let role = quote_ident(&user);
+    if superuser {
+        // Works, so not a failure; the hint points at the least-privilege role.
+        out.push(Finding::ok(
+            "privileges",
+            format!("role {user} is a superuser (consider `usersync setup --role usersync` and connecting as that least-privilege role)"),
+        ));
+        return Ok(out);
+    }
+    out.push(if replication {
+        Finding::ok(
+            "privilege.replication",
+            format!("role {user} has REPLICATION"),
+        )
+    } else {
+        Finding::fail(
+            "privilege.replication",
+            format!("role {user} lacks REPLICATION, so it cannot stream the slot"),
+            Some(format!("ALTER ROLE {role} REPLICATION;")),
+        )
+    });
+    let table = db.table.quoted();
+    // A missing schema is the table check's finding, not a privilege one.
+    let schema_ok: Option<bool> = client
+        .query_one(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) \
+             THEN has_schema_privilege($1, 'USAGE') END",
+            &[&db.table.schema],
+        )
+        .await?
+        .get(0);
+    if schema_ok == Some(false) {
+        out.push(Finding::fail(
+            "privilege.table_schema",
+            format!(
+                "role {user} lacks USAGE on schema {}, so it cannot reach the users table",
+                db.table.schema
+            ),
+            Some(format!(
+                "GRANT USAGE ON SCHEMA {} TO {role};",
+                quote_ident(&db.table.schema)
+            )),
+        ));
+    }
+    if shape.is_some() {
+        let select: bool = client
+            .query_one("SELECT has_table_privilege($1, 'SELECT')", &[&table])
+            .await?
+            .get(0);
+        out.push(if select {
+            Finding::ok(
+                "privilege.select",
+                format!("role {user} may read {}", db.table),
+            )
+        } else {
+            Finding::fail(
+                "privilege.select",
+                format!(
+                    "role {user} lacks SELECT on {}, so replays and backfills cannot read rows",
+                    db.table
+                ),
+                Some(format!("GRANT SELECT ON {table} TO {role};")),
+            )
+        });
+    }
+    if let Some(shape) = shape {
+        let mut missing = Vec::new();
+        for column in [EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN] {
+            if !shape.has_column(column) {
+                continue;
+            }
+            let ok: bool = client
+                .query_one(
+                    "SELECT has_column_privilege($1, $2, 'UPDATE')",
+                    &[&table, &column],
+                )
+                .await?
+                .get(0);
+            if !ok {
+                missing.push(column);
+            }
+        }
+        out.push(if missing.is_empty() {
+            Finding::ok(
+                "privilege.update",
+                format!("role {user} may update the sync columns"),
+            )
+        } else {
+            Finding::fail(
+                "privilege.update",
+                format!(
+                    "role {user} lacks UPDATE on {}.({}), so results cannot be written back",
+                    db.table,
+                    missing.join(", ")
+                ),
+                Some(format!(
+                    "GRANT UPDATE ({EXTERNAL_ID_COLUMN}, {SYNCED_AT_COLUMN}) ON {table} TO {role};"
+                )),
+            )
+        });
+    }
+    let usersync_schema: Option<bool> = client
+        .query_one(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'usersync') \
+             THEN has_schema_privilege('usersync', 'USAGE') END",
+            &[],
+        )
+        .await?
+        .get(0);
+    match usersync_schema {
+        // A missing schema is reported by the usersync_tables check.
+        None => {}
+        Some(false) => out.push(Finding::fail(
+            "privilege.usersync_schema",
+            format!("role {user} lacks USAGE on schema usersync, so dead letters and progress cannot be recorded"),
+            Some(format!(
+                "GRANT USAGE ON SCHEMA usersync TO {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA usersync TO {role}; GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA usersync TO {role};"
+            )),
+        )),
+        Some(true) => {
+            let lacking: Vec<String> = client
+                .query(
+                    "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = 'usersync' AND c.relkind = 'r' \
+                     AND NOT has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE') ORDER BY 1",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            out.push(if lacking.is_empty() {
+                Finding::ok(
+                    "privilege.usersync_schema",
+                    format!("role {user} may use schema usersync and write its tables"),
+                )
+            } else {
+                Finding::fail(
+                    "privilege.usersync_schema",
+                    format!(
+                        "role {user} may not write usersync.{}, so dead letters and progress cannot be recorded",
+                        lacking.join(", usersync.")
+                    ),
+                    Some(format!(
+                        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA usersync TO {role}; GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA usersync TO {role};"
+                    )),
+                )
+            });
+        }
+    }
+    let mut missing = Vec::new();
+    for f in crate::app::role::ORIGIN_FUNCTIONS {
+        let ok: bool = client
+            .query_one("SELECT has_function_privilege($1, 'EXECUTE')", &[f])
+            .await?
+            .get(0);
+        if !ok {
+            missing.push(*f);
+        }
+    }
+    out.push(if missing.is_empty() {
+        Finding::ok(
+            "privilege.origin",
+            format!("role {user} may use the replication origin functions"),
+        )
+    } else {
+        Finding::fail(
+            "privilege.origin",
+            format!(
+                "role {user} may not call {}, so write-backs cannot be tagged and would be pushed again",
+                missing.join(", ")
+            ),
+            Some(
+                missing
+                    .iter()
+                    .map(|f| format!("GRANT EXECUTE ON FUNCTION {f} TO {role};"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+        )
+    });
+    Ok(out)
+}
+
+/// Reachability and credentials of the sink, probed without creating anything.
+async fn sink_check(cfg: &Config) -> Finding {
+    let sink = match crate::sink::build(&cfg.sink) {
+        Ok(s) => s,
+        Err(e) => return Finding::fail("sink", e, None),
+    };
+    match sink.check().await {
+        Err(e) if matches!(e.status(), Some(401 | 403)) => {
+            return Finding::fail(
+                "sink",
+                format!(
+                    "the {} API rejected the API key from {} ({}), so every push would fail",
+                    sink.name(),
+                    cfg.sink.api_key_source,
+                    e.summary()
+                ),
+                Some(format!(
+                    "put a valid {} secret key into {}",
+                    sink.name(),
+                    cfg.sink.api_key_source
+                )),
+            )
+        }
+        Err(e) => {
+            return Finding::fail(
+                "sink",
+                format!(
+                    "the {} service at {} is not reachable ({}); changes would wait and retry, then be dead-lettered",
+                    sink.name(),
+                    cfg.sink.url,
+                    e.summary()
+                ),
+                Some("check sink.url, DNS, firewalls and proxies from this host".to_string()),
+            )
+        }
+        Ok(()) => {}
+    }
+    if cfg.sink.kind == config::SinkKind::Webhook {
+        // A webhook has no read-only endpoint: any HTTP answer to a GET
+        // (even 404 or 405) proves the endpoint is reachable; nothing is posted.
+        let client = match crate::sink::http_client(cfg.sink.timeout, 1) {
+            Ok(c) => c,
+            Err(e) => return Finding::fail("sink", e, None),
+        };
+        if let Err(e) = client.get(&cfg.sink.url).send().await {
+            let e = e.without_url();
+            let mut reason = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(inner) = source {
+                reason.push_str(": ");
+                reason.push_str(&inner.to_string());
+                source = inner.source();
+            }
+            return Finding::fail(
+                "sink",
+                format!(
+                    "the webhook endpoint {} is not reachable ({reason}); changes would wait and retry, then be dead-lettered",
+                    cfg.sink.url
+                ),
+                Some("check sink.url, DNS, firewalls and proxies from this host".to_string()),
+            );
+        }
+    }
+    Finding::ok(
+        "sink",
+        format!("the {} service at {} answers", sink.name(), cfg.sink.url),
+    )
+}

@@ -1,0 +1,13 @@
+//! One composition root per command: each wires configuration, store, sink
+//! and pipeline for `run`, `backfill`, `sync-user`, `dlq`, `setup`, `check`,
+//! `status` and `teardown`.
+
+pub mod backfill;
+pub mod check;
+pub mod dlq;
+pub mod role;
+pub mod run;
+pub mod setup;
+pub mod status;
+pub mod sync_user;
+pub mod teardown;

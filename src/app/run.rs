@@ -1,0 +1,296 @@
+//! `usersync run`: checks the database, then wires reader → pipeline →
+//! write-back and keeps them running. A lost connection or a sink that stays
+//! down tears the session down and starts a new one from the slot's confirmed
+//! position (nothing past it was acknowledged, so nothing is lost); a
+//! configuration or schema problem stops the daemon with one message.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::sink::Sink;
+use crate::source::rows::RowBuilder;
+use crate::source::stream::{self, Reader, SourceError};
+use crate::store::db::{connect, ConnectError};
+use crate::store::deadletter;
+use crate::store::schema::{self, SchemaError, TableShape};
+use crate::store::writeback::{ExternalIds, SyncReport, WritebackError, Writer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("sink.columns or [sink.mapping] names column {column}, which {table} does not have")]
+    UnknownColumn { column: String, table: String },
+    #[error("{0}")]
+    Sink(String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Writeback(#[from] WritebackError),
+}
+
+impl RunError {
+    /// Problems the operator must fix (exit code 2) as opposed to runtime failures.
+    pub fn is_config(&self) -> bool {
+        match self {
+            RunError::Schema(SchemaError::Query { .. }) => false,
+            RunError::Schema(_) | RunError::UnknownColumn { .. } | RunError::Sink(_) => true,
+            _ => false,
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        match self {
+            RunError::Connect(_) | RunError::Writeback(_) => true,
+            RunError::Source(e) => e.is_transient(),
+            RunError::Pipeline(_) => true,
+            RunError::Schema(SchemaError::Query { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Runs until `cancel` fires. `reports` receives every completed sync (the demo prints them).
+pub async fn run(
+    cfg: &Config,
+    cancel: CancellationToken,
+    reports: Option<mpsc::UnboundedSender<SyncReport>>,
+) -> Result<(), RunError> {
+    let sink = crate::sink::build(&cfg.sink).map_err(RunError::Sink)?;
+    run_with_sink(cfg, sink, cancel, reports).await
+}
+
+/// `run` with any sink (benchmarks use a null sink).
+pub async fn run_with_sink(
+    cfg: &Config,
+    sink: Arc<dyn Sink>,
+    cancel: CancellationToken,
+    reports: Option<mpsc::UnboundedSender<SyncReport>>,
+) -> Result<(), RunError> {
+    run_with_switch(cfg, sink, cancel, reports, None).await
+}
+
+/// `run` with the off switch driven from outside (`usersync run` flips it
+/// on SIGHUP); without one, `[sync] enabled` holds for the whole run.
+pub async fn run_with_switch(
+    cfg: &Config,
+    sink: Arc<dyn Sink>,
+    cancel: CancellationToken,
+    reports: Option<mpsc::UnboundedSender<SyncReport>>,
+    switch: Option<watch::Receiver<bool>>,
+) -> Result<(), RunError> {
+    // The first check fails fast: a wrong setup is reported, not retried.
+    let shape = prepare(cfg).await?;
+    check_sink(cfg, sink.as_ref()).await?;
+    crate::store::synclog::start(cfg, cancel.clone());
+    crate::store::requests::spawn_pruner(cfg.database.clone(), cancel.clone());
+    let (_fixed, fixed_rx) = watch::channel(cfg.sync.enabled);
+    let switch = switch.unwrap_or(fixed_rx);
+    if cfg.backfill.on_start {
+        crate::app::backfill::spawn_beside_daemon(cfg.clone(), cancel.clone());
+    }
+    let mut delay = Duration::from_millis(500);
+    let mut shape = Some(shape);
+    loop {
+        let current = match shape.take() {
+            Some(s) => s,
+            None => match prepare(cfg).await {
+                Ok(s) => s,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot start a session yet");
+                    if sleep_or_cancel(delay, &cancel).await {
+                        return Ok(());
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let started = std::time::Instant::now();
+        match session(
+            cfg,
+            &current,
+            Arc::clone(&sink),
+            cancel.clone(),
+            reports.clone(),
+            switch.clone(),
+        )
+        .await
+        {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_transient() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    delay = Duration::from_millis(500);
+                }
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "session ended; restarting from the slot's confirmed position");
+                if sleep_or_cancel(delay, &cancel).await {
+                    return Ok(());
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+/// A wrong API key is refused before anything is consumed; an unreachable
+/// service is only a warning (pushes retry, nothing is lost).
+pub async fn check_sink(cfg: &Config, sink: &dyn Sink) -> Result<(), RunError> {
+    match sink.check().await {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.status(), Some(401 | 403)) => Err(RunError::Sink(format!(
+            "the {} API rejected the API key from {} ({e}); check that it is a valid key with access",
+            sink.name(),
+            cfg.sink.api_key_source
+        ))),
+        Err(e) => {
+            tracing::warn!(sink = sink.name(), error = %e, "the sink is not reachable yet; pushes will retry");
+            Ok(())
+        }
+    }
+}
+
+/// Preflight: everything the session needs exists and has the right shape.
+pub async fn prepare(cfg: &Config) -> Result<TableShape, RunError> {
+    let client = connect(&cfg.database, "usersync-check").await?;
+    let shape = schema::preflight(&client, &cfg.database).await?;
+    for column in &cfg.sink.columns {
+        if !shape.has_column(column) {
+            return Err(RunError::UnknownColumn {
+                column: column.clone(),
+                table: shape.table.to_string(),
+            });
+        }
+    }
+    Ok(shape)
+}
+
+async fn session(
+    cfg: &Config,
+    shape: &TableShape,
+    sink: Arc<dyn Sink>,
+    cancel: CancellationToken,
+    reports: Option<mpsc::UnboundedSender<SyncReport>>,
+    switch: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let db = connect(&cfg.database, "usersync").await?;
+    let parked: HashSet<String> = deadletter::parked_users(&db)
+        .await
+        .map_err(PipelineError::from)?
+        .into_iter()
+        .collect();
+    if !parked.is_empty() {
+        tracing::warn!(
+            users = parked.len(),
+            "users with dead letters are parked; see `usersync dlq list`"
+        );
+    }
+    let done = crate::store::progress::load(&db, &cfg.database.origin, &cfg.database.slot)
+        .await
+        .map_err(|e| RunError::Writeback(WritebackError::Sql(e.to_string())))?;
+    if !done.users.is_empty() {
+        tracing::info!(
+            users = done.users.len(),
+            "changes written back before the last stop are skipped when replayed"
+        );
+    }
+    let writer = Writer::connect(&cfg.database, shape, cfg.writeback.batch_size).await?;
+    let client = stream::open(&cfg.database, "usersync").await?;
+    tracing::info!(
+        slot = %cfg.database.slot,
+        publication = %cfg.database.publication,
+        table = %shape.table,
+        database = %cfg.database.describe(),
+        "streaming"
+    );
+    let _streaming = crate::observe::metrics::streaming();
+    let reader = Reader {
+        client,
+        rows: RowBuilder::new(
+            shape.table.clone(),
+            shape.key_column.clone(),
+            &cfg.sink.columns,
+        ),
+        origin: cfg.database.origin.clone(),
+        target: cfg.database.describe(),
+    };
+    let (source_tx, source_rx) = mpsc::channel(1024);
+    let (write_tx, write_rx) = mpsc::channel(cfg.writeback.batch_size * 4);
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let (ack_tx, ack_rx) = watch::channel(0u64);
+    let session_cancel = cancel.child_token();
+
+    let reader_cancel = session_cancel.clone();
+    let mut reader_task = tokio::spawn(reader.run(source_tx, ack_rx, reader_cancel));
+    let mut writer_task = tokio::spawn(writer.run(write_rx, done_tx, reports));
+    let pipeline = Pipeline {
+        sink,
+        retry: cfg.retry.clone(),
+        max_in_flight: cfg.sink.max_in_flight,
+        max_buffered: cfg.pipeline.max_buffered_changes,
+        log_personal_data: cfg.log.personal_data,
+        external_ids: Some(Arc::new(ExternalIds::connect(&cfg.database, shape).await?)),
+        current_rows: Some(Arc::new(
+            crate::store::requests::CurrentRows::connect(cfg, shape)
+                .await
+                .map_err(|e| RunError::Writeback(WritebackError::Sql(e.to_string())))?,
+        )),
+        sync_enabled: Some(switch),
+    };
+    let pipeline_cancel = session_cancel.clone();
+    let outcome: Result<(), RunError> = tokio::select! {
+        r = pipeline.run(source_rx, write_tx, done_rx, ack_tx, parked, done, &db, pipeline_cancel) => r.map_err(RunError::from),
+        r = &mut reader_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        },
+        r = &mut writer_task => match r {
+            Ok(Ok(())) => Err(PipelineError::WriterGone.into()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        },
+    };
+    // The pipeline also ends when the reader's channel closes: without a
+    // stop request, that is the stream failing, not a clean stop.
+    let outcome = match outcome {
+        Ok(()) if !cancel.is_cancelled() => {
+            let reader = tokio::time::timeout(Duration::from_secs(5), &mut reader_task).await;
+            Err(match reader {
+                Ok(Ok(Err(e))) => RunError::Source(e),
+                _ => RunError::Source(SourceError::Ended),
+            })
+        }
+        other => other,
+    };
+    session_cancel.cancel();
+    if outcome.is_ok() && !reader_task.is_finished() {
+        // The reader passes the last acknowledgement to the server, then ends.
+        match tokio::time::timeout(Duration::from_secs(10), &mut reader_task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "while confirming the last position"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("the last confirmed position may not have reached the server; those changes are replayed next start"),
+        }
+    }
+    reader_task.abort();
+    writer_task.abort();
+    outcome
+}

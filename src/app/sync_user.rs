@@ -1,0 +1,354 @@
+//! `usersync sync-user <key>`: pushes one user now and reports the result.
+//! With a daemon streaming, the push goes through it as a sync request (the
+//! user's lane, so it never races the user's own changes) and the command
+//! waits for the request's outcome. Without one, the command pushes
+//! directly from the current row while holding the replication origin: the
+//! origin admits one session, so no daemon can write back meanwhile (a
+//! starting daemon waits for it), and the write-back is tagged with it, so
+//! it is not pushed again when the daemon reads it.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::app::dlq::{ReplayError, RowReader, SESSION_SETTINGS};
+use crate::config::{quote_ident, Config};
+use crate::core::change::{Change, Operation};
+use crate::sink::retry::push_with_retry;
+use crate::store::db::{connect, error_text, ConnectError};
+use crate::store::requests::{self, RequestError};
+use crate::store::schema::{self, SchemaError, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManualError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error(transparent)]
+    Rows(#[from] ReplayError),
+    #[error(transparent)]
+    Requests(#[from] RequestError),
+    #[error("{0}")]
+    Sink(String),
+    #[error("no row with key {key} in {table}")]
+    NotFound { key: String, table: String },
+    #[error("user {key}: {outcome}: {error}")]
+    Refused {
+        key: String,
+        outcome: String,
+        error: String,
+    },
+    #[error("user {key}: the push failed after {attempts} attempt(s): {error}")]
+    PushFailed {
+        key: String,
+        attempts: u32,
+        error: String,
+    },
+    #[error("user {key}: the daemon did not answer sync request {id} within {secs} s (it stays queued and is pushed when the daemon gets to it)")]
+    Timeout { key: String, id: i64, secs: u64 },
+    #[error("user {key}: pushed (external id {external_id}), but the write-back failed: {reason}; running sync-user again sends the same event id")]
+    Writeback {
+        key: String,
+        external_id: String,
+        reason: String,
+    },
+    #[error("database: {0}")]
+    Sql(String),
+}
+
+impl ManualError {
+    pub fn is_config(&self) -> bool {
+        match self {
+            ManualError::Schema(SchemaError::Query { .. }) => false,
+            ManualError::Schema(_) | ManualError::Sink(_) => true,
+            ManualError::Requests(RequestError::Sql(_)) => false,
+            ManualError::Requests(_) => true,
+            ManualError::Rows(e) => e.is_config(),
+            _ => false,
+        }
+    }
+}
+
+fn sql_err(e: tokio_postgres::Error) -> ManualError {
+    ManualError::Sql(error_text(&e))
+}
+
+/// What `sync-user` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncUserResult {
+    pub key: String,
+    pub external_id: Option<String>,
+    /// created, updated or unchanged.
+    pub status: String,
+    pub latency_ms: f64,
+    /// "daemon" (through the running daemon's lane) or "direct".
+    pub via: &'static str,
+}
+
+impl std::fmt::Display for SyncUserResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} → {} ({}, {:.0} ms, via {})",
+            self.key,
+            self.external_id.as_deref().unwrap_or("(no external id)"),
+            self.status,
+            self.latency_ms,
+            self.via
+        )
+    }
+}
+
+pub async fn sync_user(
+    cfg: &Config,
+    key: &str,
+    timeout: Duration,
+) -> Result<SyncUserResult, ManualError> {
+    let client = connect(&cfg.database, "usersync-sync-user").await?;
+    client
+        .batch_execute(SESSION_SETTINGS)
+        .await
+        .map_err(sql_err)?;
+    let shape = schema::inspect_table(&client, &cfg.database.table).await?;
+    schema::check_table_ready(&shape)?;
+    requests::check(&client, &cfg.database).await?;
+    // The key as the stream spells it (a lane is chosen by this text).
+    let canonical = format!(
+        "SELECT {key}::text FROM {table} WHERE {key} = $1::text::{ty}",
+        key = quote_ident(&shape.key_column),
+        table = shape.table.quoted(),
+        ty = shape.key_type,
+    );
+    let not_found = || ManualError::NotFound {
+        key: key.to_string(),
+        table: shape.table.to_string(),
+    };
+    let found = match client.query_opt(&canonical, &[&key]).await {
+        Ok(row) => row.map(|r| r.get::<_, String>(0)),
+        // Not even a valid key of this type (e.g. not a uuid): no such row.
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION) =>
+        {
+            None
+        }
+        Err(e) => return Err(sql_err(e)),
+    };
+    let Some(key_text) = found else {
+        return Err(not_found());
+    };
+    if !requests::slot_active(&client, &cfg.database.slot).await? {
+        match direct(cfg, &client, shape.clone(), &key_text).await {
+            Err(Direct::OriginBusy) => {}
+            Err(Direct::Failed(e)) => return Err(e),
+            Ok(result) => return Ok(result),
+        }
+    }
+    through_daemon(&client, &key_text, timeout).await
+}
+
+async fn through_daemon(
+    client: &Client,
+    key: &str,
+    timeout: Duration,
+) -> Result<SyncUserResult, ManualError> {
+    let ids = requests::enqueue(client, &[key.to_string()], "sync-user").await?;
+    let Some(&id) = ids.first() else {
+        return Err(ManualError::Sql("the request was not stored".into()));
+    };
+    let started = Instant::now();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT done_at IS NOT NULL, outcome, external_id, error, latency_ms \
+                 FROM usersync.sync_requests WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(sql_err)?;
+        if row.get::<_, bool>(0) {
+            let outcome: String = row.get::<_, Option<String>>(1).unwrap_or_default();
+            let error: Option<String> = row.get(3);
+            return match outcome.as_str() {
+                "created" | "updated" | "unchanged" => Ok(SyncUserResult {
+                    key: key.to_string(),
+                    external_id: row.get(2),
+                    status: outcome,
+                    latency_ms: row
+                        .get::<_, Option<f64>>(4)
+                        .unwrap_or_else(|| started.elapsed().as_secs_f64() * 1000.0),
+                    via: "daemon",
+                }),
+                _ => Err(ManualError::Refused {
+                    key: key.to_string(),
+                    outcome,
+                    error: error.unwrap_or_default(),
+                }),
+            };
+        }
+        if started.elapsed() > timeout {
+            return Err(ManualError::Timeout {
+                key: key.to_string(),
+                id,
+                secs: timeout.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+enum Direct {
+    /// A daemon holds (or just took) the origin: go through it instead.
+    OriginBusy,
+    Failed(ManualError),
+}
+
+impl From<ManualError> for Direct {
+    fn from(e: ManualError) -> Self {
+        Direct::Failed(e)
+    }
+}
+
+impl From<ConnectError> for Direct {
+    fn from(e: ConnectError) -> Self {
+        Direct::Failed(e.into())
+    }
+}
+
+impl From<ReplayError> for Direct {
+    fn from(e: ReplayError) -> Self {
+        Direct::Failed(e.into())
+    }
+}
+
+async fn direct(
+    cfg: &Config,
+    client: &Client,
+    shape: schema::TableShape,
+    key: &str,
+) -> Result<SyncUserResult, Direct> {
+    let sink = crate::sink::build(&cfg.sink).map_err(ManualError::Sink)?;
+    let wb = connect(&cfg.database, "usersync-sync-user-writeback").await?;
+    if let Err(e) = wb
+        .execute(
+            "SELECT pg_replication_origin_session_setup($1)",
+            &[&cfg.database.origin],
+        )
+        .await
+    {
+        if e.as_db_error()
+            .is_some_and(|d| d.message().contains("is already active"))
+        {
+            return Err(Direct::OriginBusy);
+        }
+        return Err(ManualError::Sql(format!(
+            "cannot tag the write-back with origin {}: {}",
+            cfg.database.origin,
+            error_text(&e)
+        ))
+        .into());
+    }
+    let writeback = format!(
+        "UPDATE {table} SET {ext} = COALESCE($2, {ext}), {at} = $3 \
+         WHERE {key} = $1::text::{key_type} AND ({at} IS NULL OR {at} < $3)",
+        table = shape.table.quoted(),
+        ext = quote_ident(EXTERNAL_ID_COLUMN),
+        at = quote_ident(SYNCED_AT_COLUMN),
+        key = quote_ident(&shape.key_column),
+        key_type = shape.key_type,
+    );
+    let table = shape.table.to_string();
+    let reader = RowReader::new(client, shape, &cfg.sink.columns).await?;
+    // Read after taking the origin: no daemon pushes this user meanwhile.
+    let Some(row) = reader.read(client, key).await? else {
+        return Err(ManualError::NotFound {
+            key: key.to_string(),
+            table,
+        }
+        .into());
+    };
+    let hash = requests::values_hash(&row.data);
+    let op = if row.external_id.is_some() {
+        Operation::Update
+    } else {
+        Operation::Insert
+    };
+    let change = Change {
+        // Stable for the same values, so a retried create after a failed
+        // write-back reuses its idempotency key.
+        event_id: format!("evt_sync_{}", &hash[..24]),
+        op,
+        key: row.key,
+        table: table.clone(),
+        commit_lsn: 0,
+        position: 0,
+        xid: 0,
+        commit_time_us: now_us(),
+        changed: row.data.keys().cloned().collect(),
+        data: Some(row.data),
+        previous: None,
+        omitted: Vec::new(),
+        external_id: row.external_id.clone(),
+        decoded_at: Instant::now(),
+    };
+    let started = Instant::now();
+    let pushed = push_with_retry(
+        sink.as_ref(),
+        &change,
+        row.external_id.as_deref(),
+        &cfg.retry,
+    )
+    .await
+    .map_err(|f| ManualError::PushFailed {
+        key: key.to_string(),
+        attempts: f.attempts,
+        error: f.error.to_string(),
+    })?;
+    let latency = started.elapsed();
+    let external_id = pushed.external_id.or(row.external_id);
+    let wb_err = |e: tokio_postgres::Error| ManualError::Writeback {
+        key: key.to_string(),
+        external_id: external_id.clone().unwrap_or_default(),
+        reason: error_text(&e),
+    };
+    let mut wb = wb;
+    let tx = wb.transaction().await.map_err(wb_err)?;
+    tx.execute(&writeback, &[&key, &external_id, &SystemTime::now()])
+        .await
+        .map_err(wb_err)?;
+    tx.execute(
+        "INSERT INTO usersync.user_progress (user_key, commit_lsn, position, values_hash) \
+         VALUES ($1, '0/0', 0, $2) ON CONFLICT (user_key) DO UPDATE SET values_hash = EXCLUDED.values_hash",
+        &[&key, &hash],
+    )
+    .await
+    .map_err(wb_err)?;
+    tx.commit().await.map_err(wb_err)?;
+    tracing::info!(
+        event_id = %change.event_id,
+        user = %key,
+        operation = op.event_type(),
+        external_id = external_id.as_deref().unwrap_or(""),
+        attempts = pushed.attempts,
+        "synced directly (no daemon streaming)"
+    );
+    Ok(SyncUserResult {
+        key: key.to_string(),
+        external_id,
+        status: match op {
+            Operation::Insert => "created",
+            _ => "updated",
+        }
+        .to_string(),
+        latency_ms: latency.as_secs_f64() * 1000.0,
+        via: "direct",
+    })
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

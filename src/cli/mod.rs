@@ -1,0 +1,943 @@
+//! The command line: argument parsing, `--help` text, and the edge where
+//! every error becomes one readable message and an exit code
+//! (0 ok, 1 runtime failure, 2 usage or configuration error).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgGroup, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config, ProcessEnv};
+
+const ABOUT: &str = "Keeps a PostgreSQL users table in sync with an external user service.
+
+usersync reads the logical replication stream of the users table, pushes every
+insert, update and delete to the configured sink (a signed webhook, Memberstack or
+Stripe) with retries, and writes external_user_id and external_synced_at back into
+the row. Start with `usersync setup`, then `usersync check`, then `usersync run`;
+`usersync backfill` pushes the users that existed before.
+
+Configuration comes from sync.toml (see sync.toml.example); every key can be
+overridden by an environment variable USERSYNC_<SECTION>_<KEY>, for example
+USERSYNC_DATABASE_URL or USERSYNC_SINK_URL. Secrets are only ever named by
+reference (database.password_env, sink.secret_env, or *_file).
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.";
+
+#[derive(Parser, Debug)]
+#[command(name = "usersync", version, about = ABOUT, long_about = ABOUT)]
+pub struct Cli {
+    /// Path of the config file. Without this flag, ./sync.toml is read if it
+    /// exists, else the configuration comes from USERSYNC_* variables alone.
+    #[arg(long, short = 'c', global = true, env = "USERSYNC_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Log format, overriding log.format (and USERSYNC_LOG_FORMAT): `text`
+    /// for people, `json` (one object per line) for log collectors. Logs go
+    /// to stderr. Per-change lines ("synced", with operation, user key,
+    /// external id, outcome, attempts, durations and commit LSN) are at
+    /// debug level: set USERSYNC_LOG_LEVEL=info,usersync=debug to see them.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<crate::observe::logging::LogFormat>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: stream changes, push them, write results back.
+    ///
+    /// Checks the database first (wal_level, table shape, sync columns,
+    /// replica identity, publication, slot, origin) and refuses to start, with
+    /// exit code 2, if anything is missing: run `usersync setup` first.
+    /// Stops cleanly on Ctrl-C or SIGTERM, finishing the pushes in flight.
+    ///
+    /// Serves Prometheus metrics on /metrics, liveness on /healthz and
+    /// readiness on /readyz (streaming, and slot lag under
+    /// metrics.ready_max_lag_mb) at metrics.listen, 127.0.0.1:9187 by
+    /// default ("" disables). Records every synced or dead-lettered change in
+    /// usersync.sync_log (sync_log.enabled, sync_log.retention_days).
+    Run,
+    /// Prepare the database (idempotent): add the two sync columns, schema
+    /// `usersync`, REPLICA IDENTITY FULL, the publication, the replication
+    /// origin and the logical slot.
+    ///
+    /// Needs a role that may alter the users table and create publications
+    /// and slots (usually the table owner with REPLICATION, or a superuser).
+    /// With --print-sql, prints the SQL instead of running it, for a DBA.
+    Setup {
+        /// Print the SQL (also in sql/setup.sql) instead of applying it.
+        #[arg(long)]
+        print_sql: bool,
+        /// Also create (or bring up to date) a least-privilege role NAME for
+        /// the daemon: LOGIN REPLICATION, SELECT on the users table, UPDATE of
+        /// the two sync columns only, rows of schema usersync, and EXECUTE on
+        /// the replication origin functions the write-back calls. usersync
+        /// never sets its password: the DBA does (`\password NAME` in psql),
+        /// and usersync reads it through database.password_env. Needs a
+        /// superuser. The SQL for the role `usersync` is in sql/role.sql.
+        #[arg(long, value_name = "NAME")]
+        role: Option<String>,
+        /// With --role: only the role, not the other setup steps (for a DBA
+        /// who ran setup already).
+        #[arg(long, requires = "role")]
+        role_only: bool,
+    },
+    /// Show usersync working end to end on this machine: a throw-away
+    /// PostgreSQL from the local binaries, the fake webhook service, the
+    /// daemon, and a script of inserts, updates and deletes synced live.
+    ///
+    /// Needs the PostgreSQL server binaries (initdb, pg_ctl); set
+    /// USERSYNC_PG_BINDIR if they are not found. Leaves nothing behind.
+    Demo {
+        /// How many users the script creates.
+        #[arg(long, default_value_t = 5)]
+        users: u32,
+        /// After the script, keep everything running (and print how to
+        /// connect with psql) until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+        /// Which external service to sync to (each is a local fake that
+        /// behaves like the real API).
+        #[arg(long, value_enum, default_value_t = SinkArg::Webhook)]
+        sink: SinkArg,
+    },
+    /// Inspect, replay or discard dead letters: changes the sink refused
+    /// (or kept failing past the retry budget), and the later changes of the
+    /// same user parked behind them. A user with dead letters is parked: the
+    /// daemon pushes nothing for it until its dead letters are replayed or
+    /// discarded.
+    ///
+    /// Entries live in usersync.dead_letters (created by `usersync setup`).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Diagnose the setup: every problem on its own line, with why it
+    /// matters and the command or SQL that fixes it.
+    ///
+    /// Checks the configuration (an unset secret variable is one line; the
+    /// database is still checked), the connection, wal_level, free
+    /// replication slots and WAL senders, the users table (single-column
+    /// primary key, the two sync columns, REPLICA IDENTITY FULL), the
+    /// publication, the slot (in use by another process? WAL retained above
+    /// database.max_retained_wal_mb?), the origin, usersync's tables, the
+    /// connecting role's privileges (REPLICATION, SELECT, UPDATE of the sync
+    /// columns, schema usersync, the origin functions), and the sink
+    /// (reachable, API key accepted; nothing is created). Exit code 0 when
+    /// every check is ok, 1 otherwise (warnings included).
+    Check {
+        /// Print a JSON object {"ok": bool, "checks": [{check, level,
+        /// message, fix}]} instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what the daemon is doing, from the database: streaming or not
+    /// (and which server process), the slot's confirmed position, lag in
+    /// bytes and (approximately) seconds, retained WAL, the last successful
+    /// push and pushes and failures in the last hour (from usersync.sync_log),
+    /// dead letters and parked users, and backfill progress.
+    ///
+    /// Lag in seconds is PostgreSQL's flush_lag for the streaming connection
+    /// (0 when nothing is unconfirmed, unknown while not streaming).
+    Status {
+        /// Print a JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what setup created for streaming: the replication slot (so
+    /// PostgreSQL stops keeping WAL for usersync), the replication origin
+    /// and the publication.
+    ///
+    /// The users table and its external_user_id / external_synced_at columns
+    /// are never touched; schema usersync (dead letters, progress) stays
+    /// unless --drop-schema is given. Refuses while a daemon streams the
+    /// slot. Without --yes, prints what would be dropped and exits with 2.
+    Teardown {
+        /// Confirm: without it, nothing is dropped.
+        #[arg(long)]
+        yes: bool,
+        /// Also drop schema usersync with everything in it (dead letters,
+        /// progress, sync log): their data is lost.
+        #[arg(long)]
+        drop_schema: bool,
+    },
+    /// Run the fake webhook receiver used by the demo and the tests, for
+    /// trying usersync against something local. It stores users, verifies
+    /// signatures and shows its state at /_fake/users and /_fake/requests.
+    FakeService {
+        /// Port on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Name of the environment variable holding the webhook signing
+        /// secret (whsec_...) or, with --mode memberstack|stripe, the API key
+        /// the fake accepts. Without it, one is generated and printed.
+        #[arg(long)]
+        secret_env: Option<String>,
+        /// Added latency per request, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Which service to imitate: a webhook receiver, the Memberstack
+        /// admin API, or Stripe's customers API.
+        #[arg(long, value_enum, default_value_t = SinkArg::Webhook)]
+        mode: SinkArg,
+    },
+    /// Push the users that already exist in the table, beside a running
+    /// daemon.
+    ///
+    /// Scans the users table in key order, in chunks, and queues a sync
+    /// request (usersync.sync_requests) per selected row: by default rows
+    /// with no external id, or whose synced values changed since usersync
+    /// last pushed them (or that usersync never pushed: a row synced by an
+    /// older script is pushed once, and the sink links the record that
+    /// already exists: same email for Memberstack, metadata key for Stripe);
+    /// with --all, every row. The running daemon (`usersync run`) pushes each
+    /// request in the user's own lane, reading the row as it is at that
+    /// moment, so a backfill never overwrites a newer change. Each chunk's
+    /// pushes finish before the next chunk, so the sink's rate limit paces
+    /// the backfill. The cursor is kept in usersync.backfill: after Ctrl-C or
+    /// a crash, the next `usersync backfill` continues where it stopped; a
+    /// finished backfill starts again from the beginning.
+    ///
+    /// Exits with code 1 if no daemon is streaming from the slot.
+    Backfill {
+        /// Push every row, not only the changed ones.
+        #[arg(long)]
+        all: bool,
+        /// Print how many rows would be pushed, and the first keys, without
+        /// queuing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rows per chunk (default: backfill.chunk_size, 500).
+        #[arg(long, value_name = "ROWS")]
+        chunk_size: Option<usize>,
+    },
+    /// Push one user now, from its current row, and print the result
+    /// (external id, status, latency) or the error.
+    ///
+    /// With a daemon streaming, the push goes through the daemon (the user's
+    /// lane, in order with the user's own changes) and this command waits for
+    /// the result; otherwise it pushes directly while holding the replication
+    /// origin, so a daemon starting meanwhile waits for it. Exit code 1 if
+    /// there is no such row or the push failed.
+    SyncUser {
+        /// The user's primary key, as text.
+        key: String,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for a running daemon's answer, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first: id, event id, user key, operation,
+    /// state (failed, or parked behind a failed change), attempts, last
+    /// HTTP status, last attempt time and an excerpt of the last error.
+    ///
+    /// The envelopes (row data, personal data) are never listed; see
+    /// `usersync dlq show <ID>` for one entry in full.
+    List {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only this user's entries (the primary key as text).
+        #[arg(long, value_name = "KEY")]
+        user: Option<String>,
+    },
+    /// Print one dead letter in full, as JSON, including the envelope that
+    /// was (or would have been) pushed. The envelope holds row data.
+    Show {
+        /// The entry's id (first column of `usersync dlq list`).
+        id: i64,
+    },
+    /// Re-sync users with dead letters from their CURRENT rows.
+    ///
+    /// For each user (in the order of their oldest dead letter), usersync
+    /// reads the row as it is now (never the stored envelope, which may be
+    /// stale) and pushes it through the configured sink with the usual
+    /// retries: user.updated if an external id is known, user.created if not,
+    /// user.deleted if the row is gone (nothing is pushed for a deleted row
+    /// that never reached the service). On success the external id and sync
+    /// time are written back and the user's dead letters are removed, which
+    /// unparks the user; changes parked while the replay ran stay. On
+    /// failure the entries stay, with the attempt recorded, and the next
+    /// user follows. The event id is evt_replay_<highest dead-letter id of
+    /// the user>, the same if the replay is repeated.
+    ///
+    /// Exit code 1 if any user failed.
+    #[command(group(ArgGroup::new("target").required(true).args(["id", "user", "all"])))]
+    Replay {
+        /// Replay the user of this entry (all of the user's dead letters:
+        /// they are one ordered backlog).
+        id: Option<i64>,
+        /// Replay this user (the primary key as text).
+        #[arg(long, value_name = "KEY")]
+        user: Option<String>,
+        /// Replay every user with dead letters.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters without pushing them: the changes are given up
+    /// for good. A user whose dead letters are all gone is no longer parked;
+    /// `usersync dlq replay` is usually what you want instead.
+    #[command(group(ArgGroup::new("target").required(true).args(["id", "user"])))]
+    Discard {
+        /// Discard this entry only.
+        id: Option<i64>,
+        /// Discard every entry of this user (the primary key as text).
+        #[arg(long, value_name = "KEY")]
+        user: Option<String>,
+        /// Confirm: without it, nothing is deleted.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum SinkArg {
+    Webhook,
+    Memberstack,
+    Stripe,
+}
+
+impl SinkArg {
+    pub fn kind(self) -> crate::config::SinkKind {
+        match self {
+            SinkArg::Webhook => crate::config::SinkKind::Webhook,
+            SinkArg::Memberstack => crate::config::SinkKind::Memberstack,
+            SinkArg::Stripe => crate::config::SinkKind::Stripe,
+        }
+    }
+}
+
+/// An error at the edge: the message to print and the exit code.
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn usage(message: impl std::fmt::Display) -> Self {
+        Failure {
+            code: 2,
+            message: message.to_string(),
+        }
+    }
+    pub fn runtime(message: impl std::fmt::Display) -> Self {
+        Failure {
+            code: 1,
+            message: message.to_string(),
+        }
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(2),
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("usersync: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("usersync: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn config_path(cli: &Cli) -> (PathBuf, bool) {
+    match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("sync.toml"), false),
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    crate::observe::logging::set_format_override(cli.log_format);
+    let (path, explicit) = config_path(&cli);
+    match cli.command {
+        Command::Run => {
+            let cfg = Config::load(&path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+            crate::observe::logging::init_logging(&cfg.log.level, cfg.log.format == "json");
+            let cancel = CancellationToken::new();
+            spawn_signal_handler(cancel.clone());
+            crate::observe::metrics::serve(&cfg, cancel.clone())
+                .await
+                .map_err(Failure::usage)?;
+            let switch = crate::store::requests::spawn_reload_handler(path.clone(), explicit, &cfg);
+            let sink = crate::sink::build(&cfg.sink).map_err(Failure::usage)?;
+            crate::app::run::run_with_switch(&cfg, sink, cancel, None, Some(switch))
+                .await
+                .map_err(|e| {
+                    if e.is_config() {
+                        Failure::usage(e)
+                    } else {
+                        Failure::runtime(e)
+                    }
+                })
+        }
+        Command::Setup {
+            print_sql,
+            role,
+            role_only,
+        } => {
+            let db = config::load_database(&path, explicit, &ProcessEnv, !print_sql)
+                .map_err(Failure::usage)?;
+            if let Some(role) = &role {
+                crate::app::role::valid_role_name(role).map_err(Failure::usage)?;
+            }
+            if print_sql {
+                if !role_only {
+                    print!("{}", crate::app::setup::render(&db));
+                }
+                if let Some(role) = &role {
+                    if !role_only {
+                        println!();
+                    }
+                    print!("{}", crate::app::role::render(&db, role));
+                }
+                return Ok(());
+            }
+            if let Some(role) = role {
+                return setup_role(&db, &role, role_only).await;
+            }
+            crate::observe::logging::init_logging("info", false);
+            let client = crate::store::db::connect(&db, "usersync-setup")
+                .await
+                .map_err(Failure::runtime)?;
+            match crate::app::setup::apply(&client, &db).await {
+                Ok(()) => {
+                    println!(
+                        "usersync: {} is ready: columns, REPLICA IDENTITY FULL, publication {}, origin {}, slot {}",
+                        db.table, db.publication, db.origin, db.slot
+                    );
+                    Ok(())
+                }
+                Err(crate::app::setup::SetupError::Schema(e)) => Err(Failure::usage(e)),
+                Err(e) => Err(Failure::runtime(e)),
+            }
+        }
+        Command::Demo {
+            users,
+            keep_running,
+            sink,
+        } => crate::dev::demo::run(users, keep_running, sink.kind()).await,
+        Command::Dlq { command } => dlq(command, &path, explicit).await,
+        Command::Check { json } => check(&path, explicit, json).await,
+        Command::Status { json } => status(&path, explicit, json).await,
+        Command::Teardown { yes, drop_schema } => teardown(&path, explicit, yes, drop_schema).await,
+        Command::FakeService {
+            port,
+            secret_env,
+            latency_ms,
+            mode,
+        } => fake_service(port, secret_env, latency_ms, mode).await,
+        Command::Backfill {
+            all,
+            dry_run,
+            chunk_size,
+        } => backfill(&path, explicit, all, dry_run, chunk_size).await,
+        Command::SyncUser { key, json, timeout } => {
+            sync_user(&path, explicit, &key, json, timeout).await
+        }
+    }
+}
+
+/// `usersync dlq …`.
+async fn dlq(command: DlqCommand, path: &std::path::Path, explicit: bool) -> Result<(), Failure> {
+    use crate::store::deadletter;
+
+    if let DlqCommand::Discard { yes: false, .. } = command {
+        return Err(Failure::usage(
+            "dlq discard deletes dead letters for good (their changes are never pushed); \
+             nothing was deleted: add --yes to confirm, or use `usersync dlq replay` to push the users' current rows instead",
+        ));
+    }
+    if let DlqCommand::Replay { id, user, all } = command {
+        let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+        // One line per user goes to stdout; logs only for retries and
+        // problems (RUST_LOG still overrides).
+        crate::observe::logging::init_logging("warn", cfg.log.format == "json");
+        return dlq_replay(&cfg, id, user, all).await;
+    }
+    let db = config::load_database(path, explicit, &ProcessEnv, true).map_err(Failure::usage)?;
+    crate::observe::logging::init_logging("warn", false);
+    let client = crate::store::db::connect(&db, "usersync-dlq")
+        .await
+        .map_err(Failure::runtime)?;
+    if !deadletter::table_exists(&client)
+        .await
+        .map_err(Failure::runtime)?
+    {
+        return Err(Failure::usage(crate::app::dlq::ReplayError::TableMissing));
+    }
+    match command {
+        DlqCommand::List { json, user } => {
+            let entries = deadletter::list(&client, user.as_deref())
+                .await
+                .map_err(Failure::runtime)?;
+            if json {
+                let text = serde_json::to_string_pretty(&entries).map_err(Failure::runtime)?;
+                println!("{text}");
+            } else if entries.is_empty() {
+                match user {
+                    Some(user) => println!("no dead letters for user {user}"),
+                    None => println!("no dead letters"),
+                }
+            } else {
+                print!("{}", deadletter::render_table(&entries));
+            }
+            Ok(())
+        }
+        DlqCommand::Show { id } => match deadletter::get(&client, id)
+            .await
+            .map_err(Failure::runtime)?
+        {
+            Some(entry) => {
+                let text = serde_json::to_string_pretty(&entry).map_err(Failure::runtime)?;
+                println!("{text}");
+                Ok(())
+            }
+            None => Err(Failure::usage(crate::app::dlq::ReplayError::UnknownId(id))),
+        },
+        DlqCommand::Discard { id: Some(id), .. } => {
+            match deadletter::discard_one(&client, id)
+                .await
+                .map_err(Failure::runtime)?
+            {
+                Some(e) => {
+                    println!(
+                        "discarded dead letter {} ({}, user {}, {}, {})",
+                        e.id, e.event_id, e.user_key, e.operation, e.state
+                    );
+                    if !deadletter::is_parked(&client, &e.user_key)
+                        .await
+                        .map_err(Failure::runtime)?
+                    {
+                        println!("user {} has no dead letters left", e.user_key);
+                    }
+                    Ok(())
+                }
+                None => Err(Failure::usage(crate::app::dlq::ReplayError::UnknownId(id))),
+            }
+        }
+        DlqCommand::Discard { user, .. } => {
+            let user = user.unwrap_or_default();
+            let gone = deadletter::discard_user(&client, &user)
+                .await
+                .map_err(Failure::runtime)?;
+            if gone.is_empty() {
+                println!("no dead letters for user {user}");
+            }
+            for e in &gone {
+                println!(
+                    "discarded dead letter {} ({}, user {}, {}, {})",
+                    e.id, e.event_id, e.user_key, e.operation, e.state
+                );
+            }
+            Ok(())
+        }
+        // Handled above, before any table query.
+        DlqCommand::Replay { .. } => Ok(()),
+    }
+}
+
+async fn dlq_replay(
+    cfg: &Config,
+    id: Option<i64>,
+    user: Option<String>,
+    all: bool,
+) -> Result<(), Failure> {
+    use crate::app::dlq::{ReplayError, Replayer, Selection};
+
+    let fail = |e: ReplayError| {
+        if e.is_config() {
+            Failure::usage(e)
+        } else {
+            Failure::runtime(e)
+        }
+    };
+    let selection = match (id, user) {
+        (Some(id), _) => Selection::Entry(id),
+        (None, Some(user)) => Selection::User(user),
+        (None, None) if all => Selection::All,
+        (None, None) => return Err(Failure::usage("name an entry id, --user KEY or --all")),
+    };
+    let mut replayer = Replayer::connect(cfg).await.map_err(fail)?;
+    let users = replayer.users(&selection).await.map_err(fail)?;
+    if users.is_empty() {
+        match &selection {
+            Selection::User(user) => println!("no dead letters for user {user}"),
+            _ => println!("no dead letters to replay"),
+        }
+        return Ok(());
+    }
+    let outcomes = replayer
+        .replay(&users, |outcome| {
+            if outcome.is_failure() {
+                eprintln!("{outcome}");
+            } else {
+                println!("{outcome}");
+            }
+        })
+        .await
+        .map_err(fail)?;
+    let failed = outcomes.iter().filter(|o| o.is_failure()).count();
+    if failed > 0 {
+        return Err(Failure::runtime(format!(
+            "replay failed for {failed} of {} user{}; their dead letters stay (see `usersync dlq list`)",
+            outcomes.len(),
+            if outcomes.len() == 1 { "" } else { "s" }
+        )));
+    }
+    Ok(())
+}
+
+async fn fake_service(
+    port: u16,
+    secret_env: Option<String>,
+    latency_ms: u64,
+    mode: SinkArg,
+) -> Result<(), Failure> {
+    use crate::core::signature::WebhookSecret;
+    use crate::dev::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
+    use crate::dev::fake::stripe::{FakeStripe, FakeStripeOptions};
+    crate::observe::logging::init_logging("info", false);
+    let latency = std::time::Duration::from_millis(latency_ms);
+    let given = match &secret_env {
+        Some(var) => Some(
+            std::env::var(var)
+                .map_err(|_| Failure::usage(format!("environment variable {var} is not set")))?,
+        ),
+        None => None,
+    };
+    let started = |e: std::io::Error| Failure::runtime(format!("fake service: {e}"));
+    let stop: Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()>> = match mode {
+        SinkArg::Webhook => {
+            let secret = match given {
+                Some(text) => WebhookSecret::parse(&text).map_err(Failure::usage)?,
+                None => {
+                    let s = WebhookSecret::generate();
+                    eprintln!(
+                        "signing secret (give it to usersync through sink.secret_env): {}",
+                        s.to_whsec()
+                    );
+                    s
+                }
+            };
+            let fake = crate::dev::fake::FakeService::start(crate::dev::fake::FakeOptions {
+                port,
+                secret: Some(secret),
+                latency,
+            })
+            .await
+            .map_err(started)?;
+            println!("{}", fake.url());
+            Box::new(move || Box::pin(fake.shutdown()))
+        }
+        SinkArg::Memberstack | SinkArg::Stripe => {
+            let key = given.unwrap_or_else(|| {
+                let k = format!(
+                    "sk_test_{}",
+                    WebhookSecret::generate()
+                        .to_whsec()
+                        .trim_start_matches("whsec_")
+                        .replace(['+', '/', '='], "")
+                );
+                eprintln!("API key (give it to usersync through sink.api_key_env): {k}");
+                k
+            });
+            if matches!(mode, SinkArg::Memberstack) {
+                let fake = FakeMemberstack::start(FakeMemberstackOptions {
+                    port,
+                    api_key: key,
+                    latency,
+                    ..FakeMemberstackOptions::default()
+                })
+                .await
+                .map_err(started)?;
+                println!("{}", fake.url());
+                Box::new(move || Box::pin(fake.shutdown()))
+            } else {
+                let fake = FakeStripe::start(FakeStripeOptions {
+                    port,
+                    api_key: key,
+                    latency,
+                    ..FakeStripeOptions::default()
+                })
+                .await
+                .map_err(started)?;
+                println!("{}", fake.url());
+                Box::new(move || Box::pin(fake.shutdown()))
+            }
+        }
+    };
+    eprintln!("fake service running; Ctrl-C stops it");
+    let _ = tokio::signal::ctrl_c().await;
+    stop().await;
+    Ok(())
+}
+
+/// Ctrl-C and SIGTERM both ask for a clean stop; a second one exits at once.
+pub fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    cancel.cancel();
+                    return;
+                }
+            };
+        for round in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if round == 0 {
+                tracing::info!(
+                    "stopping: finishing pushes in flight (signal again to exit at once)"
+                );
+                cancel.cancel();
+            } else {
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+/// `usersync setup --role NAME`: the role (and, unless --role-only, the
+/// usual setup first, since the grants name usersync's tables).
+async fn setup_role(
+    db: &config::DatabaseConfig,
+    role: &str,
+    role_only: bool,
+) -> Result<(), Failure> {
+    crate::observe::logging::init_logging("info", false);
+    let client = crate::store::db::connect(db, "usersync-setup")
+        .await
+        .map_err(Failure::runtime)?;
+    if !role_only {
+        match crate::app::setup::apply(&client, db).await {
+            Ok(()) => {}
+            Err(crate::app::setup::SetupError::Schema(e)) => return Err(Failure::usage(e)),
+            Err(e) => return Err(Failure::runtime(e)),
+        }
+    }
+    for step in crate::app::role::steps(db, role) {
+        client.batch_execute(&step.sql).await.map_err(|e| {
+            Failure::runtime(format!(
+                "creating role {role}: {}: {}",
+                step.comment,
+                crate::store::db::error_text(&e)
+            ))
+        })?;
+    }
+    println!(
+        "usersync: role {role} is ready (LOGIN REPLICATION, SELECT on {table}, UPDATE of the two sync columns, schema usersync, origin functions).\n\
+         usersync sets no password: set one with `\\password {role}` in psql, export it (e.g. USERSYNC_DB_PASSWORD) and set database.password_env; then connect as {role} in database.url.",
+        table = db.table
+    );
+    Ok(())
+}
+
+/// `usersync check`.
+async fn check(path: &std::path::Path, explicit: bool, json: bool) -> Result<(), Failure> {
+    crate::observe::logging::init_logging("error", false);
+    let report = crate::app::check::run(path, explicit, &ProcessEnv).await;
+    if json {
+        let text = serde_json::to_string_pretty(&report).map_err(Failure::runtime)?;
+        println!("{text}");
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ok {
+        Ok(())
+    } else {
+        Err(Failure::runtime("check found problems (see above)"))
+    }
+}
+
+/// `usersync status`.
+async fn status(path: &std::path::Path, explicit: bool, json: bool) -> Result<(), Failure> {
+    let db = config::load_database(path, explicit, &ProcessEnv, true).map_err(Failure::usage)?;
+    crate::observe::logging::init_logging("warn", false);
+    let client = crate::store::db::connect(&db, "usersync-status")
+        .await
+        .map_err(Failure::runtime)?;
+    let status = crate::app::status::read(&client, &db)
+        .await
+        .map_err(Failure::runtime)?;
+    if json {
+        let text = serde_json::to_string_pretty(&status).map_err(Failure::runtime)?;
+        println!("{text}");
+    } else {
+        print!("{}", status.render());
+    }
+    Ok(())
+}
+
+/// `usersync teardown`.
+async fn teardown(
+    path: &std::path::Path,
+    explicit: bool,
+    yes: bool,
+    drop_schema: bool,
+) -> Result<(), Failure> {
+    let db = config::load_database(path, explicit, &ProcessEnv, true).map_err(Failure::usage)?;
+    crate::observe::logging::init_logging("warn", false);
+    let client = crate::store::db::connect(&db, "usersync-teardown")
+        .await
+        .map_err(Failure::runtime)?;
+    let items = crate::app::teardown::plan(&client, &db, drop_schema)
+        .await
+        .map_err(Failure::runtime)?;
+    if items.is_empty() {
+        println!(
+            "nothing to drop: no slot {}, origin {} or publication {}",
+            db.slot, db.origin, db.publication
+        );
+        return Ok(());
+    }
+    if !yes {
+        println!("teardown would drop:");
+        for item in &items {
+            println!("  {}: {}", item.what, item.sql);
+        }
+        println!(
+            "{} and its columns {} and {} stay.",
+            db.table,
+            crate::store::schema::EXTERNAL_ID_COLUMN,
+            crate::store::schema::SYNCED_AT_COLUMN
+        );
+        return Err(Failure::usage("nothing was dropped: add --yes to confirm"));
+    }
+    crate::app::teardown::apply(&client, &items)
+        .await
+        .map_err(Failure::runtime)?;
+    for item in &items {
+        println!("dropped {}", item.what);
+    }
+    Ok(())
+}
+
+/// `usersync backfill`.
+async fn backfill(
+    path: &std::path::Path,
+    explicit: bool,
+    all: bool,
+    dry_run: bool,
+    chunk_size: Option<usize>,
+) -> Result<(), Failure> {
+    use crate::app::backfill::{Mode, Options};
+    let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+    crate::observe::logging::init_logging(&cfg.log.level, cfg.log.format == "json");
+    let chunk_size = chunk_size.unwrap_or(cfg.backfill.chunk_size);
+    if chunk_size == 0 {
+        return Err(Failure::usage("--chunk-size must be at least 1"));
+    }
+    let opts = Options {
+        mode: if all { Mode::All } else { Mode::Changed },
+        dry_run,
+        chunk_size,
+        beside_daemon: false,
+    };
+    let cancel = CancellationToken::new();
+    spawn_signal_handler(cancel.clone());
+    match crate::app::backfill::run(&cfg, &opts, cancel).await {
+        Ok(summary) if dry_run => {
+            println!(
+                "dry run ({} mode): {} of {} rows would be pushed; nothing was queued",
+                opts.mode.as_str(),
+                summary.queued,
+                summary.rows_scanned
+            );
+            if !summary.sample.is_empty() {
+                println!("first keys: {}", summary.sample.join(", "));
+            }
+            Ok(())
+        }
+        Ok(summary) => {
+            println!(
+                "backfill {}: {summary}",
+                if summary.resumed {
+                    "resumed and finished"
+                } else {
+                    "finished"
+                }
+            );
+            let failed = summary.outcomes.get("failed").copied().unwrap_or(0)
+                + summary.outcomes.get("parked").copied().unwrap_or(0);
+            if failed > 0 {
+                return Err(Failure::runtime(format!(
+                    "{failed} user(s) were not pushed (dead-lettered or parked): see `usersync dlq list`"
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.is_config() => Err(Failure::usage(e)),
+        Err(e) => Err(Failure::runtime(e)),
+    }
+}
+
+/// `usersync sync-user`.
+async fn sync_user(
+    path: &std::path::Path,
+    explicit: bool,
+    key: &str,
+    json: bool,
+    timeout: u64,
+) -> Result<(), Failure> {
+    let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+    crate::observe::logging::init_logging(&cfg.log.level, cfg.log.format == "json");
+    let result =
+        crate::app::sync_user::sync_user(&cfg, key, std::time::Duration::from_secs(timeout)).await;
+    match result {
+        Ok(r) if json => {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            Ok(())
+        }
+        Ok(r) => {
+            println!("{r}");
+            Ok(())
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "key": key, "error": e.to_string() })
+                );
+            }
+            if e.is_config() {
+                Err(Failure::usage(e))
+            } else {
+                Err(Failure::runtime(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! For trying usersync and testing it: the demo, fake external services and
+//! throw-away PostgreSQL clusters. Never imported by the daemon's own layers.
+
+pub mod demo;
+pub mod fake;
+pub mod pgtemp;

@@ -1,0 +1,6 @@
+//! What operators see: Prometheus metrics and the health endpoints
+//! (`metrics`), log set-up (`logging`). Takes plain values from the layers
+//! above; imports no domain type.
+
+pub mod logging;
+pub mod metrics;

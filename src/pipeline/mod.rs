@@ -1,0 +1,557 @@
+//! The pipeline between the reader and the sink: per-user lanes (one change
+//! in flight per user, commit order within a user, users concurrent up to
+//! `max_in_flight`), a bound on buffered changes (when reached, the reader is
+//! no longer drained, so it stops reading the stream), parking of users with
+//! dead letters, and the ack tracker that confirms to the slot only positions
+//! below which every change has been written back or dead-lettered.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RetryConfig;
+use crate::core::change::{format_lsn, Change, Lsn, Operation};
+use crate::sink::retry::{push_with_retry, PushFailed};
+use crate::sink::webhook::Envelope;
+use crate::sink::Sink;
+use crate::source::stream::SourceEvent;
+use crate::store::deadletter::{self, DeadLetterError, NewDeadLetter, State as DeadState};
+use crate::store::progress::Done;
+use crate::store::writeback::{ExternalIds, Outcome, WriteItem};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("the write-back task stopped")]
+    WriterGone,
+    #[error(transparent)]
+    DeadLetter(#[from] DeadLetterError),
+}
+
+/// Confirms the highest LSN below which every change is complete.
+#[derive(Debug, Default)]
+pub struct AckTracker {
+    next_seq: u64,
+    pending: BTreeSet<u64>,
+    /// (first sequence number after the transaction, its end LSN), in stream order.
+    boundaries: VecDeque<(u64, Lsn)>,
+    confirmed: Lsn,
+}
+
+impl AckTracker {
+    pub fn register(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.insert(seq);
+        seq
+    }
+
+    /// Everything registered so far belongs to transactions ending at or before `lsn`.
+    pub fn boundary(&mut self, lsn: Lsn) {
+        self.boundaries.push_back((self.next_seq, lsn));
+    }
+
+    pub fn complete(&mut self, seq: u64) {
+        self.pending.remove(&seq);
+    }
+
+    /// The new confirmed LSN, if it moved.
+    pub fn advance(&mut self) -> Option<Lsn> {
+        let lowest_pending = self.pending.first().copied().unwrap_or(self.next_seq);
+        let before = self.confirmed;
+        while let Some(&(bound, lsn)) = self.boundaries.front() {
+            if bound > lowest_pending {
+                break;
+            }
+            self.confirmed = self.confirmed.max(lsn);
+            self.boundaries.pop_front();
+        }
+        (self.confirmed > before).then_some(self.confirmed)
+    }
+
+    pub fn is_pending(&self, seq: u64) -> bool {
+        self.pending.contains(&seq)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+struct Queued {
+    seq: u64,
+    change: Box<Change>,
+    /// A sync request: the change is built from the row when its turn comes.
+    request: Option<i64>,
+}
+
+struct PushResult {
+    key: String,
+    seq: u64,
+    /// After a delete nothing is known: a new row with the key is a new user.
+    deleted: bool,
+    external_id: Option<String>,
+    failure: Option<Failure>,
+}
+
+struct Failure {
+    seq: u64,
+    change: Box<Change>,
+    request: Option<i64>,
+    external_id: Option<String>,
+    failed: PushFailed,
+    first_attempt_at: SystemTime,
+}
+
+pub struct Pipeline {
+    pub sink: Arc<dyn Sink>,
+    pub retry: RetryConfig,
+    pub max_in_flight: usize,
+    pub max_buffered: usize,
+    /// Log row values of pushed changes (`log.personal_data`).
+    pub log_personal_data: bool,
+    /// Reads a row's external id when neither memory nor the change has it.
+    pub external_ids: Option<Arc<ExternalIds>>,
+    /// Reads a user's current row for sync requests (`requests`).
+    pub current_rows: Option<Arc<crate::store::requests::CurrentRows>>,
+    /// The off switch (`[sync] enabled`); `None` means always on.
+    pub sync_enabled: Option<watch::Receiver<bool>>,
+}
+
+struct State {
+    /// Changes waiting per user; a key is present while its user has work.
+    lanes: HashMap<String, VecDeque<Queued>>,
+    /// Users with queued work and nothing in flight, in arrival order.
+    ready: VecDeque<String>,
+    /// Users with a push in flight.
+    active: HashSet<String>,
+    /// Users with dead letters: their changes are stored behind them, not
+    /// pushed. The value is the sequence number of the user's newest dead
+    /// letter sent to the writer in this session (none for users parked at
+    /// start): until it is durable, the table cannot yet show the user as
+    /// parked, so it must not be asked.
+    parked: HashMap<String, Option<u64>>,
+    /// Items handed to the writer and not yet reported durable (may dip
+    /// below zero for a moment: the writer can report before the push task ends).
+    unwritten: i64,
+    /// External ids learnt from pushes whose write-back may not be visible yet
+    /// in later changes' rows (an update right after the create), with the
+    /// push's sequence number: kept until that write-back is durable, also
+    /// when the user's lane empties meanwhile, because until then a lookup
+    /// of the row finds no id and the update would go out without one.
+    known_ids: HashMap<String, (String, u64)>,
+    ack: AckTracker,
+}
+
+/// The dead letter for `change`: `failed` when the sink refused it, else
+/// parked behind the user's earlier failure.
+fn dead_letter(
+    seq: u64,
+    change: &Change,
+    external_id: Option<&str>,
+    failure: Option<(&PushFailed, SystemTime)>,
+) -> WriteItem {
+    let now = SystemTime::now();
+    let envelope =
+        serde_json::to_value(Envelope::new(change, external_id)).unwrap_or(serde_json::Value::Null);
+    let (state, last_status, last_error, attempts, first) = match failure {
+        Some((f, first)) => (
+            DeadState::Failed,
+            f.error.status(),
+            if f.error.is_retryable() {
+                format!("gave up after {} attempts: {}", f.attempts, f.error)
+            } else {
+                f.error.to_string()
+            },
+            f.attempts,
+            first,
+        ),
+        None => (
+            DeadState::Parked,
+            None,
+            "parked behind an earlier dead letter of this user".to_string(),
+            0,
+            now,
+        ),
+    };
+    WriteItem::new(
+        seq,
+        change,
+        Outcome::DeadLetter(Box::new(NewDeadLetter {
+            event_id: change.event_id.clone(),
+            user_key: change.key.text.clone(),
+            operation: change.op.event_type(),
+            state,
+            envelope,
+            last_status,
+            last_error,
+            attempts,
+            first_attempt_at: first,
+            last_attempt_at: now,
+            commit_lsn: format_lsn(change.commit_lsn),
+        })),
+    )
+}
+
+impl Pipeline {
+    /// Runs until the source closes or `cancel` fires. On cancel, in-flight
+    /// pushes finish and are written back first. `parked` are the users with
+    /// dead letters at start; `done` what an earlier session already made
+    /// durable; `db` re-checks whether a parked user was replayed.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run(
+        &self,
+        mut source: mpsc::Receiver<SourceEvent>,
+        writer: mpsc::Sender<WriteItem>,
+        mut written: mpsc::UnboundedReceiver<Vec<u64>>,
+        acks: watch::Sender<Lsn>,
+        parked: HashSet<String>,
+        done: Done,
+        db: &tokio_postgres::Client,
+        cancel: CancellationToken,
+    ) -> Result<(), PipelineError> {
+        let mut st = State {
+            lanes: HashMap::new(),
+            ready: VecDeque::new(),
+            active: HashSet::new(),
+            parked: parked.into_iter().map(|k| (k, None)).collect(),
+            unwritten: 0,
+            known_ids: HashMap::new(),
+            ack: AckTracker::default(),
+        };
+        // Polled by this loop rather than spawned: a task per change cost
+        // ~12 % of the daemon's CPU (BENCHMARKS.md), and the pushes are I/O.
+        let mut pushes: Pushes = FuturesUnordered::new();
+        let mut draining = false;
+        let mut switch = self.sync_enabled.clone();
+        let mut enabled = switch.as_ref().is_none_or(|s| *s.borrow());
+        if enabled {
+            // Users changed while sync was off (before a restart) are pushed now.
+            crate::store::requests::send_resume(&writer, &mut st.ack).await?;
+            st.unwritten += 1;
+        } else {
+            tracing::warn!("sync is switched off ([sync] enabled = false): reading and acknowledging the stream, pushing nothing; changed users are recorded in usersync.pending_users");
+        }
+        loop {
+            self.start_ready(&mut st, &mut pushes, &writer);
+            crate::observe::metrics::pipeline(st.active.len(), st.ack.in_flight(), st.parked.len());
+            if draining && st.active.is_empty() && st.unwritten == 0 {
+                return Ok(());
+            }
+            let room = !draining && st.ack.in_flight() < self.max_buffered;
+            tokio::select! {
+                _ = cancel.cancelled(), if !draining => {
+                    draining = true;
+                    // Queued changes that never started stay unacknowledged
+                    // and are replayed from the slot next time.
+                    st.lanes.retain(|key, lane| {
+                        lane.clear();
+                        st.active.contains(key)
+                    });
+                    st.ready.clear();
+                }
+                now = crate::store::requests::switch_changed(&mut switch), if switch.is_some() => {
+                    match now {
+                        Some(now) if now != enabled => {
+                            enabled = now;
+                            if enabled {
+                                tracing::info!("sync switched on");
+                                crate::store::requests::send_resume(&writer, &mut st.ack).await?;
+                                st.unwritten += 1;
+                            } else {
+                                tracing::warn!("sync switched off: reading and acknowledging the stream, pushing nothing; changed users are recorded in usersync.pending_users");
+                            }
+                        }
+                        Some(_) => {}
+                        None => switch = None,
+                    }
+                }
+                ev = source.recv(), if room => match ev {
+                    Some(ev @ (SourceEvent::Change(_) | SourceEvent::Request { .. })) => {
+                        let (change, request) = match ev {
+                            SourceEvent::Change(change) => (change, None),
+                            SourceEvent::Request { change, id } => (change, Some(id)),
+                            _ => continue,
+                        };
+                        crate::observe::metrics::change_seen(change.op);
+                        let key = change.key.text.clone();
+                        if done.covers(&key, change.commit_lsn, change.position) {
+                            tracing::debug!(event_id = %change.event_id, "already written back before the restart; skipped");
+                            continue;
+                        }
+                        let seq = st.ack.register();
+                        if !enabled {
+                            let item = crate::store::requests::deferred(seq, &change, request);
+                            send(&writer, item, &mut st).await?;
+                            continue;
+                        }
+                        if let Some(&last) = st.parked.get(&key) {
+                            let still = match last {
+                                Some(last) if st.ack.is_pending(last) => true,
+                                _ => deadletter::is_parked(db, &key).await?,
+                            };
+                            if still {
+                                let mut item = dead_letter(seq, &change, change.external_id.as_deref(), None);
+                                item.request = crate::store::requests::parked_mark(request);
+                                send(&writer, item, &mut st).await?;
+                                st.parked.insert(key, Some(seq));
+                                continue;
+                            }
+                            tracing::info!(user = %key, "dead letters resolved; pushing this user's changes again");
+                            st.parked.remove(&key);
+                        }
+                        let lane = st.lanes.entry(key.clone()).or_default();
+                        if lane.is_empty() && !st.active.contains(&key) {
+                            st.ready.push_back(key);
+                        }
+                        lane.push_back(Queued { seq, change, request });
+                    }
+                    Some(SourceEvent::TxnEnd { end_lsn }) | Some(SourceEvent::Idle { wal_end: end_lsn }) => {
+                        st.ack.boundary(end_lsn);
+                        if let Some(lsn) = st.ack.advance() {
+                            let _ = acks.send(lsn);
+                        }
+                    }
+                    None => draining = true,
+                },
+                Some(result) = pushes.next() => {
+                    let key = result.key;
+                    st.active.remove(&key);
+                    if let Some(f) = result.failure {
+                        // Park the user: this change and every later one go to
+                        // the dead-letter table, in order, until replayed.
+                        let mut item = dead_letter(f.seq, &f.change, f.external_id.as_deref(), Some((&f.failed, f.first_attempt_at)));
+                        item.request = crate::store::requests::failed_mark(f.request, &f.failed);
+                        send(&writer, item, &mut st).await?;
+                        let mut last = f.seq;
+                        for q in st.lanes.remove(&key).into_iter().flatten() {
+                            let ext = st.known_ids.get(&key).map(|(id, _)| id.clone()).or_else(|| q.change.external_id.clone());
+                            let mut item = dead_letter(q.seq, &q.change, ext.as_deref(), None);
+                            item.request = crate::store::requests::parked_mark(q.request);
+                            send(&writer, item, &mut st).await?;
+                            last = q.seq;
+                        }
+                        st.parked.insert(key.clone(), Some(last));
+                        st.known_ids.remove(&key);
+                        continue;
+                    }
+                    st.unwritten += 1;
+                    match result.external_id {
+                        Some(id) if !result.deleted => { st.known_ids.insert(key.clone(), (id, result.seq)); }
+                        _ => { st.known_ids.remove(&key); }
+                    }
+                    match st.lanes.get(&key) {
+                        Some(lane) if !lane.is_empty() && !draining => st.ready.push_back(key),
+                        _ => {
+                            st.lanes.remove(&key);
+                        }
+                    }
+                }
+                seqs = written.recv() => {
+                    let Some(seqs) = seqs else { return Err(PipelineError::WriterGone) };
+                    if !st.known_ids.is_empty() {
+                        // The row now holds the id: later changes find it there.
+                        let durable: HashSet<u64> = seqs.iter().copied().collect();
+                        st.known_ids.retain(|_, (_, seq)| !durable.contains(seq));
+                    }
+                    for seq in seqs {
+                        st.ack.complete(seq);
+                        st.unwritten -= 1;
+                    }
+                    if let Some(lsn) = st.ack.advance() {
+                        let _ = acks.send(lsn);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_ready(&self, st: &mut State, pushes: &mut Pushes, writer: &mpsc::Sender<WriteItem>) {
+        while st.active.len() < self.max_in_flight {
+            let Some(key) = st.ready.pop_front() else {
+                break;
+            };
+            let Some(queued) = st.lanes.get_mut(&key).and_then(|l| l.pop_front()) else {
+                continue;
+            };
+            st.active.insert(key.clone());
+            let external_id = st
+                .known_ids
+                .get(&key)
+                .map(|(id, _)| id.clone())
+                .or_else(|| queued.change.external_id.clone());
+            let sink = Arc::clone(&self.sink);
+            let retry = self.retry.clone();
+            let writer = writer.clone();
+            let log_values = self.log_personal_data;
+            let lookup = self.external_ids.clone();
+            let current_rows = self.current_rows.clone();
+            pushes.push(Box::pin(async move {
+                let Queued {
+                    seq,
+                    mut change,
+                    request,
+                } = queued;
+                let mut external_id = external_id;
+                if let Some(id) = request {
+                    // The row as it is now: never older than a change this
+                    // lane pushed before, and a later change queues behind.
+                    match crate::store::requests::prepare(
+                        current_rows.as_deref(),
+                        id,
+                        &mut change,
+                        external_id.take(),
+                        sink.name(),
+                    )
+                    .await
+                    {
+                        Ok(id) => external_id = id,
+                        Err(item) => {
+                            let _ = writer.send(item.into_write_item(seq, &change)).await;
+                            return PushResult {
+                                key,
+                                seq,
+                                deleted: false,
+                                external_id: None,
+                                failure: None,
+                            };
+                        }
+                    }
+                }
+                let external_id = match (external_id, &lookup) {
+                    (None, Some(ids)) if change.op != Operation::Insert => {
+                        ids.get(&change.key.text).await
+                    }
+                    // A row already linked when its insert is pushed: it was
+                    // synced by `sync-user` (no daemon running) before the
+                    // stream got here. Creating it again would duplicate it.
+                    (None, Some(ids)) if change.op == Operation::Insert && request.is_none() => {
+                        let id = ids.get(&change.key.text).await;
+                        if id.is_some() {
+                            change.op = Operation::Update;
+                        }
+                        id
+                    }
+                    (id, _) => id,
+                };
+                let started = Instant::now();
+                let first_attempt_at = SystemTime::now();
+                match push_with_retry(sink.as_ref(), &change, external_id.as_deref(), &retry).await
+                {
+                    Ok(pushed) => {
+                        let external_id = pushed.external_id.or(external_id);
+                        if log_values {
+                            tracing::info!(
+                                event_id = %change.event_id,
+                                data = %serde_json::Value::from(change.data.clone()),
+                                previous = %serde_json::Value::from(change.previous.clone()),
+                                "pushed values"
+                            );
+                        }
+                        let push_latency = started.elapsed();
+                        let mut item = WriteItem::new(
+                            seq,
+                            &change,
+                            Outcome::Synced {
+                                external_id: external_id.clone(),
+                                synced_at: SystemTime::now(),
+                                push_latency,
+                                attempts: pushed.attempts,
+                            },
+                        );
+                        crate::store::requests::annotate_synced(
+                            &mut item,
+                            &change,
+                            request,
+                            external_id.as_deref(),
+                            push_latency,
+                        );
+                        // A closed writer means shutdown; the change is replayed next start.
+                        let _ = writer.send(item).await;
+                        PushResult {
+                            key,
+                            seq,
+                            deleted: change.op == Operation::Delete,
+                            external_id,
+                            failure: None,
+                        }
+                    }
+                    Err(failed) => PushResult {
+                        key,
+                        seq,
+                        deleted: false,
+                        external_id: None,
+                        failure: Some(Failure {
+                            seq,
+                            change,
+                            request,
+                            external_id,
+                            failed,
+                            first_attempt_at,
+                        }),
+                    },
+                }
+            }));
+        }
+    }
+}
+
+type Pushes = FuturesUnordered<BoxFuture<'static, PushResult>>;
+
+async fn send(
+    writer: &mpsc::Sender<WriteItem>,
+    item: WriteItem,
+    st: &mut State,
+) -> Result<(), PipelineError> {
+    writer
+        .send(item)
+        .await
+        .map_err(|_| PipelineError::WriterGone)?;
+    st.unwritten += 1;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_waits_for_the_oldest_pending_change() {
+        let mut t = AckTracker::default();
+        let a = t.register();
+        t.boundary(100);
+        let b = t.register();
+        t.boundary(200);
+        t.boundary(250); // an empty transaction
+        assert_eq!(t.advance(), None);
+        t.complete(b);
+        assert_eq!(t.advance(), None, "a is still pending");
+        t.complete(a);
+        assert_eq!(t.advance(), Some(250));
+        assert_eq!(t.advance(), None);
+    }
+
+    #[test]
+    fn ack_moves_per_completed_transaction() {
+        let mut t = AckTracker::default();
+        let a = t.register();
+        t.boundary(100);
+        let _b = t.register();
+        t.boundary(200);
+        t.complete(a);
+        assert_eq!(t.advance(), Some(100));
+        t.boundary(300);
+        assert_eq!(t.advance(), None);
+    }
+
+    #[test]
+    fn empty_stream_positions_are_confirmed() {
+        let mut t = AckTracker::default();
+        t.boundary(42);
+        assert_eq!(t.advance(), Some(42));
+    }
+}

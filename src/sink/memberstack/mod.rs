@@ -1,0 +1,709 @@
+//! The Memberstack sink: keeps one Memberstack member per users row through
+//! the admin REST API (`X-API-KEY`, `{"data": …}` envelopes, `mem_…` ids).
+//!
+//! Memberstack has no idempotency keys, so a create first looks the member
+//! up by email (`GET /members/{email}`): a member found there that carries
+//! this row's key in `metaData.usersync_key` (or no key at all: a member that
+//! existed before usersync) is linked and brought up to date instead of being
+//! created again. That makes a crash between the create and the write-back,
+//! or a create whose answer was lost, safe: the retry finds the member. A
+//! member found there that belongs to another row is never linked; the create
+//! then goes ahead and Memberstack refuses the duplicate email with its own
+//! message, which ends in the dead-letter table.
+//!
+//! Every request, lookups included, first waits on the sink's rate limiter
+//! (`sink.rate_limit_per_sec`, 25 by default: Memberstack's documented limit).
+//! The API key and the generated passwords never appear in errors or logs.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use reqwest::Method;
+use serde_json::{Map, Value};
+
+use super::mapping::{self, as_text, insert_path, KEY_METADATA};
+use super::ratelimit::RateLimiter;
+use super::{excerpt, parse_retry_after, Sink, SinkError};
+use crate::config::{OnDelete, Secret, SinkConfig};
+use crate::core::change::{format_time_us, Change, Operation};
+
+/// The member field a column can be mapped to, besides nested paths under
+/// these objects.
+const OBJECTS: [&str; 3] = ["customFields", "metaData", "json"];
+/// Where a deletion is recorded with `sink.on_delete = "mark"`.
+const DELETED_AT: &str = "deleted_at";
+/// Length of a generated password: ~190 bits from the alphabet below.
+const PASSWORD_LEN: usize = 32;
+const LOWER: &[u8] = b"abcdefghijkmnopqrstuvwxyz";
+const UPPER: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ";
+const DIGITS: &[u8] = b"23456789";
+const SYMBOLS: &[u8] = b"!#%*+-=?@_~";
+
+pub struct MemberstackSink {
+    client: reqwest::Client,
+    /// API base URL without a trailing slash.
+    base: String,
+    key: Secret,
+    /// The mapping without `password` (never sent on updates).
+    mapping: Vec<(String, String)>,
+    /// The column mapped to `password`, if any: used instead of a generated one.
+    password_column: Option<String>,
+    timeout: Duration,
+    limiter: Option<RateLimiter>,
+    on_delete: OnDelete,
+}
+
+/// A member as the API returns it (the parts the sink acts on).
+#[derive(Debug, Clone)]
+struct Member {
+    id: String,
+    email: Option<String>,
+    /// `metaData.usersync_key`: the row this member was made for.
+    key: Option<String>,
+    raw: Value,
+}
+
+impl Member {
+    fn parse(data: &Value) -> Result<Option<Member>, SinkError> {
+        if data.is_null() {
+            return Ok(None);
+        }
+        let id = match data.get("id") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => {
+                return Err(SinkError::Malformed(format!(
+                    "a Memberstack member without an id: {}",
+                    excerpt(&data.to_string())
+                )))
+            }
+        };
+        let email = data
+            .pointer("/auth/email")
+            .or_else(|| data.get("email"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let key = data
+            .get("metaData")
+            .and_then(|m| m.get(KEY_METADATA))
+            .and_then(as_text);
+        Ok(Some(Member {
+            id,
+            email,
+            key,
+            raw: data.clone(),
+        }))
+    }
+
+    /// Made for this row, or made outside usersync (adopted).
+    fn linkable_to(&self, key: &str) -> bool {
+        self.key.as_deref().is_none_or(|k| k == key)
+    }
+
+    fn object(&self, name: &str) -> Option<&Map<String, Value>> {
+        self.raw.get(name).and_then(Value::as_object)
+    }
+}
+
+/// One HTTP answer, before interpretation.
+struct Reply {
+    status: u16,
+    retry_after: Option<Duration>,
+    body: String,
+}
+
+impl Reply {
+    fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+impl MemberstackSink {
+    pub fn new(cfg: &SinkConfig) -> Result<Self, String> {
+        let key = cfg
+            .api_key
+            .clone()
+            .ok_or("the memberstack sink needs sink.api_key_env or sink.api_key_file")?;
+        let mut mapping = Vec::new();
+        let mut password_column = None;
+        for (field, column) in &cfg.mapping {
+            let mut parts = field.splitn(2, '.');
+            let head = parts.next().unwrap_or_default();
+            let rest = parts.next();
+            match (head, rest) {
+                ("email", None) => mapping.push((field.clone(), column.clone())),
+                ("password", None) => password_column = Some(column.clone()),
+                (obj, Some(name)) if OBJECTS.contains(&obj) && !name.is_empty() => {
+                    if obj == "metaData" && (name == KEY_METADATA || name.starts_with("usersync_key.")) {
+                        return Err(format!(
+                            "sink.mapping: metaData.{KEY_METADATA} is reserved (usersync stores the row's key there)"
+                        ));
+                    }
+                    mapping.push((field.clone(), column.clone()));
+                }
+                _ => {
+                    return Err(format!(
+                        "sink.mapping: {field:?} is not a Memberstack member field; use \"email\", \
+                         \"password\", \"customFields.<name>\", \"metaData.<name>\" or \"json.<name>\""
+                    ))
+                }
+            }
+        }
+        if !mapping.iter().any(|(f, _)| f == "email") {
+            return Err(
+                "sink.mapping: Memberstack needs an email: map it, e.g. email = \"email\"".into(),
+            );
+        }
+        Ok(MemberstackSink {
+            client: super::http_client(cfg.timeout, cfg.max_in_flight)?,
+            base: cfg.url.trim_end_matches('/').to_string(),
+            key,
+            mapping,
+            password_column,
+            timeout: cfg.timeout,
+            limiter: RateLimiter::new(cfg.rate_limit_per_sec),
+            on_delete: cfg.on_delete,
+        })
+    }
+
+    // ------------------------------------------------------------ operations
+
+    async fn send(
+        &self,
+        change: &Change,
+        external_id: Option<&str>,
+    ) -> Result<Option<String>, SinkError> {
+        let key = change.key.text.as_str();
+        let known = external_id.filter(|id| {
+            let ours = id.starts_with("mem_");
+            if !ours {
+                tracing::warn!(user = %key, external_id = %id, "the row's external id is not a Memberstack member id; looking the member up by email");
+            }
+            ours
+        });
+        match change.op {
+            Operation::Insert => {
+                let body = self.body(change.data.as_ref(), key);
+                self.create_or_link(key, body, None, change.data.as_ref())
+                    .await
+                    .map(Some)
+            }
+            Operation::Update => {
+                let body = self.body(change.data.as_ref(), key);
+                if let Some(id) = known {
+                    if self.update(id, &body).await? {
+                        return Ok(Some(id.to_string()));
+                    }
+                    tracing::info!(user = %key, member = %id, "member not found in Memberstack; looking it up by email");
+                }
+                let previous = self.email_of(change.previous.as_ref());
+                self.create_or_link(key, body, previous, change.data.as_ref())
+                    .await
+                    .map(Some)
+            }
+            Operation::Delete => self.delete(change, key, known).await,
+        }
+    }
+
+    /// Finds the row's member by email (the current one, then `previous`),
+    /// links it and brings it up to date, or creates it.
+    async fn create_or_link(
+        &self,
+        key: &str,
+        body: Map<String, Value>,
+        previous_email: Option<String>,
+        data: Option<&Map<String, Value>>,
+    ) -> Result<String, SinkError> {
+        let email = body
+            .get("email")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let mut candidates: Vec<String> = email.iter().cloned().collect();
+        if let Some(p) = previous_email {
+            if !candidates.iter().any(|c| c.eq_ignore_ascii_case(&p)) {
+                candidates.push(p);
+            }
+        }
+        for candidate in &candidates {
+            let Some(member) = self.lookup(candidate).await? else {
+                continue;
+            };
+            if !member.linkable_to(key) {
+                // Never take over another row's member. With the current
+                // email the create below gets Memberstack's own refusal.
+                tracing::info!(user = %key, member = %member.id, "a member with this email belongs to another row; not linking it");
+                continue;
+            }
+            if self.link(&member, &body).await? {
+                tracing::info!(user = %key, member = %member.id, "linked the existing Memberstack member");
+                return Ok(member.id);
+            }
+        }
+        self.create(key, body, data).await
+    }
+
+    /// Brings a found member up to date. `false` when it is gone meanwhile.
+    async fn link(&self, member: &Member, body: &Map<String, Value>) -> Result<bool, SinkError> {
+        let mut patch = merged_json(body, member.object("json"));
+        if member
+            .object("metaData")
+            .and_then(|m| m.get(DELETED_AT))
+            .is_some_and(|v| !v.is_null())
+        {
+            // Re-created after a "mark" delete: the member is live again.
+            insert_path(&mut patch, &format!("metaData.{DELETED_AT}"), Value::Null);
+        }
+        if is_current(member, &patch) {
+            return Ok(true);
+        }
+        self.patch(&member.id, &patch).await
+    }
+
+    async fn create(
+        &self,
+        key: &str,
+        mut body: Map<String, Value>,
+        data: Option<&Map<String, Value>>,
+    ) -> Result<String, SinkError> {
+        let mapped = self
+            .password_column
+            .as_ref()
+            .and_then(|c| data.and_then(|d| d.get(c)))
+            .and_then(as_text);
+        let password = Secret::new(mapped.unwrap_or_else(generate_password));
+        body.insert(
+            "password".into(),
+            Value::String(password.expose().to_string()),
+        );
+        let reply = self
+            .request(Method::POST, "/members", Some(&Value::Object(body)))
+            .await?;
+        let data = self.data(reply, &[password.expose()])?;
+        match Member::parse(&data)? {
+            Some(m) => {
+                tracing::info!(user = %key, member = %m.id, "created the Memberstack member");
+                Ok(m.id)
+            }
+            None => Err(SinkError::Malformed(
+                "Memberstack answered the create with no member".into(),
+            )),
+        }
+    }
+
+    /// PATCHes a known member. `false` when it does not exist.
+    async fn update(&self, id: &str, body: &Map<String, Value>) -> Result<bool, SinkError> {
+        if body.contains_key("json") {
+            // `json` is replaced as a whole on PATCH: keep what others stored.
+            return match self.get(id).await? {
+                Some(member) => self.link(&member, body).await,
+                None => Ok(false),
+            };
+        }
+        self.patch(id, body).await
+    }
+
+    async fn patch(&self, id: &str, body: &Map<String, Value>) -> Result<bool, SinkError> {
+        let path = format!("/members/{}", encode_segment(id));
+        let reply = self
+            .request(Method::PATCH, &path, Some(&Value::Object(body.clone())))
+            .await?;
+        if reply.status == 404 {
+            return Ok(false);
+        }
+        self.data(reply, &[])?;
+        Ok(true)
+    }
+
+    async fn delete(
+        &self,
+        change: &Change,
+        key: &str,
+        known: Option<&str>,
+    ) -> Result<Option<String>, SinkError> {
+        if self.on_delete == OnDelete::Ignore {
+            return Ok(known.map(str::to_string));
+        }
+        let id = match known {
+            Some(id) => Some(id.to_string()),
+            // Deleted before its external id was written back: find the
+            // member by the old row's email, but only if it is this row's.
+            None => match self.email_of(change.previous.as_ref()) {
+                Some(email) => self
+                    .lookup(&email)
+                    .await?
+                    .filter(|m| m.key.as_deref() == Some(key))
+                    .map(|m| m.id),
+                None => None,
+            },
+        };
+        let Some(id) = id else {
+            tracing::debug!(user = %key, "deleted row has no Memberstack member; nothing to do");
+            return Ok(None);
+        };
+        match self.on_delete {
+            OnDelete::Mark => {
+                let mut body = Map::new();
+                insert_path(
+                    &mut body,
+                    &format!("metaData.{DELETED_AT}"),
+                    Value::String(format_time_us(change.commit_time_us)),
+                );
+                insert_path(
+                    &mut body,
+                    &format!("metaData.{KEY_METADATA}"),
+                    Value::String(key.to_string()),
+                );
+                if !self.patch(&id, &body).await? {
+                    tracing::info!(user = %key, member = %id, "member already gone; nothing to mark");
+                }
+            }
+            _ => {
+                let path = format!("/members/{}", encode_segment(&id));
+                let reply = self.request(Method::DELETE, &path, None).await?;
+                if reply.status == 404 {
+                    tracing::info!(user = %key, member = %id, "member already gone");
+                } else {
+                    self.data(reply, &[])?;
+                }
+            }
+        }
+        Ok(Some(id))
+    }
+
+    // ------------------------------------------------------------ the API
+
+    /// `GET /members/{email}`: `None` when no member has it.
+    async fn lookup(&self, email: &str) -> Result<Option<Member>, SinkError> {
+        self.get(email).await
+    }
+
+    /// `GET /members/{id or email}`; absence is `{"data": null}` (or a 404).
+    async fn get(&self, id_or_email: &str) -> Result<Option<Member>, SinkError> {
+        let path = format!("/members/{}", encode_segment(id_or_email));
+        let reply = self.request(Method::GET, &path, None).await?;
+        if reply.status == 404 {
+            return Ok(None);
+        }
+        Member::parse(&self.data(reply, &[])?)
+    }
+
+    /// One request, after waiting for the rate limiter.
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Reply, SinkError> {
+        if let Some(limiter) = &self.limiter {
+            limiter.acquire().await;
+        }
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header("x-api-key", self.key.expose())
+            .header("accept", "application/json");
+        if let Some(body) = body {
+            let bytes = serde_json::to_vec(body)
+                .map_err(|e| SinkError::Malformed(format!("cannot encode the request: {e}")))?;
+            req = req.header("content-type", "application/json").body(bytes);
+        }
+        let response = req.send().await.map_err(|e| self.transport_error(e))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = response.text().await.map_err(|e| self.transport_error(e))?;
+        Ok(Reply {
+            status,
+            retry_after,
+            body,
+        })
+    }
+
+    /// The `data` of a 2xx answer, or the API's error.
+    fn data(&self, reply: Reply, secrets: &[&str]) -> Result<Value, SinkError> {
+        if !reply.ok() {
+            return Err(self.api_error(&reply, secrets));
+        }
+        if reply.body.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        let v: Value = serde_json::from_str(&reply.body).map_err(|_| {
+            SinkError::Malformed(format!(
+                "Memberstack answered HTTP {} with a body that is not JSON: {}",
+                reply.status,
+                self.redact(&excerpt(&reply.body), secrets)
+            ))
+        })?;
+        match v {
+            Value::Object(mut o) if o.contains_key("data") => {
+                Ok(o.remove("data").unwrap_or(Value::Null))
+            }
+            other => Ok(other),
+        }
+    }
+
+    fn api_error(&self, reply: &Reply, secrets: &[&str]) -> SinkError {
+        let message = error_message(&reply.body).unwrap_or_else(|| match excerpt(&reply.body) {
+            e if e.is_empty() => reqwest::StatusCode::from_u16(reply.status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("no message")
+                .to_string(),
+            e => e,
+        });
+        let status = reply.status;
+        SinkError::Api {
+            status,
+            message: self.redact(&message, secrets),
+            retryable: matches!(status, 408 | 425 | 429) || (500..=599).contains(&status),
+            retry_after: reply.retry_after,
+        }
+    }
+
+    fn redact(&self, text: &str, secrets: &[&str]) -> String {
+        let mut out = text.to_string();
+        for s in secrets.iter().copied().chain([self.key.expose()]) {
+            if s.len() >= 4 {
+                out = out.replace(s, "<redacted>");
+            }
+        }
+        out
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> SinkError {
+        if e.is_timeout() {
+            return SinkError::Timeout(self.timeout);
+        }
+        // The URL can hold an email (lookups): personal data stays out.
+        let e = e.without_url();
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            msg.push_str(": ");
+            msg.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        SinkError::Connect(self.redact(&msg, &[]))
+    }
+
+    // ------------------------------------------------------------ bodies
+
+    /// The mapped fields present in `data`, plus the row's key in
+    /// `metaData.usersync_key`. Custom field values are sent as text.
+    fn body(&self, data: Option<&Map<String, Value>>, key: &str) -> Map<String, Value> {
+        let mut body = data
+            .map(|d| mapping::apply(&self.mapping, d))
+            .unwrap_or_default();
+        if let Some(email) = body.get_mut("email") {
+            if !email.is_null() && !email.is_string() {
+                *email = Value::String(as_text(email).unwrap_or_default());
+            }
+        }
+        if let Some(Value::Object(fields)) = body.get_mut("customFields") {
+            for v in fields.values_mut() {
+                if !v.is_null() && !v.is_string() {
+                    *v = Value::String(as_text(v).unwrap_or_default());
+                }
+            }
+        }
+        insert_path(
+            &mut body,
+            &format!("metaData.{KEY_METADATA}"),
+            Value::String(key.to_string()),
+        );
+        body
+    }
+
+    /// The email the mapping reads from a row (for lookups by the old email).
+    fn email_of(&self, row: Option<&Map<String, Value>>) -> Option<String> {
+        let column = &self.mapping.iter().find(|(f, _)| f == "email")?.1;
+        row?.get(column).and_then(as_text).filter(|e| !e.is_empty())
+    }
+}
+
+impl Sink for MemberstackSink {
+    fn name(&self) -> &'static str {
+        "memberstack"
+    }
+
+    fn push<'a>(
+        &'a self,
+        change: &'a Change,
+        external_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<String>, SinkError>> {
+        Box::pin(self.send(change, external_id))
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async move {
+            let reply = self.request(Method::GET, "/members?limit=1", None).await?;
+            self.data(reply, &[]).map(|_| ())
+        })
+    }
+}
+
+/// `body` with its `json` object laid over the member's current one, since
+/// Memberstack replaces `json` as a whole.
+fn merged_json(
+    body: &Map<String, Value>,
+    current: Option<&Map<String, Value>>,
+) -> Map<String, Value> {
+    let mut out = body.clone();
+    if let (Some(Value::Object(ours)), Some(current)) = (out.get_mut("json"), current) {
+        let mut merged = current.clone();
+        for (k, v) in ours.iter() {
+            merged.insert(k.clone(), v.clone());
+        }
+        *ours = merged;
+    }
+    out
+}
+
+/// Whether the member already has every value of `patch`.
+fn is_current(member: &Member, patch: &Map<String, Value>) -> bool {
+    patch
+        .iter()
+        .all(|(field, value)| match (field.as_str(), value) {
+            ("email", Value::String(e)) => member
+                .email
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case(e)),
+            (obj, Value::Object(fields)) if OBJECTS.contains(&obj) => {
+                let current = member.object(obj);
+                fields.iter().all(|(k, v)| {
+                    let have = current.and_then(|c| c.get(k)).unwrap_or(&Value::Null);
+                    have == v
+                })
+            }
+            _ => false,
+        })
+}
+
+/// The message of a Memberstack error body. The documented shape is
+/// `{"error": "…"}`; `{"code": …, "message": …}` and `{"error": {…}}` are
+/// read too.
+fn error_message(body: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let obj = match v.get("error") {
+        Some(Value::Object(inner)) => inner.clone(),
+        _ => v.as_object()?.clone(),
+    };
+    let text = |k: &str| {
+        obj.get(k)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let message = text("message").or_else(|| text("error"));
+    let code = text("code");
+    let text = match (code, message) {
+        (Some(c), Some(m)) if !m.contains(&c) => format!("{m} ({c})"),
+        (_, Some(m)) => m,
+        (Some(c), None) => c,
+        (None, None) => return None,
+    };
+    Some(excerpt(&text))
+}
+
+/// Percent-encodes one path segment like `encodeURIComponent` (and more:
+/// only unreserved characters stay).
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A strong random password from the thread-local CSPRNG, with every
+/// character class so that password policies accept it.
+fn generate_password() -> String {
+    let mut rng = rand::rng();
+    let all: Vec<u8> = [LOWER, UPPER, DIGITS, SYMBOLS].concat();
+    let mut chars: Vec<u8> = [LOWER, UPPER, DIGITS, SYMBOLS]
+        .iter()
+        .map(|class| class[rng.random_range(0..class.len())])
+        .collect();
+    while chars.len() < PASSWORD_LEN {
+        chars.push(all[rng.random_range(0..all.len())]);
+    }
+    chars.shuffle(&mut rng);
+    String::from_utf8(chars).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn segments_are_encoded_like_encode_uri_component() {
+        assert_eq!(encode_segment("a.b+c@x.com"), "a.b%2Bc%40x.com");
+        assert_eq!(encode_segment("mem_abc123"), "mem_abc123");
+        assert_eq!(encode_segment("ü/?#"), "%C3%BC%2F%3F%23");
+    }
+
+    #[test]
+    fn passwords_are_long_varied_and_fresh() {
+        let a = generate_password();
+        let b = generate_password();
+        assert_eq!(a.len(), PASSWORD_LEN);
+        assert_ne!(a, b);
+        for class in [LOWER, UPPER, DIGITS, SYMBOLS] {
+            assert!(a.bytes().any(|c| class.contains(&c)), "{class:?}");
+        }
+    }
+
+    #[test]
+    fn error_bodies_of_several_shapes() {
+        assert_eq!(
+            error_message(r#"{"error":"Member not found"}"#).as_deref(),
+            Some("Member not found")
+        );
+        assert_eq!(
+            error_message(r#"{"code":"email-already-in-use","message":"Email taken"}"#).as_deref(),
+            Some("Email taken (email-already-in-use)")
+        );
+        assert_eq!(
+            error_message(r#"{"error":{"code":"x","message":"y"}}"#).as_deref(),
+            Some("y (x)")
+        );
+        assert_eq!(error_message("<html>"), None);
+    }
+
+    #[test]
+    fn current_members_need_no_patch() {
+        let m = Member::parse(&json!({
+            "id": "mem_1",
+            "auth": {"email": "A@x.com"},
+            "customFields": {"first-name": "Ada"},
+            "metaData": {"usersync_key": "1", "plan": "pro", "other": 1}
+        }))
+        .unwrap()
+        .unwrap();
+        assert!(m.linkable_to("1") && !m.linkable_to("2"));
+        let patch = json!({"email": "a@x.com", "customFields": {"first-name": "Ada"}, "metaData": {"usersync_key": "1", "plan": "pro"}});
+        assert!(is_current(&m, patch.as_object().unwrap()));
+        let patch = json!({"email": "a@x.com", "metaData": {"plan": "free"}});
+        assert!(!is_current(&m, patch.as_object().unwrap()));
+    }
+
+    #[test]
+    fn json_is_merged_over_the_current_value() {
+        let body = json!({"json": {"a": 1}}).as_object().unwrap().clone();
+        let current = json!({"a": 0, "b": 2}).as_object().unwrap().clone();
+        assert_eq!(
+            Value::Object(merged_json(&body, Some(&current))),
+            json!({"json": {"a": 1, "b": 2}})
+        );
+    }
+}

@@ -1,0 +1,806 @@
+//! The Stripe sink: one Stripe customer per row, through the customers API
+//! (`/v1/customers`), form-encoded with a Bearer key.
+//!
+//! - create: `POST /v1/customers` with the mapped fields and
+//!   `metadata[usersync_key]` (the row's key), under an `Idempotency-Key`
+//!   derived from the event id, so a push replayed after a crash gets the
+//!   first answer (the same customer) back instead of a second customer;
+//! - update: `POST /v1/customers/{id}`; a NULL column clears its field;
+//! - delete, per `sink.on_delete`: mark (`metadata[deleted_at]`, keeps the
+//!   billing history), delete (`DELETE /v1/customers/{id}`, a 404 counts as
+//!   done) or ignore;
+//! - an update or delete whose customer id is unknown first looks the
+//!   customer up by `metadata['usersync_key']` (customer search).
+//!
+//! Errors are Stripe's `{"error":{type,code,message}}`; `Stripe-Should-Retry`
+//! decides retry versus dead letter where Stripe sends it. One call of
+//! [`Sink::push`] is one attempt; retries are the pipeline's.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use reqwest::Method;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::mapping::{as_text, KEY_METADATA};
+use super::ratelimit::RateLimiter;
+use super::{excerpt, parse_retry_after, Sink, SinkError};
+use crate::config::{OnDelete, Secret, SinkConfig};
+use crate::core::change::{format_time_us, Change, Operation};
+
+/// The API version every request pins, so that an account's default version
+/// (customer search needs 2020-08-27 or later) cannot change the answers.
+pub const STRIPE_VERSION: &str = "2024-06-20";
+
+/// The metadata key a `mark` delete sets to the commit time.
+pub const DELETED_AT_METADATA: &str = "deleted_at";
+
+/// Stripe prunes idempotency keys after 24 hours. A create older than this
+/// may no longer be deduplicated by its key, so it looks for the customer
+/// first.
+const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(23 * 3600);
+
+/// How long to wait before retrying a create whose idempotency key was used
+/// with other parameters and whose customer search has no answer yet
+/// (Stripe's search index lags writes by up to about a minute).
+const SEARCH_LAG_RETRY: Duration = Duration::from_secs(10);
+
+/// Stripe customer fields a mapping may name, as dotted paths.
+const SCALAR_FIELDS: &[&str] = &["email", "name", "phone", "description"];
+const ADDRESS_FIELDS: &[&str] = &["line1", "line2", "city", "state", "postal_code", "country"];
+
+pub struct StripeSink {
+    client: reqwest::Client,
+    /// API base URL without a trailing slash.
+    base: String,
+    key: Secret,
+    /// (form field name such as `metadata[plan]`, users column).
+    fields: Vec<(String, String)>,
+    timeout: Duration,
+    limiter: Option<RateLimiter>,
+    on_delete: OnDelete,
+}
+
+/// A failed request: the error for the pipeline plus Stripe's error type and
+/// code, which some callers act on (a 404 on delete is success).
+#[derive(Debug)]
+struct Failed {
+    error: SinkError,
+    kind: Option<String>,
+    code: Option<String>,
+}
+
+impl From<Failed> for SinkError {
+    fn from(f: Failed) -> SinkError {
+        f.error
+    }
+}
+
+impl From<SinkError> for Failed {
+    fn from(error: SinkError) -> Failed {
+        Failed {
+            error,
+            kind: None,
+            code: None,
+        }
+    }
+}
+
+/// Which mutation a request is, for its idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Create,
+    Update,
+    Mark,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Create => "create",
+            Kind::Update => "update",
+            Kind::Mark => "mark",
+        }
+    }
+}
+
+impl StripeSink {
+    pub fn new(cfg: &SinkConfig) -> Result<Self, String> {
+        let key = cfg
+            .api_key
+            .clone()
+            .filter(|k| !k.expose().is_empty())
+            .ok_or("the stripe sink needs an API key: set sink.api_key_env or sink.api_key_file")?;
+        let mut fields = Vec::with_capacity(cfg.mapping.len());
+        for (path, column) in &cfg.mapping {
+            fields.push((form_field(path)?, column.clone()));
+        }
+        Ok(StripeSink {
+            client: super::http_client(cfg.timeout, cfg.max_in_flight)?,
+            base: cfg.url.trim_end_matches('/').to_string(),
+            key,
+            fields,
+            timeout: cfg.timeout,
+            limiter: RateLimiter::new(cfg.rate_limit_per_sec),
+            on_delete: cfg.on_delete,
+        })
+    }
+
+    async fn send_change(
+        &self,
+        change: &Change,
+        external_id: Option<&str>,
+    ) -> Result<Option<String>, SinkError> {
+        match change.op {
+            Operation::Insert | Operation::Update => {
+                let data = change.data.as_ref().ok_or_else(|| {
+                    SinkError::Malformed(format!("{} carries no row data", change.event_id))
+                })?;
+                let id = match external_id {
+                    Some(id) => Some(id.to_string()),
+                    // A create is deduplicated by its idempotency key, unless
+                    // the key may have expired since the change was made.
+                    None if change.op == Operation::Insert && !older_than_key_window(change) => {
+                        None
+                    }
+                    None => self.find(change).await?,
+                };
+                match id {
+                    Some(id) => self.update(change, &id, data, Kind::Update).await,
+                    None => self.create(change, data).await,
+                }
+                .map(Some)
+            }
+            Operation::Delete => {
+                if self.on_delete == OnDelete::Ignore {
+                    return Ok(external_id.map(str::to_string));
+                }
+                let id = match external_id {
+                    Some(id) => id.to_string(),
+                    None => match self.find(change).await? {
+                        Some(id) => id,
+                        // Never reached Stripe: nothing to delete.
+                        None => return Ok(None),
+                    },
+                };
+                match self.on_delete {
+                    OnDelete::Delete => self.delete(&id).await.map(Some),
+                    _ => {
+                        let mut form = Form::default();
+                        form.push(
+                            format!("metadata[{DELETED_AT_METADATA}]"),
+                            format_time_us(change.commit_time_us),
+                        );
+                        self.post_customer(change, &id, form, Kind::Mark)
+                            .await
+                            .map(Some)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn create(
+        &self,
+        change: &Change,
+        data: &Map<String, Value>,
+    ) -> Result<String, SinkError> {
+        let form = self.fields_form(change, data, false);
+        let key = idempotency_key(change, Kind::Create, None);
+        match self
+            .request(Method::POST, "/v1/customers", Some(&form), Some(&key))
+            .await
+        {
+            Ok(body) => customer_id(&body, "the answer to a customer create"),
+            // The key was first used with other parameters (the mapping
+            // changed across a restart, or a replay found the row changed):
+            // that first request may have created the customer. Link it.
+            Err(f) if f.kind.as_deref() == Some("idempotency_error") => {
+                match self.find(change).await? {
+                    Some(id) => self.update(change, &id, data, Kind::Update).await,
+                    None => Err(SinkError::Api {
+                        status: f.error.status().unwrap_or(400),
+                        message: format!(
+                            "{}; no customer with metadata {KEY_METADATA}={} is found yet (Stripe's search can lag a minute), retrying",
+                            api_message(&f.error),
+                            change.key.text
+                        ),
+                        retryable: true,
+                        retry_after: Some(SEARCH_LAG_RETRY),
+                    }),
+                }
+            }
+            Err(f) => Err(f.into()),
+        }
+    }
+
+    async fn update(
+        &self,
+        change: &Change,
+        id: &str,
+        data: &Map<String, Value>,
+        kind: Kind,
+    ) -> Result<String, SinkError> {
+        let form = self.fields_form(change, data, true);
+        self.post_customer(change, id, form, kind).await
+    }
+
+    async fn post_customer(
+        &self,
+        change: &Change,
+        id: &str,
+        form: Form,
+        kind: Kind,
+    ) -> Result<String, SinkError> {
+        let path = format!("/v1/customers/{}", encode(id));
+        // Updates set values, so applying one twice is harmless: the key
+        // includes a digest of the request and only dedupes exact retries,
+        // never refuses a changed one.
+        let key = idempotency_key(change, kind, Some(&digest(&path, &form)));
+        let body = self
+            .request(Method::POST, &path, Some(&form), Some(&key))
+            .await?;
+        customer_id(&body, "the answer to a customer update").or_else(|_| Ok(id.to_string()))
+    }
+
+    async fn delete(&self, id: &str) -> Result<String, SinkError> {
+        let path = format!("/v1/customers/{}", encode(id));
+        // DELETE is idempotent at Stripe; an idempotency key has no effect on it.
+        match self.request(Method::DELETE, &path, None, None).await {
+            Ok(_) => Ok(id.to_string()),
+            Err(f) if f.code.as_deref() == Some("resource_missing") => {
+                tracing::debug!(external_id = id, "customer already gone");
+                Ok(id.to_string())
+            }
+            Err(f) => Err(f.into()),
+        }
+    }
+
+    /// The live (not deleted, not marked) customer whose
+    /// `metadata[usersync_key]` is the row's key.
+    async fn find(&self, change: &Change) -> Result<Option<String>, SinkError> {
+        let query = format!(
+            "metadata['{KEY_METADATA}']:'{}'",
+            change.key.text.replace('\\', "\\\\").replace('\'', "\\'")
+        );
+        let path = format!("/v1/customers/search?query={}&limit=10", encode(&query));
+        let body = self.request(Method::GET, &path, None, None).await?;
+        let Some(found) = body.get("data").and_then(Value::as_array) else {
+            return Err(SinkError::Malformed(format!(
+                "customer search answered without a data list: {}",
+                excerpt(&body.to_string())
+            )));
+        };
+        let live: Vec<&str> = found
+            .iter()
+            .filter(|c| c.get("deleted").and_then(Value::as_bool) != Some(true))
+            .filter(|c| {
+                c.pointer(&format!("/metadata/{DELETED_AT_METADATA}"))
+                    .is_none()
+            })
+            .filter_map(|c| c.get("id").and_then(Value::as_str))
+            .collect();
+        if live.len() > 1 {
+            tracing::warn!(
+                user = %change.key,
+                customers = live.len(),
+                "several Stripe customers carry this user's key; using the first"
+            );
+        }
+        Ok(live.first().map(|s| s.to_string()))
+    }
+
+    /// The mapped fields plus the row key. On update a NULL column is sent
+    /// as an empty string, which clears the field (a metadata key is
+    /// removed); on create it is left out.
+    fn fields_form(&self, change: &Change, data: &Map<String, Value>, update: bool) -> Form {
+        let mut form = Form::default();
+        for (field, column) in &self.fields {
+            let Some(value) = data.get(column) else {
+                continue;
+            };
+            match as_text(value) {
+                Some(text) if update || !text.is_empty() => form.push(field.clone(), text),
+                Some(_) => {}
+                None if update => form.push(field.clone(), String::new()),
+                None => {}
+            }
+        }
+        form.push(format!("metadata[{KEY_METADATA}]"), change.key.text.clone());
+        form
+    }
+
+    /// One HTTP request after a rate-limit slot: the parsed JSON body of a
+    /// 2xx answer, or the classified failure.
+    async fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        form: Option<&Form>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, Failed> {
+        if let Some(limiter) = &self.limiter {
+            limiter.acquire().await;
+        }
+        let url = format!("{}{}", self.base, path_and_query);
+        let mut request = self
+            .client
+            .request(method.clone(), &url)
+            .bearer_auth(self.key.expose())
+            .header("Stripe-Version", STRIPE_VERSION);
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        if let Some(form) = form {
+            request = request
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form.encode());
+        }
+        let started = std::time::Instant::now();
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Failed::from(self.transport_error(e)))?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| Failed::from(self.transport_error(e)))?;
+        tracing::debug!(
+            method = %method,
+            path = path_only(path_and_query),
+            status,
+            replayed = headers.get("idempotent-replayed").is_some(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "stripe request"
+        );
+        if (200..300).contains(&status) {
+            return serde_json::from_str(&text).map_err(|e| {
+                Failed::from(SinkError::Malformed(format!(
+                    "Stripe answered {status} with a body that is not JSON ({e}): {}",
+                    excerpt(&self.redact(&text))
+                )))
+            });
+        }
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        Err(classify(
+            status,
+            header("stripe-should-retry"),
+            header("retry-after"),
+            &text,
+            self.key.expose(),
+        ))
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> SinkError {
+        if e.is_timeout() {
+            return SinkError::Timeout(self.timeout);
+        }
+        let mut msg = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            msg.push_str(": ");
+            msg.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        SinkError::Connect(self.redact(&msg))
+    }
+
+    fn redact(&self, text: &str) -> String {
+        redact(text, self.key.expose())
+    }
+}
+
+impl Sink for StripeSink {
+    fn name(&self) -> &'static str {
+        "stripe"
+    }
+
+    fn push<'a>(
+        &'a self,
+        change: &'a Change,
+        external_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<String>, SinkError>> {
+        Box::pin(self.send_change(change, external_id))
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async {
+            self.request(Method::GET, "/v1/customers?limit=1", None, None)
+                .await
+                .map(|_| ())
+                .map_err(SinkError::from)
+        })
+    }
+}
+
+/// `email` → `email`, `metadata.plan` → `metadata[plan]`,
+/// `shipping.address.city` → `shipping[address][city]`; anything that is
+/// not a customer field Stripe takes as a string is refused at start.
+fn form_field(path: &str) -> Result<String, String> {
+    let parts: Vec<&str> = path.split('.').collect();
+    let valid = match parts.as_slice() {
+        [field] => SCALAR_FIELDS.contains(field),
+        ["metadata", key] => {
+            if key.len() > 40 || key.contains(['[', ']']) {
+                return Err(format!(
+                    "sink.mapping: Stripe metadata keys are at most 40 characters without '[' or ']'; {key:?} is not"
+                ));
+            }
+            if *key == KEY_METADATA || *key == DELETED_AT_METADATA {
+                return Err(format!(
+                    "sink.mapping: metadata.{key} is set by usersync itself; map the column to another metadata key"
+                ));
+            }
+            true
+        }
+        ["address", sub] => ADDRESS_FIELDS.contains(sub),
+        ["shipping", "name" | "phone"] => true,
+        ["shipping", "address", sub] => ADDRESS_FIELDS.contains(sub),
+        _ => false,
+    };
+    if !valid {
+        return Err(format!(
+            "sink.mapping: {path:?} is not a Stripe customer field; use email, name, phone, description, \
+             metadata.<key>, address.<line1|line2|city|state|postal_code|country>, shipping.name, \
+             shipping.phone or shipping.address.<…>"
+        ));
+    }
+    let mut name = parts[0].to_string();
+    for part in &parts[1..] {
+        name.push('[');
+        name.push_str(part);
+        name.push(']');
+    }
+    Ok(name)
+}
+
+/// `usersync-<event id>-<kind>[-<digest>]`: stable across retries and
+/// restarts, distinct per request kind, at most 255 characters.
+fn idempotency_key(change: &Change, kind: Kind, digest: Option<&str>) -> String {
+    let mut key = format!("usersync-{}-{}", change.event_id, kind.name());
+    if let Some(d) = digest {
+        key.push('-');
+        key.push_str(d);
+    }
+    key.truncate(255);
+    key
+}
+
+/// A short digest of a request's path and form, for update keys.
+fn digest(path: &str, form: &Form) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(path.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(form.encode().as_bytes());
+    hasher.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn older_than_key_window(change: &Change) -> bool {
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    now_us.saturating_sub(change.commit_time_us) > IDEMPOTENCY_WINDOW.as_micros() as i64
+}
+
+fn customer_id(body: &Value, what: &str) -> Result<String, SinkError> {
+    match body.get("id").and_then(Value::as_str) {
+        Some(id) if !id.is_empty() => Ok(id.to_string()),
+        _ => Err(SinkError::Malformed(format!(
+            "{what} has no customer id: {}",
+            excerpt(&body.to_string())
+        ))),
+    }
+}
+
+/// The message part of an `Api` error, for wrapping it.
+fn api_message(e: &SinkError) -> String {
+    match e {
+        SinkError::Api { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Stripe's error answer as a [`SinkError::Api`]: the message is
+/// `<type>/<code>: <message>`; retryable follows `Stripe-Should-Retry` when
+/// Stripe sends it, else the status (408, 425, 429, 5xx).
+fn classify(
+    status: u16,
+    should_retry: Option<&str>,
+    retry_after: Option<&str>,
+    body: &str,
+    api_key: &str,
+) -> Failed {
+    let error = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").cloned())
+        .filter(Value::is_object);
+    let field = |name: &str| {
+        error
+            .as_ref()
+            .and_then(|e| e.get(name))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let kind = field("type");
+    let code = field("code");
+    let message = match (&kind, &code, field("message")) {
+        (Some(t), Some(c), Some(m)) => format!("{t}/{c}: {m}"),
+        (Some(t), None, Some(m)) => format!("{t}: {m}"),
+        (Some(t), Some(c), None) => format!("{t}/{c}"),
+        (None, _, Some(m)) => m,
+        _ if body.trim().is_empty() => "no error body".to_string(),
+        _ => excerpt(body),
+    };
+    let retryable = match should_retry.map(|v| v.trim().to_ascii_lowercase()) {
+        Some(v) if v == "true" => true,
+        Some(v) if v == "false" => false,
+        _ => matches!(status, 408 | 425 | 429) || (500..=599).contains(&status),
+    };
+    Failed {
+        error: SinkError::Api {
+            status,
+            message: excerpt(&redact(&message, api_key)),
+            retryable,
+            retry_after: retry_after.and_then(parse_retry_after),
+        },
+        kind,
+        code,
+    }
+}
+
+/// Removes the API key, and the masked form Stripe echoes in a 401
+/// (`sk_test_****abcd`), from text bound for logs and errors.
+fn redact(text: &str, api_key: &str) -> String {
+    // A key too short to be real would only mangle the text.
+    let text = if api_key.len() < 8 {
+        text.to_string()
+    } else {
+        text.replace(api_key, "<redacted>")
+    };
+    const PREFIXES: &[&str] = &["sk_live_", "sk_test_", "rk_live_", "rk_test_"];
+    text.split(' ')
+        .map(|word| {
+            if PREFIXES.iter().any(|p| word.contains(p)) {
+                "<redacted>"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The path of a request without its query (which may carry a user key).
+fn path_only(path_and_query: &str) -> &str {
+    path_and_query.split('?').next().unwrap_or(path_and_query)
+}
+
+/// An `application/x-www-form-urlencoded` body, fields in order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Form(Vec<(String, String)>);
+
+impl Form {
+    pub fn push(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    pub fn fields(&self) -> &[(String, String)] {
+        &self.0
+    }
+
+    /// `name=value&…`, each percent-encoded; brackets in names stay literal
+    /// as Stripe's own libraries send them.
+    pub fn encode(&self) -> String {
+        self.0
+            .iter()
+            .map(|(k, v)| format!("{}={}", encode_name(k), encode(v)))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+}
+
+fn encode_name(name: &str) -> String {
+    name.split_inclusive(['[', ']'])
+        .map(|part| match part.strip_suffix(['[', ']']) {
+            Some(stem) => format!("{}{}", encode(stem), &part[stem.len()..]),
+            None => encode(part),
+        })
+        .collect()
+}
+
+/// Percent-encodes per application/x-www-form-urlencoded (WHATWG URL
+/// spec): `*-._` and alphanumerics stay, space becomes `+`, every other
+/// byte of the UTF-8 text becomes `%XX`.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::change::UserKey;
+
+    fn change(op: Operation, event: &str) -> Change {
+        Change {
+            event_id: event.into(),
+            op,
+            key: UserKey {
+                text: "42".into(),
+                json: Value::from(42),
+            },
+            table: "public.users".into(),
+            commit_lsn: 1,
+            position: 0,
+            xid: 1,
+            commit_time_us: 0,
+            data: None,
+            previous: None,
+            changed: vec![],
+            omitted: vec![],
+            external_id: None,
+            decoded_at: std::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn form_encoding_is_application_x_www_form_urlencoded() {
+        let mut f = Form::default();
+        f.push("email", "zoë+x@example.com");
+        f.push("metadata[plan & tier]", "a=b c/ü");
+        f.push("name", "");
+        assert_eq!(
+            f.encode(),
+            "email=zo%C3%AB%2Bx%40example.com&metadata[plan+%26+tier]=a%3Db+c%2F%C3%BC&name="
+        );
+        assert_eq!(encode("AZaz09*-._~"), "AZaz09*-._%7E");
+    }
+
+    #[test]
+    fn mapping_paths_become_form_fields() {
+        assert_eq!(form_field("email").unwrap(), "email");
+        assert_eq!(form_field("metadata.plan").unwrap(), "metadata[plan]");
+        assert_eq!(
+            form_field("shipping.address.city").unwrap(),
+            "shipping[address][city]"
+        );
+        for bad in [
+            "emails",
+            "metadata",
+            "metadata.a.b",
+            "address.street",
+            "metadata.usersync_key",
+            "metadata.deleted_at",
+            "metadata.x[y]",
+        ] {
+            assert!(form_field(bad).is_err(), "{bad}");
+        }
+        let long = format!("metadata.{}", "k".repeat(41));
+        assert!(form_field(&long).is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_are_stable_and_distinct_per_kind() {
+        let c = change(Operation::Update, "evt_00000000000000FF_3");
+        assert_eq!(
+            idempotency_key(&c, Kind::Create, None),
+            "usersync-evt_00000000000000FF_3-create"
+        );
+        let mut form = Form::default();
+        form.push("name", "A");
+        let d1 = digest("/v1/customers/cus_1", &form);
+        assert_eq!(d1, digest("/v1/customers/cus_1", &form));
+        form.push("email", "");
+        assert_ne!(d1, digest("/v1/customers/cus_1", &form));
+        assert_eq!(
+            idempotency_key(&c, Kind::Update, Some(&d1)),
+            format!("usersync-evt_00000000000000FF_3-update-{d1}")
+        );
+        assert_eq!(d1.len(), 12);
+    }
+
+    const KEY: &str = "sk_test_0123456789abcdef";
+
+    #[test]
+    fn errors_follow_stripe_should_retry_then_status() {
+        let body = r#"{"error":{"type":"invalid_request_error","code":"idempotency_key_in_use","message":"busy"}}"#;
+        let f = classify(409, Some("true"), None, body, KEY);
+        assert!(f.error.is_retryable());
+        assert_eq!(
+            f.error.to_string(),
+            "HTTP 409: invalid_request_error/idempotency_key_in_use: busy"
+        );
+        assert_eq!(f.code.as_deref(), Some("idempotency_key_in_use"));
+        assert!(!classify(409, None, None, body, KEY).error.is_retryable());
+        assert!(!classify(500, Some("false"), None, "{}", KEY)
+            .error
+            .is_retryable());
+        assert!(classify(503, None, None, "", KEY).error.is_retryable());
+        let limited = classify(429, None, Some("3"), "", KEY).error;
+        assert!(limited.is_retryable());
+        assert_eq!(limited.retry_after(), Some(Duration::from_secs(3)));
+        let plain = classify(
+            400,
+            None,
+            None,
+            r#"{"error":{"type":"idempotency_error","message":"m"}}"#,
+            KEY,
+        );
+        assert_eq!(plain.kind.as_deref(), Some("idempotency_error"));
+        assert_eq!(plain.error.to_string(), "HTTP 400: idempotency_error: m");
+        assert!(!plain.error.is_retryable());
+        let garbage = classify(502, None, None, "<html>bad gateway</html>", KEY);
+        assert_eq!(
+            garbage.error.to_string(),
+            "HTTP 502: <html>bad gateway</html>"
+        );
+    }
+
+    #[test]
+    fn the_key_and_its_masked_echo_are_redacted() {
+        let key = "sk_test_51AbCdEfGhIjKlMnOp";
+        let body = format!(
+            r#"{{"error":{{"type":"invalid_request_error","message":"Invalid API Key provided: sk_test_***************MnOp. Or {key}"}}}}"#
+        );
+        let msg = classify(401, None, None, &body, key).error.to_string();
+        assert!(!msg.contains(key) && !msg.contains("MnOp"), "{msg}");
+        assert!(
+            msg.starts_with(
+                "HTTP 401: invalid_request_error: Invalid API Key provided: <redacted>"
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn null_clears_on_update_and_is_left_out_on_create() {
+        let cfg = crate::config::SinkConfig {
+            kind: crate::config::SinkKind::Stripe,
+            url: "http://127.0.0.1:9/".into(),
+            secret: None,
+            api_key: Some(Secret::new("sk_test_x")),
+            api_key_source: "environment variable K".into(),
+            external_id_pointer: "/id".into(),
+            columns: vec![],
+            mapping: vec![
+                ("email".into(), "email".into()),
+                ("metadata.plan".into(), "plan".into()),
+                ("name".into(), "name".into()),
+                ("phone".into(), "phone".into()),
+            ],
+            timeout: Duration::from_secs(1),
+            max_in_flight: 1,
+            rate_limit_per_sec: 0,
+            on_delete: OnDelete::Mark,
+        };
+        let sink = StripeSink::new(&cfg).unwrap();
+        assert_eq!(sink.base, "http://127.0.0.1:9");
+        let c = change(Operation::Insert, "evt_1");
+        let data = serde_json::json!({"email": "a@x", "plan": null, "name": 7});
+        let data = data.as_object().unwrap();
+        assert_eq!(
+            sink.fields_form(&c, data, false).encode(),
+            "email=a%40x&name=7&metadata[usersync_key]=42"
+        );
+        assert_eq!(
+            sink.fields_form(&c, data, true).encode(),
+            "email=a%40x&metadata[plan]=&name=7&metadata[usersync_key]=42"
+        );
+    }
+}

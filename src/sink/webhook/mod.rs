@@ -1,0 +1,206 @@
+//! The webhook sink: POSTs each change as a JSON envelope signed per the
+//! Standard Webhooks spec, and reads the external id from the response by a
+//! configured JSON pointer.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::{excerpt, parse_retry_after, Sink, SinkError};
+use crate::config::SinkConfig;
+use crate::core::change::{format_time_us, Change, Operation};
+use crate::core::signature::WebhookSecret;
+
+pub struct WebhookSink {
+    client: reqwest::Client,
+    url: String,
+    secret: WebhookSecret,
+    pointer: String,
+    timeout: Duration,
+    ignore_deletes: bool,
+}
+
+/// The body of every webhook request. Field order is the documented one.
+#[derive(Serialize)]
+pub struct Envelope<'a> {
+    pub id: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub occurred_at: String,
+    pub table: &'a str,
+    pub key: &'a Value,
+    pub external_id: Option<&'a str>,
+    pub data: Option<&'a Map<String, Value>>,
+    pub previous: Option<&'a Map<String, Value>>,
+    pub changed: &'a [String],
+    pub omitted: &'a [String],
+}
+
+impl<'a> Envelope<'a> {
+    pub fn new(change: &'a Change, external_id: Option<&'a str>) -> Self {
+        Envelope {
+            id: &change.event_id,
+            kind: change.op.event_type(),
+            occurred_at: format_time_us(change.commit_time_us),
+            table: &change.table,
+            key: &change.key.json,
+            external_id,
+            data: change.data.as_ref(),
+            previous: change.previous.as_ref(),
+            changed: &change.changed,
+            omitted: &change.omitted,
+        }
+    }
+}
+
+impl WebhookSink {
+    pub fn new(cfg: &SinkConfig) -> Result<Self, String> {
+        Ok(WebhookSink {
+            client: super::http_client(cfg.timeout, cfg.max_in_flight)?,
+            url: cfg.url.clone(),
+            secret: cfg
+                .secret
+                .clone()
+                .ok_or("the webhook sink needs sink.secret_env or sink.secret_file")?,
+            pointer: cfg.external_id_pointer.clone(),
+            timeout: cfg.timeout,
+            ignore_deletes: cfg.on_delete == crate::config::OnDelete::Ignore,
+        })
+    }
+
+    async fn send(
+        &self,
+        change: &Change,
+        external_id: Option<&str>,
+    ) -> Result<Option<String>, SinkError> {
+        if self.ignore_deletes && change.op == Operation::Delete {
+            return Ok(external_id.map(str::to_string));
+        }
+        let envelope = Envelope::new(change, external_id);
+        match self.post(&envelope, change.op).await {
+            // An update naming no external id that the endpoint cannot place
+            // (by key) has no record there: a row from before usersync. Its
+            // first push creates it, under its own webhook id so that a
+            // receiver deduplicating on ids does not take it for the update.
+            // Only when the endpoint returns ids: otherwise no row ever has
+            // one, and every update would read as a create.
+            Err(SinkError::Http { status: 404, .. })
+                if change.op == Operation::Update
+                    && external_id.is_none()
+                    && !self.pointer.is_empty() =>
+            {
+                tracing::debug!(event_id = %change.event_id, "user.updated answered 404 and no external id is known: creating the user");
+                let id = format!("{}_create", change.event_id);
+                let create = Envelope {
+                    id: &id,
+                    kind: Operation::Insert.event_type(),
+                    ..envelope
+                };
+                self.post(&create, Operation::Insert).await
+            }
+            // Deleting what the service does not have leaves it as wanted:
+            // never created (a row from before usersync) or already deleted.
+            Err(SinkError::Http { status: 404, .. }) if change.op == Operation::Delete => {
+                tracing::debug!(event_id = %change.event_id, "user.deleted answered 404: nothing to delete");
+                Ok(external_id.map(str::to_string))
+            }
+            other => other.map(|id| id.or_else(|| external_id.map(str::to_string))),
+        }
+    }
+
+    /// One signed POST; `op` decides whether the answer must carry an id.
+    async fn post(
+        &self,
+        envelope: &Envelope<'_>,
+        op: Operation,
+    ) -> Result<Option<String>, SinkError> {
+        let body = serde_json::to_vec(envelope)
+            .map_err(|e| SinkError::Malformed(format!("cannot encode envelope: {e}")))?;
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let signature = self.secret.sign(envelope.id, timestamp, &body);
+        let response = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("webhook-id", envelope.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let text = response.text().await.map_err(|e| self.transport_error(e))?;
+        if !(200..300).contains(&status) {
+            return Err(SinkError::Http {
+                status,
+                body: excerpt(&text),
+                retry_after,
+            });
+        }
+        self.external_id_from(op, &text)
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> SinkError {
+        if e.is_timeout() {
+            SinkError::Timeout(self.timeout)
+        } else {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(inner) = source {
+                msg.push_str(": ");
+                msg.push_str(&inner.to_string());
+                source = inner.source();
+            }
+            SinkError::Connect(msg)
+        }
+    }
+
+    /// The id at the configured pointer; required in a create's answer,
+    /// because without it later updates and deletes could not name the user.
+    fn external_id_from(&self, op: Operation, text: &str) -> Result<Option<String>, SinkError> {
+        if self.pointer.is_empty() {
+            return Ok(None);
+        }
+        let found =
+            serde_json::from_str::<Value>(text)
+                .ok()
+                .and_then(|v| match v.pointer(&self.pointer) {
+                    Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+                    Some(Value::Number(n)) => Some(n.to_string()),
+                    _ => None,
+                });
+        match (found, op) {
+            (None, Operation::Insert) => Err(SinkError::Malformed(format!(
+                "the answer to user.created has no external id at {} (body: {}); set sink.external_id_pointer to where the endpoint returns the id, or to \"\" if it returns none",
+                self.pointer,
+                excerpt(text)
+            ))),
+            (found, _) => Ok(found),
+        }
+    }
+}
+
+impl Sink for WebhookSink {
+    fn name(&self) -> &'static str {
+        "webhook"
+    }
+
+    fn push<'a>(
+        &'a self,
+        change: &'a Change,
+        external_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<String>, SinkError>> {
+        Box::pin(self.send(change, external_id))
+    }
+}

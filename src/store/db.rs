@@ -1,0 +1,96 @@
+//! Plain SQL connections to the app database (for setup, preflight and the
+//! write-back), with errors that say which server could not be reached.
+
+use tokio_postgres::Client;
+
+use crate::config::DatabaseConfig;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to PostgreSQL at {target}: {reason} (check database.url / USERSYNC_DATABASE_URL, the password reference, and that the server accepts connections)")]
+pub struct ConnectError {
+    pub target: String,
+    pub reason: String,
+}
+
+/// Opens a connection and drives it on a background task. `app` names the
+/// session in `pg_stat_activity` so a DBA can tell usersync's sessions apart.
+pub async fn connect(cfg: &DatabaseConfig, app: &str) -> Result<Client, ConnectError> {
+    let mut pg = cfg.pg.clone();
+    pg.application_name(app);
+    pg.connect_timeout(std::time::Duration::from_secs(10));
+    let tls = cfg.tls.connector().map_err(|reason| ConnectError {
+        target: cfg.describe(),
+        reason,
+    })?;
+    let (client, connection) = pg.connect(tls).await.map_err(|e| ConnectError {
+        target: cfg.describe(),
+        reason: crate::config::tls::explain(&cfg.tls, error_text(&e)),
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// The most useful text of a tokio-postgres error: the server's message and
+/// hint when there is one, else the client-side cause.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = db.message().to_string();
+        if let Some(detail) = db.detail() {
+            s.push_str(" (");
+            s.push_str(detail);
+            s.push(')');
+        }
+        if let Some(hint) = db.hint() {
+            s.push_str("; hint: ");
+            s.push_str(hint);
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// Runs `job` at once and then every `every` on a connection of its own
+/// (named `app`) until `cancel`: the daemon's housekeeping (pruning the sync
+/// log and answered sync requests). A failed run is logged as `what` and
+/// drops the connection; the next tick reconnects.
+pub fn spawn_periodic<J, F>(
+    db: DatabaseConfig,
+    app: &'static str,
+    what: &'static str,
+    every: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+    job: J,
+) where
+    J: Fn(std::sync::Arc<Client>) -> F + Send + 'static,
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send,
+{
+    tokio::spawn(async move {
+        let mut client = None;
+        loop {
+            if client.is_none() {
+                client = connect(&db, app).await.ok().map(std::sync::Arc::new);
+            }
+            if let Some(c) = &client {
+                if let Err(e) = job(std::sync::Arc::clone(c)).await {
+                    tracing::warn!(error = %error_text(&e), "cannot {what}; will retry");
+                    client = None;
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+}

@@ -1,0 +1,11 @@
+//! Every SQL statement usersync runs against the app database: connections
+//! and session settings, the write-back transaction, dead letters, progress,
+//! sync requests, the sync log and catalog checks.
+
+pub mod db;
+pub mod deadletter;
+pub mod progress;
+pub mod requests;
+pub mod schema;
+pub mod synclog;
+pub mod writeback;

@@ -1,0 +1,460 @@
+//! The write-back: records the external id and the sync time in the users
+//! row after a successful push. One session, tagged with the daemon's
+//! replication origin so the decoder drops these transactions (no echo);
+//! items are grouped into one UPDATE per batch, and a row is only touched if
+//! its `external_synced_at` is older, so a newer sync is never overwritten.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, Statement};
+
+use crate::config::{quote_ident, DatabaseConfig};
+use crate::core::change::{format_lsn, Change, Lsn, Operation, UserKey};
+use crate::store::db::{connect, error_text, ConnectError};
+use crate::store::deadletter::{self, NewDeadLetter};
+use crate::store::schema::{TableShape, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WritebackError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("replication origin {origin} is in use by another session (is another usersync running against this database?): {reason}")]
+    OriginBusy { origin: String, reason: String },
+    #[error("write-back failed: {0}")]
+    Sql(String),
+}
+
+/// A change whose outcome must be made durable before it is acknowledged:
+/// written back into its row, or stored as a dead letter.
+#[derive(Debug)]
+pub struct WriteItem {
+    /// The pipeline's sequence number, reported back once durable.
+    pub seq: u64,
+    pub event_id: String,
+    pub key: UserKey,
+    pub op: Operation,
+    pub commit_lsn: Lsn,
+    pub position: u32,
+    pub xid: u32,
+    pub decoded_at: Instant,
+    pub outcome: Outcome,
+    /// Commit time of the source transaction (µs since the Unix epoch).
+    pub commit_time_us: i64,
+    /// Hash of the values pushed (`requests::values_hash`), kept per user in
+    /// `usersync.user_progress`; `None` when no values were pushed.
+    pub values_hash: Option<String>,
+    /// The sync request this change answers, marked done in the same transaction.
+    pub request: Option<crate::store::requests::RequestMark>,
+}
+
+impl WriteItem {
+    pub fn new(seq: u64, change: &Change, outcome: Outcome) -> WriteItem {
+        WriteItem {
+            seq,
+            event_id: change.event_id.clone(),
+            key: change.key.clone(),
+            op: change.op,
+            commit_lsn: change.commit_lsn,
+            position: change.position,
+            xid: change.xid,
+            decoded_at: change.decoded_at,
+            outcome,
+            commit_time_us: change.commit_time_us,
+            values_hash: None,
+            request: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Synced {
+        external_id: Option<String>,
+        synced_at: SystemTime,
+        push_latency: Duration,
+        attempts: u32,
+    },
+    DeadLetter(Box<NewDeadLetter>),
+    /// Nothing to write back (a sync request whose row is gone).
+    Skipped,
+    /// Sync is switched off: the user is recorded in `usersync.pending_users`.
+    Deferred,
+    /// Sync was switched on: every pending user becomes a sync request.
+    Resume,
+}
+
+/// One change that reached the external service and, where the row still
+/// exists, was written back. For the demo's live output and for logs.
+#[derive(Debug, Clone)]
+pub struct SyncReport {
+    pub event_id: String,
+    pub key: String,
+    pub op: Operation,
+    pub external_id: Option<String>,
+    pub push_latency: Duration,
+    /// From decoding to the write-back's commit.
+    pub total_latency: Duration,
+    pub attempts: u32,
+}
+
+pub struct Writer {
+    client: Client,
+    update: Statement,
+    progress: Statement,
+    user_progress: Statement,
+    visible: Statement,
+    batch_size: usize,
+    sync_log: Option<Statement>,
+}
+
+impl Writer {
+    pub async fn connect(
+        cfg: &DatabaseConfig,
+        shape: &TableShape,
+        batch_size: usize,
+    ) -> Result<Writer, WritebackError> {
+        let client = connect(cfg, "usersync-writeback").await?;
+        setup_origin_session(&client, &cfg.origin).await?;
+        let sql = format!(
+            "UPDATE {table} AS u SET {ext} = COALESCE(w.ext, u.{ext}), {at} = w.at \
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS w(k, ext, at) \
+             WHERE u.{key} = w.k::{key_type} AND (u.{at} IS NULL OR u.{at} < w.at) \
+             RETURNING w.k",
+            table = shape.table.quoted(),
+            ext = quote_ident(EXTERNAL_ID_COLUMN),
+            at = quote_ident(SYNCED_AT_COLUMN),
+            key = quote_ident(&shape.key_column),
+            key_type = shape.key_type,
+        );
+        let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
+        let update = client.prepare(&sql).await.map_err(sql_err)?;
+        let progress = client
+            .prepare("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)")
+            .await
+            .map_err(sql_err)?;
+        let user_progress = client
+            .prepare(crate::store::progress::UPSERT_SQL)
+            .await
+            .map_err(sql_err)?;
+        let visible = client.prepare(VISIBLE_SQL).await.map_err(sql_err)?;
+        let sync_log = crate::store::synclog::prepare(&client, &cfg.origin).await?;
+        Ok(Writer {
+            client,
+            update,
+            progress,
+            user_progress,
+            visible,
+            batch_size,
+            sync_log,
+        })
+    }
+
+    /// Writes batches until `items` closes. Each batch's sequence numbers go
+    /// to `done` only after its transaction committed.
+    pub async fn run(
+        mut self,
+        mut items: mpsc::Receiver<WriteItem>,
+        done: mpsc::UnboundedSender<Vec<u64>>,
+        reports: Option<mpsc::UnboundedSender<SyncReport>>,
+    ) -> Result<(), WritebackError> {
+        let mut batch = Vec::with_capacity(self.batch_size);
+        loop {
+            batch.clear();
+            if items.recv_many(&mut batch, self.batch_size).await == 0 {
+                return Ok(());
+            }
+            self.write(&batch).await?;
+            crate::observe::metrics::written(&batch);
+            tracing::info!(
+                changes = batch.len(),
+                dead_lettered = batch
+                    .iter()
+                    .filter(|i| matches!(i.outcome, Outcome::DeadLetter(_)))
+                    .count(),
+                "written back"
+            );
+            let seqs = batch.iter().map(|i| i.seq).collect();
+            if done.send(seqs).is_err() {
+                return Ok(());
+            }
+            for item in &batch {
+                let total = item.decoded_at.elapsed();
+                match &item.outcome {
+                    Outcome::Synced {
+                        external_id,
+                        push_latency,
+                        attempts,
+                        ..
+                    } => {
+                        tracing::debug!(
+                            event_id = %item.event_id,
+                            user = %item.key,
+                            operation = item.op.event_type(),
+                            external_id = external_id.as_deref().unwrap_or(""),
+                            outcome = "synced",
+                            attempts,
+                            push_ms = push_latency.as_millis() as u64,
+                            total_ms = total.as_millis() as u64,
+                            lsn = %format_lsn(item.commit_lsn),
+                            "synced"
+                        );
+                        if let Some(r) = &reports {
+                            let _ = r.send(SyncReport {
+                                event_id: item.event_id.clone(),
+                                key: item.key.text.clone(),
+                                op: item.op,
+                                external_id: external_id.clone(),
+                                push_latency: *push_latency,
+                                total_latency: total,
+                                attempts: *attempts,
+                            });
+                        }
+                    }
+                    Outcome::DeadLetter(dl) => tracing::warn!(
+                        event_id = %item.event_id,
+                        user = %item.key,
+                        operation = item.op.event_type(),
+                        outcome = "dead_letter",
+                        state = dl.state.as_str(),
+                        attempts = dl.attempts,
+                        status = dl.last_status,
+                        total_ms = total.as_millis() as u64,
+                        lsn = %format_lsn(item.commit_lsn),
+                        "dead-lettered (details: `usersync dlq list`); the user is parked until `usersync dlq replay`"
+                    ),
+                    Outcome::Skipped => {
+                        tracing::debug!(event_id = %item.event_id, user = %item.key, "sync request: the row is gone; nothing pushed")
+                    }
+                    Outcome::Deferred => {
+                        tracing::debug!(event_id = %item.event_id, user = %item.key, "sync is off; user recorded as pending")
+                    }
+                    Outcome::Resume => {
+                        tracing::info!(
+                            "sync is on: users changed while it was off are queued for a push"
+                        )
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, batch: &[WriteItem]) -> Result<(), WritebackError> {
+        // The last sync per user wins: a batch may hold several syncs of one
+        // user, and one UPDATE cannot apply two rows to the same target.
+        let mut latest: HashMap<&str, (Option<&str>, SystemTime, u32)> = HashMap::new();
+        let mut dead = Vec::new();
+        for item in batch {
+            match &item.outcome {
+                Outcome::Synced {
+                    external_id,
+                    synced_at,
+                    ..
+                } if item.op != Operation::Delete => {
+                    latest.insert(
+                        item.key.text.as_str(),
+                        (external_id.as_deref(), *synced_at, item.xid),
+                    );
+                }
+                Outcome::Synced { .. } => {}
+                Outcome::DeadLetter(dl) => dead.push(dl),
+                Outcome::Skipped | Outcome::Deferred | Outcome::Resume => {}
+            }
+        }
+
+        let keys: Vec<&str> = latest.keys().copied().collect();
+        let ext: Vec<Option<&str>> = keys.iter().map(|k| latest[k].0).collect();
+        let at: Vec<SystemTime> = keys.iter().map(|k| latest[k].1).collect();
+        let max_lsn = batch.iter().map(|i| i.commit_lsn).max().unwrap_or(0);
+        let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
+        let (update, visible) = (self.update.clone(), self.visible.clone());
+        let tx = self.client.transaction().await.map_err(sql_err)?;
+        // Records the highest source LSN written back in the origin's progress.
+        tx.execute(&self.progress, &[&format_lsn(max_lsn), &SystemTime::now()])
+            .await
+            .map_err(sql_err)?;
+        if !keys.is_empty() {
+            let matched = tx
+                .query(&self.update, &[&keys, &ext, &at])
+                .await
+                .map_err(sql_err)?;
+            if matched.len() < keys.len() {
+                let matched: HashSet<String> = matched.iter().map(|r| r.get(0)).collect();
+                let unmatched: Vec<&str> = keys
+                    .iter()
+                    .copied()
+                    .filter(|k| !matched.contains(*k))
+                    .collect();
+                await_visibility(&tx, &update, &visible, unmatched, &latest).await?;
+            }
+        }
+        for dl in dead {
+            deadletter::insert(&tx, dl)
+                .await
+                .map_err(|e| WritebackError::Sql(e.to_string()))?;
+        }
+        crate::store::requests::write_marks(&tx, batch).await?;
+        // Per user, the newest change this batch makes durable, with the
+        // hash of the values it pushed.
+        let mut newest: HashMap<&str, ((Lsn, u32), Option<&str>)> = HashMap::new();
+        for item in batch {
+            if matches!(item.outcome, Outcome::Resume) {
+                continue;
+            }
+            let at = (item.commit_lsn, item.position);
+            let entry = newest
+                .entry(item.key.text.as_str())
+                .or_insert(((0, 0), None));
+            if at >= entry.0 {
+                *entry = (at, item.values_hash.as_deref());
+            }
+        }
+        let users: Vec<&str> = newest.keys().copied().collect();
+        let lsns: Vec<String> = users.iter().map(|k| format_lsn(newest[k].0 .0)).collect();
+        let positions: Vec<i32> = users.iter().map(|k| newest[k].0 .1 as i32).collect();
+        let hashes: Vec<Option<&str>> = users.iter().map(|k| newest[k].1).collect();
+        tx.execute(&self.user_progress, &[&users, &lsns, &positions, &hashes])
+            .await
+            .map_err(sql_err)?;
+        crate::store::synclog::insert(&tx, self.sync_log.as_ref(), batch).await?;
+        tx.commit().await.map_err(sql_err)?;
+        Ok(())
+    }
+}
+
+/// Whether every given source transaction (32-bit xid, widened with the
+/// epoch of the current snapshot) is visible to a new snapshot.
+const VISIBLE_SQL: &str = "SELECT coalesce(bool_and(pg_visible_in_snapshot(\
+     (CASE WHEN (((m.xmax >> 32) << 32) | x) > m.xmax \
+           THEN (((m.xmax >> 32) << 32) | x) - 4294967296 \
+           ELSE (((m.xmax >> 32) << 32) | x) END)::text::xid8, m.snap)), true) \
+     FROM (SELECT s AS snap, pg_snapshot_xmax(s)::text::bigint AS xmax FROM pg_current_snapshot() AS s) AS m, \
+     unnest($1::int8[]) AS x";
+
+/// How long a write-back waits for its source transaction to become visible.
+const VISIBILITY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// pgoutput sends a transaction once its commit is flushed, a moment
+/// before other sessions can see its rows (longer with synchronous
+/// replication). A write-back that ran in that gap matched nothing;
+/// retry it until the source transaction is visible. A row still
+/// unmatched then was deleted meanwhile or has a newer sync: both fine.
+async fn await_visibility(
+    tx: &tokio_postgres::Transaction<'_>,
+    update: &Statement,
+    visible_sql: &Statement,
+    mut unmatched: Vec<&str>,
+    latest: &HashMap<&str, (Option<&str>, SystemTime, u32)>,
+) -> Result<(), WritebackError> {
+    let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
+    let deadline = Instant::now() + VISIBILITY_TIMEOUT;
+    let mut wait = Duration::from_millis(2);
+    while !unmatched.is_empty() {
+        let xids: Vec<i64> = unmatched.iter().map(|k| i64::from(latest[k].2)).collect();
+        let visible: bool = tx
+            .query_one(visible_sql, &[&xids])
+            .await
+            .map_err(sql_err)?
+            .get(0);
+        // Always update again after the check: its snapshot is newer than
+        // the check's, so it sees every row the check found visible.
+        let ext: Vec<Option<&str>> = unmatched.iter().map(|k| latest[k].0).collect();
+        let at: Vec<SystemTime> = unmatched.iter().map(|k| latest[k].1).collect();
+        let matched: HashSet<String> = tx
+            .query(update, &[&unmatched, &ext, &at])
+            .await
+            .map_err(sql_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        unmatched.retain(|k| !matched.contains(*k));
+        if visible || unmatched.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(WritebackError::Sql(format!(
+                "source transactions of {} change(s) did not become visible within {:?} (is a synchronous standby missing?)",
+                unmatched.len(),
+                VISIBILITY_TIMEOUT
+            )));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// Tags this session's transactions with our origin. A killed daemon's
+/// backend can hold the origin for a moment after the process is gone, so a
+/// busy origin is retried briefly before it is reported.
+async fn setup_origin_session(client: &Client, origin: &str) -> Result<(), WritebackError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client
+            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let busy = e
+                    .as_db_error()
+                    .is_some_and(|d| d.message().contains("is already active"));
+                if busy && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                let reason = error_text(&e);
+                return Err(if busy {
+                    WritebackError::OriginBusy {
+                        origin: origin.to_string(),
+                        reason,
+                    }
+                } else {
+                    WritebackError::Sql(format!(
+                        "cannot tag the write-back session with origin {origin}: {reason}"
+                    ))
+                });
+            }
+        }
+    }
+}
+
+/// Reads a row's current external id: for an update or delete decoded
+/// before its create's write-back landed (after a restart, when the id the
+/// create returned is no longer in memory), so the sink need not search for
+/// the record (Stripe's search is only eventually consistent).
+pub struct ExternalIds {
+    client: Client,
+    select: Statement,
+}
+
+impl ExternalIds {
+    pub async fn connect(cfg: &DatabaseConfig, shape: &TableShape) -> Result<Self, WritebackError> {
+        let client = connect(cfg, "usersync-lookup").await?;
+        let sql = format!(
+            "SELECT {ext} FROM {table} WHERE {key} = $1::text::{key_type}",
+            ext = quote_ident(EXTERNAL_ID_COLUMN),
+            table = shape.table.quoted(),
+            key = quote_ident(&shape.key_column),
+            key_type = shape.key_type,
+        );
+        let select = client
+            .prepare(&sql)
+            .await
+            .map_err(|e| WritebackError::Sql(error_text(&e)))?;
+        Ok(ExternalIds { client, select })
+    }
+
+    /// `None` when the row is gone, has no id, or the read failed (the sink
+    /// then finds the record its own way).
+    pub async fn get(&self, key: &str) -> Option<String> {
+        match self.client.query_opt(&self.select, &[&key]).await {
+            Ok(row) => row.and_then(|r| r.get::<_, Option<String>>(0)),
+            Err(e) => {
+                tracing::debug!(error = %error_text(&e), "external id look-up failed");
+                None
+            }
+        }
+    }
+}

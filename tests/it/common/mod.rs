@@ -1,0 +1,402 @@
+//! Shared test harness: one throw-away PostgreSQL per test binary, a fresh
+//! database per test with the users table set up, the fake webhook service,
+//! and ways to run the daemon in-process or as the real binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use usersync::config::Config;
+use usersync::core::signature::WebhookSecret;
+use usersync::dev::fake::{FakeOptions, FakeService};
+use usersync::dev::pgtemp::{TempCluster, TempClusterOptions};
+
+pub const USERS_UUID: &str = "CREATE TABLE public.users (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    email text NOT NULL,
+    name text,
+    plan text NOT NULL DEFAULT 'free',
+    bio text
+)";
+
+pub const USERS_BIGINT: &str = "CREATE TABLE public.users (
+    id bigint PRIMARY KEY,
+    email text NOT NULL,
+    name text,
+    plan text NOT NULL DEFAULT 'free',
+    bio text
+)";
+
+pub fn cluster() -> &'static TempCluster {
+    static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| match TempCluster::start(TempClusterOptions::default()) {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start the test PostgreSQL: {e}"),
+    })
+}
+
+/// A unique database name per test in this binary.
+pub fn unique_db(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub struct TestDb {
+    pub dbname: String,
+    pub url: String,
+    pub secret: WebhookSecret,
+    pub fake: FakeService,
+    pub client: tokio_postgres::Client,
+    /// Extra sync.toml lines for the `[sink]` section.
+    pub sink_extra: String,
+}
+
+impl TestDb {
+    /// A database with `table_sql` run in it, the fake service, and `usersync
+    /// setup` applied.
+    pub async fn new(table_sql: &str) -> TestDb {
+        Self::with_sink(table_sql, "").await
+    }
+
+    pub async fn with_sink(table_sql: &str, sink_extra: &str) -> TestDb {
+        let db = Self::bare(table_sql, sink_extra).await;
+        let cfg = db.config();
+        usersync::app::setup::apply(&db.client, &cfg.database)
+            .await
+            .unwrap_or_else(|e| panic!("setup failed: {e}"));
+        db
+    }
+
+    /// Database and table only; no `usersync setup`.
+    pub async fn bare(table_sql: &str, sink_extra: &str) -> TestDb {
+        let c = cluster();
+        let dbname = unique_db("t");
+        c.create_database(&dbname).expect("create database");
+        if !table_sql.is_empty() {
+            c.psql(&dbname, table_sql).expect("create table");
+        }
+        let secret = WebhookSecret::generate();
+        let fake = FakeService::start(FakeOptions {
+            port: 0,
+            secret: Some(secret.clone()),
+            latency: Duration::ZERO,
+        })
+        .await
+        .expect("fake service");
+        let url = c.url(&dbname);
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        TestDb {
+            dbname,
+            url,
+            secret,
+            fake,
+            client,
+            sink_extra: sink_extra.to_string(),
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        format!(
+            "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n[sink]\nurl = \"{}\"\nsecret_env = \"TEST_SECRET\"\n{}\n[retry]\ninitial_backoff_ms = 20\nmax_backoff_ms = 200\n",
+            self.url,
+            self.dbname,
+            self.dbname,
+            self.fake.url(),
+            self.sink_extra
+        )
+    }
+
+    pub fn env(&self) -> BTreeMap<String, String> {
+        [("TEST_SECRET".to_string(), self.secret.to_whsec())]
+            .into_iter()
+            .collect()
+    }
+
+    pub fn config(&self) -> Config {
+        Config::from_parts(Some(&self.toml()), "test", &self.env())
+            .unwrap_or_else(|e| panic!("config: {e}"))
+    }
+
+    /// Runs the daemon in this process until the returned handle is stopped.
+    pub fn start_daemon(&self) -> InProcessDaemon {
+        let cfg = self.config();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let task = tokio::spawn(async move { usersync::app::run::run(&cfg, c, None).await });
+        InProcessDaemon { cancel, task }
+    }
+
+    /// Runs the binary with the config in the environment only; its output
+    /// goes to `log_path()` (a pipe nobody reads would stall it).
+    pub fn spawn_binary(&self, args: &[&str]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let log2 = log.try_clone().expect("log file");
+        self.binary_command(args)
+            // Per-change "synced" lines, for diagnosing a failed test.
+            .env("USERSYNC_LOG_LEVEL", "info,usersync=debug")
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .expect("spawn usersync")
+    }
+
+    pub fn log_path(&self) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.log", self.dbname))
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn binary_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_usersync"));
+        cmd.args(args)
+            .env_remove("USERSYNC_CONFIG")
+            .env("USERSYNC_DATABASE_URL", &self.url)
+            // Slots and origins are cluster-wide: one per test database.
+            .env("USERSYNC_DATABASE_SLOT", &self.dbname)
+            .env("USERSYNC_DATABASE_ORIGIN", &self.dbname)
+            .env("USERSYNC_SINK_URL", self.fake.url())
+            .env("USERSYNC_SINK_SECRET_ENV", "TEST_SECRET")
+            .env("TEST_SECRET", self.secret.to_whsec())
+            .env("USERSYNC_RETRY_INITIAL_BACKOFF_MS", "20")
+            .env("USERSYNC_RETRY_MAX_BACKOFF_MS", "200")
+            // Parallel daemons would fight over the default metrics port.
+            .env("USERSYNC_METRICS_LISTEN", "")
+            .current_dir(std::env::temp_dir());
+        cmd
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.client
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// Rows as (key text, external id).
+    pub async fn synced_rows(&self) -> Vec<(String, Option<String>)> {
+        self.client
+            .query(
+                "SELECT id::text, external_user_id FROM users ORDER BY id",
+                &[],
+            )
+            .await
+            .expect("rows")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    pub async fn confirmed_flush_lsn(&self) -> Option<String> {
+        self.client
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.dbname],
+            )
+            .await
+            .expect("slot")
+            .get(0)
+    }
+
+    /// Waits until every row has an external id and the fake has exactly one
+    /// live user per row (and none for deleted rows).
+    pub async fn wait_consistent(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let problem = self.consistency_problem().await;
+            match problem {
+                None => return,
+                Some(p) if Instant::now() > deadline => panic!(
+                    "not consistent after {timeout:?}: {p}\nbinary log tail:\n{}",
+                    self.log_tail()
+                ),
+                Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// `None` when the database and the fake service agree.
+    pub async fn consistency_problem(&self) -> Option<String> {
+        let rows = self.synced_rows().await;
+        let users = self.fake.users();
+        let mut live: BTreeMap<String, Vec<&usersync::dev::fake::FakeUser>> = BTreeMap::new();
+        for u in users.iter().filter(|u| !u.deleted) {
+            live.entry(key_text(&u.key)).or_default().push(u);
+        }
+        for (key, ext) in &rows {
+            let Some(ext) = ext else {
+                return Some(format!("row {key} has no external id"));
+            };
+            match live.get(key).map(Vec::as_slice) {
+                Some([one]) if &one.external_id == ext => {}
+                Some([one]) => {
+                    return Some(format!(
+                        "row {key} has {ext}, the service {}",
+                        one.external_id
+                    ))
+                }
+                Some(many) => {
+                    return Some(format!("row {key} exists {} times externally", many.len()))
+                }
+                None => return Some(format!("row {key} is not in the service")),
+            }
+        }
+        let keys: std::collections::BTreeSet<&String> = rows.iter().map(|(k, _)| k).collect();
+        for key in live.keys() {
+            if !keys.contains(key) {
+                return Some(format!(
+                    "user {key} is live externally but not in the table"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Requests that reached the handler (2xx), in order.
+    pub fn accepted(&self) -> Vec<Value> {
+        self.fake
+            .requests()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .map(|r| r.body)
+            .collect()
+    }
+}
+
+pub fn key_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub struct InProcessDaemon {
+    pub cancel: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), usersync::app::run::RunError>>,
+}
+
+impl InProcessDaemon {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        match tokio::time::timeout(Duration::from_secs(30), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("daemon failed: {e}"),
+            Ok(Err(e)) => panic!("daemon panicked: {e}"),
+            Err(_) => panic!("daemon did not stop within 30 s"),
+        }
+    }
+}
+
+pub async fn wait_for<F: Fn() -> bool>(what: &str, timeout: Duration, f: F) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// `python3` and the environment under which `import standardwebhooks`
+/// works: the machine's install if it has the package, else a copy installed
+/// once from PyPI into the target directory.
+pub fn python_with_standardwebhooks() -> (String, Vec<(String, String)>) {
+    let works = |env: &[(String, String)]| {
+        Command::new("python3")
+            .args(["-c", "import standardwebhooks"])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if works(&[]) {
+        return ("python3".into(), Vec::new());
+    }
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pydeps");
+    let env = vec![("PYTHONPATH".to_string(), dir.display().to_string())];
+    if !works(&env) {
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg("standardwebhooks")
+            .output()
+            .expect("python3 -m pip");
+        assert!(
+            out.status.success() && works(&env),
+            "cannot install the standardwebhooks Python package: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ("python3".into(), env)
+}
+
+/// What a finished run of the binary printed.
+pub struct CliOutcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutcome {
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs the binary to completion; one that is still running after `limit`
+/// is a failure (every such case must exit on its own).
+pub async fn run_cli(cmd: Command, limit: Duration) -> CliOutcome {
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(limit, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("usersync did not exit within {limit:?}"))
+        .expect("spawn usersync");
+    CliOutcome {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

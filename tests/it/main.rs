@@ -1,0 +1,22 @@
+//! All integration tests in one binary: one link of the crate instead of one per
+//! file, and one throw-away PostgreSQL cluster shared by every test (a fresh
+//! database per test).
+
+mod backfill;
+mod common;
+mod deadletters;
+mod demo;
+mod dlq;
+mod docker;
+mod errors;
+mod exactly_once;
+mod faults;
+mod memberstack;
+mod observability;
+mod ops;
+mod role;
+mod secrets;
+mod spine;
+mod stripe;
+mod tls;
+mod values;

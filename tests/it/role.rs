@@ -1,0 +1,138 @@
+//! `usersync setup --role NAME`: the daemon runs end to end as the
+//! least-privilege role, and that role can change nothing but the two sync
+//! columns.
+
+use std::time::Duration;
+
+use crate::common::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Kills the spawned daemon when the test ends, also on panic.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn daemon_runs_as_the_least_privilege_role() {
+    let db = TestDb::new(USERS_BIGINT).await;
+    let role = format!("r_{}", db.dbname);
+    let out = run_cli(db.binary_command(&["setup", "--role", &role]), LIMIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(out.stdout.contains("\\password"), "{}", out.all());
+    let attrs = db
+        .client
+        .query_one(
+            "SELECT rolcanlogin, rolreplication, rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .expect("role exists");
+    let attrs: (bool, bool, bool, bool, bool) = (
+        attrs.get(0),
+        attrs.get(1),
+        attrs.get(2),
+        attrs.get(3),
+        attrs.get(4),
+    );
+    assert_eq!(attrs, (true, true, false, false, false));
+
+    let url = db.url.replace("://postgres@", &format!("://{role}@"));
+    assert_ne!(url, db.url, "test URL format changed");
+
+    // check, connected as the role, finds nothing missing.
+    let mut cmd = db.binary_command(&["check"]);
+    cmd.env("USERSYNC_DATABASE_URL", &url);
+    let out = run_cli(cmd, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+
+    let log = std::fs::File::create(db.log_path()).expect("log");
+    let mut cmd = db.binary_command(&["run"]);
+    cmd.env("USERSYNC_DATABASE_URL", &url)
+        .env("USERSYNC_LOG_LEVEL", "info,usersync=debug")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    let _daemon = Daemon(cmd.spawn().expect("spawn usersync"));
+
+    db.exec("INSERT INTO users (id, email) VALUES (1, 'a@example.com'), (2, 'b@example.com'), (3, 'c@example.com')")
+        .await;
+    db.wait_consistent(Duration::from_secs(30)).await;
+    db.exec("UPDATE users SET name = 'Bea' WHERE id = 2; DELETE FROM users WHERE id = 3")
+        .await;
+    db.wait_consistent(Duration::from_secs(30)).await;
+    let kinds: Vec<String> = db
+        .accepted()
+        .iter()
+        .map(|b| b["type"].as_str().unwrap_or_default().to_string())
+        .collect();
+    for kind in ["user.created", "user.updated", "user.deleted"] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "no {kind} in {kinds:?}\n{}",
+            db.log_tail()
+        );
+    }
+    assert_eq!(
+        db.count("SELECT count(*) FROM users WHERE external_synced_at IS NOT NULL")
+            .await,
+        2
+    );
+
+    // As that role: the sync columns may change, nothing else.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect as the role");
+    tokio::spawn(conn);
+    let denied = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let err = client
+                .batch_execute(sql)
+                .await
+                .expect_err(&format!("{sql} must be refused"));
+            let db_err = err.as_db_error().expect("a server error");
+            assert_eq!(db_err.code().code(), "42501", "{sql}: {db_err}");
+        }
+    };
+    denied("UPDATE users SET email = 'evil@example.com' WHERE id = 1").await;
+    denied("UPDATE users SET name = 'x', external_user_id = 'y' WHERE id = 1").await;
+    denied("DELETE FROM users WHERE id = 1").await;
+    denied("INSERT INTO users (id, email) VALUES (9, 'x@example.com')").await;
+    denied("CREATE TABLE public.evil (id int)").await;
+    denied("CREATE TABLE usersync.evil (id int)").await;
+    denied("ALTER TABLE users REPLICA IDENTITY DEFAULT").await;
+    client
+        .batch_execute("UPDATE users SET external_synced_at = external_synced_at WHERE id = 1")
+        .await
+        .expect("the role may update the sync columns");
+}
+
+#[tokio::test]
+async fn print_sql_with_role_appends_the_role_section() {
+    let db = TestDb::bare("", "").await;
+    let out = run_cli(
+        db.binary_command(&["setup", "--print-sql", "--role", "usersync"]),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(out.stdout.contains("pg_create_logical_replication_slot"));
+    assert!(out
+        .stdout
+        .contains("CREATE ROLE \"usersync\" LOGIN REPLICATION"));
+    assert!(
+        !out.stdout.contains("PASSWORD '"),
+        "usersync never sets a password"
+    );
+    let out = run_cli(
+        db.binary_command(&["setup", "--print-sql", "--role", "Bad;Name"]),
+        LIMIT,
+    )
+    .await;
+    assert_eq!(out.code, Some(2), "{}", out.all());
+}
