@@ -26,11 +26,11 @@ use tokio_util::sync::CancellationToken;
 use usersync::app::run::RunError;
 use usersync::config::Config;
 use usersync::core::change::Change;
+use usersync::core::outcome::SyncReport;
 use usersync::core::signature::WebhookSecret;
 use usersync::dev::fake::{FakeOptions, FakeService, Fault};
 use usersync::dev::pgtemp::{TempCluster, TempClusterOptions};
 use usersync::sink::{Sink, SinkError};
-use usersync::store::writeback::SyncReport;
 
 type R<T> = Result<T, String>;
 
@@ -1714,8 +1714,7 @@ async fn route_only(cfg: &Config, db: &Db, n: u64, end_lsn: &str) -> R<u64> {
         max_in_flight: cfg.sink.max_in_flight,
         max_buffered: cfg.pipeline.max_buffered_changes,
         log_personal_data: false,
-        external_ids: None,
-        current_rows: None,
+        store: Arc::new(usersync::pipeline::memory::MemoryStore::default()),
         sync_enabled: None,
     };
     let (source_tx, source_rx) = mpsc::channel(1024);
@@ -1730,25 +1729,26 @@ async fn route_only(cfg: &Config, db: &Db, n: u64, end_lsn: &str) -> R<u64> {
         while write_rx.recv_many(&mut batch, batch_size).await > 0 {
             let seqs: Vec<u64> = batch
                 .drain(..)
-                .map(|i: usersync::store::writeback::WriteItem| i.seq)
+                .map(|i: usersync::core::outcome::WriteItem| i.seq)
                 .collect();
             if done_tx.send(seqs).is_err() {
                 return;
             }
         }
     });
-    let pg = connect(&db.url).await?;
     let pipeline_cancel = cancel.clone();
+    let channels = usersync::pipeline::Channels {
+        source: source_rx,
+        writer: write_tx,
+        written: done_rx,
+        acks: ack_tx,
+    };
     let pipeline_task = tokio::spawn(async move {
         pipeline
             .run(
-                source_rx,
-                write_tx,
-                done_rx,
-                ack_tx,
+                channels,
                 Default::default(),
                 Default::default(),
-                &pg,
                 pipeline_cancel,
             )
             .await

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::dlq::{ReplayError, RowReader, SESSION_SETTINGS};
 use crate::config::{quote_ident, quote_literal, Config};
 use crate::store::db::{connect, error_text, ConnectError};
 use crate::store::requests::{self, RequestError};
+use crate::store::rows::RowError;
+use crate::store::rows::{RowReader, SESSION_SETTINGS};
 use crate::store::schema::{self, SchemaError};
 
 /// The cursor. `status` (another command) reads mode, cursor, rows_total,
@@ -45,7 +46,7 @@ pub enum BackfillError {
     #[error(transparent)]
     Schema(#[from] SchemaError),
     #[error(transparent)]
-    Rows(#[from] ReplayError),
+    Rows(#[from] RowError),
     #[error(transparent)]
     Requests(#[from] RequestError),
     #[error("no daemon is streaming from replication slot {0}: backfill only queues sync requests, which `usersync run` pushes. Start `usersync run` (or set [backfill] on_start = true) and run the backfill again")]
@@ -230,7 +231,7 @@ pub async fn run(
                 Mode::All => true,
                 Mode::Changed => {
                     current.external_id.is_none()
-                        || stored != Some(requests::values_hash(&current.data).as_str())
+                        || stored != Some(crate::core::outcome::values_hash(&current.data).as_str())
                 }
             };
             if wanted {

@@ -10,8 +10,11 @@ use tokio_postgres::Client;
 
 use crate::app::status::{self, SlotInfo};
 use crate::config::{self, quote_ident, Config, DatabaseConfig, Env};
+use crate::core::table::TableShape;
+use crate::core::table::EXTERNAL_ID_COLUMN;
+use crate::core::table::SYNCED_AT_COLUMN;
 use crate::store::db::error_text;
-use crate::store::schema::{self, SchemaError, TableShape, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+use crate::store::schema::{self, SchemaError};
 
 /// How one check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -8,23 +8,19 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{Map, Value};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use serde_json::Value;
+use tokio_postgres::Client;
 
-use crate::config::{quote_ident, quote_literal, Config};
-use crate::core::change::{Change, Operation, UserKey};
+use crate::config::{quote_ident, Config};
+use crate::core::change::{Change, Operation};
+use crate::core::table::EXTERNAL_ID_COLUMN;
+use crate::core::table::SYNCED_AT_COLUMN;
 use crate::sink::retry::push_with_retry;
 use crate::sink::Sink;
-use crate::source::value::{text_to_json, TypeRegistry, ValueError};
 use crate::store::db::{connect, error_text, ConnectError};
 use crate::store::deadletter::{self, DeadLetterError, Entry};
-use crate::store::schema::{self, SchemaError, TableShape, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
-
-/// The settings the replication connection uses (see `source::stream`), so
-/// that a row read in text format is exactly what the stream would have sent
-/// (`standard_conforming_strings` for the key literal of the row read).
-pub const SESSION_SETTINGS: &str = "SET DateStyle=ISO; SET TimeZone=UTC; \
-     SET IntervalStyle=iso_8601; SET extra_float_digits=3; SET standard_conforming_strings=on";
+use crate::store::rows::{RowError, RowReader, SESSION_SETTINGS};
+use crate::store::schema::{self, SchemaError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -36,20 +32,12 @@ pub enum ReplayError {
     DeadLetters(#[from] DeadLetterError),
     #[error("the dead-letter table usersync.dead_letters does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA)")]
     TableMissing,
-    #[error("sink.columns or [sink.mapping] names column {column}, which {table} does not have")]
-    UnknownColumn { column: String, table: String },
+    #[error(transparent)]
+    Rows(#[from] RowError),
     #[error("no dead letter with id {0} (see `usersync dlq list`)")]
     UnknownId(i64),
     #[error("{0}")]
     Sink(String),
-    #[error("reading the row of user {key}: {reason}")]
-    Read { key: String, reason: String },
-    #[error("user {key}, column {column}: {source}")]
-    Value {
-        key: String,
-        column: String,
-        source: ValueError,
-    },
     #[error("writing back user {key} (the push succeeded; replaying again sends the same event id): {reason}")]
     Writeback { key: String, reason: String },
     #[error("database: {0}")]
@@ -61,9 +49,9 @@ impl ReplayError {
     pub fn is_config(&self) -> bool {
         match self {
             ReplayError::Schema(SchemaError::Query { .. }) => false,
+            ReplayError::Rows(e) => e.is_config(),
             ReplayError::Schema(_)
             | ReplayError::TableMissing
-            | ReplayError::UnknownColumn { .. }
             | ReplayError::UnknownId(_)
             | ReplayError::Sink(_) => true,
             _ => false,
@@ -82,248 +70,6 @@ pub enum Selection {
     Entry(i64),
     User(String),
     All,
-}
-
-/// Whether `column` is pushed: `sink.columns` (plus the key), or every column
-/// but the two sync columns. The same rule as the stream's `RowBuilder`.
-pub fn is_synced(column: &str, key_column: &str, sink_columns: &[String]) -> bool {
-    if sink_columns.is_empty() {
-        column != EXTERNAL_ID_COLUMN && column != SYNCED_AT_COLUMN
-    } else {
-        column == key_column || sink_columns.iter().any(|c| c == column)
-    }
-}
-
-/// A column of the users table: name and type oid (`pg_attribute.atttypid`,
-/// the oid pgoutput's Relation message carries).
-#[derive(Debug, Clone)]
-pub struct Column {
-    pub name: String,
-    pub type_oid: u32,
-}
-
-/// The stream's JSON for a row read in text format (each type's output
-/// function, as pgoutput sends it) under [`SESSION_SETTINGS`]: every synced
-/// column converted with
-/// `text_to_json`, NULL as null. Errors name the column, never the value.
-pub fn row_to_data(
-    columns: &[Column],
-    values: &[Option<String>],
-    synced: impl Fn(&str) -> bool,
-    types: &TypeRegistry,
-) -> Result<Map<String, Value>, (String, ValueError)> {
-    columns
-        .iter()
-        .zip(values)
-        .filter(|(c, _)| synced(&c.name))
-        .map(|(c, v)| {
-            let value = match v {
-                None => Value::Null,
-                Some(text) => text_to_json(c.type_oid, text.as_bytes(), types)
-                    .map_err(|e| (c.name.clone(), e))?,
-            };
-            Ok((c.name.clone(), value))
-        })
-        .collect()
-}
-
-/// A user's row as it is now.
-#[derive(Debug, Clone)]
-pub struct CurrentRow {
-    pub key: UserKey,
-    /// Restricted to the synced columns, as the stream would push it.
-    pub data: Map<String, Value>,
-    pub external_id: Option<String>,
-}
-
-/// Reads users' current rows by key, the way the stream would see them.
-/// Expects a session set up with [`SESSION_SETTINGS`].
-///
-/// The row is read through the simple-query protocol, whose results are each
-/// type's output function: the text pgoutput sends. A `col::text` cast is not
-/// the same for every type (bool gives `true` instead of `t`, `char(n)` loses
-/// its padding, `inet` gains a netmask), so it is not used.
-pub struct RowReader {
-    shape: TableShape,
-    columns: Vec<Column>,
-    key_oid: u32,
-    sink_columns: Vec<String>,
-    types: TypeRegistry,
-    /// `SELECT … WHERE key = `, completed by the quoted key and its cast.
-    select: String,
-}
-
-impl RowReader {
-    pub async fn new(
-        client: &Client,
-        shape: TableShape,
-        sink_columns: &[String],
-    ) -> Result<RowReader, ReplayError> {
-        for column in sink_columns {
-            if !shape.has_column(column) {
-                return Err(ReplayError::UnknownColumn {
-                    column: column.clone(),
-                    table: shape.table.to_string(),
-                });
-            }
-        }
-        let rows = client
-            .query(
-                "SELECT a.attname::text, a.atttypid, n.nspname::text, t.typname::text \
-                 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
-                 JOIN pg_namespace n ON n.oid = t.typnamespace \
-                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-                 ORDER BY a.attnum",
-                &[&shape.table.quoted()],
-            )
-            .await
-            .map_err(|e| {
-                ReplayError::Schema(SchemaError::Query {
-                    what: "the users table's column types",
-                    reason: error_text(&e),
-                })
-            })?;
-        let mut columns = Vec::with_capacity(rows.len());
-        let mut types = TypeRegistry::default();
-        for row in &rows {
-            let column = Column {
-                name: row.try_get(0).map_err(sql_err)?,
-                type_oid: row.try_get(1).map_err(sql_err)?,
-            };
-            // Only names for messages, as pgoutput Type messages give the stream.
-            types.insert(
-                column.type_oid,
-                row.try_get(2).map_err(sql_err)?,
-                row.try_get(3).map_err(sql_err)?,
-            );
-            columns.push(column);
-        }
-        let key_oid = columns
-            .iter()
-            .find(|c| c.name == shape.key_column)
-            .map(|c| c.type_oid)
-            .ok_or_else(|| {
-                ReplayError::Sql(format!(
-                    "the key column {} of {} has no type in pg_attribute",
-                    shape.key_column, shape.table
-                ))
-            })?;
-        let select = format!(
-            "SELECT {} FROM {} WHERE {} = ",
-            columns
-                .iter()
-                .map(|c| quote_ident(&c.name))
-                .collect::<Vec<_>>()
-                .join(", "),
-            shape.table.quoted(),
-            quote_ident(&shape.key_column),
-        );
-        Ok(RowReader {
-            shape,
-            columns,
-            key_oid,
-            sink_columns: sink_columns.to_vec(),
-            types,
-            select,
-        })
-    }
-
-    pub fn shape(&self) -> &TableShape {
-        &self.shape
-    }
-
-    /// The key as the stream would push it, from its text form.
-    pub fn key(&self, text: &str) -> Result<UserKey, ReplayError> {
-        let json = text_to_json(self.key_oid, text.as_bytes(), &self.types).map_err(|source| {
-            ReplayError::Value {
-                key: text.to_string(),
-                column: self.shape.key_column.clone(),
-                source,
-            }
-        })?;
-        Ok(UserKey {
-            text: text.to_string(),
-            json,
-        })
-    }
-
-    /// The row of `key`, or `None` if it is gone.
-    pub async fn read(
-        &self,
-        client: &Client,
-        key: &str,
-    ) -> Result<Option<CurrentRow>, ReplayError> {
-        let read_err = |e: tokio_postgres::Error| ReplayError::Read {
-            key: key.to_string(),
-            reason: error_text(&e),
-        };
-        let sql = format!(
-            "{}{}::{}",
-            self.select,
-            quote_literal(key),
-            self.shape.key_type
-        );
-        let messages = client.simple_query(&sql).await.map_err(read_err)?;
-        let Some(row) = messages.iter().find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(row),
-            _ => None,
-        }) else {
-            return Ok(None);
-        };
-        let values: Vec<Option<String>> = (0..self.columns.len())
-            .map(|i| row.try_get(i).map(|v| v.map(str::to_string)))
-            .collect::<Result<_, _>>()
-            .map_err(read_err)?;
-        self.row_from_values(key, &values).map(Some)
-    }
-
-    /// The table's columns, quoted and prefixed with `alias.`, in the order
-    /// [`RowReader::row_from_values`] expects (for scans of many rows).
-    pub fn select_list(&self, alias: &str) -> String {
-        self.columns
-            .iter()
-            .map(|c| format!("{alias}.{}", quote_ident(&c.name)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    pub fn column_count(&self) -> usize {
-        self.columns.len()
-    }
-
-    /// A row read in text format (columns in `select_list` order), as the
-    /// stream would push it.
-    pub fn row_from_values(
-        &self,
-        key: &str,
-        values: &[Option<String>],
-    ) -> Result<CurrentRow, ReplayError> {
-        let key_column = self.shape.key_column.as_str();
-        let data = row_to_data(
-            &self.columns,
-            values,
-            |c| is_synced(c, key_column, &self.sink_columns),
-            &self.types,
-        )
-        .map_err(|(column, source)| ReplayError::Value {
-            key: key.to_string(),
-            column,
-            source,
-        })?;
-        let value_of = |name: &str| {
-            self.columns
-                .iter()
-                .position(|c| c.name == name)
-                .and_then(|i| values[i].clone())
-        };
-        let key_text = value_of(key_column).unwrap_or_else(|| key.to_string());
-        let external_id = value_of(EXTERNAL_ID_COLUMN).filter(|s| !s.is_empty());
-        Ok(CurrentRow {
-            key: self.key(&key_text)?,
-            data,
-            external_id,
-        })
-    }
 }
 
 /// What happened to one user.
@@ -677,72 +423,6 @@ fn now_us() -> i64 {
 mod tests {
     use super::*;
     use serde_json::json;
-
-    fn cols(spec: &[(&str, u32)]) -> Vec<Column> {
-        spec.iter()
-            .map(|(n, o)| Column {
-                name: n.to_string(),
-                type_oid: *o,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn synced_columns_follow_the_stream() {
-        let none: Vec<String> = Vec::new();
-        assert!(is_synced("email", "id", &none));
-        assert!(!is_synced(EXTERNAL_ID_COLUMN, "id", &none));
-        assert!(!is_synced(SYNCED_AT_COLUMN, "id", &none));
-        let some = vec!["email".to_string()];
-        assert!(is_synced("id", "id", &some));
-        assert!(is_synced("email", "id", &some));
-        assert!(!is_synced("plan", "id", &some));
-    }
-
-    #[test]
-    fn row_to_data_converts_by_type_and_filters() {
-        let columns = cols(&[
-            ("id", 20),
-            ("email", 25),
-            ("score", 1700),
-            ("tags", 1009),
-            ("bio", 25),
-            (EXTERNAL_ID_COLUMN, 25),
-        ]);
-        let values = vec![
-            Some("42".to_string()),
-            Some("a@example.com".to_string()),
-            Some("1.50".to_string()),
-            Some("{a,\"b c\"}".to_string()),
-            None,
-            Some("usr_1".to_string()),
-        ];
-        let data = row_to_data(
-            &columns,
-            &values,
-            |c| is_synced(c, "id", &[]),
-            &TypeRegistry::default(),
-        )
-        .unwrap();
-        assert_eq!(
-            Value::Object(data),
-            json!({"id": 42, "email": "a@example.com", "score": "1.50", "tags": ["a", "b c"], "bio": null})
-        );
-    }
-
-    #[test]
-    fn row_to_data_errors_name_the_column_not_the_value() {
-        let columns = cols(&[("n", 23)]);
-        let (column, err) = row_to_data(
-            &columns,
-            &[Some("secret-value".to_string())],
-            |_| true,
-            &TypeRegistry::default(),
-        )
-        .unwrap_err();
-        assert_eq!(column, "n");
-        assert!(!err.to_string().contains("secret"));
-    }
 
     #[test]
     fn newest_envelope_id_wins() {

@@ -8,6 +8,7 @@ pub mod dlq;
 pub mod role;
 pub mod run;
 pub mod setup;
+pub mod signals;
 pub mod status;
 pub mod sync_user;
 pub mod teardown;

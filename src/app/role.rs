@@ -8,7 +8,8 @@
 
 use crate::app::setup::Step;
 use crate::config::{quote_ident, quote_literal, DatabaseConfig};
-use crate::store::schema::{EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+use crate::core::table::EXTERNAL_ID_COLUMN;
+use crate::core::table::SYNCED_AT_COLUMN;
 
 /// Every replication origin function the daemon calls (src/writeback.rs,
 /// src/progress.rs), with the argument types GRANT needs.

@@ -12,14 +12,17 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::pipeline::{Pipeline, PipelineError};
+use crate::core::outcome::SyncReport;
+use crate::core::table::TableShape;
+use crate::pipeline::{Channels, Pipeline, PipelineError};
 use crate::sink::Sink;
 use crate::source::rows::RowBuilder;
 use crate::source::stream::{self, Reader, SourceError};
 use crate::store::db::{connect, ConnectError};
 use crate::store::deadletter;
-use crate::store::schema::{self, SchemaError, TableShape};
-use crate::store::writeback::{ExternalIds, SyncReport, WritebackError, Writer};
+use crate::store::lanes::PgLaneStore;
+use crate::store::schema::{self, SchemaError};
+use crate::store::writeback::{WritebackError, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -58,6 +61,19 @@ impl RunError {
             _ => false,
         }
     }
+}
+
+/// The metrics endpoint (`metrics.listen`) and, with it, the lag poller
+/// that feeds its lag figure; both until `cancel` fires. `None` when off.
+pub async fn serve_metrics(
+    cfg: &Config,
+    cancel: CancellationToken,
+) -> Result<Option<crate::observe::metrics::Server>, crate::observe::metrics::MetricsError> {
+    let server = crate::observe::metrics::serve(cfg, cancel.clone()).await?;
+    if server.is_some() {
+        crate::store::lag::spawn_poller(cfg.database.clone(), cancel);
+    }
+    Ok(server)
 }
 
 /// Runs until `cancel` fires. `reports` receives every completed sync (the demo prints them).
@@ -194,7 +210,7 @@ async fn session(
     let db = connect(&cfg.database, "usersync").await?;
     let parked: HashSet<String> = deadletter::parked_users(&db)
         .await
-        .map_err(PipelineError::from)?
+        .map_err(|e| RunError::Writeback(WritebackError::Sql(e.to_string())))?
         .into_iter()
         .collect();
     if !parked.is_empty() {
@@ -247,17 +263,22 @@ async fn session(
         max_in_flight: cfg.sink.max_in_flight,
         max_buffered: cfg.pipeline.max_buffered_changes,
         log_personal_data: cfg.log.personal_data,
-        external_ids: Some(Arc::new(ExternalIds::connect(&cfg.database, shape).await?)),
-        current_rows: Some(Arc::new(
-            crate::store::requests::CurrentRows::connect(cfg, shape)
+        store: Arc::new(
+            PgLaneStore::connect(cfg, shape, db)
                 .await
                 .map_err(|e| RunError::Writeback(WritebackError::Sql(e.to_string())))?,
-        )),
+        ),
         sync_enabled: Some(switch),
+    };
+    let channels = Channels {
+        source: source_rx,
+        writer: write_tx,
+        written: done_rx,
+        acks: ack_tx,
     };
     let pipeline_cancel = session_cancel.clone();
     let outcome: Result<(), RunError> = tokio::select! {
-        r = pipeline.run(source_rx, write_tx, done_rx, ack_tx, parked, done, &db, pipeline_cancel) => r.map_err(RunError::from),
+        r = pipeline.run(channels, parked, done, pipeline_cancel) => r.map_err(RunError::from),
         r = &mut reader_task => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),

@@ -6,8 +6,10 @@
 use tokio_postgres::Client;
 
 use crate::config::{quote_ident, quote_literal, DatabaseConfig};
+use crate::core::table::EXTERNAL_ID_COLUMN;
+use crate::core::table::SYNCED_AT_COLUMN;
 use crate::store::db::error_text;
-use crate::store::schema::{self, SchemaError, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+use crate::store::schema::{self, SchemaError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {

@@ -12,13 +12,16 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::app::dlq::{ReplayError, RowReader, SESSION_SETTINGS};
 use crate::config::{quote_ident, Config};
 use crate::core::change::{Change, Operation};
+use crate::core::table::EXTERNAL_ID_COLUMN;
+use crate::core::table::SYNCED_AT_COLUMN;
 use crate::sink::retry::push_with_retry;
 use crate::store::db::{connect, error_text, ConnectError};
 use crate::store::requests::{self, RequestError};
-use crate::store::schema::{self, SchemaError, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+use crate::store::rows::RowError;
+use crate::store::rows::{RowReader, SESSION_SETTINGS};
+use crate::store::schema::{self, SchemaError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManualError {
@@ -27,7 +30,7 @@ pub enum ManualError {
     #[error(transparent)]
     Schema(#[from] SchemaError),
     #[error(transparent)]
-    Rows(#[from] ReplayError),
+    Rows(#[from] RowError),
     #[error(transparent)]
     Requests(#[from] RequestError),
     #[error("{0}")]
@@ -216,8 +219,8 @@ impl From<ConnectError> for Direct {
     }
 }
 
-impl From<ReplayError> for Direct {
-    fn from(e: ReplayError) -> Self {
+impl From<RowError> for Direct {
+    fn from(e: RowError) -> Self {
         Direct::Failed(e.into())
     }
 }
@@ -225,7 +228,7 @@ impl From<ReplayError> for Direct {
 async fn direct(
     cfg: &Config,
     client: &Client,
-    shape: schema::TableShape,
+    shape: crate::core::table::TableShape,
     key: &str,
 ) -> Result<SyncUserResult, Direct> {
     let sink = crate::sink::build(&cfg.sink).map_err(ManualError::Sink)?;
@@ -268,7 +271,7 @@ async fn direct(
         }
         .into());
     };
-    let hash = requests::values_hash(&row.data);
+    let hash = crate::core::outcome::values_hash(&row.data);
     let op = if row.external_id.is_some() {
         Operation::Update
     } else {

@@ -384,11 +384,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let cfg = Config::load(&path, explicit, &ProcessEnv).map_err(Failure::usage)?;
             crate::observe::logging::init_logging(&cfg.log.level, cfg.log.format == "json");
             let cancel = CancellationToken::new();
-            spawn_signal_handler(cancel.clone());
-            crate::observe::metrics::serve(&cfg, cancel.clone())
+            crate::app::signals::spawn_signal_handler(cancel.clone());
+            crate::app::run::serve_metrics(&cfg, cancel.clone())
                 .await
                 .map_err(Failure::usage)?;
-            let switch = crate::store::requests::spawn_reload_handler(path.clone(), explicit, &cfg);
+            let switch = crate::app::signals::spawn_reload_handler(path.clone(), explicit, &cfg);
             let sink = crate::sink::build(&cfg.sink).map_err(Failure::usage)?;
             crate::app::run::run_with_switch(&cfg, sink, cancel, None, Some(switch))
                 .await
@@ -445,7 +445,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             users,
             keep_running,
             sink,
-        } => crate::dev::demo::run(users, keep_running, sink.kind()).await,
+        } => crate::dev::demo::run(users, keep_running, sink.kind())
+            .await
+            .map_err(Failure::runtime),
         Command::Dlq { command } => dlq(command, &path, explicit).await,
         Command::Check { json } => check(&path, explicit, json).await,
         Command::Status { json } => status(&path, explicit, json).await,
@@ -702,35 +704,6 @@ async fn fake_service(
     Ok(())
 }
 
-/// Ctrl-C and SIGTERM both ask for a clean stop; a second one exits at once.
-pub fn spawn_signal_handler(cancel: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    cancel.cancel();
-                    return;
-                }
-            };
-        for round in 0..2 {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            if round == 0 {
-                tracing::info!(
-                    "stopping: finishing pushes in flight (signal again to exit at once)"
-                );
-                cancel.cancel();
-            } else {
-                std::process::exit(130);
-            }
-        }
-    });
-}
-
 /// `usersync setup --role NAME`: the role (and, unless --role-only, the
 /// usual setup first, since the grants name usersync's tables).
 async fn setup_role(
@@ -832,8 +805,8 @@ async fn teardown(
         println!(
             "{} and its columns {} and {} stay.",
             db.table,
-            crate::store::schema::EXTERNAL_ID_COLUMN,
-            crate::store::schema::SYNCED_AT_COLUMN
+            crate::core::table::EXTERNAL_ID_COLUMN,
+            crate::core::table::SYNCED_AT_COLUMN
         );
         return Err(Failure::usage("nothing was dropped: add --yes to confirm"));
     }
@@ -868,7 +841,7 @@ async fn backfill(
         beside_daemon: false,
     };
     let cancel = CancellationToken::new();
-    spawn_signal_handler(cancel.clone());
+    crate::app::signals::spawn_signal_handler(cancel.clone());
     match crate::app::backfill::run(&cfg, &opts, cancel).await {
         Ok(summary) if dry_run => {
             println!(

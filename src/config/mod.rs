@@ -325,51 +325,7 @@ impl Default for BackfillConfig {
     }
 }
 
-/// A schema-qualified table name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableName {
-    pub schema: String,
-    pub name: String,
-}
-
-impl TableName {
-    pub fn parse(s: &str) -> Result<TableName, String> {
-        let parts: Vec<&str> = s.split('.').collect();
-        let (schema, name) = match parts.as_slice() {
-            [name] => ("public", *name),
-            [schema, name] => (*schema, *name),
-            _ => return Err(format!("{s:?} is not a table name (use \"schema.table\")")),
-        };
-        if schema.is_empty() || name.is_empty() {
-            return Err(format!("{s:?} is not a table name (use \"schema.table\")"));
-        }
-        Ok(TableName {
-            schema: schema.to_string(),
-            name: name.to_string(),
-        })
-    }
-
-    /// `"schema"."name"`, safe to splice into SQL.
-    pub fn quoted(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
-    }
-}
-
-impl std::fmt::Display for TableName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
-
-/// Quotes an SQL identifier.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
+pub use crate::core::names::{quote_ident, quote_literal, TableName};
 
 /// Connection settings, with the password resolved but never printed.
 #[derive(Clone)]

@@ -10,6 +10,12 @@ use serde_json::{Map, Value};
 pub type Lsn = u64;
 
 /// Formats an LSN the way PostgreSQL prints `pg_lsn` (`16/B374D848`).
+/// Parses PostgreSQL's `X/Y` text form of an LSN.
+pub fn parse_lsn(text: &str) -> Option<Lsn> {
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
 pub fn format_lsn(lsn: Lsn) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
@@ -22,6 +28,15 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// `insert`, `update` or `delete` (metric labels, logs).
+    pub fn label(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+
     /// The webhook event type.
     pub fn event_type(self) -> &'static str {
         match self {

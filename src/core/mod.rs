@@ -3,4 +3,7 @@
 //! No I/O and no imports from the rest of the crate.
 
 pub mod change;
+pub mod names;
+pub mod outcome;
 pub mod signature;
+pub mod table;

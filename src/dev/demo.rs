@@ -9,14 +9,13 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::Failure;
 use crate::config::{Config, SinkKind};
+use crate::core::outcome::SyncReport;
 use crate::core::signature::WebhookSecret;
 use crate::dev::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
 use crate::dev::fake::stripe::{FakeStripe, FakeStripeOptions};
 use crate::dev::fake::{FakeOptions, FakeService};
 use crate::dev::pgtemp::{TempCluster, TempClusterOptions};
-use crate::store::writeback::SyncReport;
 
 const DEMO_TABLE: &str = "CREATE TABLE public.users (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -125,10 +124,21 @@ impl DemoService {
     }
 }
 
-pub async fn run(users: u32, keep_running: bool, sink: SinkKind) -> Result<(), Failure> {
+/// Why the demo stopped; every cause is a runtime failure (exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DemoError(String);
+
+impl DemoError {
+    fn new(e: impl std::fmt::Display) -> Self {
+        DemoError(e.to_string())
+    }
+}
+
+pub async fn run(users: u32, keep_running: bool, sink: SinkKind) -> Result<(), DemoError> {
     crate::observe::logging::init_logging("warn", false);
     let cancel = CancellationToken::new();
-    crate::cli::spawn_signal_handler(cancel.clone());
+    crate::app::signals::spawn_signal_handler(cancel.clone());
 
     println!("usersync demo: starting a throw-away PostgreSQL ...");
     let cluster = tokio::task::spawn_blocking(|| {
@@ -139,8 +149,8 @@ pub async fn run(users: u32, keep_running: bool, sink: SinkKind) -> Result<(), F
         })
     })
     .await
-    .map_err(Failure::runtime)?
-    .map_err(Failure::runtime)?;
+    .map_err(DemoError::new)?
+    .map_err(DemoError::new)?;
     let result = with_cluster(&cluster, users, keep_running, sink, cancel).await;
     drop(cluster);
     println!("usersync demo: stopped PostgreSQL and removed its files.");
@@ -153,13 +163,13 @@ async fn with_cluster(
     keep_running: bool,
     sink: SinkKind,
     cancel: CancellationToken,
-) -> Result<(), Failure> {
-    cluster.create_database("demo").map_err(Failure::runtime)?;
-    cluster.psql("demo", DEMO_TABLE).map_err(Failure::runtime)?;
+) -> Result<(), DemoError> {
+    cluster.create_database("demo").map_err(DemoError::new)?;
+    cluster.psql("demo", DEMO_TABLE).map_err(DemoError::new)?;
 
     let fake = DemoService::start(sink)
         .await
-        .map_err(|e| Failure::runtime(format!("cannot start the fake service: {e}")))?;
+        .map_err(|e| DemoError::new(format!("cannot start the fake service: {e}")))?;
     println!(
         "usersync demo: PostgreSQL on 127.0.0.1:{}, {} at {}",
         cluster.port(),
@@ -172,14 +182,14 @@ async fn with_cluster(
         "[database]\nurl = \"{}\"\n[sink]\n{sink_toml}",
         cluster.url("demo"),
     );
-    let cfg = Config::from_parts(Some(&toml), "demo config", &env).map_err(Failure::runtime)?;
+    let cfg = Config::from_parts(Some(&toml), "demo config", &env).map_err(DemoError::new)?;
 
     let client = crate::store::db::connect(&cfg.database, "usersync-demo")
         .await
-        .map_err(Failure::runtime)?;
+        .map_err(DemoError::new)?;
     crate::app::setup::apply(&client, &cfg.database)
         .await
-        .map_err(Failure::runtime)?;
+        .map_err(DemoError::new)?;
     println!("usersync demo: ran `usersync setup` (columns, publication, origin, slot)\n");
 
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
@@ -187,7 +197,7 @@ async fn with_cluster(
     // A free port: the demo must not collide with a real daemon's 9187.
     let mut metrics_cfg = cfg.clone();
     metrics_cfg.metrics.listen = "127.0.0.1:0".into();
-    if let Ok(Some(m)) = crate::observe::metrics::serve(&metrics_cfg, daemon_cancel.clone()).await {
+    if let Ok(Some(m)) = crate::app::run::serve_metrics(&metrics_cfg, daemon_cancel.clone()).await {
         println!(
             "usersync demo: metrics on http://{}/metrics (also /healthz, /readyz)\n",
             m.addr
@@ -206,7 +216,7 @@ async fn with_cluster(
             tokio::time::sleep(Duration::from_millis(150)).await;
             println!("  app> {sql}");
             if let Err(e) = client.batch_execute(sql).await {
-                return Err(Failure::runtime(format!("demo script: {e}")));
+                return Err(DemoError::new(format!("demo script: {e}")));
             }
         }
         Ok(())
@@ -241,7 +251,7 @@ async fn with_cluster(
                 "demo",
                 "SELECT email, plan, external_user_id, to_char(external_synced_at, 'HH24:MI:SS.MS') FROM users ORDER BY email",
             )
-            .map_err(Failure::runtime)?;
+            .map_err(DemoError::new)?;
         println!(
             "usersync demo: the users table now (email | plan | external_user_id | synced at):"
         );
@@ -269,11 +279,11 @@ async fn with_cluster(
     fake.shutdown().await;
     match outcome {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Failure::runtime(e)),
-        Err(e) => return Err(Failure::runtime(e)),
+        Ok(Err(e)) => return Err(DemoError::new(e)),
+        Err(e) => return Err(DemoError::new(e)),
     }
     if seen < expected && !cancel.is_cancelled() {
-        return Err(Failure::runtime(format!(
+        return Err(DemoError::new(format!(
             "only {seen} of {expected} changes were synced within 30 s"
         )));
     }

@@ -8,10 +8,8 @@
 //! its metrics are plain atomics behind cheap handles, so a handle resolved
 //! once per label set costs one atomic add per change.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -25,10 +23,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, DatabaseConfig};
-use crate::core::change::Operation;
-use crate::sink::SinkError;
-use crate::store::writeback::{Outcome, WriteItem};
+use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -86,11 +81,12 @@ struct Metrics {
     sync_log_pruned: Counter,
 }
 
-fn op_index(op: Operation) -> usize {
+/// `insert`, `update`, `delete`: the `operation` label's values, in order.
+fn op_index(op: &str) -> usize {
     match op {
-        Operation::Insert => 0,
-        Operation::Update => 1,
-        Operation::Delete => 2,
+        "insert" => 0,
+        "update" => 1,
+        _ => 2,
     }
 }
 
@@ -233,7 +229,7 @@ fn sink_handles(sink: &'static str) -> &'static SinkHandles {
 }
 
 /// A change decoded from the stream and handed to the pipeline.
-pub fn change_seen(op: Operation) {
+pub fn change_seen(op: &str) {
     metrics().changes_seen[op_index(op)].inc();
 }
 
@@ -246,22 +242,6 @@ pub fn push_done(sink: &'static str, outcome: PushOutcome, secs: f64) {
         PushOutcome::PermanentError => h.permanent.inc(),
     };
     h.duration.observe(secs);
-}
-
-/// Awaits one push attempt and records its outcome and duration.
-pub async fn timed_push<T>(
-    sink: &'static str,
-    push: impl Future<Output = Result<T, SinkError>>,
-) -> Result<T, SinkError> {
-    let started = Instant::now();
-    let result = push.await;
-    let outcome = match &result {
-        Ok(_) => PushOutcome::Ok,
-        Err(e) if e.is_retryable() => PushOutcome::RetryableError,
-        Err(_) => PushOutcome::PermanentError,
-    };
-    push_done(sink, outcome, started.elapsed().as_secs_f64());
-    result
 }
 
 /// A failed attempt will be retried.
@@ -277,30 +257,24 @@ pub fn pipeline(in_flight: usize, buffered: usize, parked: usize) {
     m.parked_users.set(parked as i64);
 }
 
-/// A write-back batch committed: count outcomes and commit-to-sync latency.
-pub fn written(batch: &[WriteItem]) {
+/// A change written back in a committed batch: counted by operation, with
+/// its commit-to-sync latency.
+pub fn synced(op: &str, commit_time_us: i64, now_us: i64) {
     let m = metrics();
-    let now_us = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    for item in batch {
-        match &item.outcome {
-            Outcome::Synced { .. } => {
-                m.synced[op_index(item.op)].inc();
-                let us = (now_us - item.commit_time_us).max(0);
-                m.sync_latency.observe(us as f64 / 1e6);
-            }
-            Outcome::DeadLetter(dl) => {
-                let counter = match dl.state {
-                    crate::store::deadletter::State::Failed => &m.dead_failed,
-                    crate::store::deadletter::State::Parked => &m.dead_parked,
-                };
-                counter.inc();
-            }
-            Outcome::Skipped | Outcome::Deferred | Outcome::Resume => {}
-        }
-    }
+    m.synced[op_index(op)].inc();
+    let us = (now_us - commit_time_us).max(0);
+    m.sync_latency.observe(us as f64 / 1e6);
+}
+
+/// A change stored as a dead letter in a committed batch (`failed`: refused
+/// by the sink; else parked behind an earlier one).
+pub fn dead_lettered(failed: bool) {
+    let m = metrics();
+    if failed {
+        m.dead_failed.inc()
+    } else {
+        m.dead_parked.inc()
+    };
 }
 
 /// Rows removed from the sync log by retention.
@@ -354,53 +328,14 @@ pub fn readiness(max_lag_bytes: u64) -> Result<String, String> {
     Ok(format!("ready: streaming, replication lag {lag} bytes"))
 }
 
-/// How often the slot's lag is read from `pg_replication_slots`.
-const LAG_POLL: Duration = Duration::from_secs(1);
-
-/// Reads the slot's lag as PostgreSQL sees it (the WAL it retains for us)
-/// rather than from the stream, so it is right even while the reader is
-/// blocked by backpressure and cannot see new WAL.
-async fn poll_lag(db: DatabaseConfig, cancel: CancellationToken) {
-    let mut client = None;
-    loop {
-        if client.is_none() {
-            client = crate::store::db::connect(&db, "usersync-metrics")
-                .await
-                .ok();
-        }
-        let lag = match &client {
-            Some(c) => match c
-                .query_opt(
-                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
-                     FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&db.slot],
-                )
-                .await
-            {
-                Ok(row) => row.and_then(|r| r.get::<_, Option<i64>>(0)),
-                Err(e) => {
-                    tracing::debug!(error = %crate::store::db::error_text(&e), "cannot read the slot's lag");
-                    client = None;
-                    None
-                }
-            },
-            None => None,
-        };
-        set_lag(lag);
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(LAG_POLL) => {}
-        }
-    }
-}
-
 /// A running metrics endpoint.
 pub struct Server {
     pub addr: SocketAddr,
 }
 
-/// Starts `/metrics`, `/healthz` and `/readyz` on `metrics.listen` and the
-/// lag poller, both until `cancel` fires. `None` when disabled.
+/// Starts `/metrics`, `/healthz` and `/readyz` on `metrics.listen` until
+/// `cancel` fires. `None` when disabled. The lag they report is set by the
+/// store's poller (`store::lag`), started beside it.
 pub async fn serve(
     cfg: &Config,
     cancel: CancellationToken,
@@ -445,7 +380,6 @@ pub async fn serve(
     metrics()
         .buffer_capacity
         .set(cfg.pipeline.max_buffered_changes as i64);
-    tokio::spawn(poll_lag(cfg.database.clone(), cancel.clone()));
     let stop = cancel.clone();
     tokio::spawn(async move {
         let served = axum::serve(listener, app)

@@ -5,7 +5,7 @@
 //! dead letters, and the ack tracker that confirms to the slot only positions
 //! below which every change has been written back or dead-lettered.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -16,70 +16,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RetryConfig;
 use crate::core::change::{format_lsn, Change, Lsn, Operation};
+use crate::core::outcome::{DeadLetterState as DeadState, Done, NewDeadLetter, Outcome, WriteItem};
 use crate::sink::retry::{push_with_retry, PushFailed};
 use crate::sink::webhook::Envelope;
 use crate::sink::Sink;
 use crate::source::stream::SourceEvent;
-use crate::store::deadletter::{self, DeadLetterError, NewDeadLetter, State as DeadState};
-use crate::store::progress::Done;
-use crate::store::writeback::{ExternalIds, Outcome, WriteItem};
+
+pub mod ack;
+pub mod memory;
+pub mod ports;
+pub mod requests;
+
+pub use ack::AckTracker;
+use ports::{LaneStore, PortError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error("the write-back task stopped")]
     WriterGone,
-    #[error(transparent)]
-    DeadLetter(#[from] DeadLetterError),
-}
-
-/// Confirms the highest LSN below which every change is complete.
-#[derive(Debug, Default)]
-pub struct AckTracker {
-    next_seq: u64,
-    pending: BTreeSet<u64>,
-    /// (first sequence number after the transaction, its end LSN), in stream order.
-    boundaries: VecDeque<(u64, Lsn)>,
-    confirmed: Lsn,
-}
-
-impl AckTracker {
-    pub fn register(&mut self) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.pending.insert(seq);
-        seq
-    }
-
-    /// Everything registered so far belongs to transactions ending at or before `lsn`.
-    pub fn boundary(&mut self, lsn: Lsn) {
-        self.boundaries.push_back((self.next_seq, lsn));
-    }
-
-    pub fn complete(&mut self, seq: u64) {
-        self.pending.remove(&seq);
-    }
-
-    /// The new confirmed LSN, if it moved.
-    pub fn advance(&mut self) -> Option<Lsn> {
-        let lowest_pending = self.pending.first().copied().unwrap_or(self.next_seq);
-        let before = self.confirmed;
-        while let Some(&(bound, lsn)) = self.boundaries.front() {
-            if bound > lowest_pending {
-                break;
-            }
-            self.confirmed = self.confirmed.max(lsn);
-            self.boundaries.pop_front();
-        }
-        (self.confirmed > before).then_some(self.confirmed)
-    }
-
-    pub fn is_pending(&self, seq: u64) -> bool {
-        self.pending.contains(&seq)
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.pending.len()
-    }
+    #[error("reading the database for a lane: {0}")]
+    Store(#[from] PortError),
 }
 
 struct Queued {
@@ -107,6 +63,16 @@ struct Failure {
     first_attempt_at: SystemTime,
 }
 
+/// The session's channels: changes in from the reader, items out to the
+/// writer, durable sequence numbers back from it, confirmed positions out
+/// to the reader.
+pub struct Channels {
+    pub source: mpsc::Receiver<SourceEvent>,
+    pub writer: mpsc::Sender<WriteItem>,
+    pub written: mpsc::UnboundedReceiver<Vec<u64>>,
+    pub acks: watch::Sender<Lsn>,
+}
+
 pub struct Pipeline {
     pub sink: Arc<dyn Sink>,
     pub retry: RetryConfig,
@@ -114,10 +80,8 @@ pub struct Pipeline {
     pub max_buffered: usize,
     /// Log row values of pushed changes (`log.personal_data`).
     pub log_personal_data: bool,
-    /// Reads a row's external id when neither memory nor the change has it.
-    pub external_ids: Option<Arc<ExternalIds>>,
-    /// Reads a user's current row for sync requests (`requests`).
-    pub current_rows: Option<Arc<crate::store::requests::CurrentRows>>,
+    /// Per-user reads: external ids, current rows, whether still parked.
+    pub store: Arc<dyn LaneStore>,
     /// The off switch (`[sync] enabled`); `None` means always on.
     pub sync_enabled: Option<watch::Receiver<bool>>,
 }
@@ -201,19 +165,20 @@ impl Pipeline {
     /// Runs until the source closes or `cancel` fires. On cancel, in-flight
     /// pushes finish and are written back first. `parked` are the users with
     /// dead letters at start; `done` what an earlier session already made
-    /// durable; `db` re-checks whether a parked user was replayed.
-    #[allow(clippy::too_many_arguments)]
+    /// durable.
     pub async fn run(
         &self,
-        mut source: mpsc::Receiver<SourceEvent>,
-        writer: mpsc::Sender<WriteItem>,
-        mut written: mpsc::UnboundedReceiver<Vec<u64>>,
-        acks: watch::Sender<Lsn>,
+        ch: Channels,
         parked: HashSet<String>,
         done: Done,
-        db: &tokio_postgres::Client,
         cancel: CancellationToken,
     ) -> Result<(), PipelineError> {
+        let Channels {
+            mut source,
+            writer,
+            mut written,
+            acks,
+        } = ch;
         let mut st = State {
             lanes: HashMap::new(),
             ready: VecDeque::new(),
@@ -231,7 +196,7 @@ impl Pipeline {
         let mut enabled = switch.as_ref().is_none_or(|s| *s.borrow());
         if enabled {
             // Users changed while sync was off (before a restart) are pushed now.
-            crate::store::requests::send_resume(&writer, &mut st.ack).await?;
+            requests::send_resume(&writer, &mut st.ack).await?;
             st.unwritten += 1;
         } else {
             tracing::warn!("sync is switched off ([sync] enabled = false): reading and acknowledging the stream, pushing nothing; changed users are recorded in usersync.pending_users");
@@ -254,13 +219,13 @@ impl Pipeline {
                     });
                     st.ready.clear();
                 }
-                now = crate::store::requests::switch_changed(&mut switch), if switch.is_some() => {
+                now = requests::switch_changed(&mut switch), if switch.is_some() => {
                     match now {
                         Some(now) if now != enabled => {
                             enabled = now;
                             if enabled {
                                 tracing::info!("sync switched on");
-                                crate::store::requests::send_resume(&writer, &mut st.ack).await?;
+                                requests::send_resume(&writer, &mut st.ack).await?;
                                 st.unwritten += 1;
                             } else {
                                 tracing::warn!("sync switched off: reading and acknowledging the stream, pushing nothing; changed users are recorded in usersync.pending_users");
@@ -277,7 +242,7 @@ impl Pipeline {
                             SourceEvent::Request { change, id } => (change, Some(id)),
                             _ => continue,
                         };
-                        crate::observe::metrics::change_seen(change.op);
+                        crate::observe::metrics::change_seen(change.op.label());
                         let key = change.key.text.clone();
                         if done.covers(&key, change.commit_lsn, change.position) {
                             tracing::debug!(event_id = %change.event_id, "already written back before the restart; skipped");
@@ -285,18 +250,18 @@ impl Pipeline {
                         }
                         let seq = st.ack.register();
                         if !enabled {
-                            let item = crate::store::requests::deferred(seq, &change, request);
+                            let item = requests::deferred(seq, &change, request);
                             send(&writer, item, &mut st).await?;
                             continue;
                         }
                         if let Some(&last) = st.parked.get(&key) {
                             let still = match last {
                                 Some(last) if st.ack.is_pending(last) => true,
-                                _ => deadletter::is_parked(db, &key).await?,
+                                _ => self.store.is_parked(&key).await?,
                             };
                             if still {
                                 let mut item = dead_letter(seq, &change, change.external_id.as_deref(), None);
-                                item.request = crate::store::requests::parked_mark(request);
+                                item.request = requests::parked_mark(request);
                                 send(&writer, item, &mut st).await?;
                                 st.parked.insert(key, Some(seq));
                                 continue;
@@ -325,13 +290,13 @@ impl Pipeline {
                         // Park the user: this change and every later one go to
                         // the dead-letter table, in order, until replayed.
                         let mut item = dead_letter(f.seq, &f.change, f.external_id.as_deref(), Some((&f.failed, f.first_attempt_at)));
-                        item.request = crate::store::requests::failed_mark(f.request, &f.failed);
+                        item.request = requests::failed_mark(f.request, &f.failed);
                         send(&writer, item, &mut st).await?;
                         let mut last = f.seq;
                         for q in st.lanes.remove(&key).into_iter().flatten() {
                             let ext = st.known_ids.get(&key).map(|(id, _)| id.clone()).or_else(|| q.change.external_id.clone());
                             let mut item = dead_letter(q.seq, &q.change, ext.as_deref(), None);
-                            item.request = crate::store::requests::parked_mark(q.request);
+                            item.request = requests::parked_mark(q.request);
                             send(&writer, item, &mut st).await?;
                             last = q.seq;
                         }
@@ -388,8 +353,7 @@ impl Pipeline {
             let retry = self.retry.clone();
             let writer = writer.clone();
             let log_values = self.log_personal_data;
-            let lookup = self.external_ids.clone();
-            let current_rows = self.current_rows.clone();
+            let store = Arc::clone(&self.store);
             pushes.push(Box::pin(async move {
                 let Queued {
                     seq,
@@ -400,8 +364,8 @@ impl Pipeline {
                 if let Some(id) = request {
                     // The row as it is now: never older than a change this
                     // lane pushed before, and a later change queues behind.
-                    match crate::store::requests::prepare(
-                        current_rows.as_deref(),
+                    match requests::prepare(
+                        store.as_ref(),
                         id,
                         &mut change,
                         external_id.take(),
@@ -422,21 +386,21 @@ impl Pipeline {
                         }
                     }
                 }
-                let external_id = match (external_id, &lookup) {
-                    (None, Some(ids)) if change.op != Operation::Insert => {
-                        ids.get(&change.key.text).await
+                let external_id = match external_id {
+                    None if change.op != Operation::Insert => {
+                        store.external_id(&change.key.text).await
                     }
                     // A row already linked when its insert is pushed: it was
                     // synced by `sync-user` (no daemon running) before the
                     // stream got here. Creating it again would duplicate it.
-                    (None, Some(ids)) if change.op == Operation::Insert && request.is_none() => {
-                        let id = ids.get(&change.key.text).await;
+                    None if request.is_none() => {
+                        let id = store.external_id(&change.key.text).await;
                         if id.is_some() {
                             change.op = Operation::Update;
                         }
                         id
                     }
-                    (id, _) => id,
+                    id => id,
                 };
                 let started = Instant::now();
                 let first_attempt_at = SystemTime::now();
@@ -463,7 +427,7 @@ impl Pipeline {
                                 attempts: pushed.attempts,
                             },
                         );
-                        crate::store::requests::annotate_synced(
+                        requests::annotate_synced(
                             &mut item,
                             &change,
                             request,
@@ -513,45 +477,4 @@ async fn send(
         .map_err(|_| PipelineError::WriterGone)?;
     st.unwritten += 1;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ack_waits_for_the_oldest_pending_change() {
-        let mut t = AckTracker::default();
-        let a = t.register();
-        t.boundary(100);
-        let b = t.register();
-        t.boundary(200);
-        t.boundary(250); // an empty transaction
-        assert_eq!(t.advance(), None);
-        t.complete(b);
-        assert_eq!(t.advance(), None, "a is still pending");
-        t.complete(a);
-        assert_eq!(t.advance(), Some(250));
-        assert_eq!(t.advance(), None);
-    }
-
-    #[test]
-    fn ack_moves_per_completed_transaction() {
-        let mut t = AckTracker::default();
-        let a = t.register();
-        t.boundary(100);
-        let _b = t.register();
-        t.boundary(200);
-        t.complete(a);
-        assert_eq!(t.advance(), Some(100));
-        t.boundary(300);
-        assert_eq!(t.advance(), None);
-    }
-
-    #[test]
-    fn empty_stream_positions_are_confirmed() {
-        let mut t = AckTracker::default();
-        t.boundary(42);
-        assert_eq!(t.advance(), Some(42));
-    }
 }

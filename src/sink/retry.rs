@@ -97,7 +97,7 @@ pub async fn push_with_retry(
     let attempts = AtomicU32::new(0);
     let result = (|| async {
         attempts.fetch_add(1, Ordering::Relaxed);
-        crate::observe::metrics::timed_push(sink.name(), sink.push(change, external_id)).await
+        timed_push(sink.name(), sink.push(change, external_id)).await
     })
     .retry(FullJitter::from_config(policy))
     .when(SinkError::is_retryable)
@@ -129,6 +129,23 @@ pub async fn push_with_retry(
         }),
         Err(error) => Err(PushFailed { error, attempts }),
     }
+}
+
+/// Awaits one push attempt and records its outcome and duration.
+async fn timed_push<T>(
+    sink: &'static str,
+    push: impl std::future::Future<Output = Result<T, SinkError>>,
+) -> Result<T, SinkError> {
+    use crate::observe::metrics::{push_done, PushOutcome};
+    let started = std::time::Instant::now();
+    let result = push.await;
+    let outcome = match &result {
+        Ok(_) => PushOutcome::Ok,
+        Err(e) if e.is_retryable() => PushOutcome::RetryableError,
+        Err(_) => PushOutcome::PermanentError,
+    };
+    push_done(sink, outcome, started.elapsed().as_secs_f64());
+    result
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@ use super::pgoutput::{ColumnValue, OldTuple, Relation, TupleData};
 use super::value::{text_to_json, type_name, TypeRegistry, ValueError};
 use crate::config::TableName;
 use crate::core::change::{Change, Lsn, Operation, UserKey};
-use crate::store::schema::{EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+use crate::core::table::EXTERNAL_ID_COLUMN;
+use crate::core::table::SYNCED_AT_COLUMN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RowError {
@@ -306,8 +307,8 @@ impl RowBuilder {
         new: &TupleData,
     ) -> Result<Option<(i64, String)>, RowError> {
         let rel = self.relation(rel_id)?;
-        if rel.namespace != crate::store::requests::REQUESTS_SCHEMA
-            || rel.name != crate::store::requests::REQUESTS_TABLE
+        if rel.namespace != crate::core::table::REQUESTS_SCHEMA
+            || rel.name != crate::core::table::REQUESTS_TABLE
         {
             return Ok(None);
         }

@@ -12,6 +12,27 @@ pub struct ConnectError {
     pub reason: String,
 }
 
+/// A statement that failed: what usersync was doing, and the driver's error
+/// with its SQLSTATE kept for whoever must decide by it.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {}", error_text(.source))]
+pub struct DbError {
+    pub context: &'static str,
+    #[source]
+    pub source: tokio_postgres::Error,
+}
+
+impl DbError {
+    /// For `map_err`: `.map_err(DbError::ctx("writing the sync log"))`.
+    pub fn ctx(context: &'static str) -> impl Fn(tokio_postgres::Error) -> DbError + Copy {
+        move |source| DbError { context, source }
+    }
+
+    pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
+        self.source.code()
+    }
+}
+
 /// Opens a connection and drives it on a background task. `app` names the
 /// session in `pg_stat_activity` so a DBA can tell usersync's sessions apart.
 pub async fn connect(cfg: &DatabaseConfig, app: &str) -> Result<Client, ConnectError> {

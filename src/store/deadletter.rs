@@ -3,6 +3,7 @@
 //! changes of the same user parked behind them so that they are never pushed
 //! out of order. Owns the table's DDL and every query on it.
 
+use crate::core::outcome::NewDeadLetter;
 use std::time::SystemTime;
 
 use serde_json::Value;
@@ -32,42 +33,6 @@ pub struct DeadLetterError(pub String);
 
 fn sql_err(e: tokio_postgres::Error) -> DeadLetterError {
     DeadLetterError(error_text(&e))
-}
-
-/// Why a change is in the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    /// The sink refused this change (or kept failing past the retry budget).
-    Failed,
-    /// Stored behind an earlier failed change of the same user, never pushed.
-    Parked,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Failed => "failed",
-            State::Parked => "parked",
-        }
-    }
-}
-
-/// A change on its way into the table.
-#[derive(Debug, Clone)]
-pub struct NewDeadLetter {
-    pub event_id: String,
-    pub user_key: String,
-    pub operation: &'static str,
-    pub state: State,
-    /// The webhook envelope that was (or would have been) pushed.
-    pub envelope: Value,
-    pub last_status: Option<u16>,
-    /// What went wrong, without secrets: status and a body excerpt.
-    pub last_error: String,
-    pub attempts: u32,
-    pub first_attempt_at: SystemTime,
-    pub last_attempt_at: SystemTime,
-    pub commit_lsn: String,
 }
 
 /// Inserts, ignoring a change already stored (a replay after a crash).

@@ -4,8 +4,11 @@
 
 pub mod db;
 pub mod deadletter;
+pub mod lag;
+pub mod lanes;
 pub mod progress;
 pub mod requests;
+pub mod rows;
 pub mod schema;
 pub mod synclog;
 pub mod writeback;

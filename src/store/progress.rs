@@ -7,11 +7,12 @@
 //! record and skipped when already done, so they are neither pushed nor
 //! written back again.
 
-use std::collections::HashMap;
+use crate::core::change::parse_lsn;
+use crate::core::outcome::Done;
 
 use tokio_postgres::Client;
 
-use crate::core::change::{format_lsn, Lsn};
+use crate::core::change::format_lsn;
 use crate::store::db::error_text;
 
 pub const TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.user_progress (
@@ -33,32 +34,6 @@ pub const UPSERT_SQL: &str = "INSERT INTO usersync.user_progress AS p (user_key,
 #[derive(Debug, thiserror::Error)]
 #[error("reading write-back progress: {0}")]
 pub struct ProgressError(String);
-
-/// What a new session knows was already made durable.
-#[derive(Debug, Default)]
-pub struct Done {
-    /// The highest source commit LSN written back (the origin's progress).
-    pub through: Lsn,
-    /// Newest durable (commit LSN, position) per user, for users whose record
-    /// lies in the replay window.
-    pub users: HashMap<String, (Lsn, u32)>,
-}
-
-impl Done {
-    /// Whether this change was already written back or dead-lettered.
-    pub fn covers(&self, key: &str, commit_lsn: Lsn, position: u32) -> bool {
-        commit_lsn <= self.through
-            && self
-                .users
-                .get(key)
-                .is_some_and(|&done| (commit_lsn, position) <= done)
-    }
-}
-
-pub fn parse_lsn(text: &str) -> Option<Lsn> {
-    let (hi, lo) = text.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-}
 
 /// Loads the replay window: from the slot's confirmed position to the
 /// origin's progress.

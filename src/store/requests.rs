@@ -8,12 +8,11 @@
 //! `pending_users`, the `values_hash` column of `user_progress`), the hash
 //! of pushed values, and the SQL the writer and the commands share.
 
-use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
+use crate::core::outcome::RequestMark;
 use tokio_postgres::Client;
 
 use crate::config::{quote_ident, quote_literal, DatabaseConfig};
-use crate::store::db::error_text;
+use crate::store::db::{error_text, DbError};
 
 /// Schema-qualified name, as the reader matches the Relation message.
 pub const REQUESTS_SCHEMA: &str = "usersync";
@@ -68,63 +67,6 @@ pub const RESUME_SQL: &str =
     "WITH moved AS (DELETE FROM usersync.pending_users RETURNING user_key, first_changed_at) \
      INSERT INTO usersync.sync_requests (user_key, reason) \
      SELECT user_key, 'resume' FROM moved ORDER BY first_changed_at, user_key";
-
-/// What became of a request, as stored in `sync_requests.outcome`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestOutcome {
-    Created,
-    Updated,
-    /// The row is gone: its deletion is (or was) pushed as its own change.
-    Unchanged,
-    Failed,
-    /// The user has dead letters: stored behind them, pushed by `dlq replay`.
-    Parked,
-    /// Sync is switched off: the user is pushed when it is switched on.
-    Deferred,
-}
-
-impl RequestOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestOutcome::Created => "created",
-            RequestOutcome::Updated => "updated",
-            RequestOutcome::Unchanged => "unchanged",
-            RequestOutcome::Failed => "failed",
-            RequestOutcome::Parked => "parked",
-            RequestOutcome::Deferred => "deferred",
-        }
-    }
-}
-
-/// A request's result, carried to the writer with the change it produced.
-#[derive(Debug, Clone)]
-pub struct RequestMark {
-    pub id: i64,
-    pub outcome: RequestOutcome,
-    pub external_id: Option<String>,
-    pub error: Option<String>,
-    pub latency_ms: Option<f64>,
-}
-
-impl RequestMark {
-    pub fn new(id: i64, outcome: RequestOutcome) -> Self {
-        RequestMark {
-            id,
-            outcome,
-            external_id: None,
-            error: None,
-            latency_ms: None,
-        }
-    }
-}
-
-/// SHA-256 (hex) of the synced values as pushed. `serde_json::Map` keeps
-/// its keys sorted, so the same values always give the same text.
-pub fn values_hash(data: &Map<String, Value>) -> String {
-    let text = serde_json::to_string(data).unwrap_or_default();
-    let digest = Sha256::digest(text.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -243,10 +185,10 @@ pub async fn open_count(client: &Client, ids: &[i64]) -> Result<i64, RequestErro
 /// pushed; the requests a resume inserts are still routed (see the reader).
 pub async fn write_marks(
     tx: &tokio_postgres::Transaction<'_>,
-    batch: &[crate::store::writeback::WriteItem],
-) -> Result<(), crate::store::writeback::WritebackError> {
-    use crate::store::writeback::{Outcome, WritebackError};
-    let err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
+    batch: &[crate::core::outcome::WriteItem],
+) -> Result<(), DbError> {
+    use crate::core::outcome::Outcome;
+    let err = DbError::ctx("marking sync requests done");
     let deferred: Vec<&str> = batch
         .iter()
         .filter(|i| matches!(i.outcome, Outcome::Deferred))
@@ -284,8 +226,9 @@ pub async fn write_marks(
                 .await
                 .map_err(err)?
                 .iter()
-                .map(|r| r.get(0))
-                .collect();
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()
+                .map_err(err)?;
             marks.retain(|m| !matched.contains(&m.id));
             if marks.is_empty() {
                 break;
@@ -302,265 +245,6 @@ pub async fn write_marks(
         }
     }
     Ok(())
-}
-
-/// Reads users' current rows for the lanes' sync requests: one session with
-/// the stream's settings (see `replay::SESSION_SETTINGS`), shared by the
-/// concurrent pushes (tokio-postgres pipelines their queries).
-pub struct CurrentRows {
-    client: Client,
-    reader: crate::app::dlq::RowReader,
-}
-
-impl CurrentRows {
-    pub async fn connect(
-        cfg: &crate::config::Config,
-        shape: &crate::store::schema::TableShape,
-    ) -> Result<CurrentRows, crate::app::dlq::ReplayError> {
-        let client = crate::store::db::connect(&cfg.database, "usersync-requests").await?;
-        client
-            .batch_execute(crate::app::dlq::SESSION_SETTINGS)
-            .await
-            .map_err(|e| crate::app::dlq::ReplayError::Sql(error_text(&e)))?;
-        let reader =
-            crate::app::dlq::RowReader::new(&client, shape.clone(), &cfg.sink.columns).await?;
-        Ok(CurrentRows { client, reader })
-    }
-
-    pub async fn read(
-        &self,
-        key: &str,
-    ) -> Result<Option<crate::app::dlq::CurrentRow>, crate::app::dlq::ReplayError> {
-        self.reader.read(&self.client, key).await
-    }
-}
-
-/// A request that needs no push: its row is gone (the deletion travels as
-/// its own change) or could not be read.
-pub struct NoPush(RequestMark);
-
-impl NoPush {
-    pub fn into_write_item(
-        self,
-        seq: u64,
-        change: &crate::core::change::Change,
-    ) -> crate::store::writeback::WriteItem {
-        let mut item = crate::store::writeback::WriteItem::new(
-            seq,
-            change,
-            crate::store::writeback::Outcome::Skipped,
-        );
-        item.request = Some(self.0);
-        item
-    }
-}
-
-/// Turns a request's placeholder change into the push of the user's current
-/// row: created when no external id is known (the sink links a record that
-/// already exists), updated otherwise. Returns the external id to push with.
-pub async fn prepare(
-    rows: Option<&CurrentRows>,
-    id: i64,
-    change: &mut crate::core::change::Change,
-    known: Option<String>,
-    sink: &str,
-) -> Result<Option<String>, NoPush> {
-    use crate::core::change::Operation;
-    let Some(rows) = rows else {
-        let mut mark = RequestMark::new(id, RequestOutcome::Failed);
-        mark.error = Some("this session cannot read rows for sync requests".into());
-        return Err(NoPush(mark));
-    };
-    let row = match rows.read(&change.key.text).await {
-        Ok(Some(row)) => row,
-        Ok(None) => return Err(NoPush(RequestMark::new(id, RequestOutcome::Unchanged))),
-        Err(e) => {
-            tracing::warn!(request = id, user = %change.key, error = %e, "sync request: cannot read the row; not pushed");
-            let mut mark = RequestMark::new(id, RequestOutcome::Failed);
-            mark.error = Some(e.to_string());
-            return Err(NoPush(mark));
-        }
-    };
-    let external_id = known.or(row.external_id);
-    // Stripe links an existing customer only on the update path (search by
-    // metadata key, then create); its creates are deduplicated by
-    // idempotency keys alone, which a customer made by another tool lacks.
-    change.op = if external_id.is_some() || sink == "stripe" {
-        Operation::Update
-    } else {
-        Operation::Insert
-    };
-    change.key = row.key;
-    change.changed = row.data.keys().cloned().collect();
-    change.data = Some(row.data);
-    change.external_id = external_id.clone();
-    Ok(external_id)
-}
-
-/// The hash of the values a successful push sent and, for a request, its mark.
-pub fn annotate_synced(
-    item: &mut crate::store::writeback::WriteItem,
-    change: &crate::core::change::Change,
-    request: Option<i64>,
-    external_id: Option<&str>,
-    latency: std::time::Duration,
-) {
-    use crate::core::change::Operation;
-    if change.op != Operation::Delete && change.omitted.is_empty() {
-        item.values_hash = change.data.as_ref().map(values_hash);
-    }
-    if let Some(id) = request {
-        let outcome = match change.op {
-            Operation::Delete => RequestOutcome::Unchanged,
-            _ if change.external_id.is_none() => RequestOutcome::Created,
-            _ => RequestOutcome::Updated,
-        };
-        let mut mark = RequestMark::new(id, outcome);
-        mark.external_id = external_id.map(str::to_string);
-        mark.latency_ms = Some(latency.as_secs_f64() * 1000.0);
-        item.request = Some(mark);
-    }
-}
-
-pub fn parked_mark(request: Option<i64>) -> Option<RequestMark> {
-    request.map(|id| {
-        let mut mark = RequestMark::new(id, RequestOutcome::Parked);
-        mark.error = Some(
-            "the user has dead letters and is parked behind them; see `usersync dlq list`, then `usersync dlq replay`".into(),
-        );
-        mark
-    })
-}
-
-pub fn failed_mark(
-    request: Option<i64>,
-    failed: &crate::sink::retry::PushFailed,
-) -> Option<RequestMark> {
-    request.map(|id| {
-        let mut mark = RequestMark::new(id, RequestOutcome::Failed);
-        mark.error = Some(format!(
-            "{} after {} attempt(s); dead-lettered (see `usersync dlq list`)",
-            failed.error, failed.attempts
-        ));
-        mark
-    })
-}
-
-/// A change received while sync is off: its user is recorded as pending.
-pub fn deferred(
-    seq: u64,
-    change: &crate::core::change::Change,
-    request: Option<i64>,
-) -> crate::store::writeback::WriteItem {
-    let mut item = crate::store::writeback::WriteItem::new(
-        seq,
-        change,
-        crate::store::writeback::Outcome::Deferred,
-    );
-    item.request = request.map(|id| {
-        let mut mark = RequestMark::new(id, RequestOutcome::Deferred);
-        mark.error = Some(
-            "sync is switched off ([sync] enabled = false); the user is pushed when it is switched on".into(),
-        );
-        mark
-    });
-    item
-}
-
-/// Queues the resume (pending users become requests) behind every deferral
-/// already handed to the writer.
-pub async fn send_resume(
-    writer: &tokio::sync::mpsc::Sender<crate::store::writeback::WriteItem>,
-    ack: &mut crate::pipeline::AckTracker,
-) -> Result<(), crate::pipeline::PipelineError> {
-    use crate::core::change::{Operation, UserKey};
-    let item = crate::store::writeback::WriteItem {
-        seq: ack.register(),
-        event_id: "resume".into(),
-        key: UserKey {
-            text: String::new(),
-            json: Value::Null,
-        },
-        op: Operation::Update,
-        commit_lsn: 0,
-        position: 0,
-        xid: 0,
-        decoded_at: std::time::Instant::now(),
-        outcome: crate::store::writeback::Outcome::Resume,
-        commit_time_us: 0,
-        values_hash: None,
-        request: None,
-    };
-    writer
-        .send(item)
-        .await
-        .map_err(|_| crate::pipeline::PipelineError::WriterGone)
-}
-
-/// The switch's next value; `None` once nobody can change it any more.
-pub async fn switch_changed(
-    switch: &mut Option<tokio::sync::watch::Receiver<bool>>,
-) -> Option<bool> {
-    match switch {
-        Some(rx) => match rx.changed().await {
-            Ok(()) => Some(*rx.borrow_and_update()),
-            Err(_) => None,
-        },
-        None => std::future::pending().await,
-    }
-}
-
-/// The off switch for `usersync run`: on SIGHUP the config is read again and
-/// `[sync] enabled` applied at once; any other changed key needs a restart.
-pub fn spawn_reload_handler(
-    path: std::path::PathBuf,
-    explicit: bool,
-    cfg: &crate::config::Config,
-) -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(cfg.sync.enabled);
-    let mut current = cfg.clone();
-    tokio::spawn(async move {
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; [sync] enabled applies at restart only");
-                // Keeps the sender, so the switch stays as configured.
-                std::future::pending::<()>().await;
-                return;
-            }
-        };
-        while hup.recv().await.is_some() {
-            let new = match crate::config::Config::load(&path, explicit, &crate::config::ProcessEnv)
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: the config is invalid; nothing changed");
-                    continue;
-                }
-            };
-            let mut others = new.clone();
-            others.sync.enabled = current.sync.enabled;
-            if format!("{others:?}") != format!("{current:?}") {
-                tracing::warn!(
-                    "SIGHUP: keys other than [sync] enabled changed; restart to apply them"
-                );
-            }
-            if new.sync.enabled != current.sync.enabled {
-                tracing::info!(
-                    enabled = new.sync.enabled,
-                    "SIGHUP: applying [sync] enabled"
-                );
-            } else {
-                tracing::info!(
-                    enabled = new.sync.enabled,
-                    "SIGHUP: [sync] enabled unchanged"
-                );
-            }
-            current.sync.enabled = new.sync.enabled;
-            let _ = tx.send(new.sync.enabled);
-        }
-    });
-    rx
 }
 
 /// How long an answered request is kept: `sync-user` and `backfill` read
@@ -603,23 +287,4 @@ pub fn spawn_pruner(db: DatabaseConfig, cancel: tokio_util::sync::CancellationTo
             Ok(())
         },
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn hash_ignores_insertion_order_and_sees_values() {
-        let a: Map<String, Value> =
-            serde_json::from_value(json!({"id": 1, "email": "a@x"})).unwrap();
-        let mut b = Map::new();
-        b.insert("email".into(), json!("a@x"));
-        b.insert("id".into(), json!(1));
-        assert_eq!(values_hash(&a), values_hash(&b));
-        b.insert("email".into(), json!("b@x"));
-        assert_ne!(values_hash(&a), values_hash(&b));
-        assert_eq!(values_hash(&a).len(), 64);
-    }
 }

@@ -3,6 +3,7 @@
 //! identity) and the replication objects (wal_level, publication, slot,
 //! origin). Every failed check is one message that says what to fix.
 
+use crate::core::table::TableShape;
 use tokio_postgres::Client;
 
 use crate::config::{DatabaseConfig, TableName};
@@ -82,31 +83,6 @@ fn query_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> SchemaErro
     move |e| SchemaError::Query {
         what,
         reason: error_text(&e),
-    }
-}
-
-/// The users table as the daemon sees it.
-#[derive(Debug, Clone)]
-pub struct TableShape {
-    pub table: TableName,
-    pub key_column: String,
-    /// `format_type` of the key column, used to cast text keys in SQL.
-    pub key_type: String,
-    /// Every column with its `format_type`, in attribute order.
-    pub columns: Vec<(String, String)>,
-    pub replica_identity: char,
-}
-
-impl TableShape {
-    pub fn has_column(&self, name: &str) -> bool {
-        self.columns.iter().any(|(c, _)| c == name)
-    }
-
-    fn column_type(&self, name: &str) -> Option<&str> {
-        self.columns
-            .iter()
-            .find(|(c, _)| c == name)
-            .map(|(_, t)| t.as_str())
     }
 }
 

@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::core::change::format_lsn;
-use crate::store::db::error_text;
-use crate::store::writeback::{Outcome, WriteItem, WritebackError};
+use crate::core::outcome::Outcome;
+use crate::core::outcome::WriteItem;
+use crate::store::db::DbError;
 
 /// Created by `usersync setup`. Another command (`status`) reads these columns.
 pub const TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.sync_log (
@@ -90,13 +91,15 @@ pub fn start(cfg: &Config, cancel: CancellationToken) {
 
 /// The prepared INSERT for the write-back session of the daemon using
 /// `origin`, `None` when its sync log is disabled.
-pub async fn prepare(client: &Client, origin: &str) -> Result<Option<Statement>, WritebackError> {
+pub async fn prepare(client: &Client, origin: &str) -> Result<Option<Statement>, DbError> {
     if !enabled(origin) {
         return Ok(None);
     }
-    client.prepare(INSERT_SQL).await.map(Some).map_err(|e| {
-        WritebackError::Sql(format!("preparing the sync log insert: {}", error_text(&e)))
-    })
+    client
+        .prepare(INSERT_SQL)
+        .await
+        .map(Some)
+        .map_err(DbError::ctx("preparing the sync log insert"))
 }
 
 /// Logs a batch inside the write-back transaction `tx`.
@@ -104,7 +107,7 @@ pub async fn insert(
     tx: &impl GenericClient,
     statement: Option<&Statement>,
     batch: &[WriteItem],
-) -> Result<(), WritebackError> {
+) -> Result<(), DbError> {
     let Some(statement) = statement else {
         return Ok(());
     };
@@ -141,8 +144,8 @@ pub async fn insert(
             Outcome::DeadLetter(dl) => {
                 ext.push(None);
                 outcomes.push(match dl.state {
-                    crate::store::deadletter::State::Failed => "dead_letter",
-                    crate::store::deadletter::State::Parked => "parked",
+                    crate::core::outcome::DeadLetterState::Failed => "dead_letter",
+                    crate::core::outcome::DeadLetterState::Parked => "parked",
                 });
                 attempts.push(i32::try_from(dl.attempts).unwrap_or(i32::MAX));
                 push_ms.push(None);
@@ -175,7 +178,7 @@ pub async fn insert(
         ],
     )
     .await
-    .map_err(|e| WritebackError::Sql(format!("writing the sync log: {}", error_text(&e))))?;
+    .map_err(DbError::ctx("writing the sync log"))?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! items are grouped into one UPDATE per batch, and a row is only touched if
 //! its `external_synced_at` is older, so a newer sync is never overwritten.
 
+use crate::core::outcome::{Outcome, SyncReport, WriteItem};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -11,10 +12,12 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, Statement};
 
 use crate::config::{quote_ident, DatabaseConfig};
-use crate::core::change::{format_lsn, Change, Lsn, Operation, UserKey};
+use crate::core::change::{format_lsn, Lsn, Operation};
+use crate::core::table::TableShape;
+use crate::core::table::EXTERNAL_ID_COLUMN;
+use crate::core::table::SYNCED_AT_COLUMN;
 use crate::store::db::{connect, error_text, ConnectError};
-use crate::store::deadletter::{self, NewDeadLetter};
-use crate::store::schema::{TableShape, EXTERNAL_ID_COLUMN, SYNCED_AT_COLUMN};
+use crate::store::deadletter::{self};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WritebackError {
@@ -24,79 +27,8 @@ pub enum WritebackError {
     OriginBusy { origin: String, reason: String },
     #[error("write-back failed: {0}")]
     Sql(String),
-}
-
-/// A change whose outcome must be made durable before it is acknowledged:
-/// written back into its row, or stored as a dead letter.
-#[derive(Debug)]
-pub struct WriteItem {
-    /// The pipeline's sequence number, reported back once durable.
-    pub seq: u64,
-    pub event_id: String,
-    pub key: UserKey,
-    pub op: Operation,
-    pub commit_lsn: Lsn,
-    pub position: u32,
-    pub xid: u32,
-    pub decoded_at: Instant,
-    pub outcome: Outcome,
-    /// Commit time of the source transaction (µs since the Unix epoch).
-    pub commit_time_us: i64,
-    /// Hash of the values pushed (`requests::values_hash`), kept per user in
-    /// `usersync.user_progress`; `None` when no values were pushed.
-    pub values_hash: Option<String>,
-    /// The sync request this change answers, marked done in the same transaction.
-    pub request: Option<crate::store::requests::RequestMark>,
-}
-
-impl WriteItem {
-    pub fn new(seq: u64, change: &Change, outcome: Outcome) -> WriteItem {
-        WriteItem {
-            seq,
-            event_id: change.event_id.clone(),
-            key: change.key.clone(),
-            op: change.op,
-            commit_lsn: change.commit_lsn,
-            position: change.position,
-            xid: change.xid,
-            decoded_at: change.decoded_at,
-            outcome,
-            commit_time_us: change.commit_time_us,
-            values_hash: None,
-            request: None,
-        }
-    }
-}
-
-#[derive(Debug)]
-pub enum Outcome {
-    Synced {
-        external_id: Option<String>,
-        synced_at: SystemTime,
-        push_latency: Duration,
-        attempts: u32,
-    },
-    DeadLetter(Box<NewDeadLetter>),
-    /// Nothing to write back (a sync request whose row is gone).
-    Skipped,
-    /// Sync is switched off: the user is recorded in `usersync.pending_users`.
-    Deferred,
-    /// Sync was switched on: every pending user becomes a sync request.
-    Resume,
-}
-
-/// One change that reached the external service and, where the row still
-/// exists, was written back. For the demo's live output and for logs.
-#[derive(Debug, Clone)]
-pub struct SyncReport {
-    pub event_id: String,
-    pub key: String,
-    pub op: Operation,
-    pub external_id: Option<String>,
-    pub push_latency: Duration,
-    /// From decoding to the write-back's commit.
-    pub total_latency: Duration,
-    pub attempts: u32,
+    #[error("write-back failed: {0}")]
+    Db(#[from] crate::store::db::DbError),
 }
 
 pub struct Writer {
@@ -166,7 +98,7 @@ impl Writer {
                 return Ok(());
             }
             self.write(&batch).await?;
-            crate::observe::metrics::written(&batch);
+            record_metrics(&batch);
             tracing::info!(
                 changes = batch.len(),
                 dead_lettered = batch
@@ -455,6 +387,24 @@ impl ExternalIds {
                 tracing::debug!(error = %error_text(&e), "external id look-up failed");
                 None
             }
+        }
+    }
+}
+
+/// A committed batch in the metrics: synced changes by operation with their
+/// commit-to-sync latency, dead letters by state.
+fn record_metrics(batch: &[WriteItem]) {
+    use crate::core::outcome::DeadLetterState;
+    use crate::observe::metrics;
+    let now_us = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    for item in batch {
+        match &item.outcome {
+            Outcome::Synced { .. } => metrics::synced(item.op.label(), item.commit_time_us, now_us),
+            Outcome::DeadLetter(dl) => metrics::dead_lettered(dl.state == DeadLetterState::Failed),
+            Outcome::Skipped | Outcome::Deferred | Outcome::Resume => {}
         }
     }
 }

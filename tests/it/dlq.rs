@@ -9,8 +9,10 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 
 use crate::common::{TestDb, USERS_BIGINT, USERS_UUID};
+use usersync::core::outcome::DeadLetterState as State;
+use usersync::core::outcome::NewDeadLetter;
 use usersync::dev::fake::Fault;
-use usersync::store::deadletter::{self, NewDeadLetter, State};
+use usersync::store::deadletter::{self};
 
 const WAIT: Duration = Duration::from_secs(30);
 const BIN: &str = env!("CARGO_BIN_EXE_usersync");

@@ -11,6 +11,7 @@ mod docker;
 mod errors;
 mod exactly_once;
 mod faults;
+mod layers;
 mod memberstack;
 mod observability;
 mod ops;

@@ -1,0 +1,54 @@
+//! Names of database objects and how they are quoted into SQL.
+
+/// A schema-qualified table name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn parse(s: &str) -> Result<TableName, String> {
+        let parts: Vec<&str> = s.split('.').collect();
+        let (schema, name) = match parts.as_slice() {
+            [name] => ("public", *name),
+            [schema, name] => (*schema, *name),
+            _ => return Err(format!("{s:?} is not a table name (use \"schema.table\")")),
+        };
+        if s.chars().any(char::is_control) {
+            return Err(format!(
+                "{:?} holds a control character (a newline, tab or NUL); table names with those are not supported",
+                s
+            ));
+        }
+        if schema.is_empty() || name.is_empty() {
+            return Err(format!("{s:?} is not a table name (use \"schema.table\")"));
+        }
+        Ok(TableName {
+            schema: schema.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// `"schema"."name"`, safe to splice into SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// An identifier quoted for SQL, the same way everywhere: in the statements
+/// usersync runs and in every script, hint and message it prints.
+pub fn quote_ident(s: &str) -> String {
+    postgres_protocol::escape::escape_identifier(s)
+}
+
+/// A string literal for SQL (`E'…'` when it holds a backslash).
+pub fn quote_literal(s: &str) -> String {
+    postgres_protocol::escape::escape_literal(s)
+}

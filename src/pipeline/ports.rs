@@ -1,0 +1,39 @@
+//! What the pipeline needs from the database, as one small trait: the
+//! Postgres implementation lives in `store::lanes`, an in-memory one in
+//! `pipeline::memory` for tests and the benchmark. The write-back itself is
+//! not a port but a channel: the pipeline hands `WriteItem`s to the writer
+//! task and hears back the sequence numbers that became durable.
+
+use futures::future::BoxFuture;
+
+use crate::core::table::CurrentRow;
+
+/// A failed read, with its cause kept.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct PortError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl PortError {
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        PortError(Box::new(e))
+    }
+}
+
+/// Per-user reads a lane makes. Each is answered from the database's
+/// current state; none writes.
+pub trait LaneStore: Send + Sync + 'static {
+    /// The row's external id, when neither memory nor the change knows it.
+    /// `None` also when the read fails: the sink then finds the record its
+    /// own way (look-up by email or metadata).
+    fn external_id<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<String>>;
+
+    /// The user's row as it is now (for sync requests); `None` when gone.
+    fn current_row<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<CurrentRow>, PortError>>;
+
+    /// Whether the user still has dead letters (replayed or discarded ones
+    /// are gone from the table).
+    fn is_parked<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, PortError>>;
+}

@@ -1,0 +1,346 @@
+//! Reading users' current rows the way the stream sees them: the same
+//! session settings, each type's output text, the same text-to-JSON
+//! conversion. Used by sync requests, `dlq replay`, `sync-user` and backfill.
+
+use serde_json::{Map, Value};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::config::{quote_ident, quote_literal};
+use crate::core::change::UserKey;
+use crate::core::table::{is_synced, CurrentRow, TableShape, EXTERNAL_ID_COLUMN};
+use crate::source::value::{text_to_json, TypeRegistry, ValueError};
+use crate::store::db::error_text;
+use crate::store::schema::SchemaError;
+
+/// The settings the replication connection uses (see `source::stream`), so
+/// that a row read in text format is exactly what the stream would have sent
+/// (`standard_conforming_strings` for the key literal of the row read).
+pub const SESSION_SETTINGS: &str = "SET DateStyle=ISO; SET TimeZone=UTC; \
+     SET IntervalStyle=iso_8601; SET extra_float_digits=3; SET standard_conforming_strings=on";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RowError {
+    #[error(transparent)]
+    Connect(#[from] crate::store::db::ConnectError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("sink.columns or [sink.mapping] names column {column}, which {table} does not have")]
+    UnknownColumn { column: String, table: String },
+    #[error("reading the row of user {key}: {reason}")]
+    Read { key: String, reason: String },
+    #[error("user {key}, column {column}: {source}")]
+    Value {
+        key: String,
+        column: String,
+        source: ValueError,
+    },
+    #[error("database: {0}")]
+    Sql(String),
+}
+
+impl RowError {
+    /// Problems the operator must fix (exit code 2) as opposed to runtime failures.
+    pub fn is_config(&self) -> bool {
+        match self {
+            RowError::Schema(SchemaError::Query { .. }) => false,
+            RowError::Schema(_) | RowError::UnknownColumn { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+fn sql_err(e: tokio_postgres::Error) -> RowError {
+    RowError::Sql(error_text(&e))
+}
+
+/// A column of the users table: name and type oid (`pg_attribute.atttypid`,
+/// the oid pgoutput's Relation message carries).
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    pub type_oid: u32,
+}
+
+/// The stream's JSON for a row read in text format (each type's output
+/// function, as pgoutput sends it) under [`SESSION_SETTINGS`]: every synced
+/// column converted with
+/// `text_to_json`, NULL as null. Errors name the column, never the value.
+pub fn row_to_data(
+    columns: &[Column],
+    values: &[Option<String>],
+    synced: impl Fn(&str) -> bool,
+    types: &TypeRegistry,
+) -> Result<Map<String, Value>, (String, ValueError)> {
+    columns
+        .iter()
+        .zip(values)
+        .filter(|(c, _)| synced(&c.name))
+        .map(|(c, v)| {
+            let value = match v {
+                None => Value::Null,
+                Some(text) => text_to_json(c.type_oid, text.as_bytes(), types)
+                    .map_err(|e| (c.name.clone(), e))?,
+            };
+            Ok((c.name.clone(), value))
+        })
+        .collect()
+}
+
+/// Reads users' current rows by key, the way the stream would see them.
+/// Expects a session set up with [`SESSION_SETTINGS`].
+///
+/// The row is read through the simple-query protocol, whose results are each
+/// type's output function: the text pgoutput sends. A `col::text` cast is not
+/// the same for every type (bool gives `true` instead of `t`, `char(n)` loses
+/// its padding, `inet` gains a netmask), so it is not used.
+pub struct RowReader {
+    shape: TableShape,
+    columns: Vec<Column>,
+    key_oid: u32,
+    sink_columns: Vec<String>,
+    types: TypeRegistry,
+    /// `SELECT … WHERE key = `, completed by the quoted key and its cast.
+    select: String,
+}
+
+impl RowReader {
+    pub async fn new(
+        client: &Client,
+        shape: TableShape,
+        sink_columns: &[String],
+    ) -> Result<RowReader, RowError> {
+        for column in sink_columns {
+            if !shape.has_column(column) {
+                return Err(RowError::UnknownColumn {
+                    column: column.clone(),
+                    table: shape.table.to_string(),
+                });
+            }
+        }
+        let rows = client
+            .query(
+                "SELECT a.attname::text, a.atttypid, n.nspname::text, t.typname::text \
+                 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+                 JOIN pg_namespace n ON n.oid = t.typnamespace \
+                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
+                &[&shape.table.quoted()],
+            )
+            .await
+            .map_err(|e| {
+                RowError::Schema(SchemaError::Query {
+                    what: "the users table's column types",
+                    reason: error_text(&e),
+                })
+            })?;
+        let mut columns = Vec::with_capacity(rows.len());
+        let mut types = TypeRegistry::default();
+        for row in &rows {
+            let column = Column {
+                name: row.try_get(0).map_err(sql_err)?,
+                type_oid: row.try_get(1).map_err(sql_err)?,
+            };
+            // Only names for messages, as pgoutput Type messages give the stream.
+            types.insert(
+                column.type_oid,
+                row.try_get(2).map_err(sql_err)?,
+                row.try_get(3).map_err(sql_err)?,
+            );
+            columns.push(column);
+        }
+        let key_oid = columns
+            .iter()
+            .find(|c| c.name == shape.key_column)
+            .map(|c| c.type_oid)
+            .ok_or_else(|| {
+                RowError::Sql(format!(
+                    "the key column {} of {} has no type in pg_attribute",
+                    shape.key_column, shape.table
+                ))
+            })?;
+        let select = format!(
+            "SELECT {} FROM {} WHERE {} = ",
+            columns
+                .iter()
+                .map(|c| quote_ident(&c.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            shape.table.quoted(),
+            quote_ident(&shape.key_column),
+        );
+        Ok(RowReader {
+            shape,
+            columns,
+            key_oid,
+            sink_columns: sink_columns.to_vec(),
+            types,
+            select,
+        })
+    }
+
+    pub fn shape(&self) -> &TableShape {
+        &self.shape
+    }
+
+    /// The key as the stream would push it, from its text form.
+    pub fn key(&self, text: &str) -> Result<UserKey, RowError> {
+        let json = text_to_json(self.key_oid, text.as_bytes(), &self.types).map_err(|source| {
+            RowError::Value {
+                key: text.to_string(),
+                column: self.shape.key_column.clone(),
+                source,
+            }
+        })?;
+        Ok(UserKey {
+            text: text.to_string(),
+            json,
+        })
+    }
+
+    /// The row of `key`, or `None` if it is gone.
+    pub async fn read(&self, client: &Client, key: &str) -> Result<Option<CurrentRow>, RowError> {
+        let read_err = |e: tokio_postgres::Error| RowError::Read {
+            key: key.to_string(),
+            reason: error_text(&e),
+        };
+        let sql = format!(
+            "{}{}::{}",
+            self.select,
+            quote_literal(key),
+            self.shape.key_type
+        );
+        let messages = client.simple_query(&sql).await.map_err(read_err)?;
+        let Some(row) = messages.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        let values: Vec<Option<String>> = (0..self.columns.len())
+            .map(|i| row.try_get(i).map(|v| v.map(str::to_string)))
+            .collect::<Result<_, _>>()
+            .map_err(read_err)?;
+        self.row_from_values(key, &values).map(Some)
+    }
+
+    /// The table's columns, quoted and prefixed with `alias.`, in the order
+    /// [`RowReader::row_from_values`] expects (for scans of many rows).
+    pub fn select_list(&self, alias: &str) -> String {
+        self.columns
+            .iter()
+            .map(|c| format!("{alias}.{}", quote_ident(&c.name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn column_count(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// A row read in text format (columns in `select_list` order), as the
+    /// stream would push it.
+    pub fn row_from_values(
+        &self,
+        key: &str,
+        values: &[Option<String>],
+    ) -> Result<CurrentRow, RowError> {
+        let key_column = self.shape.key_column.as_str();
+        let data = row_to_data(
+            &self.columns,
+            values,
+            |c| is_synced(c, key_column, &self.sink_columns),
+            &self.types,
+        )
+        .map_err(|(column, source)| RowError::Value {
+            key: key.to_string(),
+            column,
+            source,
+        })?;
+        let value_of = |name: &str| {
+            self.columns
+                .iter()
+                .position(|c| c.name == name)
+                .and_then(|i| values[i].clone())
+        };
+        let key_text = value_of(key_column).unwrap_or_else(|| key.to_string());
+        let external_id = value_of(EXTERNAL_ID_COLUMN).filter(|s| !s.is_empty());
+        Ok(CurrentRow {
+            key: self.key(&key_text)?,
+            data,
+            external_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::table::SYNCED_AT_COLUMN;
+    use serde_json::json;
+
+    fn cols(spec: &[(&str, u32)]) -> Vec<Column> {
+        spec.iter()
+            .map(|(n, o)| Column {
+                name: n.to_string(),
+                type_oid: *o,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn synced_columns_follow_the_stream() {
+        let none: Vec<String> = Vec::new();
+        assert!(is_synced("email", "id", &none));
+        assert!(!is_synced(EXTERNAL_ID_COLUMN, "id", &none));
+        assert!(!is_synced(SYNCED_AT_COLUMN, "id", &none));
+        let some = vec!["email".to_string()];
+        assert!(is_synced("id", "id", &some));
+        assert!(is_synced("email", "id", &some));
+        assert!(!is_synced("plan", "id", &some));
+    }
+
+    #[test]
+    fn row_to_data_converts_by_type_and_filters() {
+        let columns = cols(&[
+            ("id", 20),
+            ("email", 25),
+            ("score", 1700),
+            ("tags", 1009),
+            ("bio", 25),
+            (EXTERNAL_ID_COLUMN, 25),
+        ]);
+        let values = vec![
+            Some("42".to_string()),
+            Some("a@example.com".to_string()),
+            Some("1.50".to_string()),
+            Some("{a,\"b c\"}".to_string()),
+            None,
+            Some("usr_1".to_string()),
+        ];
+        let data = row_to_data(
+            &columns,
+            &values,
+            |c| is_synced(c, "id", &[]),
+            &TypeRegistry::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(data),
+            json!({"id": 42, "email": "a@example.com", "score": "1.50", "tags": ["a", "b c"], "bio": null})
+        );
+    }
+
+    #[test]
+    fn row_to_data_errors_name_the_column_not_the_value() {
+        let columns = cols(&[("n", 23)]);
+        let (column, err) = row_to_data(
+            &columns,
+            &[Some("secret-value".to_string())],
+            |_| true,
+            &TypeRegistry::default(),
+        )
+        .unwrap_err();
+        assert_eq!(column, "n");
+        assert!(!err.to_string().contains("secret"));
+    }
+}
