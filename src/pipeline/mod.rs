@@ -26,6 +26,8 @@ pub mod ack;
 pub mod memory;
 pub mod ports;
 pub mod requests;
+#[cfg(test)]
+mod tests;
 
 pub use ack::AckTracker;
 use ports::{LaneStore, PortError};

@@ -4,9 +4,10 @@
 //! times out, and a kill between the push and the write-back. Every test ends
 //! by comparing the external state with the table.
 //!
-//! The PostgreSQL cluster is shared by every test in this binary, so the
-//! restart test takes `RESTART_LOCK` for writing and every other test holds it
-//! for reading while it runs.
+//! The restart test runs on a cluster of its own (`private_cluster`): the
+//! shared one serves every other test of the binary. It still takes
+//! `RESTART_LOCK` for writing so that no other test of this file runs on the
+//! loaded machine while it does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
@@ -245,7 +246,7 @@ async fn wait_consistent_running(db: &TestDb, daemon: &mut InProcessDaemon, when
 
 async fn restart_postgres(db: &mut TestDb) {
     let started = Instant::now();
-    tokio::task::spawn_blocking(|| cluster().restart_immediate())
+    tokio::task::spawn_blocking(|| private_cluster().restart_immediate())
         .await
         .expect("restart task")
         .unwrap_or_else(|e| panic!("restart_immediate: {e}"));
@@ -676,7 +677,7 @@ async fn with_reconnect(
 async fn postgres_restart_mid_stream() {
     install_crypto();
     let _exclusive = RESTART_LOCK.write().await;
-    let mut db = TestDb::new(USERS_BIGINT).await;
+    let mut db = TestDb::new_on(private_cluster(), USERS_BIGINT).await;
     let mut daemon = db.start_daemon();
     const N: i64 = 600;
     let progress = Arc::new(AtomicI64::new(0));

@@ -40,6 +40,17 @@ pub fn cluster() -> &'static TempCluster {
     })
 }
 
+/// A cluster of its own for the one test that restarts PostgreSQL
+/// (`faults::postgres_restart_mid_stream`): every other test shares
+/// [`cluster`], and a restart would cut their connections.
+pub fn private_cluster() -> &'static TempCluster {
+    static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| match TempCluster::start(TempClusterOptions::default()) {
+        Ok(c) => c,
+        Err(e) => panic!("cannot start a private test PostgreSQL: {e}"),
+    })
+}
+
 /// A unique database name per test in this binary.
 pub fn unique_db(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -78,7 +89,20 @@ impl TestDb {
 
     /// Database and table only; no `usersync setup`.
     pub async fn bare(table_sql: &str, sink_extra: &str) -> TestDb {
-        let c = cluster();
+        Self::bare_on(cluster(), table_sql, sink_extra).await
+    }
+
+    /// Like [`TestDb::new`], on the given cluster.
+    pub async fn new_on(c: &'static TempCluster, table_sql: &str) -> TestDb {
+        let db = Self::bare_on(c, table_sql, "").await;
+        let cfg = db.config();
+        usersync::app::setup::apply(&db.client, &cfg.database)
+            .await
+            .unwrap_or_else(|e| panic!("setup failed: {e}"));
+        db
+    }
+
+    async fn bare_on(c: &'static TempCluster, table_sql: &str, sink_extra: &str) -> TestDb {
         let dbname = unique_db("t");
         c.create_database(&dbname).expect("create database");
         if !table_sql.is_empty() {

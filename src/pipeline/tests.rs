@@ -1,0 +1,489 @@
+//! The pipeline on its in-memory ports: no PostgreSQL, no HTTP. Each test
+//! drives the loop through its channels with a scripted sink and a writer
+//! the test controls (it decides when an item becomes durable). Where a test
+//! must show that nothing more happens, it runs on tokio's paused clock: the
+//! clock only advances once every task is idle, so a timeout that fires
+//! proves quiescence instead of guessing it with a sleep.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::memory::MemoryStore;
+use super::{Channels, Pipeline, PipelineError};
+use crate::config::RetryConfig;
+use crate::core::change::{Change, Lsn, Operation, UserKey};
+use crate::core::outcome::{DeadLetterState, Outcome, WriteItem};
+use crate::sink::{Sink, SinkError};
+use crate::source::stream::SourceEvent;
+
+/// One push the sink saw: the user, the change's commit LSN, the id it was sent with.
+#[derive(Debug, Clone)]
+struct Seen {
+    key: String,
+    lsn: Lsn,
+    external_id: Option<String>,
+}
+
+#[derive(Default)]
+struct ScriptedSink {
+    seen: Mutex<Vec<Seen>>,
+    /// Users whose pushes are refused permanently (HTTP 400).
+    refuse: Mutex<HashSet<String>>,
+    /// While set, pushes wait for `release` before answering.
+    hold: std::sync::atomic::AtomicBool,
+    release: Notify,
+    started: AtomicUsize,
+    next_id: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Sink for ScriptedSink {
+    fn name(&self) -> &'static str {
+        "webhook"
+    }
+
+    fn push<'a>(
+        &'a self,
+        change: &'a Change,
+        external_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<String>, SinkError>> {
+        Box::pin(async move {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            if self.hold.load(Ordering::SeqCst) {
+                self.release.notified().await;
+            }
+            // Answers out of order: other users' pushes overtake this one.
+            let spins = (change.commit_lsn % 7) as usize;
+            for _ in 0..spins {
+                tokio::task::yield_now().await;
+            }
+            lock(&self.seen).push(Seen {
+                key: change.key.text.clone(),
+                lsn: change.commit_lsn,
+                external_id: external_id.map(str::to_string),
+            });
+            if lock(&self.refuse).contains(&change.key.text) {
+                return Err(SinkError::Http {
+                    status: 400,
+                    body: "refused".into(),
+                    retry_after: None,
+                });
+            }
+            Ok(match (change.op, external_id) {
+                (Operation::Insert, _) => Some(format!(
+                    "ext_{}",
+                    self.next_id.fetch_add(1, Ordering::SeqCst)
+                )),
+                (_, id) => id.map(str::to_string),
+            })
+        })
+    }
+}
+
+impl ScriptedSink {
+    fn seen(&self) -> Vec<Seen> {
+        lock(&self.seen).clone()
+    }
+}
+
+fn change(key: &str, op: Operation, lsn: Lsn) -> Box<Change> {
+    let mut data = Map::new();
+    data.insert("id".into(), json!(key));
+    Box::new(Change {
+        event_id: Change::event_id_for(lsn, 0),
+        op,
+        key: UserKey {
+            text: key.to_string(),
+            json: Value::String(key.to_string()),
+        },
+        table: "public.users".into(),
+        commit_lsn: lsn,
+        position: 0,
+        xid: 1,
+        commit_time_us: 0,
+        data: (op != Operation::Delete).then_some(data),
+        previous: None,
+        changed: vec!["id".into()],
+        omitted: Vec::new(),
+        external_id: None,
+        decoded_at: Instant::now(),
+    })
+}
+
+struct Harness {
+    source: mpsc::Sender<SourceEvent>,
+    items: mpsc::Receiver<WriteItem>,
+    durable: mpsc::UnboundedSender<Vec<u64>>,
+    acks: watch::Receiver<Lsn>,
+    cancel: CancellationToken,
+    task: JoinHandle<Result<(), PipelineError>>,
+}
+
+fn pipeline(sink: Arc<ScriptedSink>, store: Arc<MemoryStore>) -> Pipeline {
+    Pipeline {
+        sink,
+        retry: RetryConfig {
+            max_attempts: 1,
+            initial_backoff_ms: 1,
+            max_backoff_ms: 1,
+            max_elapsed_secs: 1,
+        },
+        max_in_flight: 8,
+        max_buffered: 10_000,
+        log_personal_data: false,
+        store,
+        sync_enabled: None,
+    }
+}
+
+fn start(p: Pipeline, source_capacity: usize) -> Harness {
+    let (source_tx, source_rx) = mpsc::channel(source_capacity);
+    let (item_tx, item_rx) = mpsc::channel(1024);
+    let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+    let (ack_tx, ack_rx) = watch::channel(0);
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let task = tokio::spawn(async move {
+        p.run(
+            Channels {
+                source: source_rx,
+                writer: item_tx,
+                written: durable_rx,
+                acks: ack_tx,
+            },
+            HashSet::new(),
+            Default::default(),
+            c,
+        )
+        .await
+    });
+    Harness {
+        source: source_tx,
+        items: item_rx,
+        durable: durable_tx,
+        acks: ack_rx,
+        cancel,
+        task,
+    }
+}
+
+impl Harness {
+    async fn send(&self, ev: SourceEvent) {
+        self.source.send(ev).await.expect("pipeline running");
+    }
+
+    /// A one-change transaction ending at `lsn + 1`.
+    async fn txn(&self, key: &str, op: Operation, lsn: Lsn) {
+        self.send(SourceEvent::Change(change(key, op, lsn))).await;
+        self.send(SourceEvent::TxnEnd { end_lsn: lsn + 1 }).await;
+    }
+
+    /// The next item handed to the writer (skipping the start-up resume).
+    async fn item(&mut self) -> WriteItem {
+        loop {
+            let item = tokio::time::timeout(Duration::from_secs(10), self.items.recv())
+                .await
+                .expect("an item within 10 s")
+                .expect("writer channel open");
+            if !matches!(item.outcome, Outcome::Resume) {
+                return item;
+            }
+            self.durable.send(vec![item.seq]).expect("pipeline running");
+        }
+    }
+
+    fn make_durable(&self, items: &[&WriteItem]) {
+        self.durable
+            .send(items.iter().map(|i| i.seq).collect())
+            .expect("pipeline running");
+    }
+
+    /// Ends the loop without waiting for its drain (items the test never
+    /// made durable would keep it waiting).
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Answers every item as durable at once, collecting them.
+fn auto_writer(mut h: Harness) -> (Harness, Arc<Mutex<Vec<WriteItem>>>) {
+    let collected = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel(1024);
+    let items = std::mem::replace(&mut h.items, rx);
+    drop(tx);
+    let durable = h.durable.clone();
+    let out = Arc::clone(&collected);
+    tokio::spawn(async move {
+        let mut items = items;
+        while let Some(item) = items.recv().await {
+            let _ = durable.send(vec![item.seq]);
+            lock(&out).push(item);
+        }
+    });
+    (h, collected)
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_user_is_pushed_in_commit_order_while_users_run_concurrently() {
+    let sink = Arc::new(ScriptedSink::default());
+    let h = start(pipeline(sink.clone(), Arc::default()), 64);
+    let (h, _items) = auto_writer(h);
+    let users = 20u64;
+    let per_user = 10u64;
+    let mut lsn = 100;
+    for round in 0..per_user {
+        for u in 0..users {
+            let op = if round == 0 {
+                Operation::Insert
+            } else {
+                Operation::Update
+            };
+            h.txn(&format!("u{u}"), op, lsn).await;
+            lsn += 10;
+        }
+    }
+    let total = (users * per_user) as usize;
+    wait_until("every push", || sink.seen().len() == total).await;
+    let mut per_key: HashMap<String, Vec<Lsn>> = HashMap::new();
+    for s in sink.seen() {
+        per_key.entry(s.key).or_default().push(s.lsn);
+    }
+    for (key, lsns) in &per_key {
+        let mut sorted = lsns.clone();
+        sorted.sort_unstable();
+        assert_eq!(lsns, &sorted, "user {key} pushed out of commit order");
+    }
+    // Concurrency: the pushes of different users interleave.
+    let seen = sink.seen();
+    let first_key = &seen[0].key;
+    let first_run = seen.iter().take_while(|s| &s.key == first_key).count();
+    assert!(first_run < per_user as usize, "users were not interleaved");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_user_is_parked_behind_its_dead_letter_until_replayed() {
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    lock(&sink.refuse).insert("a".into());
+    let mut h = start(pipeline(sink.clone(), store.clone()), 64);
+
+    h.txn("a", Operation::Insert, 100).await;
+    let failed = h.item().await;
+    match &failed.outcome {
+        Outcome::DeadLetter(dl) => assert_eq!(dl.state, DeadLetterState::Failed),
+        other => panic!("expected a dead letter, got {other:?}"),
+    }
+    // The dead letter is durable: the table shows the user as parked.
+    store.set_parked("a", true);
+    h.make_durable(&[&failed]);
+    lock(&sink.refuse).clear();
+
+    // The user's next change is stored behind it, not pushed; others flow.
+    h.txn("a", Operation::Update, 200).await;
+    let parked = h.item().await;
+    match &parked.outcome {
+        Outcome::DeadLetter(dl) => assert_eq!(dl.state, DeadLetterState::Parked),
+        other => panic!("expected a parked dead letter, got {other:?}"),
+    }
+    h.make_durable(&[&parked]);
+    h.txn("b", Operation::Insert, 300).await;
+    let b = h.item().await;
+    assert!(matches!(b.outcome, Outcome::Synced { .. }));
+    assert_eq!(b.key.text, "b");
+    h.make_durable(&[&b]);
+    assert_eq!(
+        sink.seen().iter().filter(|s| s.key == "a").count(),
+        1,
+        "a parked change was pushed"
+    );
+
+    // `dlq replay` resolved the user: its next change is pushed again.
+    store.set_parked("a", false);
+    h.txn("a", Operation::Update, 400).await;
+    let again = h.item().await;
+    assert!(matches!(again.outcome, Outcome::Synced { .. }), "{again:?}");
+    assert_eq!(again.key.text, "a");
+    assert_eq!(sink.seen().last().map(|s| s.lsn), Some(400));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_never_passes_a_change_whose_write_back_is_not_durable() {
+    let sink = Arc::new(ScriptedSink::default());
+    let mut h = start(pipeline(sink.clone(), Arc::default()), 64);
+
+    h.txn("a", Operation::Insert, 100).await;
+    let a = h.item().await; // pushed; its write-back is held
+    h.txn("b", Operation::Insert, 200).await;
+    let b = h.item().await;
+    h.make_durable(&[&b]);
+    // A later transaction and an idle keepalive complete too.
+    h.send(SourceEvent::Idle { wal_end: 500 }).await;
+    // The marker: a third user's change travels the same loop after all of
+    // the above; once it is pushed, the loop has seen b's durability.
+    h.txn("c", Operation::Insert, 600).await;
+    let c = h.item().await;
+    assert!(
+        *h.acks.borrow() < 101,
+        "confirmed {} while a's write-back (ending at 101) is not durable",
+        *h.acks.borrow()
+    );
+    h.make_durable(&[&a, &c]);
+    let mut acks = h.acks.clone();
+    tokio::time::timeout(Duration::from_secs(10), acks.wait_for(|lsn| *lsn >= 601))
+        .await
+        .expect("confirmed once durable")
+        .expect("pipeline running");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_id_is_kept_until_its_write_back_is_durable() {
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    let mut h = start(pipeline(sink.clone(), store.clone()), 64);
+
+    h.txn("a", Operation::Insert, 100).await;
+    let created = h.item().await;
+    let id = match &created.outcome {
+        Outcome::Synced { external_id, .. } => external_id.clone().expect("an id"),
+        other => panic!("expected synced, got {other:?}"),
+    };
+    // Not durable yet: the row does not show the id, and the lane is empty.
+    h.txn("a", Operation::Update, 200).await;
+    let updated = h.item().await;
+    assert_eq!(
+        sink.seen().last().and_then(|s| s.external_id.clone()),
+        Some(id.clone()),
+        "the update went out without the id its create returned"
+    );
+    // Once durable, the row is where the id is read from.
+    h.make_durable(&[&created, &updated]);
+    store
+        .external_ids
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert("a".into(), "ext_from_row".into());
+    // The marker: b's push goes through the same loop after the durability report.
+    h.txn("b", Operation::Insert, 250).await;
+    let b = h.item().await;
+    h.make_durable(&[&b]);
+    h.txn("a", Operation::Update, 300).await;
+    let _ = h.item().await;
+    assert_eq!(
+        sink.seen().last().map(|s| (s.lsn, s.external_id.clone())),
+        Some((300, Some("ext_from_row".into())))
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sync_off_changes_are_deferred_and_switching_on_resumes() {
+    let sink = Arc::new(ScriptedSink::default());
+    let (switch_tx, switch_rx) = watch::channel(false);
+    let mut p = pipeline(sink.clone(), Arc::default());
+    p.sync_enabled = Some(switch_rx);
+    let mut h = start(p, 64);
+
+    h.txn("a", Operation::Insert, 100).await;
+    let deferred = h.item().await;
+    assert!(
+        matches!(deferred.outcome, Outcome::Deferred),
+        "{deferred:?}"
+    );
+    h.make_durable(&[&deferred]);
+    let mut acks = h.acks.clone();
+    tokio::time::timeout(Duration::from_secs(10), acks.wait_for(|l| *l >= 101))
+        .await
+        .expect("the slot keeps advancing while off")
+        .expect("pipeline running");
+    assert!(sink.seen().is_empty(), "pushed while sync is off");
+
+    switch_tx.send(true).expect("pipeline listening");
+    let resume = tokio::time::timeout(Duration::from_secs(10), h.items.recv())
+        .await
+        .expect("a resume item")
+        .expect("writer open");
+    assert!(matches!(resume.outcome, Outcome::Resume), "{resume:?}");
+    h.make_durable(&[&resume]);
+    h.txn("b", Operation::Insert, 200).await;
+    let b = h.item().await;
+    assert!(matches!(b.outcome, Outcome::Synced { .. }));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_reader_is_not_drained_past_max_buffered_changes() {
+    let sink = Arc::new(ScriptedSink::default());
+    sink.hold.store(true, Ordering::SeqCst);
+    let mut p = pipeline(sink.clone(), Arc::default());
+    p.max_buffered = 4;
+    p.max_in_flight = 100;
+    let h = start(p, 1);
+    let (h, items) = auto_writer(h);
+    let sent = Arc::new(AtomicUsize::new(0));
+    let source = h.source.clone();
+    let counter = Arc::clone(&sent);
+    let feeder = tokio::spawn(async move {
+        for i in 0..20u64 {
+            if source
+                .send(SourceEvent::Change(change(
+                    &format!("u{i}"),
+                    Operation::Insert,
+                    100 + i,
+                )))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    // The paused clock moves only when every task waits: reaching this
+    // timeout proves the pipeline and the feeder are both stuck.
+    let _ = tokio::time::timeout(Duration::from_secs(60), std::future::pending::<()>()).await;
+    assert_eq!(sink.started.load(Ordering::SeqCst), 4, "pushes started");
+    assert_eq!(
+        sent.load(Ordering::SeqCst),
+        5,
+        "four buffered in the pipeline and one waiting in the channel"
+    );
+    // Released, everything flows.
+    sink.hold.store(false, Ordering::SeqCst);
+    sink.release.notify_waiters();
+    let _ = tokio::time::timeout(Duration::from_secs(60), feeder).await;
+    let _ = tokio::time::timeout(Duration::from_secs(60), std::future::pending::<()>()).await;
+    assert_eq!(sent.load(Ordering::SeqCst), 20);
+    assert_eq!(
+        lock(&items)
+            .iter()
+            .filter(|i| matches!(i.outcome, Outcome::Synced { .. }))
+            .count(),
+        20
+    );
+    h.stop().await;
+}
