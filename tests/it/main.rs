@@ -4,6 +4,7 @@
 
 mod backfill;
 mod common;
+mod dashboards;
 mod deadletters;
 mod demo;
 mod dlq;
