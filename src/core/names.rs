@@ -52,3 +52,30 @@ pub fn quote_ident(s: &str) -> String {
 pub fn quote_literal(s: &str) -> String {
     postgres_protocol::escape::escape_literal(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_in_a_table_name_are_refused() {
+        for bad in [
+            "public.users\n; DROP TABLE x; --",
+            "users\r",
+            "pub\u{0}lic.users",
+            "users\t",
+        ] {
+            let e = TableName::parse(bad).expect_err(bad);
+            assert!(e.contains("control character"), "{e}");
+        }
+        assert!(TableName::parse("public.Users").is_ok());
+    }
+
+    #[test]
+    fn quoting_keeps_case_and_doubles_quotes() {
+        let t = TableName::parse("public.Users").expect("name");
+        assert_eq!(t.quoted(), "\"public\".\"Users\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

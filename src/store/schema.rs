@@ -38,7 +38,7 @@ pub enum SchemaError {
         column: String,
         ty: String,
     },
-    #[error("table {table} lacks column {column} ({ty}); run `usersync setup` or: ALTER TABLE {table} ADD COLUMN {column} {ty};")]
+    #[error("table {table} lacks column {column} ({ty}); run `usersync setup` or: ALTER TABLE {} ADD COLUMN {column} {ty};", .table.quoted())]
     MissingColumn {
         table: TableName,
         column: &'static str,
@@ -51,7 +51,7 @@ pub enum SchemaError {
         found: String,
         expected: &'static str,
     },
-    #[error("table {table} has REPLICA IDENTITY {found}; usersync needs FULL so that deletes carry the external id: run `usersync setup` or: ALTER TABLE {table} REPLICA IDENTITY FULL;")]
+    #[error("table {table} has REPLICA IDENTITY {found}; usersync needs FULL so that deletes carry the external id: run `usersync setup` or: ALTER TABLE {} REPLICA IDENTITY FULL;", .table.quoted())]
     ReplicaIdentity {
         table: TableName,
         found: &'static str,
@@ -60,7 +60,7 @@ pub enum SchemaError {
     WalLevel(String),
     #[error("publication {0} does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA)")]
     PublicationMissing(String),
-    #[error("publication {publication} does not include {table}; run `usersync setup` or: ALTER PUBLICATION {publication} ADD TABLE {table};")]
+    #[error("publication {publication} does not include {table}; run `usersync setup` or: ALTER PUBLICATION {} ADD TABLE {};", crate::config::quote_ident(.publication), .table.quoted())]
     PublicationLacksTable {
         publication: String,
         table: TableName,
@@ -352,5 +352,36 @@ pub async fn check_requests(client: &Client, cfg: &DatabaseConfig) -> Result<(),
             reason,
         }),
         Err(e) => Err(SchemaError::Requests(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fix_hints_quote_the_table_as_the_applied_sql_does() {
+        let table = TableName::parse("public.Users").expect("name");
+        let hints = [
+            SchemaError::ReplicaIdentity {
+                table: table.clone(),
+                found: "DEFAULT",
+            }
+            .to_string(),
+            SchemaError::MissingColumn {
+                table: table.clone(),
+                column: "external_user_id",
+                ty: "text",
+            }
+            .to_string(),
+            SchemaError::PublicationLacksTable {
+                publication: "Pub".into(),
+                table,
+            }
+            .to_string(),
+        ];
+        assert!(hints[0].contains("ALTER TABLE \"public\".\"Users\" REPLICA IDENTITY FULL;"));
+        assert!(hints[1].contains("ALTER TABLE \"public\".\"Users\" ADD COLUMN"));
+        assert!(hints[2].contains("ALTER PUBLICATION \"Pub\" ADD TABLE \"public\".\"Users\";"));
     }
 }

@@ -396,3 +396,79 @@ async fn rows_from_before_usersync_are_created_on_first_update() {
     assert_eq!(db.fake.users().len(), 1);
     daemon.stop().await;
 }
+
+/// Waits until the slot is confirmed at or past `lsn`: every change before
+/// it is written back (the ack follows the write-back's commit).
+async fn wait_confirmed_past(db: &TestDb, lsn: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let past: bool = db
+            .client
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $2",
+                &[&lsn, &db.dbname],
+            )
+            .await
+            .expect("slot")
+            .get(0);
+        if past {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot not confirmed past {lsn}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_back_never_overwrites_a_newer_sync() {
+    install_crypto();
+    let db = TestDb::new(USERS_BIGINT).await;
+    let daemon = db.start_daemon();
+    db.exec("INSERT INTO users (id, email) VALUES (1, 'a@example.com')")
+        .await;
+    db.wait_consistent(WAIT).await;
+    let before: String = db
+        .client
+        .query_one("SELECT external_user_id FROM users WHERE id = 1", &[])
+        .await
+        .expect("row")
+        .get(0);
+    // Another writer recorded a sync newer than any this daemon can make.
+    db.exec(
+        "UPDATE users SET name = 'newer', external_synced_at = '2999-01-01 00:00:00+00' WHERE id = 1",
+    )
+    .await;
+    // The marker travels the same lane after it: once the slot is confirmed
+    // past it, both write-backs have committed (or been skipped by the guard).
+    db.exec("UPDATE users SET name = 'marker' WHERE id = 1")
+        .await;
+    let lsn: String = db
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    wait_for("both updates pushed", WAIT, || {
+        of_type(&db.accepted(), "user.updated").len() == 2
+    })
+    .await;
+    wait_confirmed_past(&db, &lsn).await;
+    let row = db
+        .client
+        .query_one(
+            "SELECT external_user_id, external_synced_at = '2999-01-01 00:00:00+00' FROM users WHERE id = 1",
+            &[],
+        )
+        .await
+        .expect("row");
+    let (id, untouched): (String, bool) = (row.get(0), row.get(1));
+    assert!(
+        untouched,
+        "the write-back overwrote a newer external_synced_at"
+    );
+    assert_eq!(id, before);
+    daemon.stop().await;
+}
