@@ -136,6 +136,7 @@ pub async fn run(users: u32, keep_running: bool, sink: SinkKind) -> Result<(), F
             fsync: false,
             extra_conf: Vec::new(),
             port: None,
+            bin_dir: None,
         })
     })
     .await
