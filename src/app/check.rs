@@ -114,6 +114,14 @@ impl Report {
         }
     }
 
+    /// The server is too old: a setup problem no command of ours can fix
+    /// (exit code 2, like `run`).
+    pub fn unsupported_server(&self) -> bool {
+        self.checks
+            .iter()
+            .any(|f| f.check == "server_version" && f.level == Level::Fail)
+    }
+
     /// One line per check, for a terminal.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -200,6 +208,10 @@ async fn database_checks(db: &DatabaseConfig, out: &mut Vec<Finding>) {
             return;
         }
     };
+    out.push(match schema::check_server_version(&client).await {
+        Ok(version) => Finding::ok("server_version", format!("PostgreSQL {version}")),
+        Err(e) => Finding::from_schema("server_version", e),
+    });
     out.push(match schema::check_wal_level(&client).await {
         Ok(()) => Finding::ok("wal_level", "wal_level = logical"),
         Err(e) => Finding::from_schema("wal_level", e),

@@ -751,6 +751,8 @@ async fn check(path: &std::path::Path, explicit: bool, json: bool) -> Result<(),
     }
     if report.ok {
         Ok(())
+    } else if report.unsupported_server() {
+        Err(Failure::usage("check found problems (see above)"))
     } else {
         Err(Failure::runtime("check found problems (see above)"))
     }

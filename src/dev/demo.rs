@@ -146,6 +146,7 @@ pub async fn run(users: u32, keep_running: bool, sink: SinkKind) -> Result<(), D
             fsync: false,
             extra_conf: Vec::new(),
             port: None,
+            bin_dir: None,
         })
     })
     .await

@@ -106,6 +106,9 @@ pub struct TempClusterOptions {
     pub extra_conf: Vec<String>,
     /// A fixed port; `None` picks a free one (and retries if it gets taken).
     pub port: Option<u16>,
+    /// The server binaries to use; `None` looks them up as [`find_bin_dir`]
+    /// does (`USERSYNC_PG_BINDIR` first).
+    pub bin_dir: Option<PathBuf>,
 }
 
 /// The OS identity the server runs as when we are root.
@@ -122,6 +125,8 @@ pub struct TempCluster {
     /// The temp dir itself: data directory, socket directory and log in one.
     data_dir: PathBuf,
     bin_dir: PathBuf,
+    /// The server's major version (`PG_VERSION` of the new cluster).
+    major_version: u32,
     port: u16,
     run_as: Option<RunAs>,
     watchdog: Option<Child>,
@@ -137,7 +142,12 @@ impl TempCluster {
         opts: TempClusterOptions,
         next_port: &mut dyn FnMut() -> io::Result<u16>,
     ) -> Result<TempCluster, PgTempError> {
-        let bin_dir = find_bin_dir()?;
+        let bin_dir = match &opts.bin_dir {
+            Some(dir) => {
+                find_bin_dir_with(Some(dir.clone().into_os_string()), Path::new(VERSIONS_ROOT))?
+            }
+            None => find_bin_dir()?,
+        };
         let run_as = server_user()?;
         let base = choose_base_dir(run_as)?;
         let dir = tempfile::Builder::new()
@@ -154,6 +164,7 @@ impl TempCluster {
             dir: Some(dir),
             data_dir,
             bin_dir,
+            major_version: 0,
             port: 0,
             run_as,
             watchdog: None,
@@ -161,6 +172,7 @@ impl TempCluster {
         // Before initdb, so that even a death during start leaves nothing.
         cluster.watchdog = Some(spawn_watchdog(&cluster.data_dir)?);
         cluster.initdb()?;
+        cluster.major_version = cluster.read_major_version()?;
         cluster.include_our_conf()?;
 
         let mut attempt = 0;
@@ -210,6 +222,11 @@ impl TempCluster {
 
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir
+    }
+
+    /// The server's major version, e.g. 14 or 18.
+    pub fn major_version(&self) -> u32 {
+        self.major_version
     }
 
     pub fn url(&self, dbname: &str) -> String {
@@ -357,6 +374,20 @@ impl TempCluster {
         Ok(())
     }
 
+    /// initdb writes the major version ("14", "9.6") to `PG_VERSION`.
+    fn read_major_version(&self) -> Result<u32, PgTempError> {
+        let path = self.data_dir.join("PG_VERSION");
+        let text =
+            fs::read_to_string(&path).map_err(io_err(format!("reading {}", path.display())))?;
+        parse_version(text.trim())
+            .and_then(|v| v.first().copied())
+            .ok_or_else(|| PgTempError::Command {
+                what: "initdb".into(),
+                status: "wrote an unreadable PG_VERSION".into(),
+                output: text.trim().to_owned(),
+            })
+    }
+
     fn include_our_conf(&self) -> Result<(), PgTempError> {
         let path = self.data_dir.join("postgresql.conf");
         let mut file = OpenOptions::new()
@@ -389,6 +420,15 @@ impl TempCluster {
              wal_sender_timeout = '60s'\n\
              max_slot_wal_keep_size = -1\n",
         );
+        if self.major_version >= 18 {
+            // From 18 on, replication origins have their own limit (default
+            // 10) instead of sharing max_replication_slots. Every origin that
+            // has recorded progress holds one of these until it is dropped,
+            // and every test database has its own origin: with the default,
+            // the 11th daemon's write-back fails ("could not find free
+            // replication state slot for replication origin").
+            conf.push_str("max_active_replication_origins = 100\n");
+        }
         for line in &opts.extra_conf {
             conf.push_str(line);
             conf.push('\n');
@@ -967,6 +1007,22 @@ mod tests {
         ] {
             let row = client.query_one(&format!("SHOW {setting}"), &[]).await?;
             assert_eq!(row.get::<_, String>(0), expected, "{setting}");
+        }
+        let row = client
+            .query_one(
+                "SELECT current_setting('server_version_num')::int / 10000",
+                &[],
+            )
+            .await?;
+        assert_eq!(
+            i64::from(cluster.major_version()),
+            i64::from(row.get::<_, i32>(0))
+        );
+        if cluster.major_version() >= 18 {
+            let row = client
+                .query_one("SHOW max_active_replication_origins", &[])
+                .await?;
+            assert_eq!(row.get::<_, String>(0), "100");
         }
 
         // A name that needs quoting everywhere: SQL identifier, URL, conninfo.

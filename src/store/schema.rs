@@ -12,6 +12,9 @@ use crate::store::db::error_text;
 pub const EXTERNAL_ID_COLUMN: &str = "external_user_id";
 pub const SYNCED_AT_COLUMN: &str = "external_synced_at";
 
+/// The oldest supported server, as `server_version_num`.
+pub const MIN_SERVER_VERSION_NUM: i32 = 140_000;
+
 /// Key types whose text form round-trips through `$1::type` in the write-back.
 const KEY_TYPES: &[&str] = &[
     "uuid",
@@ -56,6 +59,8 @@ pub enum SchemaError {
         table: TableName,
         found: &'static str,
     },
+    #[error("PostgreSQL {0} is not supported: usersync needs PostgreSQL 14 or newer, because its replication stream asks pgoutput for logical decoding messages (messages 'true'), which older servers refuse; upgrade the server")]
+    ServerVersion(String),
     #[error("wal_level is {0}; logical replication needs wal_level = logical in postgresql.conf (then restart PostgreSQL)")]
     WalLevel(String),
     #[error("publication {0} does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA)")]
@@ -217,6 +222,23 @@ pub fn check_replica_identity(shape: &TableShape) -> Result<(), SchemaError> {
     Ok(())
 }
 
+/// The server is one usersync supports (14 or newer); returns its version.
+pub async fn check_server_version(client: &Client) -> Result<String, SchemaError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+            &[],
+        )
+        .await
+        .map_err(query_err("the server version"))?;
+    let num: i32 = row.get(0);
+    let version: String = row.get(1);
+    if num < MIN_SERVER_VERSION_NUM {
+        return Err(SchemaError::ServerVersion(version));
+    }
+    Ok(version)
+}
+
 pub async fn check_wal_level(client: &Client) -> Result<(), SchemaError> {
     let level: String = client
         .query_one("SHOW wal_level", &[])
@@ -331,6 +353,7 @@ pub async fn check_own_tables(client: &Client) -> Result<(), SchemaError> {
 
 /// Everything `run` needs before it opens the stream.
 pub async fn preflight(client: &Client, cfg: &DatabaseConfig) -> Result<TableShape, SchemaError> {
+    check_server_version(client).await?;
     check_wal_level(client).await?;
     let shape = inspect_table(client, &cfg.table).await?;
     check_table_ready(&shape)?;

@@ -392,6 +392,55 @@ async fn wal_level_replica_is_refused_by_run_and_setup() {
     );
 }
 
+/// PostgreSQL 13 and older: pgoutput refuses the `messages` option that the
+/// replication stream asks for. Needs a PostgreSQL 13 server:
+/// `USERSYNC_PG13_BINDIR=$(.ci/pg-bin.sh 13)` (CI sets it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_older_than_14_is_refused_by_run_and_check() {
+    let Some(bin_dir) = std::env::var_os("USERSYNC_PG13_BINDIR").filter(|v| !v.is_empty()) else {
+        eprintln!("skipped: set USERSYNC_PG13_BINDIR=$(.ci/pg-bin.sh 13) to run it");
+        return;
+    };
+    let db = TestDb::bare("", "").await;
+    let old = tokio::task::spawn_blocking(move || {
+        TempCluster::start(TempClusterOptions {
+            bin_dir: Some(bin_dir.into()),
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("cannot start the PostgreSQL 13 cluster: {e}"));
+    assert_eq!(old.major_version(), 13);
+    old.create_database("app").expect("create database");
+    old.psql("app", USERS_UUID).expect("create table");
+    let url = old.url("app");
+    // Set up as far as 13 allows, so that the version is the only problem.
+    let mut setup = db.binary_command(&["setup"]);
+    setup.env("USERSYNC_DATABASE_URL", &url);
+    run(setup).await;
+
+    let mut cmd = db.binary_command(&["run"]);
+    cmd.env("USERSYNC_DATABASE_URL", &url);
+    let out = run(cmd).await;
+    assert_one_message(&out, 2, &["PostgreSQL 13.", "not supported", "14 or newer"]);
+
+    let mut cmd = db.binary_command(&["check"]);
+    cmd.env("USERSYNC_DATABASE_URL", &url);
+    let out = run(cmd).await;
+    assert_eq!(out.code, Some(2), "{}", out.all());
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("server_version"))
+        .unwrap_or_else(|| panic!("no server_version line:\n{}", out.all()));
+    assert!(line.starts_with("[FAIL]"), "{line}");
+    assert!(
+        line.contains("PostgreSQL 13.") && line.contains("14 or newer"),
+        "{line}"
+    );
+}
+
 // ---------------------------------------------------------------- runtime
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
