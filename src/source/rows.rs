@@ -52,8 +52,10 @@ enum Cell {
 }
 
 /// How a change that holds a value usersync cannot convert is marked: an
-/// entry of `Change::omitted` starting with this prefix (a NUL, which no
-/// column name can contain), followed by `<column>: <error>`. The column is
+/// entry of `Change::omitted` starting with this prefix, followed by
+/// `<column>: <error>`. The prefix is longer than the 63 bytes a column name
+/// can have, so it is never mistaken for one, and it is plain text (a NUL
+/// would make the dead letter's envelope unstorable in PostgreSQL). The column is
 /// left out of `data`; the sinks refuse such a change permanently
 /// ([`crate::sink::refuse_unconvertible`]), so the pipeline dead-letters it
 /// for that user alone, with the reason, instead of the reader stopping
@@ -62,7 +64,8 @@ enum Cell {
 /// A marker in `omitted` rather than a field of `Change` because `Change`
 /// is built by struct literals in other layers; see the report of the
 /// branch that added it.
-pub const UNCONVERTIBLE_MARK: &str = "\u{0}unconvertible ";
+pub const UNCONVERTIBLE_MARK: &str =
+    "usersync: this change holds a value that cannot be converted to JSON, column ";
 
 /// The first unconvertible column of `change` as `<column>: <error>`.
 pub fn unconvertible(change: &Change) -> Option<&str> {
@@ -423,5 +426,17 @@ impl RowBuilder {
     /// A readable type name for messages.
     pub fn type_name(&self, oid: u32) -> String {
         type_name(oid, &self.types)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mark_cannot_be_a_column_name() {
+        // NAMEDATALEN - 1: the longest identifier PostgreSQL stores.
+        assert!(UNCONVERTIBLE_MARK.len() > 63);
+        assert!(!UNCONVERTIBLE_MARK.chars().any(char::is_control));
     }
 }

@@ -14,6 +14,7 @@ mod faults;
 mod memberstack;
 mod observability;
 mod ops;
+mod poison;
 mod role;
 mod secrets;
 mod spine;
