@@ -1451,3 +1451,130 @@ mod tests {
         }
     }
 }
+
+/// Property tests: text PostgreSQL prints for a supported type becomes the
+/// expected JSON, and any text at all becomes JSON or an error, never a
+/// panic.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn conv(oid: u32, text: &[u8]) -> Result<Value, ValueError> {
+        text_to_json(oid, text, &TypeRegistry::default())
+    }
+
+    fn all_oids() -> Vec<u32> {
+        BUILTIN_TYPES
+            .iter()
+            .map(|t| t.0)
+            .chain(ARRAY_TYPES.iter().map(|t| t.0))
+            .chain([0, 16385, u32::MAX])
+            .collect()
+    }
+
+    /// JSON documents as PostgreSQL's jsonb prints them: any nesting of
+    /// objects, arrays, strings, integers of any length and decimals.
+    fn json_text() -> impl Strategy<Value = String> {
+        let number = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            "-?[1-9][0-9]{0,60}",
+            "-?(0|[1-9][0-9]{0,30})\\.[0-9]{1,40}",
+        ];
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            number,
+            any::<String>().prop_map(|s| Value::String(s).to_string()),
+        ];
+        leaf.prop_recursive(8, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6)
+                    .prop_map(|items| format!("[{}]", items.join(", "))),
+                prop::collection::btree_map(any::<String>(), inner, 0..6).prop_map(|m| {
+                    let fields: Vec<String> = m
+                        .into_iter()
+                        .map(|(k, v)| format!("{}: {v}", Value::String(k)))
+                        .collect();
+                    format!("{{{}}}", fields.join(", "))
+                }),
+            ]
+        })
+    }
+
+    /// PostgreSQL's array output for text elements: quoted when needed,
+    /// with `"` and `\` escaped.
+    fn text_array_literal(items: &[Option<String>]) -> String {
+        let quoted = |s: &str| {
+            let needs = s.is_empty()
+                || s.eq_ignore_ascii_case("null")
+                || s.chars().any(|c| {
+                    matches!(
+                        c,
+                        '{' | '}' | ',' | '"' | '\\' | ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c'
+                    )
+                });
+            if needs {
+                format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+            } else {
+                s.to_string()
+            }
+        };
+        let parts: Vec<String> = items
+            .iter()
+            .map(|i| i.as_deref().map_or("NULL".to_string(), quoted))
+            .collect();
+        format!("{{{}}}", parts.join(","))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_bytes_never_panic(oid in prop::sample::select(all_oids()), bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = conv(oid, &bytes);
+        }
+
+        #[test]
+        fn any_string_never_panics(oid in prop::sample::select(all_oids()), text in any::<String>()) {
+            let _ = conv(oid, text.as_bytes());
+            let _ = conv(oid, format!("{{{text}}}").as_bytes());
+        }
+
+        #[test]
+        fn json_and_jsonb_round_trip_exactly(text in json_text()) {
+            for oid in [JSON, JSONB] {
+                let v = conv(oid, text.as_bytes()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let compact: Value = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(serde_json::to_string(&v).ok(), serde_json::to_string(&compact).ok());
+            }
+        }
+
+        #[test]
+        fn integers_are_numbers(n in any::<i64>(), m in any::<i32>(), k in any::<i16>()) {
+            prop_assert_eq!(conv(INT8, n.to_string().as_bytes()).ok(), Some(Value::from(n)));
+            prop_assert_eq!(conv(INT4, m.to_string().as_bytes()).ok(), Some(Value::from(m)));
+            prop_assert_eq!(conv(INT2, k.to_string().as_bytes()).ok(), Some(Value::from(k)));
+        }
+
+        #[test]
+        fn numeric_stays_exact(text in "-?(0|[1-9][0-9]{0,80})(\\.[0-9]{1,80})?") {
+            prop_assert_eq!(conv(NUMERIC, text.as_bytes()).ok(), Some(Value::String(text)));
+        }
+
+        #[test]
+        fn text_arrays_round_trip(items in prop::collection::vec(prop::option::of(any::<String>()), 0..8)) {
+            let literal = text_array_literal(&items);
+            let expected = Value::Array(items.into_iter().map(|i| i.map_or(Value::Null, Value::String)).collect());
+            prop_assert_eq!(conv(1009, literal.as_bytes()).ok(), Some(expected));
+        }
+
+        #[test]
+        fn int_arrays_round_trip(items in prop::collection::vec(prop::option::of(any::<i64>()), 0..8)) {
+            let parts: Vec<String> = items.iter().map(|i| i.map_or("NULL".into(), |n| n.to_string())).collect();
+            let literal = format!("{{{}}}", parts.join(","));
+            let expected = Value::Array(items.into_iter().map(|i| i.map_or(Value::Null, Value::from)).collect());
+            prop_assert_eq!(conv(1016, literal.as_bytes()).ok(), Some(expected));
+        }
+    }
+}
