@@ -83,6 +83,8 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("sink", "rate_limit_per_sec", KeyKind::Int),
     ("sink", "on_delete", KeyKind::Str),
     ("sink", "mapping", KeyKind::Map),
+    ("sink", "max_response_bytes", KeyKind::Int),
+    ("sink", "max_external_id_length", KeyKind::Int),
     ("retry", "max_attempts", KeyKind::Int),
     ("retry", "initial_backoff_ms", KeyKind::Int),
     ("retry", "max_backoff_ms", KeyKind::Int),
@@ -164,6 +166,8 @@ struct RawSink {
     rate_limit_per_sec: Option<u32>,
     on_delete: Option<String>,
     mapping: std::collections::BTreeMap<String, String>,
+    max_response_bytes: u64,
+    max_external_id_length: usize,
 }
 
 impl Default for RawSink {
@@ -182,6 +186,8 @@ impl Default for RawSink {
             rate_limit_per_sec: None,
             on_delete: None,
             mapping: std::collections::BTreeMap::new(),
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            max_external_id_length: DEFAULT_MAX_EXTERNAL_ID_LENGTH,
         }
     }
 }
@@ -444,7 +450,17 @@ pub struct SinkConfig {
     /// Client-side request rate limit; 0 means none.
     pub rate_limit_per_sec: u32,
     pub on_delete: OnDelete,
+    /// The most bytes of a response body the sink reads; a longer answer
+    /// is a permanent failure of that change.
+    pub max_response_bytes: u64,
+    /// The longest external id accepted from a response, in bytes.
+    pub max_external_id_length: usize,
 }
+
+/// `sink.max_response_bytes` unless configured: 1 MiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 1024 * 1024;
+/// `sink.max_external_id_length` unless configured.
+pub const DEFAULT_MAX_EXTERNAL_ID_LENGTH: usize = 255;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -988,6 +1004,8 @@ impl RawConfig {
                 SinkKind::Memberstack | SinkKind::Stripe => 25,
             }),
             on_delete,
+            max_response_bytes: s.max_response_bytes,
+            max_external_id_length: s.max_external_id_length,
         })
     }
 
@@ -1007,6 +1025,11 @@ impl RawConfig {
         }
         for (key, v) in [
             ("sink.max_in_flight", self.sink.max_in_flight as u64),
+            ("sink.max_response_bytes", self.sink.max_response_bytes),
+            (
+                "sink.max_external_id_length",
+                self.sink.max_external_id_length as u64,
+            ),
             ("sink.timeout_ms", self.sink.timeout_ms),
             ("retry.max_attempts", self.retry.max_attempts as u64),
             ("writeback.batch_size", self.writeback.batch_size as u64),

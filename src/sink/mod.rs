@@ -43,6 +43,17 @@ pub enum SinkError {
     Connect(String),
     #[error("malformed response: {0}")]
     Malformed(String),
+    /// The change holds a value usersync cannot convert to JSON (see
+    /// [`crate::source::rows::UNCONVERTIBLE_MARK`]); nothing was sent.
+    #[error("cannot convert the row to JSON, nothing was sent: column {0}")]
+    Unconvertible(String),
+    /// The answer's body is longer than `sink.max_response_bytes`; it was
+    /// not read on.
+    #[error("the answer (HTTP {status}) is longer than sink.max_response_bytes ({limit} bytes); it was not read on")]
+    ResponseTooLarge { status: u16, limit: u64 },
+    /// The service answered with an external id usersync will not store.
+    #[error("invalid external id in the answer: {0}")]
+    InvalidExternalId(String),
 }
 
 impl SinkError {
@@ -53,7 +64,10 @@ impl SinkError {
             }
             SinkError::Api { retryable, .. } => *retryable,
             SinkError::Timeout(_) | SinkError::Connect(_) => true,
-            SinkError::Malformed(_) => false,
+            SinkError::Malformed(_)
+            | SinkError::Unconvertible(_)
+            | SinkError::ResponseTooLarge { .. }
+            | SinkError::InvalidExternalId(_) => false,
         }
     }
 
@@ -76,12 +90,19 @@ impl SinkError {
             SinkError::Timeout(d) => format!("no answer within {d:?}"),
             SinkError::Connect(e) => format!("cannot connect: {e}"),
             SinkError::Malformed(_) => "malformed response".to_string(),
+            SinkError::Unconvertible(_) => "a value cannot be converted to JSON".to_string(),
+            SinkError::ResponseTooLarge { status, .. } => {
+                format!("HTTP {status}: response too large")
+            }
+            SinkError::InvalidExternalId(_) => "invalid external id".to_string(),
         }
     }
 
     pub fn status(&self) -> Option<u16> {
         match self {
-            SinkError::Http { status, .. } | SinkError::Api { status, .. } => Some(*status),
+            SinkError::Http { status, .. }
+            | SinkError::Api { status, .. }
+            | SinkError::ResponseTooLarge { status, .. } => Some(*status),
             _ => None,
         }
     }
@@ -136,6 +157,120 @@ pub fn http_client(timeout: Duration, max_idle: usize) -> Result<reqwest::Client
         .user_agent(concat!("usersync/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// Refuses a change the source marked as holding a value it cannot convert
+/// to JSON: pushing it without that column would silently lose data. A
+/// permanent error, so the pipeline dead-letters the change (naming the
+/// column) and parks that user alone. Every sink calls this first.
+pub fn refuse_unconvertible(change: &Change) -> Result<(), SinkError> {
+    match crate::source::rows::unconvertible(change) {
+        Some(what) => Err(SinkError::Unconvertible(what.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// A response body read up to `sink.max_response_bytes`.
+#[derive(Debug)]
+pub struct Body {
+    /// The body as text; invalid UTF-8 replaced (for excerpts only).
+    pub text: String,
+    /// Whether the body was valid UTF-8. A 2xx answer that is not must not
+    /// be parsed from `text`, or ids would silently change.
+    pub valid_utf8: bool,
+}
+
+impl Body {
+    /// The body as JSON, refusing invalid UTF-8 rather than replacing it.
+    pub fn json(&self) -> Result<serde_json::Value, &'static str> {
+        if !self.valid_utf8 {
+            return Err("not valid UTF-8");
+        }
+        serde_json::from_str(&self.text).map_err(|_| "not JSON")
+    }
+}
+
+/// Why a body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    Transport(reqwest::Error),
+    /// The body is longer than the limit; reading stopped there.
+    TooLarge {
+        status: u16,
+        limit: u64,
+    },
+}
+
+/// Reads `response`'s body, never holding more than `limit` bytes of it:
+/// a declared `Content-Length` over the limit is refused before reading,
+/// and a body streaming past it is dropped at the limit. One hostile or
+/// broken answer must not be able to make the daemon's memory grow.
+pub async fn read_body(mut response: reqwest::Response, limit: u64) -> Result<Body, BodyError> {
+    let status = response.status().as_u16();
+    if response.content_length().is_some_and(|n| n > limit) {
+        return Err(BodyError::TooLarge { status, limit });
+    }
+    let mut bytes: Vec<u8> = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if bytes.len() as u64 + chunk.len() as u64 > limit {
+            return Err(BodyError::TooLarge { status, limit });
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => Body {
+            text,
+            valid_utf8: true,
+        },
+        Err(e) => Body {
+            text: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            valid_utf8: false,
+        },
+    })
+}
+
+/// The one check every external id read from a response passes before it
+/// is kept, logged or written back: a non-empty string of at most
+/// `max_len` bytes without control characters (a NUL cannot even be
+/// stored in a PostgreSQL text column), or an integer, rendered as its
+/// exact decimal digits. Floats, objects, arrays, booleans and null are
+/// refused. The error never includes the id itself (it may be huge or
+/// hostile), only what is wrong with it.
+pub fn validate_external_id(
+    value: &serde_json::Value,
+    max_len: usize,
+) -> Result<String, SinkError> {
+    use serde_json::Value;
+    let bad = |why: String| Err(SinkError::InvalidExternalId(why));
+    let id = match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => {
+            // arbitrary_precision: the digits exactly as the service sent them.
+            let digits = n.to_string();
+            let unsigned = digits.strip_prefix('-').unwrap_or(&digits);
+            if unsigned.is_empty() || !unsigned.bytes().all(|b| b.is_ascii_digit()) {
+                return bad("a number that is not an integer".into());
+            }
+            digits
+        }
+        Value::Null => return bad("null".into()),
+        Value::Bool(_) => return bad("a boolean".into()),
+        Value::Array(_) => return bad("an array".into()),
+        Value::Object(_) => return bad("an object".into()),
+    };
+    if id.is_empty() {
+        return bad("empty".into());
+    }
+    if id.len() > max_len {
+        return bad(format!(
+            "{} bytes long, more than sink.max_external_id_length ({max_len})",
+            id.len()
+        ));
+    }
+    if let Some(c) = id.chars().find(|c| c.is_control()) {
+        return bad(format!("contains the control character U+{:04X}", c as u32));
+    }
+    Ok(id)
 }
 
 /// A body excerpt safe to log and store: bounded, one line.
@@ -197,6 +332,49 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn external_ids_are_validated() {
+        use serde_json::json;
+        let ok = |v: serde_json::Value| validate_external_id(&v, 255).unwrap();
+        let err = |v: serde_json::Value| validate_external_id(&v, 255).unwrap_err().to_string();
+        assert_eq!(ok(json!("mem_abc")), "mem_abc");
+        assert_eq!(ok(json!("ü☃-é")), "ü☃-é");
+        assert_eq!(ok(json!(42)), "42");
+        assert_eq!(ok(json!(-7)), "-7");
+        let big: serde_json::Value =
+            serde_json::from_str("123456789012345678901234567890").unwrap();
+        assert_eq!(ok(big), "123456789012345678901234567890");
+        assert!(err(json!("ab\u{0}cd")).contains("U+0000"));
+        assert!(err(json!("a\nb")).contains("U+000A"));
+        assert!(err(json!("a\u{9f}b")).contains("U+009F"));
+        assert!(err(json!(1.5)).contains("not an integer"));
+        let exp: serde_json::Value = serde_json::from_str("1e3").unwrap();
+        assert!(err(exp).contains("not an integer"));
+        assert!(err(json!("x".repeat(256))).contains("256 bytes"));
+        assert_eq!(ok(json!("x".repeat(255))).len(), 255);
+        for v in [
+            json!(""),
+            json!(null),
+            json!(true),
+            json!([1]),
+            json!({"id": 1}),
+        ] {
+            validate_external_id(&v, 255).unwrap_err();
+        }
+        // The error names the problem, never the id.
+        assert!(!err(json!(format!("secret{}", "x".repeat(300)))).contains("secret"));
+        for e in [
+            SinkError::InvalidExternalId("x".into()),
+            SinkError::ResponseTooLarge {
+                status: 200,
+                limit: 1,
+            },
+            SinkError::Unconvertible("j: x".into()),
+        ] {
+            assert!(!e.is_retryable(), "{e}");
+        }
     }
 
     #[test]

@@ -43,10 +43,49 @@ pub struct TxnPosition {
     pub position: u32,
 }
 
-/// One decoded column: a value, or PostgreSQL's "unchanged TOAST, not sent".
+/// One decoded column: a value, PostgreSQL's "unchanged TOAST, not sent",
+/// or a value that cannot be converted to JSON (a fault of this one row,
+/// never of the stream).
 enum Cell {
     Value(Value),
     Unchanged,
+    Failed(ValueError),
+}
+
+/// How a change that holds a value usersync cannot convert is marked: an
+/// entry of `Change::omitted` starting with this prefix, followed by
+/// `<column>: <error>`. The prefix is longer than the 63 bytes a column name
+/// can have, so it is never mistaken for one, and it is plain text (a NUL
+/// would make the dead letter's envelope unstorable in PostgreSQL). The column is
+/// left out of `data`; the sinks refuse such a change permanently
+/// ([`crate::sink::refuse_unconvertible`]), so the pipeline dead-letters it
+/// for that user alone, with the reason, instead of the reader stopping
+/// the session at the same LSN on every start.
+///
+/// A marker in `omitted` rather than a field of `Change` because `Change`
+/// is built by struct literals in other layers; see the report of the
+/// branch that added it.
+pub const UNCONVERTIBLE_MARK: &str =
+    "usersync: this change holds a value that cannot be converted to JSON, column ";
+
+/// The first unconvertible column of `change` as `<column>: <error>`.
+pub fn unconvertible(change: &Change) -> Option<&str> {
+    change
+        .omitted
+        .iter()
+        .find_map(|o| o.strip_prefix(UNCONVERTIBLE_MARK))
+}
+
+fn mark_unconvertible(change: &mut Change, column: &str, error: &ValueError) {
+    tracing::warn!(
+        event_id = %change.event_id,
+        column,
+        error = %error,
+        "a value of this change cannot be converted to JSON; the change is refused for this user"
+    );
+    change
+        .omitted
+        .push(format!("{UNCONVERTIBLE_MARK}{column}: {error}"));
 }
 
 pub struct RowBuilder {
@@ -118,7 +157,8 @@ impl RowBuilder {
                 got: tuple.0.len(),
             });
         }
-        rel.columns
+        Ok(rel
+            .columns
             .iter()
             .zip(&tuple.0)
             .filter(|(col, _)| col.name == EXTERNAL_ID_COLUMN || self.synced(&col.name))
@@ -127,20 +167,24 @@ impl RowBuilder {
                     ColumnValue::Null => Cell::Value(Value::Null),
                     ColumnValue::UnchangedToast => Cell::Unchanged,
                     ColumnValue::Text(b) | ColumnValue::Binary(b) => {
-                        Cell::Value(text_to_json(col.type_oid, b, &self.types).map_err(
-                            |source| RowError::Value {
-                                column: col.name.clone(),
-                                source,
-                            },
-                        )?)
+                        match text_to_json(col.type_oid, b, &self.types) {
+                            Ok(v) => Cell::Value(v),
+                            Err(e) => Cell::Failed(e),
+                        }
                     }
                 };
-                Ok((col.name.clone(), cell))
+                (col.name.clone(), cell)
             })
-            .collect()
+            .collect())
     }
 
-    fn key_of(&self, rel: &Relation, tuple: &TupleData) -> Result<UserKey, RowError> {
+    /// The key, and the key column's conversion error if its value cannot
+    /// be converted (the key then travels as its text).
+    fn key_of(
+        &self,
+        rel: &Relation,
+        tuple: &TupleData,
+    ) -> Result<(UserKey, Option<ValueError>), RowError> {
         let idx = rel
             .columns
             .iter()
@@ -149,14 +193,16 @@ impl RowBuilder {
         match tuple.0.get(idx) {
             Some(ColumnValue::Text(b)) | Some(ColumnValue::Binary(b)) => {
                 let text = String::from_utf8_lossy(b).into_owned();
-                let json =
-                    text_to_json(rel.columns[idx].type_oid, b, &self.types).map_err(|source| {
-                        RowError::Value {
-                            column: self.key_column.clone(),
-                            source,
-                        }
-                    })?;
-                Ok(UserKey { text, json })
+                match text_to_json(rel.columns[idx].type_oid, b, &self.types) {
+                    Ok(json) => Ok((UserKey { text, json }, None)),
+                    Err(e) => Ok((
+                        UserKey {
+                            json: Value::String(text.clone()),
+                            text,
+                        },
+                        Some(e),
+                    )),
+                }
             }
             _ => Err(RowError::KeyMissing(self.key_column.clone())),
         }
@@ -175,6 +221,34 @@ impl RowBuilder {
         self.relations
             .get(&rel_id)
             .ok_or(RowError::UnknownRelation(rel_id))
+    }
+
+    /// `base_change`, marked when the key could not be converted.
+    fn keyed_change(
+        &self,
+        op: Operation,
+        (key, key_error): (UserKey, Option<ValueError>),
+        at: TxnPosition,
+    ) -> Change {
+        let mut change = self.base_change(op, key, at);
+        if let Some(e) = key_error {
+            mark_unconvertible(&mut change, &self.key_column, &e);
+        }
+        change
+    }
+
+    /// Marks every failed synced cell of the new row.
+    fn mark_failed(&self, change: &mut Change, cells: &[(String, Cell)]) {
+        for (name, cell) in cells {
+            if let Cell::Failed(e) = cell {
+                if self.synced(name) {
+                    mark_unconvertible(change, name, e);
+                    if change.op == Operation::Update {
+                        change.changed.push(name.clone());
+                    }
+                }
+            }
+        }
     }
 
     fn base_change(&self, op: Operation, key: UserKey, at: TxnPosition) -> Change {
@@ -202,7 +276,7 @@ impl RowBuilder {
             .filter(|(name, _)| self.synced(name))
             .filter_map(|(name, cell)| match cell {
                 Cell::Value(v) => Some((name, v)),
-                Cell::Unchanged => None,
+                Cell::Unchanged | Cell::Failed(_) => None,
             })
             .collect()
     }
@@ -216,8 +290,9 @@ impl RowBuilder {
         let rel = self.relation(rel_id)?;
         let key = self.key_of(rel, new)?;
         let cells = self.decode(rel, new)?;
-        let mut change = self.base_change(Operation::Insert, key, at);
+        let mut change = self.keyed_change(Operation::Insert, key, at);
         change.external_id = Self::external_id(&cells);
+        self.mark_failed(&mut change, &cells);
         let data = self.synced_map(cells);
         change.changed = data.keys().cloned().collect();
         change.data = Some(data);
@@ -240,7 +315,8 @@ impl RowBuilder {
             // A key-only old tuple says nothing about other columns' old values.
             Some(OldTuple::Key(_)) | None => None,
         };
-        let mut change = self.base_change(Operation::Update, key, at);
+        let mut change = self.keyed_change(Operation::Update, key, at);
+        self.mark_failed(&mut change, &new_cells);
         change.external_id = Self::external_id(&new_cells)
             .or_else(|| old_cells.as_deref().and_then(Self::external_id));
         let old_value = |name: &str| -> Option<&Value> {
@@ -274,6 +350,8 @@ impl RowBuilder {
                     }
                     None => change.omitted.push(name.clone()),
                 },
+                // Marked above; an old value that failed is only unknown.
+                Cell::Failed(_) => {}
             }
         }
         if change.changed.is_empty() {
@@ -290,7 +368,9 @@ impl RowBuilder {
             OldTuple::Full(t) | OldTuple::Key(t) => t,
         };
         let key = self.key_of(rel, tuple)?;
-        let mut change = self.base_change(Operation::Delete, key, at);
+        // A value of the old row that cannot be converted only leaves that
+        // column out of `previous`: the delete itself must go through.
+        let mut change = self.keyed_change(Operation::Delete, key, at);
         if let OldTuple::Full(t) = old {
             let cells = self.decode(rel, t)?;
             change.external_id = Self::external_id(&cells);
@@ -347,5 +427,17 @@ impl RowBuilder {
     /// A readable type name for messages.
     pub fn type_name(&self, oid: u32) -> String {
         type_name(oid, &self.types)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mark_cannot_be_a_column_name() {
+        // NAMEDATALEN - 1: the longest identifier PostgreSQL stores.
+        assert!(UNCONVERTIBLE_MARK.len() > 63);
+        assert!(!UNCONVERTIBLE_MARK.chars().any(char::is_control));
     }
 }

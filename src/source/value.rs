@@ -333,7 +333,7 @@ fn scalar_to_json(oid: u32, text: &[u8]) -> Result<Value, &'static str> {
             .map_err(|_| NOT_INTEGER),
         FLOAT4 | FLOAT8 => float(utf8(text)?),
         NUMERIC => numeric(utf8(text)?),
-        JSON | JSONB => serde_json::from_slice(text).map_err(|_| "not valid JSON"),
+        JSON | JSONB => json_document(text),
         BYTEA => bytea(text),
         TIMESTAMP => timestamp(utf8(text)?),
         TIMESTAMPTZ => timestamptz(utf8(text)?),
@@ -341,6 +341,81 @@ fn scalar_to_json(oid: u32, text: &[u8]) -> Result<Value, &'static str> {
         // and every non-builtin type, is passed on as the server printed it.
         _ => Ok(Value::String(utf8(text)?.to_owned())),
     }
+}
+
+/// The deepest json/jsonb nesting delivered. serde_json's `Value` is a
+/// recursive tree: cloning, comparing, serializing and dropping it recurse
+/// once per level on whatever thread holds it (a tokio worker has 2 MiB of
+/// stack, and a 12,000-deep value, which PostgreSQL accepts by default,
+/// overflows it on clone). 1,000 levels use well under a quarter of that
+/// stack (unit test `deep_json_is_stack_safe`); a deeper document is a
+/// per-change error naming the column, never a crash.
+pub const MAX_JSON_DEPTH: usize = 1000;
+
+/// A json or jsonb document, numbers kept digit for digit
+/// (serde_json's `arbitrary_precision`). The nesting depth is measured
+/// first, without recursion, so the parser's own recursion is bounded by
+/// [`MAX_JSON_DEPTH`] instead of serde_json's limit of 128.
+fn json_document(text: &[u8]) -> Result<Value, &'static str> {
+    use serde::Deserialize as _;
+    let depth = json_depth(text);
+    if depth > MAX_JSON_DEPTH {
+        return Err("nested deeper than 1000 levels, the most usersync delivers");
+    }
+    let parse = || {
+        let mut de = serde_json::Deserializer::from_slice(text);
+        de.disable_recursion_limit();
+        let value = Value::deserialize(&mut de).map_err(|_| "not valid JSON")?;
+        de.end().map_err(|_| "not valid JSON")?;
+        Ok(value)
+    };
+    if depth <= SHALLOW_JSON_DEPTH {
+        return parse();
+    }
+    // The parser needs several hundred bytes of stack per level: a deep
+    // document is parsed on a short-lived thread with room for it.
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("usersync-json".into())
+            .stack_size(DEEP_JSON_STACK)
+            .spawn_scoped(scope, parse)
+            .map_err(|_| "cannot start a thread to parse a deeply nested document")?
+            .join()
+            .unwrap_or(Err("parser failed"))
+    })
+}
+
+/// Documents up to this depth (nearly all) are parsed on the caller's stack.
+const SHALLOW_JSON_DEPTH: usize = 128;
+/// Stack for parsing up to [`MAX_JSON_DEPTH`] levels, with a wide margin.
+const DEEP_JSON_STACK: usize = 16 * 1024 * 1024;
+
+/// The deepest nesting of `[` and `{` outside strings. Not a validator:
+/// malformed text is left to the parser.
+fn json_depth(text: &[u8]) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
 }
 
 fn float(s: &str) -> Result<Value, &'static str> {
@@ -972,9 +1047,90 @@ mod tests {
         assert_eq!(ok(3802, r#"{"é": "☃"}"#), json!({"é": "☃"}));
         problem(3802, "{");
         problem(114, "");
-        // Deep nesting hits serde_json's recursion limit instead of the stack.
+        // Unbalanced deep text is rejected by the depth check, not the stack.
         let deep = "[".repeat(100_000);
         problem(3802, &deep);
+    }
+
+    /// Numbers inside json/jsonb leave exactly as PostgreSQL printed them:
+    /// `{"n": 1e400}` is printed by jsonb as 1 and 400 zeros.
+    #[test]
+    fn json_numbers_keep_every_digit() {
+        let huge = format!("1{}", "0".repeat(400));
+        for (oid, text) in [
+            (3802, format!(r#"{{"n": {huge}}}"#)),
+            (3802, "[123456789012345678901234567890]".to_string()),
+            (3802, "[-0.1000000000000000000001]".to_string()),
+            (
+                3802,
+                "[18446744073709551616, -9223372036854775809]".to_string(),
+            ),
+            (3802, "[0.5, 1, -2, 0.0]".to_string()),
+        ] {
+            let out = serde_json::to_string(&ok(oid, &text)).unwrap();
+            let expected = text.replace(", ", ",").replace(": ", ":");
+            assert_eq!(out, expected, "{oid}");
+        }
+        // json keeps the text as typed; exponents stay exact (only the
+        // sign of the exponent is spelt out).
+        assert_eq!(
+            serde_json::to_string(&ok(114, r#"{"m": 1.0E-400, "n": 1e400}"#)).unwrap(),
+            r#"{"m":1.0e-400,"n":1e+400}"#
+        );
+        assert_eq!(
+            ok(1231, "{1.50,12345678901234567890.1}"),
+            json!(["1.50", "12345678901234567890.1"])
+        );
+    }
+
+    #[test]
+    fn deep_json_up_to_the_limit() {
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(
+            serde_json::to_string(&ok(3802, &nested(200))).unwrap(),
+            nested(200)
+        );
+        assert_eq!(
+            serde_json::to_string(&ok(114, &nested(MAX_JSON_DEPTH))).unwrap(),
+            nested(MAX_JSON_DEPTH)
+        );
+        let objects = format!("{}1{}", r#"{"a": "#.repeat(300), "}".repeat(300));
+        assert!(ok(3802, &objects).is_object());
+        // Brackets inside strings do not count.
+        let strings = format!(r#"["{}\"{}"]"#, "[".repeat(5000), "{".repeat(5000));
+        assert!(ok(3802, &strings).is_array());
+        let err = problem(3802, &nested(MAX_JSON_DEPTH + 1));
+        assert_eq!(
+            err,
+            "invalid jsonb text (type oid 3802): nested deeper than 1000 levels, the most usersync delivers"
+        );
+    }
+
+    /// The deepest value delivered survives every recursive operation the
+    /// daemon applies to values on a thread with a quarter of a tokio
+    /// worker's stack (2 MiB).
+    #[test]
+    fn deep_json_is_stack_safe() {
+        let text = format!(
+            "{}1{}",
+            r#"{"a": ["#.repeat(MAX_JSON_DEPTH / 2),
+            "]}".repeat(MAX_JSON_DEPTH / 2)
+        );
+        std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || {
+                let v = ok(3802, &text);
+                let copy = v.clone();
+                assert_eq!(copy, v);
+                let as_value = serde_json::to_value(&v).unwrap();
+                let bytes = serde_json::to_vec(&as_value).unwrap();
+                assert_eq!(bytes.len(), text.len() - (MAX_JSON_DEPTH / 2));
+                assert!(v.to_string().len() > MAX_JSON_DEPTH);
+                drop((v, copy, as_value));
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 
     #[test]
@@ -1292,6 +1448,133 @@ mod tests {
             for end in 0..text.len() {
                 let _ = text_to_json(oid, &text.as_bytes()[..end], &types);
             }
+        }
+    }
+}
+
+/// Property tests: text PostgreSQL prints for a supported type becomes the
+/// expected JSON, and any text at all becomes JSON or an error, never a
+/// panic.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn conv(oid: u32, text: &[u8]) -> Result<Value, ValueError> {
+        text_to_json(oid, text, &TypeRegistry::default())
+    }
+
+    fn all_oids() -> Vec<u32> {
+        BUILTIN_TYPES
+            .iter()
+            .map(|t| t.0)
+            .chain(ARRAY_TYPES.iter().map(|t| t.0))
+            .chain([0, 16385, u32::MAX])
+            .collect()
+    }
+
+    /// JSON documents as PostgreSQL's jsonb prints them: any nesting of
+    /// objects, arrays, strings, integers of any length and decimals.
+    fn json_text() -> impl Strategy<Value = String> {
+        let number = prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            "-?[1-9][0-9]{0,60}",
+            "-?(0|[1-9][0-9]{0,30})\\.[0-9]{1,40}",
+        ];
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            number,
+            any::<String>().prop_map(|s| Value::String(s).to_string()),
+        ];
+        leaf.prop_recursive(8, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6)
+                    .prop_map(|items| format!("[{}]", items.join(", "))),
+                prop::collection::btree_map(any::<String>(), inner, 0..6).prop_map(|m| {
+                    let fields: Vec<String> = m
+                        .into_iter()
+                        .map(|(k, v)| format!("{}: {v}", Value::String(k)))
+                        .collect();
+                    format!("{{{}}}", fields.join(", "))
+                }),
+            ]
+        })
+    }
+
+    /// PostgreSQL's array output for text elements: quoted when needed,
+    /// with `"` and `\` escaped.
+    fn text_array_literal(items: &[Option<String>]) -> String {
+        let quoted = |s: &str| {
+            let needs = s.is_empty()
+                || s.eq_ignore_ascii_case("null")
+                || s.chars().any(|c| {
+                    matches!(
+                        c,
+                        '{' | '}' | ',' | '"' | '\\' | ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c'
+                    )
+                });
+            if needs {
+                format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+            } else {
+                s.to_string()
+            }
+        };
+        let parts: Vec<String> = items
+            .iter()
+            .map(|i| i.as_deref().map_or("NULL".to_string(), quoted))
+            .collect();
+        format!("{{{}}}", parts.join(","))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_bytes_never_panic(oid in prop::sample::select(all_oids()), bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = conv(oid, &bytes);
+        }
+
+        #[test]
+        fn any_string_never_panics(oid in prop::sample::select(all_oids()), text in any::<String>()) {
+            let _ = conv(oid, text.as_bytes());
+            let _ = conv(oid, format!("{{{text}}}").as_bytes());
+        }
+
+        #[test]
+        fn json_and_jsonb_round_trip_exactly(text in json_text()) {
+            for oid in [JSON, JSONB] {
+                let v = conv(oid, text.as_bytes()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let compact: Value = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(serde_json::to_string(&v).ok(), serde_json::to_string(&compact).ok());
+            }
+        }
+
+        #[test]
+        fn integers_are_numbers(n in any::<i64>(), m in any::<i32>(), k in any::<i16>()) {
+            prop_assert_eq!(conv(INT8, n.to_string().as_bytes()).ok(), Some(Value::from(n)));
+            prop_assert_eq!(conv(INT4, m.to_string().as_bytes()).ok(), Some(Value::from(m)));
+            prop_assert_eq!(conv(INT2, k.to_string().as_bytes()).ok(), Some(Value::from(k)));
+        }
+
+        #[test]
+        fn numeric_stays_exact(text in "-?(0|[1-9][0-9]{0,80})(\\.[0-9]{1,80})?") {
+            prop_assert_eq!(conv(NUMERIC, text.as_bytes()).ok(), Some(Value::String(text)));
+        }
+
+        #[test]
+        fn text_arrays_round_trip(items in prop::collection::vec(prop::option::of(any::<String>()), 0..8)) {
+            let literal = text_array_literal(&items);
+            let expected = Value::Array(items.into_iter().map(|i| i.map_or(Value::Null, Value::String)).collect());
+            prop_assert_eq!(conv(1009, literal.as_bytes()).ok(), Some(expected));
+        }
+
+        #[test]
+        fn int_arrays_round_trip(items in prop::collection::vec(prop::option::of(any::<i64>()), 0..8)) {
+            let parts: Vec<String> = items.iter().map(|i| i.map_or("NULL".into(), |n| n.to_string())).collect();
+            let literal = format!("{{{}}}", parts.join(","));
+            let expected = Value::Array(items.into_iter().map(|i| i.map_or(Value::Null, Value::from)).collect());
+            prop_assert_eq!(conv(1016, literal.as_bytes()).ok(), Some(expected));
         }
     }
 }

@@ -16,6 +16,7 @@ mod layers;
 mod memberstack;
 mod observability;
 mod ops;
+mod poison;
 mod role;
 mod secrets;
 mod spine;

@@ -67,7 +67,16 @@ async fn webhook(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         return finish(&shared, record, reply, None);
     };
     record.raw_body = bytes.to_vec();
-    let parsed = serde_json::from_slice::<Value>(&bytes).map_err(|err| err.to_string());
+    // usersync delivers json/jsonb up to 1000 levels deep; serde_json's
+    // default limit (128) would refuse them here.
+    let parsed = {
+        use serde::Deserialize as _;
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        de.disable_recursion_limit();
+        Value::deserialize(&mut de)
+            .and_then(|v| de.end().map(|()| v))
+            .map_err(|err| err.to_string())
+    };
     if let Ok(value) = &parsed {
         record.body = value.clone();
     }

@@ -25,7 +25,10 @@ use serde_json::{Map, Value};
 
 use super::mapping::{self, as_text, insert_path, KEY_METADATA};
 use super::ratelimit::RateLimiter;
-use super::{excerpt, parse_retry_after, Sink, SinkError};
+use super::{
+    excerpt, parse_retry_after, read_body, refuse_unconvertible, validate_external_id, BodyError,
+    Sink, SinkError,
+};
 use crate::config::{OnDelete, Secret, SinkConfig};
 use crate::core::change::{format_time_us, Change, Operation};
 
@@ -53,6 +56,8 @@ pub struct MemberstackSink {
     timeout: Duration,
     limiter: Option<RateLimiter>,
     on_delete: OnDelete,
+    max_response_bytes: u64,
+    max_external_id_length: usize,
 }
 
 /// A member as the API returns it (the parts the sink acts on).
@@ -66,12 +71,16 @@ struct Member {
 }
 
 impl Member {
-    fn parse(data: &Value) -> Result<Option<Member>, SinkError> {
+    /// The id must pass [`validate_external_id`] (`max_id_len` is
+    /// `sink.max_external_id_length`).
+    fn parse(data: &Value, max_id_len: usize) -> Result<Option<Member>, SinkError> {
         if data.is_null() {
             return Ok(None);
         }
         let id = match data.get("id") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::String(s)) if !s.is_empty() => {
+                validate_external_id(&data["id"], max_id_len)?
+            }
             _ => {
                 return Err(SinkError::Malformed(format!(
                     "a Memberstack member without an id: {}",
@@ -111,6 +120,9 @@ struct Reply {
     status: u16,
     retry_after: Option<Duration>,
     body: String,
+    /// Whether `body` arrived as valid UTF-8 (else it was replaced, and is
+    /// only good for an excerpt).
+    valid_utf8: bool,
 }
 
 impl Reply {
@@ -164,6 +176,8 @@ impl MemberstackSink {
             timeout: cfg.timeout,
             limiter: RateLimiter::new(cfg.rate_limit_per_sec),
             on_delete: cfg.on_delete,
+            max_response_bytes: cfg.max_response_bytes,
+            max_external_id_length: cfg.max_external_id_length,
         })
     }
 
@@ -174,6 +188,7 @@ impl MemberstackSink {
         change: &Change,
         external_id: Option<&str>,
     ) -> Result<Option<String>, SinkError> {
+        refuse_unconvertible(change)?;
         let key = change.key.text.as_str();
         let known = external_id.filter(|id| {
             let ours = id.starts_with("mem_");
@@ -280,7 +295,7 @@ impl MemberstackSink {
             .request(Method::POST, "/members", Some(&Value::Object(body)))
             .await?;
         let data = self.data(reply, &[password.expose()])?;
-        match Member::parse(&data)? {
+        match Member::parse(&data, self.max_external_id_length)? {
             Some(m) => {
                 tracing::info!(user = %key, member = %m.id, "created the Memberstack member");
                 Ok(m.id)
@@ -385,7 +400,7 @@ impl MemberstackSink {
         if reply.status == 404 {
             return Ok(None);
         }
-        Member::parse(&self.data(reply, &[])?)
+        Member::parse(&self.data(reply, &[])?, self.max_external_id_length)
     }
 
     /// One request, after waiting for the rate limiter.
@@ -415,11 +430,18 @@ impl MemberstackSink {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let body = response.text().await.map_err(|e| self.transport_error(e))?;
+        let body = match read_body(response, self.max_response_bytes).await {
+            Ok(body) => body,
+            Err(BodyError::Transport(e)) => return Err(self.transport_error(e)),
+            Err(BodyError::TooLarge { status, limit }) => {
+                return Err(SinkError::ResponseTooLarge { status, limit })
+            }
+        };
         Ok(Reply {
             status,
             retry_after,
-            body,
+            body: body.text,
+            valid_utf8: body.valid_utf8,
         })
     }
 
@@ -430,6 +452,12 @@ impl MemberstackSink {
         }
         if reply.body.trim().is_empty() {
             return Ok(Value::Null);
+        }
+        if !reply.valid_utf8 {
+            return Err(SinkError::Malformed(format!(
+                "Memberstack answered HTTP {} with a body that is not valid UTF-8",
+                reply.status
+            )));
         }
         let v: Value = serde_json::from_str(&reply.body).map_err(|_| {
             SinkError::Malformed(format!(
@@ -682,12 +710,15 @@ mod tests {
 
     #[test]
     fn current_members_need_no_patch() {
-        let m = Member::parse(&json!({
+        let m = Member::parse(
+            &json!({
             "id": "mem_1",
             "auth": {"email": "A@x.com"},
             "customFields": {"first-name": "Ada"},
             "metaData": {"usersync_key": "1", "plan": "pro", "other": 1}
-        }))
+            }),
+            255,
+        )
         .unwrap()
         .unwrap();
         assert!(m.linkable_to("1") && !m.linkable_to("2"));

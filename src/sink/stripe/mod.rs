@@ -25,7 +25,10 @@ use sha2::{Digest, Sha256};
 
 use super::mapping::{as_text, KEY_METADATA};
 use super::ratelimit::RateLimiter;
-use super::{excerpt, parse_retry_after, Sink, SinkError};
+use super::{
+    excerpt, parse_retry_after, read_body, refuse_unconvertible, validate_external_id, BodyError,
+    Sink, SinkError,
+};
 use crate::config::{OnDelete, Secret, SinkConfig};
 use crate::core::change::{format_time_us, Change, Operation};
 
@@ -60,6 +63,8 @@ pub struct StripeSink {
     timeout: Duration,
     limiter: Option<RateLimiter>,
     on_delete: OnDelete,
+    max_response_bytes: u64,
+    max_external_id_length: usize,
 }
 
 /// A failed request: the error for the pipeline plus Stripe's error type and
@@ -124,6 +129,8 @@ impl StripeSink {
             timeout: cfg.timeout,
             limiter: RateLimiter::new(cfg.rate_limit_per_sec),
             on_delete: cfg.on_delete,
+            max_response_bytes: cfg.max_response_bytes,
+            max_external_id_length: cfg.max_external_id_length,
         })
     }
 
@@ -132,6 +139,7 @@ impl StripeSink {
         change: &Change,
         external_id: Option<&str>,
     ) -> Result<Option<String>, SinkError> {
+        refuse_unconvertible(change)?;
         match change.op {
             Operation::Insert | Operation::Update => {
                 let data = change.data.as_ref().ok_or_else(|| {
@@ -192,7 +200,11 @@ impl StripeSink {
             .request(Method::POST, "/v1/customers", Some(&form), Some(&key))
             .await
         {
-            Ok(body) => customer_id(&body, "the answer to a customer create"),
+            Ok(body) => customer_id(
+                &body,
+                "the answer to a customer create",
+                self.max_external_id_length,
+            ),
             // The key was first used with other parameters (the mapping
             // changed across a restart, or a replay found the row changed):
             // that first request may have created the customer. Link it.
@@ -241,7 +253,16 @@ impl StripeSink {
         let body = self
             .request(Method::POST, &path, Some(&form), Some(&key))
             .await?;
-        customer_id(&body, "the answer to a customer update").or_else(|_| Ok(id.to_string()))
+        // An answer without an id keeps the known one; an id that is there
+        // must be valid.
+        match body.get("id") {
+            None | Some(Value::Null) => Ok(id.to_string()),
+            Some(_) => customer_id(
+                &body,
+                "the answer to a customer update",
+                self.max_external_id_length,
+            ),
+        }
     }
 
     async fn delete(&self, id: &str) -> Result<String, SinkError> {
@@ -272,15 +293,16 @@ impl StripeSink {
                 excerpt(&body.to_string())
             )));
         };
-        let live: Vec<&str> = found
+        let live: Vec<String> = found
             .iter()
             .filter(|c| c.get("deleted").and_then(Value::as_bool) != Some(true))
             .filter(|c| {
                 c.pointer(&format!("/metadata/{DELETED_AT_METADATA}"))
                     .is_none()
             })
-            .filter_map(|c| c.get("id").and_then(Value::as_str))
-            .collect();
+            .filter_map(|c| c.get("id"))
+            .map(|id| validate_external_id(id, self.max_external_id_length))
+            .collect::<Result<_, _>>()?;
         if live.len() > 1 {
             tracing::warn!(
                 user = %change.key,
@@ -288,7 +310,7 @@ impl StripeSink {
                 "several Stripe customers carry this user's key; using the first"
             );
         }
-        Ok(live.first().map(|s| s.to_string()))
+        Ok(live.into_iter().next())
     }
 
     /// The mapped fields plus the row key. On update a NULL column is sent
@@ -344,10 +366,14 @@ impl StripeSink {
             .map_err(|e| Failed::from(self.transport_error(e)))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| Failed::from(self.transport_error(e)))?;
+        let body = match read_body(response, self.max_response_bytes).await {
+            Ok(body) => body,
+            Err(BodyError::Transport(e)) => return Err(Failed::from(self.transport_error(e))),
+            Err(BodyError::TooLarge { status, limit }) => {
+                return Err(Failed::from(SinkError::ResponseTooLarge { status, limit }))
+            }
+        };
+        let text = body.text.as_str();
         tracing::debug!(
             method = %method,
             path = path_only(path_and_query),
@@ -357,10 +383,10 @@ impl StripeSink {
             "stripe request"
         );
         if (200..300).contains(&status) {
-            return serde_json::from_str(&text).map_err(|e| {
+            return body.json().map_err(|e| {
                 Failed::from(SinkError::Malformed(format!(
-                    "Stripe answered {status} with a body that is not JSON ({e}): {}",
-                    excerpt(&self.redact(&text))
+                    "Stripe answered {status} with a body that is {e}: {}",
+                    excerpt(&self.redact(text))
                 )))
             });
         }
@@ -369,7 +395,7 @@ impl StripeSink {
             status,
             header("stripe-should-retry"),
             header("retry-after"),
-            &text,
+            text,
             self.key.expose(),
         ))
     }
@@ -488,9 +514,9 @@ fn older_than_key_window(change: &Change) -> bool {
     now_us.saturating_sub(change.commit_time_us) > IDEMPOTENCY_WINDOW.as_micros() as i64
 }
 
-fn customer_id(body: &Value, what: &str) -> Result<String, SinkError> {
-    match body.get("id").and_then(Value::as_str) {
-        Some(id) if !id.is_empty() => Ok(id.to_string()),
+fn customer_id(body: &Value, what: &str, max_id_len: usize) -> Result<String, SinkError> {
+    match body.get("id") {
+        Some(id @ Value::String(s)) if !s.is_empty() => validate_external_id(id, max_id_len),
         _ => Err(SinkError::Malformed(format!(
             "{what} has no customer id: {}",
             excerpt(&body.to_string())
@@ -788,6 +814,8 @@ mod tests {
             max_in_flight: 1,
             rate_limit_per_sec: 0,
             on_delete: OnDelete::Mark,
+            max_response_bytes: 1 << 20,
+            max_external_id_length: 255,
         };
         let sink = StripeSink::new(&cfg).unwrap();
         assert_eq!(sink.base, "http://127.0.0.1:9");

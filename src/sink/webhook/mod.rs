@@ -8,7 +8,10 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{excerpt, parse_retry_after, Sink, SinkError};
+use super::{
+    excerpt, parse_retry_after, read_body, refuse_unconvertible, validate_external_id, BodyError,
+    Sink, SinkError,
+};
 use crate::config::SinkConfig;
 use crate::core::change::{format_time_us, Change, Operation};
 use crate::core::signature::WebhookSecret;
@@ -20,6 +23,8 @@ pub struct WebhookSink {
     pointer: String,
     timeout: Duration,
     ignore_deletes: bool,
+    max_response_bytes: u64,
+    max_external_id_length: usize,
 }
 
 /// The body of every webhook request. Field order is the documented one.
@@ -67,6 +72,8 @@ impl WebhookSink {
             pointer: cfg.external_id_pointer.clone(),
             timeout: cfg.timeout,
             ignore_deletes: cfg.on_delete == crate::config::OnDelete::Ignore,
+            max_response_bytes: cfg.max_response_bytes,
+            max_external_id_length: cfg.max_external_id_length,
         })
     }
 
@@ -75,6 +82,7 @@ impl WebhookSink {
         change: &Change,
         external_id: Option<&str>,
     ) -> Result<Option<String>, SinkError> {
+        refuse_unconvertible(change)?;
         if self.ignore_deletes && change.op == Operation::Delete {
             return Ok(external_id.map(str::to_string));
         }
@@ -140,15 +148,21 @@ impl WebhookSink {
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let text = response.text().await.map_err(|e| self.transport_error(e))?;
+        let body = match read_body(response, self.max_response_bytes).await {
+            Ok(body) => body,
+            Err(BodyError::Transport(e)) => return Err(self.transport_error(e)),
+            Err(BodyError::TooLarge { status, limit }) => {
+                return Err(SinkError::ResponseTooLarge { status, limit })
+            }
+        };
         if !(200..300).contains(&status) {
             return Err(SinkError::Http {
                 status,
-                body: excerpt(&text),
+                body: excerpt(&body.text),
                 retry_after,
             });
         }
-        self.external_id_from(op, &text)
+        self.external_id_from(op, &body)
     }
 
     fn transport_error(&self, e: reqwest::Error) -> SinkError {
@@ -168,18 +182,31 @@ impl WebhookSink {
 
     /// The id at the configured pointer; required in a create's answer,
     /// because without it later updates and deletes could not name the user.
-    fn external_id_from(&self, op: Operation, text: &str) -> Result<Option<String>, SinkError> {
+    /// Whatever is found at the pointer must pass [`validate_external_id`]:
+    /// an id that cannot be stored fails this push, never the write-back.
+    fn external_id_from(
+        &self,
+        op: Operation,
+        body: &super::Body,
+    ) -> Result<Option<String>, SinkError> {
         if self.pointer.is_empty() {
             return Ok(None);
         }
-        let found =
-            serde_json::from_str::<Value>(text)
-                .ok()
-                .and_then(|v| match v.pointer(&self.pointer) {
-                    Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-                    Some(Value::Number(n)) => Some(n.to_string()),
-                    _ => None,
-                });
+        if !body.valid_utf8 {
+            return Err(SinkError::Malformed(
+                "the answer is not valid UTF-8, so no external id can be read from it".into(),
+            ));
+        }
+        let text = body.text.as_str();
+        let found = match serde_json::from_str::<Value>(text)
+            .ok()
+            .as_ref()
+            .and_then(|v| v.pointer(&self.pointer))
+        {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(v) => Some(validate_external_id(v, self.max_external_id_length)?),
+        };
         match (found, op) {
             (None, Operation::Insert) => Err(SinkError::Malformed(format!(
                 "the answer to user.created has no external id at {} (body: {}); set sink.external_id_pointer to where the endpoint returns the id, or to \"\" if it returns none",

@@ -1,0 +1,242 @@
+//! No poison pill: one hostile row value or one hostile answer from the
+//! service fails that user's change (a dead letter with the reason, the
+//! user parked) and never stops sync for everyone. Each test ends by
+//! inserting another user after the poisoned ones and waiting for its
+//! write-back; "nothing more of the poisoned user is pushed" is shown by its
+//! next change, which travels the same lane and must be parked, not sent.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use usersync::config::Config;
+
+use crate::common::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+const USERS_WITH_JSON: &str = "CREATE TABLE public.users (
+    id bigint PRIMARY KEY,
+    email text NOT NULL,
+    name text,
+    j jsonb,
+    js json
+)";
+
+/// (user key, state, last error) of every dead letter, in order.
+async fn dead_letters(db: &TestDb) -> Vec<(String, String, String)> {
+    db.client
+        .query(
+            "SELECT user_key, state, last_error FROM usersync.dead_letters ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("dead letters")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+async fn external_id(db: &TestDb, id: i64) -> Option<String> {
+    db.client
+        .query_one("SELECT external_user_id FROM users WHERE id = $1", &[&id])
+        .await
+        .expect("row")
+        .get(0)
+}
+
+/// Waits until user `id` is written back and `dead` dead letters exist.
+async fn wait_settled(db: &TestDb, id: i64, dead: usize) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let written = external_id(db, id).await.is_some();
+        let letters = dead_letters(db).await;
+        if written && letters.len() >= dead {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "user {id} written back: {written}; dead letters: {letters:?}; requests: {:?}",
+            db.fake
+                .requests()
+                .iter()
+                .map(|r| (r.status, r.body["key"].clone()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn nested(depth: usize) -> String {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+/// Issue items 2 and 7: valid jsonb with numbers beyond f64 and nesting
+/// beyond serde_json's limit is delivered digit for digit; a json value
+/// PostgreSQL accepts but JSON text cannot hold (a lone surrogate) becomes
+/// that user's dead letter naming the column, not a halted daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_values_are_delivered_exactly_or_dead_letter_one_user() {
+    install_crypto();
+    let db = TestDb::new(USERS_WITH_JSON).await;
+    let daemon = db.start_daemon();
+    let deep = nested(200);
+    db.exec(&format!(
+        r#"INSERT INTO users (id, email, j) VALUES (1, 'one@example.com',
+           '{{"n": 1e400, "big": 123456789012345678901234567890,
+              "dec": 0.1000000000000000000001, "deep": {deep}}}')"#
+    ))
+    .await;
+    db.exec(
+        r#"INSERT INTO users (id, email, js) VALUES (2, 'two@example.com', '{"a": "\ud800"}')"#,
+    )
+    .await;
+    // The poisoned user's next change: it must be parked behind, never sent.
+    db.exec("UPDATE users SET name = 'after' WHERE id = 2")
+        .await;
+    db.exec("INSERT INTO users (id, email) VALUES (3, 'three@example.com')")
+        .await;
+    let deadline = Instant::now() + WAIT;
+    while !daemon.task.is_finished() && Instant::now() < deadline {
+        if external_id(&db, 3).await.is_some() && dead_letters(&db).await.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if daemon.task.is_finished() {
+        daemon.stop().await;
+        panic!("the daemon stopped");
+    }
+    wait_settled(&db, 3, 2).await;
+    assert!(external_id(&db, 1).await.is_some());
+
+    let sent = db.accepted();
+    let one = sent
+        .iter()
+        .find(|b| b["key"] == 1)
+        .expect("user 1 was pushed");
+    let expected = format!(
+        r#"{{"big":123456789012345678901234567890,"dec":0.1000000000000000000001,"deep":{deep},"n":1{}}}"#,
+        "0".repeat(400)
+    );
+    assert_eq!(serde_json::to_string(&one["data"]["j"]).unwrap(), expected);
+
+    assert!(
+        db.fake.requests().iter().all(|r| r.body["key"] != 2),
+        "the poisoned user was pushed"
+    );
+    let dl = dead_letters(&db).await;
+    assert_eq!(dl.len(), 2, "{dl:?}");
+    assert_eq!((dl[0].0.as_str(), dl[0].1.as_str()), ("2", "failed"));
+    assert!(dl[0].2.contains("column js"), "{}", dl[0].2);
+    assert_eq!((dl[1].0.as_str(), dl[1].1.as_str()), ("2", "parked"));
+    daemon.stop().await;
+}
+
+/// The hostile endpoint: the answer depends on the user's email.
+async fn hostile(body: Bytes) -> axum::response::Response {
+    let envelope: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let email = envelope["data"]["email"].as_str().unwrap_or_default();
+    let key = envelope["key"].to_string();
+    let json = |status: StatusCode, text: Vec<u8>| {
+        (status, [("content-type", "application/json")], text).into_response()
+    };
+    let padded = |n: usize| format!(r#"{{"id":"x","pad":"{}"}}"#, "x".repeat(n)).into_bytes();
+    match email {
+        "nul@example.com" => json(StatusCode::OK, br#"{"id":"ab\u0000cd"}"#.to_vec()),
+        "ctl@example.com" => json(StatusCode::OK, br#"{"id":"a\u0007b"}"#.to_vec()),
+        "utf8@example.com" => json(StatusCode::OK, b"{\"id\":\"ab\xffcd\"}".to_vec()),
+        "float@example.com" => json(StatusCode::OK, br#"{"id":1.5}"#.to_vec()),
+        "object@example.com" => json(StatusCode::OK, br#"{"id":{"x":1}}"#.to_vec()),
+        "long@example.com" => json(
+            StatusCode::OK,
+            format!(r#"{{"id":"{}"}}"#, "i".repeat(100_000)).into_bytes(),
+        ),
+        "big@example.com" => json(
+            StatusCode::OK,
+            br#"{"id":123456789012345678901234567890}"#.to_vec(),
+        ),
+        "huge@example.com" => json(StatusCode::OK, padded(50 * 1024 * 1024)),
+        "hugeerr@example.com" => json(StatusCode::BAD_GATEWAY, padded(50 * 1024 * 1024)),
+        _ => json(
+            StatusCode::OK,
+            format!(r#"{{"id":"ok_{key}"}}"#).into_bytes(),
+        ),
+    }
+}
+
+/// Issue items 1, 3 and 6: answers with an unstorable id (NUL, control
+/// character, invalid UTF-8, float, object, 100 kB) or a 50 MB body (2xx or
+/// error) each fail that user's push permanently; a huge integer id is kept
+/// digit for digit; the user inserted after all of them is written back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_answers_dead_letter_one_user_each() {
+    install_crypto();
+    let db = TestDb::new(USERS_BIGINT).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let app = axum::Router::new().route("/", axum::routing::post(hostile));
+        let _ = axum::serve(listener, app).await;
+    });
+    let toml = db
+        .toml()
+        .replace(&db.fake.url(), &format!("http://{addr}/"));
+    let cfg = Config::from_parts(Some(&toml), "test", &db.env()).expect("config");
+    let cancel = CancellationToken::new();
+    let c = cancel.clone();
+    let task = tokio::spawn(async move { usersync::app::run::run(&cfg, c, None).await });
+
+    let hostile_users: [(i64, &str, &str); 8] = [
+        (1, "nul", "U+0000"),
+        (2, "ctl", "U+0007"),
+        (3, "utf8", "not valid UTF-8"),
+        (4, "float", "not an integer"),
+        (5, "object", "an object"),
+        (6, "long", "100000 bytes long"),
+        (7, "huge", "longer than sink.max_response_bytes"),
+        (8, "hugeerr", "longer than sink.max_response_bytes"),
+    ];
+    for (id, name, _) in &hostile_users {
+        db.exec(&format!(
+            "INSERT INTO users (id, email) VALUES ({id}, '{name}@example.com')"
+        ))
+        .await;
+        db.exec(&format!("UPDATE users SET name = 'next' WHERE id = {id}"))
+            .await;
+    }
+    db.exec("INSERT INTO users (id, email) VALUES (9, 'big@example.com')")
+        .await;
+    db.exec("INSERT INTO users (id, email) VALUES (10, 'fine@example.com')")
+        .await;
+    wait_settled(&db, 10, 2 * hostile_users.len()).await;
+
+    assert_eq!(external_id(&db, 10).await.as_deref(), Some("ok_10"));
+    assert_eq!(
+        external_id(&db, 9).await.as_deref(),
+        Some("123456789012345678901234567890")
+    );
+    let dl = dead_letters(&db).await;
+    assert_eq!(dl.len(), 2 * hostile_users.len(), "{dl:?}");
+    for (id, _, reason) in &hostile_users {
+        let key = id.to_string();
+        let mine: Vec<_> = dl.iter().filter(|d| d.0 == key).collect();
+        assert_eq!(mine.len(), 2, "user {id}: {mine:?}");
+        assert_eq!(mine[0].1, "failed");
+        assert!(mine[0].2.contains(reason), "user {id}: {}", mine[0].2);
+        assert_eq!(mine[1].1, "parked", "user {id}");
+        assert_eq!(external_id(&db, *id).await, None, "user {id}");
+    }
+
+    cancel.cancel();
+    match tokio::time::timeout(Duration::from_secs(30), task).await {
+        Ok(Ok(Ok(()))) => {}
+        other => panic!("daemon: {other:?}"),
+    }
+    server.abort();
+}
