@@ -2,6 +2,7 @@
 //! `Sink` trait every adapter implements, the error classification that
 //! decides retry versus dead letter, and the shared HTTP client.
 
+pub mod http;
 pub mod mapping;
 pub mod memberstack;
 pub mod ratelimit;

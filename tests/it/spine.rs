@@ -512,3 +512,50 @@ async fn the_write_back_never_overwrites_a_newer_sync() {
     assert_eq!(id, before);
     daemon.stop().await;
 }
+
+/// The most requests that arrived within any one second.
+fn busiest_second(times_ms: &[u128]) -> usize {
+    let mut sorted = times_ms.to_vec();
+    sorted.sort_unstable();
+    (0..sorted.len())
+        .map(|i| {
+            sorted[i..]
+                .iter()
+                .take_while(|t| **t < sorted[i] + 1000)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_sink_honours_rate_limit_per_sec() {
+    const RATE: usize = 40;
+    const USERS: i64 = 120;
+    install_crypto();
+    let db = TestDb::with_sink(
+        USERS_BIGINT,
+        &format!("rate_limit_per_sec = {RATE}\nmax_in_flight = 64"),
+    )
+    .await;
+    let daemon = db.start_daemon();
+    db.exec(&format!(
+        "INSERT INTO users (id, email) SELECT g, 'u' || g || '@example.com' FROM generate_series(1, {USERS}) g"
+    ))
+    .await;
+    db.wait_consistent(Duration::from_secs(60)).await;
+    daemon.stop().await;
+    let times: Vec<u128> = db
+        .fake
+        .requests()
+        .iter()
+        .map(|r| r.received_at_ms)
+        .collect();
+    assert_eq!(times.len(), USERS as usize);
+    let busiest = busiest_second(&times);
+    // A little slack for the network reordering evenly spaced requests.
+    assert!(
+        busiest <= RATE + RATE / 20 + 1,
+        "{busiest} requests in one second (limit {RATE})"
+    );
+}

@@ -23,12 +23,9 @@ use rand::Rng;
 use reqwest::Method;
 use serde_json::{Map, Value};
 
+use super::http::Http;
 use super::mapping::{self, as_text, insert_path, KEY_METADATA};
-use super::ratelimit::RateLimiter;
-use super::{
-    excerpt, parse_retry_after, read_body, refuse_unconvertible, validate_external_id, BodyError,
-    Sink, SinkError,
-};
+use super::{excerpt, refuse_unconvertible, validate_external_id, Sink, SinkError};
 use crate::config::{OnDelete, Secret, SinkConfig};
 use crate::core::change::{format_time_us, Change, Operation};
 
@@ -45,7 +42,7 @@ const DIGITS: &[u8] = b"23456789";
 const SYMBOLS: &[u8] = b"!#%*+-=?@_~";
 
 pub struct MemberstackSink {
-    client: reqwest::Client,
+    http: Http,
     /// API base URL without a trailing slash.
     base: String,
     key: Secret,
@@ -53,10 +50,7 @@ pub struct MemberstackSink {
     mapping: Vec<(String, String)>,
     /// The column mapped to `password`, if any: used instead of a generated one.
     password_column: Option<String>,
-    timeout: Duration,
-    limiter: Option<RateLimiter>,
     on_delete: OnDelete,
-    max_response_bytes: u64,
     max_external_id_length: usize,
 }
 
@@ -168,15 +162,12 @@ impl MemberstackSink {
             );
         }
         Ok(MemberstackSink {
-            client: super::http_client(cfg.timeout, cfg.max_in_flight)?,
+            http: Http::new(cfg)?,
             base: cfg.url.trim_end_matches('/').to_string(),
             key,
             mapping,
             password_column,
-            timeout: cfg.timeout,
-            limiter: RateLimiter::new(cfg.rate_limit_per_sec),
             on_delete: cfg.on_delete,
-            max_response_bytes: cfg.max_response_bytes,
             max_external_id_length: cfg.max_external_id_length,
         })
     }
@@ -403,18 +394,16 @@ impl MemberstackSink {
         Member::parse(&self.data(reply, &[])?, self.max_external_id_length)
     }
 
-    /// One request, after waiting for the rate limiter.
+    /// One request under the sink policy (rate limit, timeout, size cap).
     async fn request(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
     ) -> Result<Reply, SinkError> {
-        if let Some(limiter) = &self.limiter {
-            limiter.acquire().await;
-        }
         let mut req = self
-            .client
+            .http
+            .client()
             .request(method, format!("{}{path}", self.base))
             .header("x-api-key", self.key.expose())
             .header("accept", "application/json");
@@ -423,20 +412,8 @@ impl MemberstackSink {
                 .map_err(|e| SinkError::Malformed(format!("cannot encode the request: {e}")))?;
             req = req.header("content-type", "application/json").body(bytes);
         }
-        let response = req.send().await.map_err(|e| self.transport_error(e))?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let body = match read_body(response, self.max_response_bytes).await {
-            Ok(body) => body,
-            Err(BodyError::Transport(e)) => return Err(self.transport_error(e)),
-            Err(BodyError::TooLarge { status, limit }) => {
-                return Err(SinkError::ResponseTooLarge { status, limit })
-            }
-        };
+        let answer = self.http.send(req, |t| self.redact(t, &[])).await?;
+        let (status, retry_after, body) = (answer.status, answer.retry_after(), answer.body);
         Ok(Reply {
             status,
             retry_after,
@@ -500,22 +477,6 @@ impl MemberstackSink {
             }
         }
         out
-    }
-
-    fn transport_error(&self, e: reqwest::Error) -> SinkError {
-        if e.is_timeout() {
-            return SinkError::Timeout(self.timeout);
-        }
-        // The URL can hold an email (lookups): personal data stays out.
-        let e = e.without_url();
-        let mut msg = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(inner) = source {
-            msg.push_str(": ");
-            msg.push_str(&inner.to_string());
-            source = inner.source();
-        }
-        SinkError::Connect(self.redact(&msg, &[]))
     }
 
     // ------------------------------------------------------------ bodies

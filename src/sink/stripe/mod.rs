@@ -23,11 +23,10 @@ use reqwest::Method;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::http::Http;
 use super::mapping::{as_text, KEY_METADATA};
-use super::ratelimit::RateLimiter;
 use super::{
-    excerpt, parse_retry_after, read_body, refuse_unconvertible, validate_external_id, BodyError,
-    Sink, SinkError,
+    excerpt, parse_retry_after, refuse_unconvertible, validate_external_id, Sink, SinkError,
 };
 use crate::config::{OnDelete, Secret, SinkConfig};
 use crate::core::change::{format_time_us, Change, Operation};
@@ -54,16 +53,13 @@ const SCALAR_FIELDS: &[&str] = &["email", "name", "phone", "description"];
 const ADDRESS_FIELDS: &[&str] = &["line1", "line2", "city", "state", "postal_code", "country"];
 
 pub struct StripeSink {
-    client: reqwest::Client,
+    http: Http,
     /// API base URL without a trailing slash.
     base: String,
     key: Secret,
     /// (form field name such as `metadata[plan]`, users column).
     fields: Vec<(String, String)>,
-    timeout: Duration,
-    limiter: Option<RateLimiter>,
     on_delete: OnDelete,
-    max_response_bytes: u64,
     max_external_id_length: usize,
 }
 
@@ -122,14 +118,11 @@ impl StripeSink {
             fields.push((form_field(path)?, column.clone()));
         }
         Ok(StripeSink {
-            client: super::http_client(cfg.timeout, cfg.max_in_flight)?,
+            http: Http::new(cfg)?,
             base: cfg.url.trim_end_matches('/').to_string(),
             key,
             fields,
-            timeout: cfg.timeout,
-            limiter: RateLimiter::new(cfg.rate_limit_per_sec),
             on_delete: cfg.on_delete,
-            max_response_bytes: cfg.max_response_bytes,
             max_external_id_length: cfg.max_external_id_length,
         })
     }
@@ -333,7 +326,8 @@ impl StripeSink {
         form
     }
 
-    /// One HTTP request after a rate-limit slot: the parsed JSON body of a
+    /// One HTTP request under the sink policy (rate limit, timeout, size
+    /// cap): the parsed JSON body of a
     /// 2xx answer, or the classified failure.
     async fn request(
         &self,
@@ -342,12 +336,10 @@ impl StripeSink {
         form: Option<&Form>,
         idempotency_key: Option<&str>,
     ) -> Result<Value, Failed> {
-        if let Some(limiter) = &self.limiter {
-            limiter.acquire().await;
-        }
         let url = format!("{}{}", self.base, path_and_query);
         let mut request = self
-            .client
+            .http
+            .client()
             .request(method.clone(), &url)
             .bearer_auth(self.key.expose())
             .header("Stripe-Version", STRIPE_VERSION);
@@ -360,19 +352,12 @@ impl StripeSink {
                 .body(form.encode());
         }
         let started = std::time::Instant::now();
-        let response = request
-            .send()
+        let answer = self
+            .http
+            .send(request, |t| self.redact(t))
             .await
-            .map_err(|e| Failed::from(self.transport_error(e)))?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = match read_body(response, self.max_response_bytes).await {
-            Ok(body) => body,
-            Err(BodyError::Transport(e)) => return Err(Failed::from(self.transport_error(e))),
-            Err(BodyError::TooLarge { status, limit }) => {
-                return Err(Failed::from(SinkError::ResponseTooLarge { status, limit }))
-            }
-        };
+            .map_err(Failed::from)?;
+        let (status, headers, body) = (answer.status, answer.headers, answer.body);
         let text = body.text.as_str();
         tracing::debug!(
             method = %method,
@@ -398,20 +383,6 @@ impl StripeSink {
             text,
             self.key.expose(),
         ))
-    }
-
-    fn transport_error(&self, e: reqwest::Error) -> SinkError {
-        if e.is_timeout() {
-            return SinkError::Timeout(self.timeout);
-        }
-        let mut msg = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(inner) = source {
-            msg.push_str(": ");
-            msg.push_str(&inner.to_string());
-            source = inner.source();
-        }
-        SinkError::Connect(self.redact(&msg))
     }
 
     fn redact(&self, text: &str) -> String {

@@ -2,28 +2,24 @@
 //! Standard Webhooks spec, and reads the external id from the response by a
 //! configured JSON pointer.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{
-    excerpt, parse_retry_after, read_body, refuse_unconvertible, validate_external_id, BodyError,
-    Sink, SinkError,
-};
+use super::http::Http;
+use super::{excerpt, refuse_unconvertible, validate_external_id, Sink, SinkError};
 use crate::config::SinkConfig;
 use crate::core::change::{format_time_us, Change, Operation};
 use crate::core::signature::WebhookSecret;
 
 pub struct WebhookSink {
-    client: reqwest::Client,
+    http: Http,
     url: String,
     secret: WebhookSecret,
     pointer: String,
-    timeout: Duration,
     ignore_deletes: bool,
-    max_response_bytes: u64,
     max_external_id_length: usize,
 }
 
@@ -63,16 +59,14 @@ impl<'a> Envelope<'a> {
 impl WebhookSink {
     pub fn new(cfg: &SinkConfig) -> Result<Self, String> {
         Ok(WebhookSink {
-            client: super::http_client(cfg.timeout, cfg.max_in_flight)?,
+            http: Http::new(cfg)?,
             url: cfg.url.clone(),
             secret: cfg
                 .secret
                 .clone()
                 .ok_or("the webhook sink needs sink.secret_env or sink.secret_file")?,
             pointer: cfg.external_id_pointer.clone(),
-            timeout: cfg.timeout,
             ignore_deletes: cfg.on_delete == crate::config::OnDelete::Ignore,
-            max_response_bytes: cfg.max_response_bytes,
             max_external_id_length: cfg.max_external_id_length,
         })
     }
@@ -131,30 +125,18 @@ impl WebhookSink {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let signature = self.secret.sign(envelope.id, timestamp, &body);
-        let response = self
-            .client
+        let request = self
+            .http
+            .client()
             .post(&self.url)
             .header("content-type", "application/json")
             .header("webhook-id", envelope.id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(e))?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let body = match read_body(response, self.max_response_bytes).await {
-            Ok(body) => body,
-            Err(BodyError::Transport(e)) => return Err(self.transport_error(e)),
-            Err(BodyError::TooLarge { status, limit }) => {
-                return Err(SinkError::ResponseTooLarge { status, limit })
-            }
-        };
+            .body(body);
+        let answer = self.http.send(request, str::to_string).await?;
+        let (status, retry_after) = (answer.status, answer.retry_after());
+        let body = answer.body;
         if !(200..300).contains(&status) {
             return Err(SinkError::Http {
                 status,
@@ -163,21 +145,6 @@ impl WebhookSink {
             });
         }
         self.external_id_from(op, &body)
-    }
-
-    fn transport_error(&self, e: reqwest::Error) -> SinkError {
-        if e.is_timeout() {
-            SinkError::Timeout(self.timeout)
-        } else {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(inner) = source {
-                msg.push_str(": ");
-                msg.push_str(&inner.to_string());
-                source = inner.source();
-            }
-            SinkError::Connect(msg)
-        }
     }
 
     /// The id at the configured pointer; required in a create's answer,
