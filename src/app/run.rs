@@ -228,6 +228,10 @@ async fn session(
             "changes written back before the last stop are skipped when replayed"
         );
     }
+    let mut types = crate::source::value::TypeRegistry::default();
+    crate::store::types::load_kinds(&db, &shape.table, &mut types)
+        .await
+        .map_err(WritebackError::from)?;
     let writer = Writer::connect(&cfg.database, shape, cfg.writeback.batch_size).await?;
     let client = stream::open(&cfg.database, "usersync").await?;
     tracing::info!(
@@ -244,7 +248,8 @@ async fn session(
             shape.table.clone(),
             shape.key_column.clone(),
             &cfg.sink.columns,
-        ),
+        )
+        .with_types(types),
         origin: cfg.database.origin.clone(),
         target: cfg.database.describe(),
     };

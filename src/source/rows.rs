@@ -122,6 +122,13 @@ impl RowBuilder {
         Ok(())
     }
 
+    /// The catalog's word on the table's array and domain types, read at
+    /// session start (`store::types`).
+    pub fn with_types(mut self, types: TypeRegistry) -> Self {
+        self.types = types;
+        self
+    }
+
     pub fn on_type(&mut self, oid: u32, namespace: String, name: String) {
         self.types.insert(oid, namespace, name);
     }

@@ -204,13 +204,30 @@ const ARRAY_TYPES: &[(u32, &str, u32, u8)] = &[
 const MAX_ARRAY_DIMS: usize = 6;
 
 /// Names of non-builtin types seen in pgoutput Type messages, e.g. citext,
-/// enums, domains.
+/// enums, domains; and, read from the catalog at session start (Type
+/// messages carry only names), what a non-builtin array or domain is made of.
 #[derive(Debug, Default, Clone)]
 pub struct TypeRegistry {
     types: HashMap<u32, (String, String)>,
+    kinds: HashMap<u32, TypeKind>,
+}
+
+/// The structure of a non-builtin type that decides its JSON form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeKind {
+    /// An array (of an enum, a composite, a domain, an extension type…):
+    /// a JSON array of its elements.
+    Array { element: u32, delimiter: u8 },
+    /// A domain: the JSON of its base type (a domain over int is a number).
+    Domain { base: u32 },
 }
 
 impl TypeRegistry {
+    /// Records what a non-builtin array or domain type is made of.
+    pub fn set_kind(&mut self, oid: u32, kind: TypeKind) {
+        self.kinds.insert(oid, kind);
+    }
+
     /// Records (or replaces, after an `ALTER TYPE ... RENAME`) a type's name.
     pub fn insert(&mut self, oid: u32, namespace: String, name: String) {
         self.types.insert(oid, (namespace, name));
@@ -246,9 +263,8 @@ pub enum ValueError {
 }
 
 /// True for the builtin array types this module parses into JSON arrays.
-///
-/// Arrays of non-builtin types (an enum's `_mood`, say) are not recognised:
-/// Type messages carry no element type, so their literal stays a string.
+/// Arrays of non-builtin types (an enum's `_mood`, say) are arrays through
+/// the registry's [`TypeKind`], read from the catalog.
 pub fn is_array_type(oid: u32) -> bool {
     array_info(oid).is_some()
 }
@@ -268,11 +284,30 @@ pub fn type_name(oid: u32, types: &TypeRegistry) -> String {
 /// Converts one value from PostgreSQL's text output into JSON according to its
 /// column type.
 pub fn text_to_json(type_oid: u32, text: &[u8], types: &TypeRegistry) -> Result<Value, ValueError> {
-    match array_info(type_oid) {
-        Some((element_oid, delimiter)) => {
-            array_to_json(type_oid, element_oid, delimiter, text, types)
+    text_to_json_at(type_oid, text, types, 0)
+}
+
+/// Domains over domains are followed this far at most (the catalog cannot
+/// make a cycle; this only bounds the recursion against a corrupt registry).
+const MAX_DOMAIN_DEPTH: usize = 32;
+
+fn text_to_json_at(
+    type_oid: u32,
+    text: &[u8],
+    types: &TypeRegistry,
+    depth: usize,
+) -> Result<Value, ValueError> {
+    if let Some((element_oid, delimiter)) = array_info(type_oid) {
+        return array_to_json(type_oid, element_oid, delimiter, text, types);
+    }
+    match types.kinds.get(&type_oid) {
+        Some(&TypeKind::Array { element, delimiter }) => {
+            array_to_json(type_oid, element, delimiter, text, types)
         }
-        None => scalar_to_json(type_oid, text).map_err(|problem| invalid(type_oid, problem, types)),
+        Some(&TypeKind::Domain { base }) if depth < MAX_DOMAIN_DEPTH => {
+            text_to_json_at(base, text, types, depth + 1)
+        }
+        _ => scalar_to_json(type_oid, text).map_err(|problem| invalid(type_oid, problem, types)),
     }
 }
 

@@ -11,4 +11,5 @@ pub mod requests;
 pub mod rows;
 pub mod schema;
 pub mod synclog;
+pub mod types;
 pub mod writeback;

@@ -148,6 +148,9 @@ impl RowReader {
             );
             columns.push(column);
         }
+        crate::store::types::load_kinds(client, &shape.table, &mut types)
+            .await
+            .map_err(|e| RowError::Sql(e.to_string()))?;
         let key_oid = columns
             .iter()
             .find(|c| c.name == shape.key_column)

@@ -240,3 +240,42 @@ async fn hostile_answers_dead_letter_one_user_each() {
     }
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arrays_of_any_element_type_are_arrays_and_domains_their_base_type() {
+    install_crypto();
+    let db = TestDb::new(
+        "CREATE TYPE mood AS ENUM ('happy', 'sad');
+         CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+         CREATE DOMAIN tags AS text[];
+         CREATE TYPE pair AS (a int, b text);
+         CREATE TABLE public.users (
+             id bigint PRIMARY KEY,
+             email text NOT NULL,
+             moods mood[],
+             age posint,
+             ages posint[],
+             labels tags,
+             pairs pair[]
+         )",
+    )
+    .await;
+    let daemon = db.start_daemon();
+    db.exec(
+        "INSERT INTO users VALUES (1, 'a@example.com', '{happy,sad}', 42, '{1,2}', '{x,\"y z\"}',
+                                   ARRAY[ROW(1, 'one')::pair])",
+    )
+    .await;
+    db.wait_consistent(WAIT).await;
+    daemon.stop().await;
+    let bodies = db.accepted();
+    let data = &bodies
+        .iter()
+        .find(|b| b["type"] == "user.created")
+        .expect("the create")["data"];
+    assert_eq!(data["moods"], serde_json::json!(["happy", "sad"]), "{data}");
+    assert_eq!(data["age"], serde_json::json!(42), "{data}");
+    assert_eq!(data["ages"], serde_json::json!([1, 2]), "{data}");
+    assert_eq!(data["labels"], serde_json::json!(["x", "y z"]), "{data}");
+    assert_eq!(data["pairs"], serde_json::json!(["(1,one)"]), "{data}");
+}
