@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RetryConfig;
 use crate::core::change::{format_lsn, Change, Lsn, Operation};
 use crate::core::outcome::{DeadLetterState as DeadState, Done, NewDeadLetter, Outcome, WriteItem};
-use crate::sink::retry::{push_with_retry, PushFailed};
+use crate::sink::retry::{push_with_retry_until, PushFailed};
 use crate::sink::webhook::Envelope;
 use crate::sink::Sink;
 use crate::source::stream::SourceEvent;
@@ -50,6 +50,9 @@ struct Queued {
 struct PushResult {
     key: String,
     seq: u64,
+    /// Given up at shutdown while waiting to retry: neither written back
+    /// nor dead-lettered, so never acknowledged; replayed at the next start.
+    abandoned: bool,
     /// After a delete nothing is known: a new row with the key is a new user.
     deleted: bool,
     external_id: Option<String>,
@@ -164,8 +167,9 @@ fn dead_letter(
 }
 
 impl Pipeline {
-    /// Runs until the source closes or `cancel` fires. On cancel, in-flight
-    /// pushes finish and are written back first. `parked` are the users with
+    /// Runs until the source closes or `cancel` fires. On cancel, pushes
+    /// under way finish and are written back first; pushes only waiting to
+    /// retry are abandoned (unacknowledged, replayed at the next start). `parked` are the users with
     /// dead letters at start; `done` what an earlier session already made
     /// durable.
     pub async fn run(
@@ -204,7 +208,7 @@ impl Pipeline {
             tracing::warn!("sync is switched off ([sync] enabled = false): reading and acknowledging the stream, pushing nothing; changed users are recorded in usersync.pending_users");
         }
         loop {
-            self.start_ready(&mut st, &mut pushes, &writer);
+            self.start_ready(&mut st, &mut pushes, &writer, &cancel);
             crate::observe::metrics::pipeline(st.active.len(), st.ack.in_flight(), st.parked.len());
             if draining && st.active.is_empty() && st.unwritten == 0 {
                 return Ok(());
@@ -288,6 +292,9 @@ impl Pipeline {
                 Some(result) = pushes.next() => {
                     let key = result.key;
                     st.active.remove(&key);
+                    if result.abandoned {
+                        continue;
+                    }
                     if let Some(f) = result.failure {
                         // Park the user: this change and every later one go to
                         // the dead-letter table, in order, until replayed.
@@ -337,7 +344,13 @@ impl Pipeline {
         }
     }
 
-    fn start_ready(&self, st: &mut State, pushes: &mut Pushes, writer: &mpsc::Sender<WriteItem>) {
+    fn start_ready(
+        &self,
+        st: &mut State,
+        pushes: &mut Pushes,
+        writer: &mpsc::Sender<WriteItem>,
+        cancel: &CancellationToken,
+    ) {
         while st.active.len() < self.max_in_flight {
             let Some(key) = st.ready.pop_front() else {
                 break;
@@ -356,6 +369,7 @@ impl Pipeline {
             let writer = writer.clone();
             let log_values = self.log_personal_data;
             let store = Arc::clone(&self.store);
+            let stop = cancel.clone();
             pushes.push(Box::pin(async move {
                 let Queued {
                     seq,
@@ -381,6 +395,7 @@ impl Pipeline {
                             return PushResult {
                                 key,
                                 seq,
+                                abandoned: false,
                                 deleted: false,
                                 external_id: None,
                                 failure: None,
@@ -406,8 +421,25 @@ impl Pipeline {
                 };
                 let started = Instant::now();
                 let first_attempt_at = SystemTime::now();
-                match push_with_retry(sink.as_ref(), &change, external_id.as_deref(), &retry).await
-                {
+                let Some(pushed) = push_with_retry_until(
+                    sink.as_ref(),
+                    &change,
+                    external_id.as_deref(),
+                    &retry,
+                    &stop,
+                )
+                .await
+                else {
+                    return PushResult {
+                        key,
+                        seq,
+                        abandoned: true,
+                        deleted: false,
+                        external_id: None,
+                        failure: None,
+                    };
+                };
+                match pushed {
                     Ok(pushed) => {
                         let external_id = pushed.external_id.or(external_id);
                         if log_values {
@@ -441,6 +473,7 @@ impl Pipeline {
                         PushResult {
                             key,
                             seq,
+                            abandoned: false,
                             deleted: change.op == Operation::Delete,
                             external_id,
                             failure: None,
@@ -449,6 +482,7 @@ impl Pipeline {
                     Err(failed) => PushResult {
                         key,
                         seq,
+                        abandoned: false,
                         deleted: false,
                         external_id: None,
                         failure: Some(Failure {

@@ -37,6 +37,8 @@ struct ScriptedSink {
     seen: Mutex<Vec<Seen>>,
     /// Users whose pushes are refused permanently (HTTP 400).
     refuse: Mutex<HashSet<String>>,
+    /// While set, every push is answered 429 with `Retry-After: 600`.
+    throttle: std::sync::atomic::AtomicBool,
     /// While set, pushes wait for `release` before answering.
     hold: std::sync::atomic::AtomicBool,
     release: Notify,
@@ -73,6 +75,13 @@ impl Sink for ScriptedSink {
                 lsn: change.commit_lsn,
                 external_id: external_id.map(str::to_string),
             });
+            if self.throttle.load(Ordering::SeqCst) {
+                return Err(SinkError::Http {
+                    status: 429,
+                    body: "slow down".into(),
+                    retry_after: Some(Duration::from_secs(600)),
+                });
+            }
             if lock(&self.refuse).contains(&change.key.text) {
                 return Err(SinkError::Http {
                     status: 400,
@@ -486,4 +495,33 @@ async fn the_reader_is_not_drained_past_max_buffered_changes() {
         20
     );
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_waiting_to_retry_does_not_hold_up_shutdown() {
+    let sink = Arc::new(ScriptedSink::default());
+    sink.throttle.store(true, Ordering::SeqCst);
+    let mut p = pipeline(sink.clone(), Arc::default());
+    p.retry = RetryConfig {
+        max_attempts: 50,
+        initial_backoff_ms: 10,
+        max_backoff_ms: 100,
+        max_elapsed_secs: 3600,
+    };
+    let h = start(p, 64);
+    let (h, items) = auto_writer(h);
+    h.txn("a", Operation::Insert, 100).await;
+    // The first attempt was answered 429: the push now waits 600 s.
+    wait_until("the first attempt", || sink.seen().len() == 1).await;
+    h.cancel.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(30), h.task)
+        .await
+        .expect("the pipeline stops without waiting for Retry-After")
+        .expect("no panic");
+    assert!(ended.is_ok(), "{ended:?}");
+    // Abandoned, not failed: no dead letter, no write-back, no ack past it.
+    assert!(lock(&items)
+        .iter()
+        .all(|i| matches!(i.outcome, Outcome::Resume)));
+    assert!(*h.acks.borrow() < 101);
 }

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, Retryable};
 use rand::Rng;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::{Sink, SinkError};
 use crate::config::RetryConfig;
@@ -94,12 +96,53 @@ pub async fn push_with_retry(
     external_id: Option<&str>,
     policy: &RetryConfig,
 ) -> Result<Pushed, PushFailed> {
+    let never = CancellationToken::new();
+    match push_with_retry_until(sink, change, external_id, policy, &never).await {
+        Some(result) => result,
+        // `never` is never cancelled.
+        None => Err(PushFailed {
+            error: SinkError::Malformed("abandoned".into()),
+            attempts: 0,
+        }),
+    }
+}
+
+/// Like [`push_with_retry`], but a push that is only waiting for its next
+/// attempt when `stop` fires is abandoned at once (`None`): nothing is
+/// pending at the service, and the change, never acknowledged, is replayed
+/// from the slot at the next start. An attempt under way still finishes, so
+/// its answer is written back. Without this, a `Retry-After` of minutes kept
+/// SIGTERM waiting for minutes.
+pub async fn push_with_retry_until(
+    sink: &dyn Sink,
+    change: &Change,
+    external_id: Option<&str>,
+    policy: &RetryConfig,
+    stop: &CancellationToken,
+) -> Option<Result<Pushed, PushFailed>> {
     let attempts = AtomicU32::new(0);
-    let result = (|| async {
+    let abandon = std::sync::Arc::new(Notify::new());
+    let sleeper = {
+        let (stop, abandon) = (stop.clone(), std::sync::Arc::clone(&abandon));
+        move |wait: Duration| {
+            let (stop, abandon) = (stop.clone(), std::sync::Arc::clone(&abandon));
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => {
+                        abandon.notify_one();
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    };
+    let retried = (|| async {
         attempts.fetch_add(1, Ordering::Relaxed);
         timed_push(sink.name(), sink.push(change, external_id)).await
     })
     .retry(FullJitter::from_config(policy))
+    .sleep(sleeper)
     .when(SinkError::is_retryable)
     .adjust(|e: &SinkError, planned: Option<Duration>| {
         // Exhausted stays exhausted; otherwise wait at least what the server asked.
@@ -119,16 +162,22 @@ pub async fn push_with_retry(
             retry_in_ms = wait.as_millis() as u64,
             "push failed, will retry"
         );
-    })
-    .await;
+    });
+    let result = tokio::select! {
+        r = retried => r,
+        _ = abandon.notified() => {
+            tracing::info!(event_id = %change.event_id, "stopping: a push waiting to retry is abandoned; it is replayed at the next start");
+            return None;
+        }
+    };
     let attempts = attempts.load(Ordering::Relaxed);
-    match result {
+    Some(match result {
         Ok(external_id) => Ok(Pushed {
             external_id,
             attempts,
         }),
         Err(error) => Err(PushFailed { error, attempts }),
-    }
+    })
 }
 
 /// Awaits one push attempt and records its outcome and duration.
