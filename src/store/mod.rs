@@ -6,6 +6,7 @@ pub mod db;
 pub mod deadletter;
 pub mod lag;
 pub mod lanes;
+pub mod origin;
 pub mod progress;
 pub mod requests;
 pub mod rows;
