@@ -2,6 +2,7 @@
 //! and session settings, the write-back transaction, dead letters, progress,
 //! sync requests, the sync log and catalog checks.
 
+pub mod backfill;
 pub mod db;
 pub mod deadletter;
 pub mod lag;
@@ -9,7 +10,9 @@ pub mod lanes;
 pub mod origin;
 pub mod progress;
 pub mod requests;
+pub mod role;
 pub mod rows;
 pub mod schema;
+pub mod setup;
 pub mod synclog;
 pub mod writeback;
