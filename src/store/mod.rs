@@ -3,6 +3,7 @@
 //! sync requests, the sync log and catalog checks.
 
 pub mod backfill;
+pub mod catalog;
 pub mod db;
 pub mod deadletter;
 pub mod lag;
