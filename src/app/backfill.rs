@@ -21,19 +21,7 @@ use crate::store::rows::RowError;
 use crate::store::rows::{RowReader, SESSION_SETTINGS};
 use crate::store::schema::{self, SchemaError};
 
-/// The cursor. `status` (another command) reads mode, cursor, rows_total,
-/// rows_done, started_at, updated_at and finished_at.
-pub const TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.backfill (
-    id integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
-    mode text NOT NULL,
-    cursor text,
-    rows_total bigint,
-    rows_done bigint NOT NULL DEFAULT 0,
-    started_at timestamptz NOT NULL,
-    updated_at timestamptz NOT NULL,
-    finished_at timestamptz,
-    rows_queued bigint NOT NULL DEFAULT 0
-);";
+pub use crate::store::backfill::TABLE_DDL;
 
 /// How long the backfill waits for a daemon that stopped streaming before
 /// it gives up (its cursor is kept).

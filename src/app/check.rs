@@ -13,6 +13,7 @@ use crate::config::{self, quote_ident, Config, DatabaseConfig, Env};
 use crate::core::table::TableShape;
 use crate::core::table::EXTERNAL_ID_COLUMN;
 use crate::core::table::SYNCED_AT_COLUMN;
+use crate::store::catalog;
 use crate::store::db::error_text;
 use crate::store::schema::{self, SchemaError};
 
@@ -302,16 +303,7 @@ async fn database_checks(db: &DatabaseConfig, out: &mut Vec<Finding>) {
 
 /// A slot (if none exists yet) and a WAL sender must be free.
 async fn capacity(client: &Client, slot: Option<&SlotInfo>) -> Vec<Finding> {
-    let row = match client
-        .query_one(
-            "SELECT current_setting('max_replication_slots')::int, \
-                    (SELECT count(*)::int FROM pg_replication_slots), \
-                    current_setting('max_wal_senders')::int, \
-                    (SELECT count(*)::int FROM pg_stat_activity WHERE backend_type = 'walsender')",
-            &[],
-        )
-        .await
-    {
+    let row = match catalog::replication_capacity(client).await {
         Ok(r) => r,
         Err(e) => {
             return vec![Finding::fail(
@@ -321,8 +313,12 @@ async fn capacity(client: &Client, slot: Option<&SlotInfo>) -> Vec<Finding> {
             )]
         }
     };
-    let (max_slots, slots, max_senders, senders): (i32, i32, i32, i32) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let catalog::Capacity {
+        max_slots,
+        slots,
+        max_senders,
+        senders,
+    } = row;
     let mut out = Vec::new();
     if slot.is_none() && slots >= max_slots {
         out.push(Finding::fail(
@@ -427,14 +423,11 @@ async fn privileges(
     shape: Option<&TableShape>,
 ) -> Result<Vec<Finding>, tokio_postgres::Error> {
     let mut out = Vec::new();
-    let row = client
-        .query_one(
-            "SELECT current_user::text, r.rolsuper, r.rolreplication \
-             FROM pg_roles r WHERE r.rolname = current_user",
-            &[],
-        )
-        .await?;
-    let (user, superuser, replication): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let catalog::CurrentRole {
+        name: user,
+        superuser,
+        replication,
+    } = catalog::current_role(client).await?;
     let role = quote_ident(&user);
     if superuser {
         // Works, so not a failure; the hint points at the least-privilege role.
@@ -458,14 +451,7 @@ async fn privileges(
     });
     let table = db.table.quoted();
     // A missing schema is the table check's finding, not a privilege one.
-    let schema_ok: Option<bool> = client
-        .query_one(
-            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1) \
-             THEN has_schema_privilege($1, 'USAGE') END",
-            &[&db.table.schema],
-        )
-        .await?
-        .get(0);
+    let schema_ok = catalog::schema_usage(client, &db.table.schema).await?;
     if schema_ok == Some(false) {
         out.push(Finding::fail(
             "privilege.table_schema",
@@ -480,10 +466,7 @@ async fn privileges(
         ));
     }
     if shape.is_some() {
-        let select: bool = client
-            .query_one("SELECT has_table_privilege($1, 'SELECT')", &[&table])
-            .await?
-            .get(0);
+        let select = catalog::can_select(client, &table).await?;
         out.push(if select {
             Finding::ok(
                 "privilege.select",
@@ -506,13 +489,7 @@ async fn privileges(
             if !shape.has_column(column) {
                 continue;
             }
-            let ok: bool = client
-                .query_one(
-                    "SELECT has_column_privilege($1, $2, 'UPDATE')",
-                    &[&table, &column],
-                )
-                .await?
-                .get(0);
+            let ok = catalog::can_update_column(client, &table, column).await?;
             if !ok {
                 missing.push(column);
             }
@@ -536,14 +513,7 @@ async fn privileges(
             )
         });
     }
-    let usersync_schema: Option<bool> = client
-        .query_one(
-            "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'usersync') \
-             THEN has_schema_privilege('usersync', 'USAGE') END",
-            &[],
-        )
-        .await?
-        .get(0);
+    let usersync_schema = catalog::schema_usage(client, "usersync").await?;
     match usersync_schema {
         // A missing schema is reported by the usersync_tables check.
         None => {}
@@ -555,17 +525,7 @@ async fn privileges(
             )),
         )),
         Some(true) => {
-            let lacking: Vec<String> = client
-                .query(
-                    "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE n.nspname = 'usersync' AND c.relkind = 'r' \
-                     AND NOT has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE') ORDER BY 1",
-                    &[],
-                )
-                .await?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let lacking = catalog::usersync_tables_not_writable(client).await?;
             out.push(if lacking.is_empty() {
                 Finding::ok(
                     "privilege.usersync_schema",
@@ -586,11 +546,8 @@ async fn privileges(
         }
     }
     let mut missing = Vec::new();
-    for f in crate::app::role::ORIGIN_FUNCTIONS {
-        let ok: bool = client
-            .query_one("SELECT has_function_privilege($1, 'EXECUTE')", &[f])
-            .await?
-            .get(0);
+    for f in crate::store::role::ORIGIN_FUNCTIONS {
+        let ok = catalog::can_execute(client, f).await?;
         if !ok {
             missing.push(*f);
         }

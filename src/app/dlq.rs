@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use crate::config::{quote_ident, Config};
+use crate::config::Config;
 use crate::core::change::{Change, Operation};
 use crate::core::table::EXTERNAL_ID_COLUMN;
 use crate::core::table::SYNCED_AT_COLUMN;
@@ -188,15 +188,7 @@ impl Replayer {
         if !deadletter::table_exists(&client).await? {
             return Err(ReplayError::TableMissing);
         }
-        let writeback = format!(
-            "UPDATE {table} SET {ext} = COALESCE($2, {ext}), {at} = $3 \
-             WHERE {key} = $1::text::{key_type} AND ({at} IS NULL OR {at} < $3)",
-            table = shape.table.quoted(),
-            ext = quote_ident(EXTERNAL_ID_COLUMN),
-            at = quote_ident(SYNCED_AT_COLUMN),
-            key = quote_ident(&shape.key_column),
-            key_type = shape.key_type,
-        );
+        let writeback = crate::store::writeback::guarded_update_sql(&shape);
         let rows = RowReader::new(&client, shape, &cfg.sink.columns).await?;
         Ok(Replayer {
             client,
@@ -385,9 +377,15 @@ impl Replayer {
         };
         let tx = self.client.transaction().await.map_err(wb_err)?;
         if op != Operation::Delete {
-            tx.execute(&self.writeback, &[&key, &external_id, &SystemTime::now()])
-                .await
-                .map_err(wb_err)?;
+            crate::store::writeback::write_back_one(
+                &tx,
+                &self.writeback,
+                key,
+                external_id,
+                SystemTime::now(),
+            )
+            .await
+            .map_err(wb_err)?;
         }
         let resolved = deadletter::resolve(&tx, key, ids).await?;
         if let Some(log) = log {

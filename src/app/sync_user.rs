@@ -14,14 +14,14 @@ use tokio_postgres::Client;
 
 use crate::config::{quote_ident, Config};
 use crate::core::change::{Change, Operation};
-use crate::core::table::EXTERNAL_ID_COLUMN;
-use crate::core::table::SYNCED_AT_COLUMN;
 use crate::sink::retry::push_with_retry;
 use crate::store::db::{connect, error_text, ConnectError};
+use crate::store::origin::{self, OriginError};
 use crate::store::requests::{self, RequestError};
 use crate::store::rows::RowError;
 use crate::store::rows::{RowReader, SESSION_SETTINGS};
 use crate::store::schema::{self, SchemaError};
+use crate::store::writeback;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManualError {
@@ -233,34 +233,20 @@ async fn direct(
 ) -> Result<SyncUserResult, Direct> {
     let sink = crate::sink::build(&cfg.sink).map_err(ManualError::Sink)?;
     let wb = connect(&cfg.database, "usersync-sync-user-writeback").await?;
-    if let Err(e) = wb
-        .execute(
-            "SELECT pg_replication_origin_session_setup($1)",
-            &[&cfg.database.origin],
-        )
-        .await
-    {
-        if e.as_db_error()
-            .is_some_and(|d| d.message().contains("is already active"))
-        {
-            return Err(Direct::OriginBusy);
+    // No wait: a busy origin means a daemon is writing back; go through it.
+    match origin::take(&wb, &cfg.database.origin, Duration::ZERO).await {
+        Ok(()) => {}
+        Err(OriginError::Busy(_)) => return Err(Direct::OriginBusy),
+        Err(OriginError::Failed(e)) => {
+            return Err(ManualError::Sql(format!(
+                "cannot tag the write-back with origin {}: {}",
+                cfg.database.origin,
+                error_text(&e)
+            ))
+            .into())
         }
-        return Err(ManualError::Sql(format!(
-            "cannot tag the write-back with origin {}: {}",
-            cfg.database.origin,
-            error_text(&e)
-        ))
-        .into());
     }
-    let writeback = format!(
-        "UPDATE {table} SET {ext} = COALESCE($2, {ext}), {at} = $3 \
-         WHERE {key} = $1::text::{key_type} AND ({at} IS NULL OR {at} < $3)",
-        table = shape.table.quoted(),
-        ext = quote_ident(EXTERNAL_ID_COLUMN),
-        at = quote_ident(SYNCED_AT_COLUMN),
-        key = quote_ident(&shape.key_column),
-        key_type = shape.key_type,
-    );
+    let writeback = writeback::guarded_update_sql(&shape);
     let table = shape.table.to_string();
     let reader = RowReader::new(client, shape, &cfg.sink.columns).await?;
     // Read after taking the origin: no daemon pushes this user meanwhile.
@@ -317,9 +303,15 @@ async fn direct(
     };
     let mut wb = wb;
     let tx = wb.transaction().await.map_err(wb_err)?;
-    tx.execute(&writeback, &[&key, &external_id, &SystemTime::now()])
-        .await
-        .map_err(wb_err)?;
+    writeback::write_back_one(
+        &tx,
+        &writeback,
+        key,
+        external_id.as_deref(),
+        SystemTime::now(),
+    )
+    .await
+    .map_err(wb_err)?;
     tx.execute(
         "INSERT INTO usersync.user_progress (user_key, commit_lsn, position, values_hash) \
          VALUES ($1, '0/0', 0, $2) ON CONFLICT (user_key) DO UPDATE SET values_hash = EXCLUDED.values_hash",

@@ -715,21 +715,12 @@ async fn setup_role(
     let client = crate::store::db::connect(db, "usersync-setup")
         .await
         .map_err(Failure::runtime)?;
-    if !role_only {
-        match crate::app::setup::apply(&client, db).await {
-            Ok(()) => {}
-            Err(crate::app::setup::SetupError::Schema(e)) => return Err(Failure::usage(e)),
-            Err(e) => return Err(Failure::runtime(e)),
+    match crate::app::role::apply(&client, db, role, role_only).await {
+        Ok(()) => {}
+        Err(crate::app::role::RoleError::Setup(crate::app::setup::SetupError::Schema(e))) => {
+            return Err(Failure::usage(e))
         }
-    }
-    for step in crate::app::role::steps(db, role) {
-        client.batch_execute(&step.sql).await.map_err(|e| {
-            Failure::runtime(format!(
-                "creating role {role}: {}: {}",
-                step.comment,
-                crate::store::db::error_text(&e)
-            ))
-        })?;
+        Err(e) => return Err(Failure::runtime(e)),
     }
     println!(
         "usersync: role {role} is ready (LOGIN REPLICATION, SELECT on {table}, UPDATE of the two sync columns, schema usersync, origin functions).\n\

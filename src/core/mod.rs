@@ -5,5 +5,6 @@
 pub mod change;
 pub mod names;
 pub mod outcome;
+pub mod session;
 pub mod signature;
 pub mod table;

@@ -55,8 +55,7 @@ impl SourceError {
 }
 
 /// Session settings that make the text output of values deterministic.
-pub const SESSION_OPTIONS: &str =
-    "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=iso_8601 -c extra_float_digits=3";
+pub const SESSION_OPTIONS: &str = crate::core::session::STARTUP_OPTIONS;
 
 pub fn replication_config(cfg: &DatabaseConfig, app: &str) -> ReplicationConfig {
     ReplicationConfig::new(

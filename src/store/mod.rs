@@ -2,14 +2,19 @@
 //! and session settings, the write-back transaction, dead letters, progress,
 //! sync requests, the sync log and catalog checks.
 
+pub mod backfill;
+pub mod catalog;
 pub mod db;
 pub mod deadletter;
 pub mod lag;
 pub mod lanes;
+pub mod origin;
 pub mod progress;
 pub mod requests;
+pub mod role;
 pub mod rows;
 pub mod schema;
+pub mod setup;
 pub mod synclog;
 pub mod types;
 pub mod writeback;

@@ -15,8 +15,8 @@ use crate::store::schema::SchemaError;
 /// The settings the replication connection uses (see `source::stream`), so
 /// that a row read in text format is exactly what the stream would have sent
 /// (`standard_conforming_strings` for the key literal of the row read).
-pub const SESSION_SETTINGS: &str = "SET DateStyle=ISO; SET TimeZone=UTC; \
-     SET IntervalStyle=iso_8601; SET extra_float_digits=3; SET standard_conforming_strings=on";
+/// Derived from the one list in `core::session`.
+pub const SESSION_SETTINGS: &str = crate::core::session::SQL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RowError {

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{Client, GenericClient, Statement};
 
 use crate::config::{quote_ident, DatabaseConfig};
 use crate::core::change::{format_lsn, Lsn, Operation};
@@ -18,6 +18,7 @@ use crate::core::table::EXTERNAL_ID_COLUMN;
 use crate::core::table::SYNCED_AT_COLUMN;
 use crate::store::db::{connect, error_text, ConnectError};
 use crate::store::deadletter::{self};
+use crate::store::origin::OriginError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WritebackError {
@@ -49,17 +50,7 @@ impl Writer {
     ) -> Result<Writer, WritebackError> {
         let client = connect(cfg, "usersync-writeback").await?;
         setup_origin_session(&client, &cfg.origin).await?;
-        let sql = format!(
-            "UPDATE {table} AS u SET {ext} = COALESCE(w.ext, u.{ext}), {at} = w.at \
-             FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS w(k, ext, at) \
-             WHERE u.{key} = w.k::{key_type} AND (u.{at} IS NULL OR u.{at} < w.at) \
-             RETURNING w.k",
-            table = shape.table.quoted(),
-            ext = quote_ident(EXTERNAL_ID_COLUMN),
-            at = quote_ident(SYNCED_AT_COLUMN),
-            key = quote_ident(&shape.key_column),
-            key_type = shape.key_type,
-        );
+        let sql = guarded_update_sql(shape);
         let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
         let update = client.prepare(&sql).await.map_err(sql_err)?;
         let progress = client
@@ -321,35 +312,53 @@ async fn await_visibility(
 /// backend can hold the origin for a moment after the process is gone, so a
 /// busy origin is retried briefly before it is reported.
 async fn setup_origin_session(client: &Client, origin: &str) -> Result<(), WritebackError> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match client
-            .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                let busy = e
-                    .as_db_error()
-                    .is_some_and(|d| d.message().contains("is already active"));
-                if busy && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-                let reason = error_text(&e);
-                return Err(if busy {
-                    WritebackError::OriginBusy {
-                        origin: origin.to_string(),
-                        reason,
-                    }
-                } else {
-                    WritebackError::Sql(format!(
-                        "cannot tag the write-back session with origin {origin}: {reason}"
-                    ))
-                });
-            }
-        }
+    match crate::store::origin::take(client, origin, Duration::from_secs(30)).await {
+        Ok(()) => Ok(()),
+        Err(OriginError::Busy(e)) => Err(WritebackError::OriginBusy {
+            origin: origin.to_string(),
+            reason: error_text(&e),
+        }),
+        Err(OriginError::Failed(e)) => Err(WritebackError::Sql(format!(
+            "cannot tag the write-back session with origin {origin}: {}",
+            error_text(&e)
+        ))),
     }
+}
+
+/// The guarded write-back, the one statement that writes the sync columns.
+/// Parameters: keys (text), external ids (null keeps the stored one) and
+/// sync times, as arrays of one length; a row is only touched if its
+/// `external_synced_at` is older, so a newer sync is never overwritten.
+/// Returns the keys it updated.
+pub fn guarded_update_sql(shape: &TableShape) -> String {
+    format!(
+        "UPDATE {table} AS u SET {ext} = COALESCE(w.ext, u.{ext}), {at} = w.at \
+         FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS w(k, ext, at) \
+         WHERE u.{key} = w.k::{key_type} AND (u.{at} IS NULL OR u.{at} < w.at) \
+         RETURNING w.k",
+        table = shape.table.quoted(),
+        ext = quote_ident(EXTERNAL_ID_COLUMN),
+        at = quote_ident(SYNCED_AT_COLUMN),
+        key = quote_ident(&shape.key_column),
+        key_type = shape.key_type,
+    )
+}
+
+/// One user through the guarded write-back ([`guarded_update_sql`]), for
+/// the commands that sync a single user (`sync-user`, `dlq replay`).
+/// Whether the row was updated (false: gone, or it has a newer sync).
+pub async fn write_back_one<C: GenericClient>(
+    client: &C,
+    guarded_update: &str,
+    key: &str,
+    external_id: Option<&str>,
+    at: SystemTime,
+) -> Result<bool, tokio_postgres::Error> {
+    let keys: &[&str] = &[key];
+    let ext: &[Option<&str>] = &[external_id];
+    let at: &[SystemTime] = &[at];
+    let updated = client.query(guarded_update, &[&keys, &ext, &at]).await?;
+    Ok(!updated.is_empty())
 }
 
 /// Reads a row's current external id: for an update or delete decoded
@@ -406,5 +415,30 @@ fn record_metrics(batch: &[WriteItem]) {
             Outcome::DeadLetter(dl) => metrics::dead_lettered(dl.state == DeadLetterState::Failed),
             Outcome::Skipped | Outcome::Deferred | Outcome::Resume => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::names::TableName;
+
+    #[test]
+    fn guarded_update_quotes_and_casts_the_key() {
+        let shape = TableShape {
+            table: TableName::parse("app.Users").unwrap(),
+            key_column: "user id".into(),
+            key_type: "uuid".into(),
+            columns: Vec::new(),
+            replica_identity: 'd',
+        };
+        let sql = guarded_update_sql(&shape);
+        assert!(sql.starts_with(&format!("UPDATE {} AS u SET ", shape.table.quoted())));
+        assert!(sql.contains(r#"WHERE u."user id" = w.k::uuid"#), "{sql}");
+        assert!(
+            sql.contains(r#"(u."external_synced_at" IS NULL OR u."external_synced_at" < w.at)"#),
+            "{sql}"
+        );
+        assert!(sql.ends_with("RETURNING w.k"));
     }
 }

@@ -1,0 +1,145 @@
+//! The idempotent SQL that prepares a database for the daemon (sync
+//! columns, schema, replica identity, publication, origin, slot), printed
+//! for a DBA or applied by `usersync setup`. `sql/setup.sql` is this output
+//! for the default names.
+
+use tokio_postgres::Client;
+
+use crate::config::{quote_ident, quote_literal, DatabaseConfig};
+use crate::core::table::EXTERNAL_ID_COLUMN;
+use crate::core::table::SYNCED_AT_COLUMN;
+use crate::store::db::error_text;
+
+/// A setup statement that failed: the step's comment and the server's reason.
+#[derive(Debug, thiserror::Error)]
+#[error("setup step failed: {step}: {reason}")]
+pub struct StepError {
+    pub step: String,
+    pub reason: String,
+}
+
+/// One statement with the comment that explains it to a DBA.
+pub struct Step {
+    pub comment: &'static str,
+    pub sql: String,
+}
+
+/// The statements, in order. Each runs in its own transaction because
+/// PostgreSQL refuses to create a logical slot in a transaction that wrote.
+pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
+    let table = cfg.table.quoted();
+    let publication = &cfg.publication;
+    vec![
+        Step {
+            comment: "The two columns usersync writes back: the external service's id and the time of the last successful sync.",
+            sql: format!(
+                "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {EXTERNAL_ID_COLUMN} text,\n    ADD COLUMN IF NOT EXISTS {SYNCED_AT_COLUMN} timestamptz;"
+            ),
+        },
+        Step {
+            comment: "usersync's own objects live in their own schema.",
+            sql: "CREATE SCHEMA IF NOT EXISTS usersync;".to_string(),
+        },
+        Step {
+            comment: "Changes the external service refused, and the later changes of those users parked behind them.",
+            sql: crate::store::deadletter::TABLE_DDL.to_string(),
+        },
+        Step {
+            comment: "The newest change made durable per user, so a restart does not push what was already written back.",
+            sql: crate::store::progress::TABLE_DDL.to_string(),
+        },
+        Step {
+            comment: "One row per synced or dead-lettered change (keys, outcome, timings; no row values), for \"when was this user last synced\"; pruned after sync_log.retention_days.",
+            sql: crate::store::synclog::TABLE_DDL.to_string(),
+        },
+        Step {
+            comment: "Deletes and updates carry the whole old row, so a delete reaches the external service with its external id although the row is gone.",
+            sql: format!("ALTER TABLE {table} REPLICA IDENTITY FULL;"),
+        },
+        Step {
+            comment: "The publication the slot streams: the users table only.",
+            sql: format!(
+                "DO $$\nBEGIN\n    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {pub_lit}) THEN\n        CREATE PUBLICATION {pub_ident} FOR TABLE {table};\n    ELSIF NOT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = {pub_lit}\n                      AND schemaname = {schema_lit} AND tablename = {name_lit}) THEN\n        ALTER PUBLICATION {pub_ident} ADD TABLE {table};\n    END IF;\nEND\n$$;",
+                pub_lit = quote_literal(publication),
+                pub_ident = quote_ident(publication),
+                schema_lit = quote_literal(&cfg.table.schema),
+                name_lit = quote_literal(&cfg.table.name),
+            ),
+        },
+        Step {
+            comment: "The replication origin that tags usersync's write-backs, so the daemon never pushes its own writes again.",
+            sql: format!(
+                "SELECT pg_replication_origin_create({origin})\n    WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {origin});",
+                origin = quote_literal(&cfg.origin)
+            ),
+        },
+        Step {
+            comment: "The logical replication slot: PostgreSQL keeps WAL from here until usersync confirms it.",
+            sql: format!(
+                "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput')\n    WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot});",
+                slot = quote_literal(&cfg.slot)
+            ),
+        },
+        Step {
+            comment: "Sync requests (backfill, sync-user, switching sync back on): each row asks the daemon to push one user's current state.",
+            sql: crate::store::requests::REQUESTS_DDL.to_string(),
+        },
+        Step {
+            comment: "Requests travel through the stream, ordered with the users' own changes.",
+            sql: crate::store::requests::publication_sql(cfg),
+        },
+        Step {
+            comment: "Users changed while sync was switched off ([sync] enabled = false), pushed when it is switched on.",
+            sql: crate::store::requests::PENDING_DDL.to_string(),
+        },
+        Step {
+            comment: "A hash of the values last pushed per user, so backfill can tell which rows changed since.",
+            sql: crate::store::requests::HASH_DDL.to_string(),
+        },
+        Step {
+            comment: "The backfill's resumable cursor (one row).",
+            sql: crate::store::backfill::TABLE_DDL.to_string(),
+        },
+    ]
+}
+
+/// The script a DBA can read and run with `psql -f`.
+pub fn render(cfg: &DatabaseConfig) -> String {
+    let mut out = format!(
+        "-- usersync setup for table {} (publication {}, slot {}, origin {}).\n\
+         -- Idempotent: safe to run again. Run each statement on its own (psql -f does);\n\
+         -- a logical slot cannot be created inside a transaction that wrote.\n",
+        cfg.table, cfg.publication, cfg.slot, cfg.origin
+    );
+    for step in steps(cfg) {
+        out.push_str("\n-- ");
+        out.push_str(step.comment);
+        out.push('\n');
+        out.push_str(&step.sql);
+        out.push('\n');
+    }
+    out
+}
+
+/// Runs every step, each in its own transaction (notices of a rerun's
+/// "already exists, skipping" silenced).
+pub async fn run_steps(client: &Client, cfg: &DatabaseConfig) -> Result<(), StepError> {
+    // A rerun's "already exists, skipping" notices are expected, not news.
+    client
+        .batch_execute("SET client_min_messages = warning")
+        .await
+        .map_err(|e| StepError {
+            step: "quiet notices".to_string(),
+            reason: error_text(&e),
+        })?;
+    for step in steps(cfg) {
+        client
+            .batch_execute(&step.sql)
+            .await
+            .map_err(|e| StepError {
+                step: step.comment.to_string(),
+                reason: error_text(&e),
+            })?;
+    }
+    Ok(())
+}
