@@ -153,6 +153,24 @@ impl Report {
 
 /// Runs every check it can. Config errors are findings, not failures: a
 /// missing secret still lets the database be checked.
+/// The metrics endpoint bound beyond loopback serves /metrics to whoever can
+/// reach the host: worth a warning, not a failure (a container needs it).
+fn metrics_listen(listen: &str) -> Option<Finding> {
+    let addr: std::net::SocketAddr = listen.parse().ok()?;
+    Some(if addr.ip().is_loopback() {
+        Finding::ok(
+            "metrics_listen",
+            format!("metrics on {addr} (loopback only)"),
+        )
+    } else {
+        Finding::warn(
+            "metrics_listen",
+            format!("metrics.listen = {addr} is reachable beyond this host: /metrics, /healthz and /readyz are served to the network"),
+            Some("set metrics.listen = \"127.0.0.1:9187\" unless a firewall or network policy guards the port".to_string()),
+        )
+    })
+}
+
 pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
     let mut out = Vec::new();
     let full = Config::load(path, explicit, env);
@@ -180,6 +198,9 @@ pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
             "database",
             "not checked: the [database] configuration has an error (above)",
         )),
+    }
+    if let Ok(cfg) = &full {
+        out.extend(metrics_listen(&cfg.metrics.listen));
     }
     match &full {
         Ok(cfg) => out.push(sink_check(cfg).await),
@@ -643,4 +664,21 @@ async fn sink_check(cfg: &Config) -> Finding {
         "sink",
         format!("the {} service at {} answers", sink.name(), cfg.sink.url),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_beyond_loopback_warn() {
+        assert_eq!(
+            metrics_listen("127.0.0.1:9187").map(|f| f.level),
+            Some(Level::Ok)
+        );
+        let f = metrics_listen("0.0.0.0:9187").expect("a finding");
+        assert_eq!(f.level, Level::Warn);
+        assert!(f.fix.as_deref().is_some_and(|x| x.contains("127.0.0.1")));
+        assert!(metrics_listen("").is_none());
+    }
 }

@@ -124,6 +124,34 @@ pub fn render(cfg: &DatabaseConfig) -> String {
 /// Runs every step, each in its own transaction (notices of a rerun's
 /// "already exists, skipping" silenced).
 pub async fn run_steps(client: &Client, cfg: &DatabaseConfig) -> Result<(), StepError> {
+    // Two setups at once (two replicas starting, a deploy script run twice)
+    // would race on CREATE … IF NOT EXISTS, which is not safe against a
+    // concurrent creator: one session-level lock makes them take turns, and
+    // the second finds everything in place.
+    let step_err = |step: &str| {
+        let step = step.to_string();
+        move |e: tokio_postgres::Error| StepError {
+            step,
+            reason: error_text(&e),
+        }
+    };
+    client
+        .batch_execute(&format!("SELECT pg_advisory_lock({SETUP_LOCK})"))
+        .await
+        .map_err(step_err("wait for any other usersync setup to finish"))?;
+    let result = run_steps_locked(client, cfg).await;
+    let unlocked = client
+        .batch_execute(&format!("SELECT pg_advisory_unlock({SETUP_LOCK})"))
+        .await
+        .map_err(step_err("release the setup lock"));
+    result.and(unlocked)
+}
+
+/// The advisory lock key `setup` holds while it runs (an arbitrary
+/// constant: "usersync" in ASCII).
+const SETUP_LOCK: i64 = 0x7573_6572_7379_6e63;
+
+async fn run_steps_locked(client: &Client, cfg: &DatabaseConfig) -> Result<(), StepError> {
     // A rerun's "already exists, skipping" notices are expected, not news.
     client
         .batch_execute("SET client_min_messages = warning")

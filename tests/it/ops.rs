@@ -534,3 +534,58 @@ async fn teardown_asks_refuses_while_running_and_keeps_the_table() {
     );
     assert_eq!(db.count("SELECT count(*) FROM users").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_setups_all_succeed() {
+    let db = TestDb::bare(USERS_UUID, "").await;
+    let runs: Vec<_> = (0..3)
+        .map(|_| run_cli(db.binary_command(&["setup"]), LIMIT))
+        .collect();
+    for out in futures::future::join_all(runs).await {
+        assert_eq!(out.code, Some(0), "{}", out.all());
+    }
+    let out = run_cli(db.binary_command(&["check"]), LIMIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_survives_a_flood_of_half_sent_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new(USERS_UUID).await;
+    let mut cfg = db.config();
+    cfg.metrics.listen = "127.0.0.1:0".into();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let server = usersync::app::run::serve_metrics(&cfg, cancel.clone())
+        .await
+        .expect("serve")
+        .expect("enabled");
+    // Far more half-sent requests than the endpoint keeps connections for.
+    let mut open = Vec::new();
+    for _ in 0..200 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(server.addr).await {
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+            open.push(s);
+        }
+    }
+    // Each is closed by the server (header-read timeout, or at once past the
+    // connection cap): a read ends instead of waiting forever.
+    for mut s in open {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
+        assert!(read.is_ok(), "a half-sent request kept its connection open");
+    }
+    // And the endpoint still answers.
+    let mut s = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut answer))
+        .await
+        .expect("an answer")
+        .expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    cancel.cancel();
+}
