@@ -193,7 +193,10 @@ pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
         }
     };
     match &db {
-        Some(db) => database_checks(db, &mut out).await,
+        Some(db) => {
+            let sink_columns = full.as_ref().map(|c| c.sink.columns.clone()).unwrap_or_default();
+            database_checks(db, &sink_columns, &mut out).await
+        }
         None => out.push(Finding::skipped(
             "database",
             "not checked: the [database] configuration has an error (above)",
@@ -212,7 +215,7 @@ pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
     Report::new(out)
 }
 
-async fn database_checks(db: &DatabaseConfig, out: &mut Vec<Finding>) {
+async fn database_checks(db: &DatabaseConfig, sink_columns: &[String], out: &mut Vec<Finding>) {
     let client = match crate::store::db::connect(db, "usersync-check").await {
         Ok(c) => {
             out.push(Finding::ok(
@@ -280,6 +283,20 @@ async fn database_checks(db: &DatabaseConfig, out: &mut Vec<Finding>) {
                     .into_iter()
                     .map(|e| Finding::from_schema("columns", e)),
             );
+            // `run` refuses these too; a column that does not exist is never synced.
+            for column in sink_columns.iter().filter(|c| !shape.has_column(c)) {
+                out.push(Finding::fail(
+                    "sink_columns",
+                    format!(
+                        "sink.columns or [sink.mapping] names column {column}, which {} does not have; usersync refuses to start",
+                        shape.table
+                    ),
+                    Some(format!(
+                        "remove {column} from sink.columns / [sink.mapping], or add the column to {}",
+                        shape.table
+                    )),
+                ));
+            }
             out.push(match schema::check_replica_identity(shape) {
                 Ok(()) => Finding::ok("replica_identity", "REPLICA IDENTITY FULL"),
                 Err(e) => Finding::from_schema("replica_identity", e),

@@ -589,3 +589,18 @@ async fn the_metrics_endpoint_survives_a_flood_of_half_sent_requests() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     cancel.cancel();
 }
+
+#[tokio::test]
+async fn check_refuses_sink_columns_that_name_no_column() {
+    let db = TestDb::new(USERS_UUID).await;
+    let mut cmd = db.binary_command(&["check", "--json"]);
+    cmd.env("USERSYNC_SINK_COLUMNS", "email,nickname");
+    let (code, report) = check_json(&db, cmd).await;
+    assert_eq!(code, Some(1), "{report:#}");
+    let (l, f) = level(&report, "sink_columns");
+    assert_eq!(l, "fail", "{f}");
+    assert!(
+        f["message"].as_str().unwrap_or_default().contains("nickname"),
+        "{f}"
+    );
+}
