@@ -9,6 +9,8 @@
 #   bash bench/mutants.sh src/pipeline/ack.rs    # one file
 #   MUTANTS_TESTS=lib bash bench/mutants.sh src/pipeline/ack.rs
 #                                                # unit tests only (minutes)
+#   MUTANTS_ARGS='--re is_pending' bash bench/mutants.sh src/pipeline/ack.rs
+#                                                # only some mutants (see --list)
 #
 # Run by hand, not in CI: every mutant rebuilds the crate and runs
 # `cargo test --release` (the integration binary alone takes 1-2 minutes
@@ -57,7 +59,7 @@ cargo mutants --in-place --no-shuffle \
   --profile release \
   --output target \
   --timeout "${MUTANTS_TIMEOUT:-900}" --build-timeout "${MUTANTS_BUILD_TIMEOUT:-1200}" \
-  "${args[@]}" "${test_args[@]}" || status=$?
+  ${MUTANTS_ARGS:-} "${args[@]}" "${test_args[@]}" || status=$?
 
 if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
   echo "WARNING: the tree is not clean after the run: git diff, then git checkout the mutated file" >&2
