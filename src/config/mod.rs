@@ -962,6 +962,30 @@ impl RawConfig {
                 message: "set either sink.columns or [sink.mapping], not both: with a mapping, the mapped columns are the synced ones".into(),
             });
         }
+        // The two sync columns are usersync's own: synced, they would make
+        // every write-back a change to push (an echo past the origin filter)
+        // and let a vendor value overwrite the guarded write-back.
+        let sync_column = |c: &String| {
+            c == crate::core::table::EXTERNAL_ID_COLUMN || c == crate::core::table::SYNCED_AT_COLUMN
+        };
+        if let Some(c) = s.columns.iter().find(|c| sync_column(c)) {
+            return Err(ConfigError::Invalid {
+                key: "sink.columns",
+                message: format!(
+                    "{c:?} is one of the two columns usersync writes back (external_user_id, \
+                     external_synced_at) and cannot be synced: remove it from sink.columns"
+                ),
+            });
+        }
+        if let Some((f, c)) = s.mapping.iter().find(|(_, c)| sync_column(c)) {
+            return Err(ConfigError::Invalid {
+                key: "sink.mapping",
+                message: format!(
+                    "{f} = {c:?}: {c:?} is one of the two columns usersync writes back \
+                     (external_user_id, external_synced_at) and cannot be synced: map another column"
+                ),
+            });
+        }
         let mapping: Vec<(String, String)> = s
             .mapping
             .iter()
@@ -1222,6 +1246,36 @@ secret_env = "HOOK_SECRET"
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
         assert!(!dbg.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "{dbg}");
+    }
+
+    #[test]
+    fn a_sync_column_in_sink_columns_is_refused() {
+        for col in ["external_user_id", "external_synced_at"] {
+            let text = MINIMAL.replace(
+                "secret_env = \"HOOK_SECRET\"",
+                &format!("secret_env = \"HOOK_SECRET\"\ncolumns = [\"email\", \"{col}\"]"),
+            );
+            let err =
+                Config::from_parts(Some(&text), "sync.toml", &env(&[("HOOK_SECRET", SECRET)]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains("sink.columns") && err.contains(col), "{err}");
+            assert!(err.contains("writes back"), "{err}");
+            let e = env(&[
+                ("HOOK_SECRET", SECRET),
+                ("USERSYNC_SINK_COLUMNS", &format!("email,{col}")),
+            ]);
+            let err = Config::from_parts(Some(MINIMAL), "t", &e)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(col), "{err}");
+            let text = format!("{MINIMAL}\n[sink.mapping]\nid = \"{col}\"\n");
+            let err =
+                Config::from_parts(Some(&text), "sync.toml", &env(&[("HOOK_SECRET", SECRET)]))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains("sink.mapping") && err.contains(col), "{err}");
+        }
     }
 
     #[test]

@@ -126,6 +126,47 @@ async fn sync_user_works_with_and_without_a_daemon() {
     daemon.stop().await;
 }
 
+/// `sync-user` without a daemon writes back through its own guarded UPDATE:
+/// a row whose `external_synced_at` is newer than this sync (another writer,
+/// a later sync) keeps it. Fails when the guard is dropped from the UPDATE in
+/// src/app/sync_user.rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sync_user_never_overwrites_a_newer_sync() {
+    let db = TestDb::new(USERS_BIGINT).await;
+    db.exec("INSERT INTO users (id, email, name) VALUES (1, 'ann@example.com', 'Ann')")
+        .await;
+    let out = run_cli(db.binary_command(&["sync-user", "1", "--json"]), CLI_LIMIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    let ext = v["external_id"].as_str().expect("external id").to_string();
+
+    db.exec(
+        "UPDATE users SET name = 'Ann B', external_synced_at = '2999-01-01 00:00:00+00' WHERE id = 1",
+    )
+    .await;
+    let out = run_cli(db.binary_command(&["sync-user", "1", "--json"]), CLI_LIMIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    assert_eq!(v["status"], "updated", "{v}");
+    assert_eq!(v["via"], "direct", "{v}");
+    // It was pushed...
+    let live = db.fake.live_users_with_key(&json!(1));
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0].data["name"], "Ann B");
+    // ...and the newer sync in the row is left alone.
+    let row = db
+        .client
+        .query_one(
+            "SELECT external_user_id, external_synced_at = '2999-01-01 00:00:00+00' FROM users WHERE id = 1",
+            &[],
+        )
+        .await
+        .expect("row");
+    let (id, untouched): (String, bool) = (row.get(0), row.get(1));
+    assert!(untouched, "sync-user overwrote a newer external_synced_at");
+    assert_eq!(id, ext);
+}
+
 /// The Memberstack fake without a rate limit, and a config for it.
 struct Ms {
     db: TestDb,
@@ -524,9 +565,10 @@ async fn sync_off_then_on_pushes_each_changed_user_once() {
             >= before + 50
     })
     .await;
-    // Give a stray second push the chance to show.
+    // A stray second push would come from a change or request committed
+    // before now: once the slot is confirmed past now, it would have arrived.
     db.wait_consistent(Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    db.wait_confirmed_past_now(Duration::from_secs(30)).await;
     let pushed: Vec<Value> = db.accepted()[before..].to_vec();
     assert_eq!(pushed.len(), 50, "each changed user once: {pushed:?}");
     let mut seen = std::collections::BTreeSet::new();

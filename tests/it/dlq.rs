@@ -396,6 +396,54 @@ async fn list_show_and_replay_user_push_the_current_row() {
     assert!(out.stdout.contains("no dead letters"), "{}", out.stdout);
 }
 
+/// `dlq replay` writes back through its own guarded UPDATE: a row whose
+/// `external_synced_at` is newer than the replay (another writer, a later
+/// sync) keeps it. Fails when the guard is dropped from the UPDATE in
+/// src/app/dlq.rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_never_overwrites_a_newer_sync() {
+    let db = dlq_db(USERS_UUID).await;
+    db.exec(&format!(
+        "INSERT INTO users (id, email, name) VALUES ('{ANN}', 'ann@example.com', 'Ann')"
+    ))
+    .await;
+    sync_with_daemon(&db).await;
+    let ann_ext = external_id(&db, ANN).await.expect("ann synced");
+    let ann_data = created_data(&db, &json!(ANN));
+    insert_letter(
+        &db,
+        failed_update(
+            "evt_0000000001000000_0",
+            ANN,
+            Some(&ann_ext),
+            with_plan(&ann_data, "pro"),
+        ),
+        json!(ANN),
+    )
+    .await;
+    db.exec(&format!(
+        "UPDATE users SET plan = 'pro', external_synced_at = '2999-01-01 00:00:00+00' WHERE id = '{ANN}'"
+    ))
+    .await;
+    let newer = synced_at(&db, ANN).await.expect("synced_at");
+
+    let out = dlq(&db, &["replay", "--user", ANN]).await;
+    expect_code(&out, 0, "dlq replay --user");
+    let pushed = replayed(&db);
+    assert_eq!(pushed.len(), 1, "{pushed:#?}");
+    assert_eq!(pushed[0]["data"]["plan"], "pro");
+    assert_eq!(letters_of(&db, ANN).await, 0);
+    assert_eq!(
+        synced_at(&db, ANN).await,
+        Some(newer),
+        "dlq replay overwrote a newer external_synced_at"
+    );
+    assert_eq!(
+        external_id(&db, ANN).await.as_deref(),
+        Some(ann_ext.as_str())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_all_creates_updates_and_deletes_in_order() {
     let db = dlq_db(USERS_UUID).await;

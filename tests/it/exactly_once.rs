@@ -61,8 +61,9 @@ async fn kill_right_after_write_back_does_not_push_again() {
         child = db.spawn_binary(&["run"]);
     }
     db.wait_consistent(Duration::from_secs(30)).await;
-    // Give a replay, if any, time to show.
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // A replay is of a change committed before now: once the slot is
+    // confirmed past now, every replayed push has arrived.
+    db.wait_confirmed_past_now(Duration::from_secs(30)).await;
     child.kill().expect("kill");
     let _ = child.wait();
     assert!(

@@ -606,7 +606,7 @@ async fn sigkill_at_random_moments_under_mixed_writes() {
     sigkill_at_random_moments(20).await;
 }
 
-/// `cargo test --release --test faults -- --ignored`
+/// `cargo test --release --test it faults:: -- --ignored` (README.md, "Development")
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "soak: 100+ kills, run with --ignored"]
 async fn sigkill_soak() {

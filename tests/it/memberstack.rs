@@ -229,7 +229,9 @@ async fn create_then_updates_patch_only_mapped_changes() {
     let n = ms.api.requests().len();
     ms.exec("UPDATE users SET plan = 'pro' WHERE id = 1").await;
     wait_for("the PATCH", WAIT, || ms.api.requests().len() > n).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // An echo of the write-back would be committed before now and pushed
+    // before the slot is confirmed past now.
+    ms.db.wait_confirmed_past_now(WAIT).await;
     let new = ms.requests_since(n);
     assert_eq!(new.len(), 1, "{new:#?}");
     assert_eq!(method_path(&new[0]), format!("PATCH /members/{id}"));
@@ -246,8 +248,12 @@ async fn create_then_updates_patch_only_mapped_changes() {
         .await;
     ms.exec("UPDATE users SET name = 'Ada L.' WHERE id = 1")
         .await;
-    wait_for("the marker PATCH", WAIT, || ms.api.requests().len() > n).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    wait_for("the marker PATCH", WAIT, || {
+        ms.requests_since(n)
+            .iter()
+            .any(|r| r.body["customFields"]["first-name"] == "Ada L.")
+    })
+    .await;
     let new = ms.requests_since(n);
     assert_eq!(new.len(), 1, "{new:#?}");
     assert_eq!(new[0].body["customFields"]["first-name"], "Ada L.");
@@ -327,11 +333,20 @@ async fn delete_with(policy: &str) -> (Ms, String) {
         .await;
     let id = ms.wait_synced(1).await;
     ms.exec("DELETE FROM users WHERE id = 1").await;
-    // A marker user after the delete: once it is synced, the delete was handled.
-    ms.exec("INSERT INTO users (id, email) VALUES (2, 'marker@example.com')")
+    // The marker travels the same user's lane after the delete: the key
+    // inserted again (another email, so another member). Once it is synced,
+    // the delete was handled.
+    ms.exec("INSERT INTO users (id, email) VALUES (1, 'marker@example.com')")
         .await;
-    ms.wait_synced(2).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while ms.external_id(1).await.is_none_or(|e| e == id) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-inserted row 1 was not synced: {:#?}",
+            ms.api.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     daemon.stop().await;
     (ms, id)
 }

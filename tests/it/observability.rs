@@ -158,7 +158,10 @@ async fn metrics_and_health_follow_a_real_run() {
     assert_eq!(get("usersync_dead_letters_total{state=\"parked\"}"), 0.0);
     assert_eq!(get("usersync_parked_users"), 1.0);
     assert_eq!(get("usersync_streaming"), 1.0);
-    assert!(get("usersync_replication_lag_bytes") >= 0.0);
+    assert!(
+        get("usersync_replication_lag_bytes").is_finite(),
+        "the lag's value is checked in readyz_fails_while_the_slot_lags_past_the_threshold"
+    );
     assert!(get("usersync_buffered_changes_limit") >= 1.0);
     assert!(
         text.contains("# TYPE usersync_push_duration_seconds histogram"),
@@ -173,7 +176,14 @@ async fn metrics_and_health_follow_a_real_run() {
 async fn readyz_fails_while_the_slot_lags_past_the_threshold() {
     install_crypto();
     let db = TestDb::new(USERS_BIGINT).await;
-    let child = spawn_run(&db, &[("USERSYNC_METRICS_READY_MAX_LAG_MB", "0")]);
+    // Retries never give up here: the change stays unconfirmed until cleared.
+    let child = spawn_run(
+        &db,
+        &[
+            ("USERSYNC_METRICS_READY_MAX_LAG_MB", "0"),
+            ("USERSYNC_RETRY_MAX_ATTEMPTS", "100000"),
+        ],
+    );
     let base = metrics_url(&db).await;
     wait_http(&base, "/metrics", "streaming", |_, t| {
         sample(t, "usersync_streaming") == Some(1.0)
@@ -204,10 +214,6 @@ async fn readyz_fails_while_the_slot_lags_past_the_threshold() {
             >= 2.0,
         "{text}"
     );
-    assert!(
-        sample(&text, "usersync_replication_lag_bytes").unwrap_or(0.0) > 0.0,
-        "{text}"
-    );
     assert_eq!(
         sample(&text, "usersync_pushes_in_flight"),
         Some(1.0),
@@ -218,6 +224,72 @@ async fn readyz_fails_while_the_slot_lags_past_the_threshold() {
         Some(1.0),
         "{text}"
     );
+
+    // The lag's value, not only its presence. The metric is the cluster's
+    // WAL position minus the slot's confirmed one; other tests write WAL, so
+    // bounds are taken against positions this test recorded. While the
+    // change is refused the slot stays at or before its commit (the LSN in
+    // its event id); ~1 MB of WAL written after it must show in the lag.
+    let event_id = db.fake.requests()[0].body["id"]
+        .as_str()
+        .expect("event id")
+        .to_string();
+    let commit_lsn = format!(
+        "{:X}/{:X}",
+        u64::from_str_radix(&event_id[4..12], 16).expect("LSN"),
+        u64::from_str_radix(&event_id[12..20], 16).expect("LSN")
+    );
+    db.exec(
+        "CREATE TABLE filler AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 8000) g",
+    )
+    .await;
+    let at_least: f64 = db
+        .client
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
+            &[&commit_lsn],
+        )
+        .await
+        .expect("lsn diff")
+        .get(0);
+    assert!(at_least > 500_000.0, "the filler wrote {at_least} bytes");
+    wait_http(&base, "/metrics", "the lag to cover the filler", |_, t| {
+        sample(t, "usersync_replication_lag_bytes").unwrap_or(0.0) >= at_least
+    })
+    .await;
+
+    // Once the change is written back, the slot catches up: the lag falls
+    // below the WAL written since a position recorded after the change.
+    db.fake.clear();
+    let caught_up: String = db
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    db.wait_confirmed_past_now(WAIT).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, text) = http_get(&format!("{base}/metrics")).await;
+        let lag = sample(&text, "usersync_replication_lag_bytes").expect("lag");
+        let bound: f64 = db
+            .client
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8",
+                &[&caught_up],
+            )
+            .await
+            .expect("lsn diff")
+            .get(0);
+        if lag <= bound {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lag {lag} still above {bound}, the WAL written since {caught_up}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop(child);
 }
 

@@ -49,24 +49,112 @@ async fn update_pushes_once_and_write_back_does_not_echo() {
     })
     .await;
     db.wait_consistent(WAIT).await;
-    // Quiescence: the two write-backs must not come back as pushes.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Quiescence by a marker on the same path: once the slot is confirmed past
+    // the update, both write-backs have committed; an echo of either would be
+    // decoded before the marker (a later commit) and pushed before it in this
+    // user's lane.
+    let lsn = current_lsn(&db).await;
+    wait_confirmed_past(&db, &lsn).await;
+    db.exec("UPDATE users SET name = 'marker 1'").await;
+    wait_for("the first marker", WAIT, || {
+        of_type(&db.accepted(), "user.updated").len() >= 2
+    })
+    .await;
     let bodies = db.accepted();
-    assert_eq!(bodies.len(), 2, "{bodies:#?}");
-    assert_eq!(db.fake.requests().len(), 2);
-    let update = of_type(&bodies, "user.updated")[0];
+    assert_eq!(bodies.len(), 3, "{bodies:#?}");
+    assert_eq!(db.fake.requests().len(), 3);
+    let updates = of_type(&bodies, "user.updated");
+    let update = updates[0];
     assert_eq!(update["changed"], serde_json::json!(["plan"]));
     assert_eq!(update["previous"]["plan"], "free");
     assert!(update["external_id"]
         .as_str()
         .is_some_and(|s| s.starts_with("usr_")));
+    assert_eq!(updates[1]["data"]["name"], "marker 1");
+    let lsn = current_lsn(&db).await;
+    wait_confirmed_past(&db, &lsn).await;
     daemon.stop().await;
 
-    // Across a restart the write-backs are still not pushed.
+    // Across a restart the write-backs are still not pushed: the next marker
+    // is the only push.
     let daemon = db.start_daemon();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    db.exec("UPDATE users SET name = 'marker 2'").await;
+    wait_for("the second marker", WAIT, || {
+        of_type(&db.accepted(), "user.updated").len() >= 3
+    })
+    .await;
+    let bodies = db.accepted();
+    assert_eq!(bodies.len(), 4, "{bodies:#?}");
+    assert_eq!(
+        of_type(&bodies, "user.updated")[2]["data"]["name"],
+        "marker 2"
+    );
     daemon.stop().await;
-    assert_eq!(db.fake.requests().len(), 2);
+}
+
+/// The origin filter alone, without the changed-column filter behind it: a
+/// transaction tagged with the daemon's origin that changes a *synced*
+/// column is never pushed. (The daemon's own write-backs change only the
+/// sync columns, so the no-echo test above passes even without the origin
+/// filter.) The origin is the test database's name (see `TestDb::toml`); only
+/// one session may hold it, so the daemon is stopped meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_of_our_origin_is_never_pushed_even_when_it_changes_synced_columns() {
+    install_crypto();
+    let db = TestDb::new(USERS_BIGINT).await;
+    let daemon = db.start_daemon();
+    db.exec("INSERT INTO users (id, email) VALUES (1, 'a@example.com')")
+        .await;
+    db.wait_consistent(WAIT).await;
+    let lsn = current_lsn(&db).await;
+    wait_confirmed_past(&db, &lsn).await;
+    daemon.stop().await;
+
+    let (tagged, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    tagged
+        .execute(
+            "SELECT pg_replication_origin_session_setup($1)",
+            &[&db.dbname],
+        )
+        .await
+        .expect("take the daemon's origin");
+    tagged
+        .batch_execute("UPDATE users SET name = 'tagged', plan = 'pro' WHERE id = 1")
+        .await
+        .expect("tagged update");
+    tagged
+        .batch_execute("SELECT pg_replication_origin_session_reset()")
+        .await
+        .expect("release the origin");
+    drop(tagged);
+    // The marker: an ordinary change of the same user, after the tagged one
+    // in commit order and in the user's lane.
+    db.exec("UPDATE users SET name = 'marker' WHERE id = 1")
+        .await;
+
+    let daemon = db.start_daemon();
+    wait_for("the marker", WAIT, || {
+        db.accepted().iter().any(|b| b["data"]["name"] == "marker")
+    })
+    .await;
+    let lsn = current_lsn(&db).await;
+    wait_confirmed_past(&db, &lsn).await;
+    daemon.stop().await;
+    let updates: Vec<Value> = of_type(&db.accepted(), "user.updated")
+        .into_iter()
+        .cloned()
+        .collect();
+    assert_eq!(
+        updates.len(),
+        1,
+        "the origin-tagged update was pushed: {updates:#?}"
+    );
+    assert_eq!(updates[0]["data"]["name"], "marker");
+    assert_eq!(updates[0]["data"]["plan"], "pro");
+    assert_eq!(updates[0]["changed"], serde_json::json!(["name"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -331,6 +419,87 @@ async fn slot_is_confirmed_only_after_write_back() {
     );
 }
 
+/// End to end, "complete a change when its write-back commits, not when its
+/// push returns": the push of user 1's change succeeds, its write-back is
+/// held by a row lock the test takes on the user's progress row (the
+/// write-back upserts it in its transaction), and the slot must not be
+/// confirmed past the change's commit until the lock is released.
+/// `faults::kill_between_push_and_write_back_replays_without_duplicate`
+/// kills the daemon before an early ack could reach the server; this test
+/// gives it every chance to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_is_not_confirmed_past_a_pushed_change_whose_write_back_is_held() {
+    install_crypto();
+    let db = TestDb::new(USERS_BIGINT).await;
+    let daemon = db.start_daemon();
+    db.exec(
+        "INSERT INTO users (id, email) VALUES (1, 'held@example.com'), (2, 'other@example.com')",
+    )
+    .await;
+    db.wait_consistent(WAIT).await;
+    let lsn = current_lsn(&db).await;
+    wait_confirmed_past(&db, &lsn).await;
+
+    let (mut locker, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let lock = locker.transaction().await.expect("begin");
+    lock.query_one(
+        "SELECT 1 FROM usersync.user_progress WHERE user_key = '1' FOR UPDATE",
+        &[],
+    )
+    .await
+    .expect("lock user 1's progress row");
+
+    let synced_before = synced_at_text(&db, 1).await;
+    db.exec("UPDATE users SET name = 'held' WHERE id = 1").await;
+    wait_for("the held change's push", WAIT, || {
+        db.accepted().iter().any(|b| b["data"]["name"] == "held")
+    })
+    .await;
+    let event_id = db
+        .accepted()
+        .iter()
+        .find(|b| b["data"]["name"] == "held")
+        .and_then(|b| b["id"].as_str().map(str::to_string))
+        .expect("event id");
+    // evt_<commit LSN, 16 hex digits>_<position>
+    let commit_lsn = u64::from_str_radix(&event_id[4..20], 16).expect("commit LSN in the event id");
+    // Marker: a later change of another user has been pushed too, so the
+    // pipeline has handled the held push's return and gone on.
+    db.exec("UPDATE users SET name = 'later' WHERE id = 2")
+        .await;
+    wait_for("the later change's push", WAIT, || {
+        db.accepted().iter().any(|b| b["data"]["name"] == "later")
+    })
+    .await;
+    // The writer is one session, so nothing after the held batch can be
+    // written back: there is no positive event to wait for. The reader sends
+    // a raised position within its 100 ms status interval; watch the slot
+    // for 20 of them.
+    for _ in 0..20 {
+        let now = db.confirmed_flush_lsn().await.expect("slot confirmed LSN");
+        assert!(
+            parse_lsn(&now) <= commit_lsn,
+            "confirmed {now} past {event_id}, whose write-back has not committed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        synced_at_text(&db, 1).await,
+        synced_before,
+        "the write-back was not held"
+    );
+
+    lock.rollback().await.expect("release the lock");
+    let lsn = current_lsn(&db).await;
+    wait_confirmed_past(&db, &lsn).await;
+    let after = db.confirmed_flush_lsn().await.expect("slot confirmed LSN");
+    assert!(parse_lsn(&after) > commit_lsn, "{after} vs {event_id}");
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signature_verifies_with_the_reference_python_library() {
     install_crypto();
@@ -435,6 +604,27 @@ async fn rows_from_before_usersync_are_created_on_first_update() {
     );
     assert_eq!(db.fake.users().len(), 1);
     daemon.stop().await;
+}
+
+async fn synced_at_text(db: &TestDb, id: i64) -> String {
+    db.client
+        .query_one(
+            "SELECT external_synced_at::text FROM users WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("row")
+        .get(0)
+}
+
+/// The server's WAL position now, as text: a position after every change
+/// this test has committed so far (other tests' WAL only moves it further).
+async fn current_lsn(db: &TestDb) -> String {
+    db.client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0)
 }
 
 /// Waits until the slot is confirmed at or past `lsn`: every change before

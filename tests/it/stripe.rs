@@ -634,10 +634,19 @@ async fn updates_send_one_post_and_unmapped_columns_nothing() {
     // A mapped column: one POST to the customer.
     let n = s.stripe.requests().len();
     s.exec("UPDATE users SET plan = 'pro' WHERE id = 1").await;
-    wait_for("the update", WAIT, || s.stripe.requests().len() > n).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The marker: the same user's next mapped change travels the lane after
+    // it; once it is in, anything the update caused is in too.
+    s.exec("UPDATE users SET name = 'marker' WHERE id = 1")
+        .await;
+    wait_for("the marker", WAIT, || {
+        s.requests_since(n)
+            .iter()
+            .any(|r| r.field("name") == Some("marker"))
+    })
+    .await;
     let reqs = s.requests_since(n);
-    assert_eq!(reqs.len(), 1, "{reqs:#?}");
+    assert_eq!(reqs.len(), 2, "{reqs:#?}");
+    assert_eq!(reqs[1].field("name"), Some("marker"));
     assert_eq!(
         (reqs[0].method.as_str(), reqs[0].path.clone()),
         ("POST", format!("/v1/customers/{ext}"))
@@ -655,8 +664,13 @@ async fn updates_send_one_post_and_unmapped_columns_nothing() {
     s.exec("UPDATE users SET bio = 'likes tea' WHERE id = 1")
         .await;
     s.exec("UPDATE users SET name = NULL WHERE id = 1").await;
-    wait_for("the marker update", WAIT, || s.stripe.requests().len() > n).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The marker travels the same lane after the unmapped change.
+    wait_for("the marker update", WAIT, || {
+        s.requests_since(n)
+            .iter()
+            .any(|r| r.field("name") == Some(""))
+    })
+    .await;
     let reqs = s.requests_since(n);
     assert_eq!(reqs.len(), 1, "{reqs:#?}");
     assert_eq!(reqs[0].field("name"), Some(""));
@@ -729,14 +743,14 @@ async fn delete_policy_ignore_sends_nothing() {
     s.wait_consistent(WAIT).await;
     let n = s.stripe.requests().len();
     s.exec("DELETE FROM users WHERE id = 1").await;
-    // A later change shows the delete has been handled.
-    s.exec("INSERT INTO users (id, email) VALUES (2, 'b@example.com')")
+    // The same user's next change (the key inserted again) travels its lane
+    // after the delete: once it is in, the delete has been handled.
+    s.exec("INSERT INTO users (id, email) VALUES (1, 'b@example.com')")
         .await;
-    wait_for("user 2", WAIT, || s.stripe.customers().len() == 2).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for("the re-insert", WAIT, || s.stripe.customers().len() == 2).await;
     daemon.stop().await;
     let reqs = s.requests_since(n);
-    assert_eq!(reqs.len(), 1, "only user 2's create: {reqs:#?}");
+    assert_eq!(reqs.len(), 1, "only the re-insert's create: {reqs:#?}");
     assert!(is_create(&reqs[0]));
     let c = &s.stripe.customers()[0];
     assert!(!c.deleted && !c.metadata.contains_key("deleted_at"));

@@ -664,8 +664,29 @@ async fn write_back_lands_when_the_commit_becomes_visible_late() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Give the write-back time to run while the row is still invisible.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The write-back has run while the row is still invisible: its UPDATE
+    // matched nothing and it now waits for the source transaction to become
+    // visible (the writer session's latest statement is that check).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name = 'usersync-writeback' AND query LIKE '%pg_visible_in_snapshot%'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the write-back never waited for the invisible row"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(!insert.is_finished(), "the insert's commit did not wait");
     assert_eq!(
         admin

@@ -249,6 +249,41 @@ impl TestDb {
             .get(0)
     }
 
+    /// Quiescence without guessing: records the server's WAL position now
+    /// and waits until the slot is confirmed at or past it. Every change
+    /// committed before this call has then been pushed and written back (the
+    /// ack follows the write-back's commit), so whatever it would push has
+    /// arrived. Needs a daemon streaming.
+    pub async fn wait_confirmed_past_now(&self, timeout: Duration) {
+        let lsn: String = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("lsn")
+            .get(0);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let past: bool = self
+                .client
+                .query_one(
+                    "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&lsn, &self.dbname],
+                )
+                .await
+                .expect("slot")
+                .get(0);
+            if past {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slot not confirmed past {lsn} after {timeout:?}\nbinary log tail:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until every row has an external id and the fake has exactly one
     /// live user per row (and none for deleted rows).
     pub async fn wait_consistent(&self, timeout: Duration) {

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Mutation testing of the modules that own invariants (DESIGN.md, "Invariants"):
+# cargo-mutants breaks the code one small edit at a time and runs the tests;
+# a mutant the tests do not catch ("missed") is either a missing test or an
+# equivalent change, and bench/MUTANTS.md says which.
+#
+#   cargo install cargo-mutants --locked
+#   bash bench/mutants.sh                        # every owner module (hours)
+#   bash bench/mutants.sh src/pipeline/ack.rs    # one file
+#   MUTANTS_TESTS=lib bash bench/mutants.sh src/pipeline/ack.rs
+#                                                # unit tests only (minutes)
+#   MUTANTS_ARGS='--re is_pending' bash bench/mutants.sh src/pipeline/ack.rs
+#                                                # only some mutants (see --list)
+#
+# Run by hand, not in CI: every mutant rebuilds the crate and runs
+# `cargo test --release` (the integration binary alone takes 1-2 minutes
+# on two cores). It runs --in-place, on the working tree and its target/
+# directory (a copy would rebuild every dependency per run): do not edit or
+# build in this tree meanwhile. cargo-mutants restores each file after its
+# mutant; a killed run can leave one mutated, so the script refuses a dirty
+# tree and checks it is clean again at the end. Output: target/mutants.out/
+# (outcomes.json, caught.txt, missed.txt, timeout.txt, unviable.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo-mutants >/dev/null || {
+  echo "cargo-mutants is not installed: cargo install cargo-mutants --locked" >&2
+  exit 2
+}
+if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+  echo "the working tree has changes; commit or stash them first (mutants run in place)" >&2
+  exit 2
+fi
+
+# The owners of invariants 1-6: the ack rule and the loop, the origin filter,
+# the guarded write-back, the sinks (ids, idempotency, retry).
+files=("$@")
+if [ ${#files[@]} -eq 0 ]; then
+  files=(src/pipeline/ack.rs src/pipeline/mod.rs src/pipeline/requests.rs
+         src/source/stream.rs src/store/writeback.rs
+         src/sink/mod.rs src/sink/retry.rs src/sink/ratelimit.rs src/sink/mapping.rs
+         src/sink/webhook src/sink/memberstack src/sink/stripe)
+fi
+args=()
+for f in "${files[@]}"; do
+  if [ -d "$f" ]; then args+=(--file "$f/**/*.rs"); else args+=(--file "$f"); fi
+done
+
+# MUTANTS_TESTS=lib: only the library's unit tests (src/pipeline/tests.rs and
+# the modules' own tests), which run without PostgreSQL. Anything missed then
+# must be re-run with the full suite before it is called missed.
+test_args=()
+if [ "${MUTANTS_TESTS:-all}" = lib ]; then
+  test_args=(-- --lib)
+fi
+
+status=0
+cargo mutants --in-place --no-shuffle \
+  --profile release \
+  --output target \
+  --timeout "${MUTANTS_TIMEOUT:-900}" --build-timeout "${MUTANTS_BUILD_TIMEOUT:-1200}" \
+  ${MUTANTS_ARGS:-} "${args[@]}" "${test_args[@]}" || status=$?
+
+if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+  echo "WARNING: the tree is not clean after the run: git diff, then git checkout the mutated file" >&2
+fi
+for k in caught missed timeout unviable; do
+  printf '%-9s %s\n' "$k" "$(wc -l < "target/mutants.out/$k.txt" 2>/dev/null || echo 0)"
+done
+# cargo-mutants exits 2 when mutants were missed, 3 on timeouts.
+exit "$status"
