@@ -194,7 +194,10 @@ pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
     };
     match &db {
         Some(db) => {
-            let sink_columns = full.as_ref().map(|c| c.sink.columns.clone()).unwrap_or_default();
+            let sink_columns = full
+                .as_ref()
+                .map(|c| c.sink.columns.clone())
+                .unwrap_or_default();
             database_checks(db, &sink_columns, &mut out).await
         }
         None => out.push(Finding::skipped(

@@ -600,7 +600,10 @@ async fn check_refuses_sink_columns_that_name_no_column() {
     let (l, f) = level(&report, "sink_columns");
     assert_eq!(l, "fail", "{f}");
     assert!(
-        f["message"].as_str().unwrap_or_default().contains("nickname"),
+        f["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nickname"),
         "{f}"
     );
 }
