@@ -525,3 +525,25 @@ async fn a_push_waiting_to_retry_does_not_hold_up_shutdown() {
         .all(|i| matches!(i.outcome, Outcome::Resume)));
     assert!(*h.acks.borrow() < 101);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_behind_a_dead_letter_not_yet_durable_is_parked() {
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    lock(&sink.refuse).insert("a".into());
+    let mut h = start(pipeline(sink.clone(), store.clone()), 64);
+    h.txn("a", Operation::Insert, 100).await;
+    let failed = h.item().await;
+    assert!(matches!(failed.outcome, Outcome::DeadLetter(_)));
+    // The dead letter is not durable yet, so the table cannot show the user
+    // as parked: the pipeline must not ask it, and must not push.
+    lock(&sink.refuse).clear();
+    h.txn("a", Operation::Update, 200).await;
+    let next = h.item().await;
+    match &next.outcome {
+        Outcome::DeadLetter(dl) => assert_eq!(dl.state, DeadLetterState::Parked),
+        other => panic!("pushed ahead of its own dead letter: {other:?}"),
+    }
+    assert_eq!(sink.seen().len(), 1);
+    h.stop().await;
+}
