@@ -406,7 +406,7 @@ impl TempCluster {
              port = {port}\n\
              unix_socket_directories = '{socket_dir}'\n\
              wal_level = logical\n\
-             max_replication_slots = 100\n\
+             max_replication_slots = 400\n\
              max_wal_senders = 100\n\
              max_connections = 300\n\
              fsync = {fsync}\n",
@@ -426,8 +426,10 @@ impl TempCluster {
             // has recorded progress holds one of these until it is dropped,
             // and every test database has its own origin: with the default,
             // the 11th daemon's write-back fails ("could not find free
-            // replication state slot for replication origin").
-            conf.push_str("max_active_replication_origins = 100\n");
+            // replication state slot for replication origin"). 400, like
+            // the slots: the tests share one cluster, a slot and an origin
+            // per test database.
+            conf.push_str("max_active_replication_origins = 400\n");
         }
         for line in &opts.extra_conf {
             conf.push_str(line);
@@ -1001,7 +1003,7 @@ mod tests {
             ("wal_level", "logical"),
             ("fsync", "off"),
             ("synchronous_commit", "on"),
-            ("max_replication_slots", "100"),
+            ("max_replication_slots", "400"),
             ("max_connections", "300"),
             ("work_mem", "7MB"),
         ] {
@@ -1022,7 +1024,7 @@ mod tests {
             let row = client
                 .query_one("SHOW max_active_replication_origins", &[])
                 .await?;
-            assert_eq!(row.get::<_, String>(0), "100");
+            assert_eq!(row.get::<_, String>(0), "400");
         }
 
         // A name that needs quoting everywhere: SQL identifier, URL, conninfo.
