@@ -665,14 +665,19 @@ async fn write_back_lands_when_the_commit_becomes_visible_late() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The write-back has run while the row is still invisible: its UPDATE
-    // matched nothing and it now waits for the source transaction to become
-    // visible (the writer session's latest statement is that check).
+    // matched nothing and it now loops in one transaction, checking whether
+    // the source transaction is visible and updating again (its latest
+    // statement is either of the two; a write-back that is not waiting
+    // commits within milliseconds, so a transaction open for over 200 ms
+    // is this loop).
     let deadline = Instant::now() + WAIT;
     loop {
         let waiting: i64 = admin
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND application_name = 'usersync-writeback' AND query LIKE '%pg_visible_in_snapshot%'",
+                 AND application_name = 'usersync-writeback' \
+                 AND now() - xact_start > interval '200 ms' \
+                 AND (query LIKE '%pg_visible_in_snapshot%' OR query LIKE '%unnest(%')",
                 &[],
             )
             .await
