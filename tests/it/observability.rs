@@ -201,8 +201,16 @@ async fn readyz_fails_while_the_slot_lags_past_the_threshold() {
     })
     .await;
     assert!(body.contains("ready_max_lag_mb"), "{body}");
+    // One scrape is not a snapshot: an attempt can complete between the
+    // pushes family and the retries family, so wait for both to show it.
     let text = wait_http(&base, "/metrics", "retries", |_, t| {
         sample(t, "usersync_push_retries_total{sink=\"webhook\"}").unwrap_or(0.0) >= 2.0
+            && sample(
+                t,
+                "usersync_pushes_total{sink=\"webhook\",outcome=\"retryable_error\"}",
+            )
+            .unwrap_or(0.0)
+                >= 2.0
     })
     .await;
     assert!(
