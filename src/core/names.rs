@@ -9,18 +9,18 @@ pub struct TableName {
 
 impl TableName {
     pub fn parse(s: &str) -> Result<TableName, String> {
-        let parts: Vec<&str> = s.split('.').collect();
-        let (schema, name) = match parts.as_slice() {
-            [name] => ("public", *name),
-            [schema, name] => (*schema, *name),
-            _ => return Err(format!("{s:?} is not a table name (use \"schema.table\")")),
-        };
         if s.chars().any(char::is_control) {
             return Err(format!(
                 "{:?} holds a control character (a newline, tab or NUL); table names with those are not supported",
                 s
             ));
         }
+        let parts: Vec<&str> = s.split('.').collect();
+        let (schema, name) = match parts.as_slice() {
+            [name] => ("public", *name),
+            [schema, name] => (*schema, *name),
+            _ => return Err(format!("{s:?} is not a table name (use \"schema.table\")")),
+        };
         if schema.is_empty() || name.is_empty() {
             return Err(format!("{s:?} is not a table name (use \"schema.table\")"));
         }

@@ -83,26 +83,7 @@ async fn a_refused_user_is_parked_while_others_flow() {
     // The slot moves past the dead-lettered changes (other databases of the
     // shared test cluster write WAL too, so the distance to the server's
     // current position says nothing; the position after the parked change does).
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let past: bool = db
-            .client
-            .query_one(
-                "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $2",
-                &[&parked_lsn, &db.dbname],
-            )
-            .await
-            .expect("slot")
-            .get(0);
-        if past {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slot not confirmed past dead letters"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    db.wait_confirmed_past(&parked_lsn, WAIT).await;
     daemon.stop().await;
     assert_eq!(dead_letters(&db).await.len(), 4);
 

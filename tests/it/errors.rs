@@ -493,6 +493,25 @@ async fn print_sql_needs_no_config_and_matches_the_committed_script() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn print_sql_refuses_a_table_name_that_would_break_out_of_the_script() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["setup", "--print-sql"][..],
+        &["setup", "--role", "usersync_role", "--print-sql"][..],
+    ] {
+        let mut cmd = bare_command(args, dir.path());
+        cmd.env(
+            "USERSYNC_DATABASE_TABLE",
+            "public.users\n; DROP TABLE public.accounts; --",
+        );
+        let out = run(cmd).await;
+        // Refused at config load: nothing printed that psql -f could run.
+        assert_one_message(&out, 2, &["control character"]);
+        assert!(!out.stdout.contains("DROP TABLE"), "{}", out.all());
+    }
+}
+
 // ------------------------------------------------------------------ --help
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

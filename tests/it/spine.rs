@@ -54,7 +54,7 @@ async fn update_pushes_once_and_write_back_does_not_echo() {
     // decoded before the marker (a later commit) and pushed before it in this
     // user's lane.
     let lsn = current_lsn(&db).await;
-    wait_confirmed_past(&db, &lsn).await;
+    db.wait_confirmed_past(&lsn, WAIT).await;
     db.exec("UPDATE users SET name = 'marker 1'").await;
     wait_for("the first marker", WAIT, || {
         of_type(&db.accepted(), "user.updated").len() >= 2
@@ -72,7 +72,7 @@ async fn update_pushes_once_and_write_back_does_not_echo() {
         .is_some_and(|s| s.starts_with("usr_")));
     assert_eq!(updates[1]["data"]["name"], "marker 1");
     let lsn = current_lsn(&db).await;
-    wait_confirmed_past(&db, &lsn).await;
+    db.wait_confirmed_past(&lsn, WAIT).await;
     daemon.stop().await;
 
     // Across a restart the write-backs are still not pushed: the next marker
@@ -107,7 +107,7 @@ async fn a_transaction_of_our_origin_is_never_pushed_even_when_it_changes_synced
         .await;
     db.wait_consistent(WAIT).await;
     let lsn = current_lsn(&db).await;
-    wait_confirmed_past(&db, &lsn).await;
+    db.wait_confirmed_past(&lsn, WAIT).await;
     daemon.stop().await;
 
     let (tagged, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
@@ -141,7 +141,7 @@ async fn a_transaction_of_our_origin_is_never_pushed_even_when_it_changes_synced
     })
     .await;
     let lsn = current_lsn(&db).await;
-    wait_confirmed_past(&db, &lsn).await;
+    db.wait_confirmed_past(&lsn, WAIT).await;
     daemon.stop().await;
     let updates: Vec<Value> = of_type(&db.accepted(), "user.updated")
         .into_iter()
@@ -438,7 +438,7 @@ async fn the_slot_is_not_confirmed_past_a_pushed_change_whose_write_back_is_held
     .await;
     db.wait_consistent(WAIT).await;
     let lsn = current_lsn(&db).await;
-    wait_confirmed_past(&db, &lsn).await;
+    db.wait_confirmed_past(&lsn, WAIT).await;
 
     let (mut locker, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
         .await
@@ -494,7 +494,7 @@ async fn the_slot_is_not_confirmed_past_a_pushed_change_whose_write_back_is_held
 
     lock.rollback().await.expect("release the lock");
     let lsn = current_lsn(&db).await;
-    wait_confirmed_past(&db, &lsn).await;
+    db.wait_confirmed_past(&lsn, WAIT).await;
     let after = db.confirmed_flush_lsn().await.expect("slot confirmed LSN");
     assert!(parse_lsn(&after) > commit_lsn, "{after} vs {event_id}");
     daemon.stop().await;
@@ -627,31 +627,6 @@ async fn current_lsn(db: &TestDb) -> String {
         .get(0)
 }
 
-/// Waits until the slot is confirmed at or past `lsn`: every change before
-/// it is written back (the ack follows the write-back's commit).
-async fn wait_confirmed_past(db: &TestDb, lsn: &str) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let past: bool = db
-            .client
-            .query_one(
-                "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false) FROM pg_replication_slots WHERE slot_name = $2",
-                &[&lsn, &db.dbname],
-            )
-            .await
-            .expect("slot")
-            .get(0);
-        if past {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slot not confirmed past {lsn}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_write_back_never_overwrites_a_newer_sync() {
     install_crypto();
@@ -685,7 +660,7 @@ async fn the_write_back_never_overwrites_a_newer_sync() {
         of_type(&db.accepted(), "user.updated").len() == 2
     })
     .await;
-    wait_confirmed_past(&db, &lsn).await;
+    db.wait_confirmed_past(&lsn, WAIT).await;
     let row = db
         .client
         .query_one(

@@ -261,6 +261,13 @@ impl TestDb {
             .await
             .expect("lsn")
             .get(0);
+        self.wait_confirmed_past(&lsn, timeout).await;
+    }
+
+    /// Waits until the slot is confirmed at or past `lsn`, a position the
+    /// test recorded after its own change (the cluster is shared, so the
+    /// distance to its current WAL position says nothing).
+    pub async fn wait_confirmed_past(&self, lsn: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let past: bool = self
