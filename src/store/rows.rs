@@ -36,6 +36,8 @@ pub enum RowError {
     },
     #[error("database: {0}")]
     Sql(String),
+    #[error("database: {0}")]
+    Db(#[from] crate::store::db::DbError),
 }
 
 impl RowError {
@@ -148,9 +150,7 @@ impl RowReader {
             );
             columns.push(column);
         }
-        crate::store::types::load_kinds(client, &shape.table, &mut types)
-            .await
-            .map_err(|e| RowError::Sql(e.to_string()))?;
+        crate::store::types::load_kinds(client, &shape.table, &mut types).await?;
         let key_oid = columns
             .iter()
             .find(|c| c.name == shape.key_column)
