@@ -11,16 +11,18 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{quote_ident, quote_literal, Config};
-use crate::store::db::{connect, error_text, ConnectError};
+use crate::config::Config;
+use crate::core::error::{Classify, ErrorKind};
+use crate::store::db::{connect, ConnectError, DbError};
 use crate::store::requests::{self, RequestError};
 use crate::store::rows::RowError;
 use crate::store::rows::{RowReader, SESSION_SETTINGS};
 use crate::store::schema::{self, SchemaError};
 
+use crate::store::backfill as store;
 pub use crate::store::backfill::TABLE_DDL;
 
 /// How long the backfill waits for a daemon that stopped streaming before
@@ -43,25 +45,30 @@ pub enum BackfillError {
     DaemonGone(String),
     #[error("interrupted; the cursor is kept: run `usersync backfill` again to continue")]
     Interrupted,
-    #[error("database: {0}")]
-    Sql(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
-impl BackfillError {
-    pub fn is_config(&self) -> bool {
+impl Classify for BackfillError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            BackfillError::Schema(SchemaError::Query { .. }) => false,
-            BackfillError::Schema(_) => true,
-            BackfillError::Requests(RequestError::Sql(_)) => false,
-            BackfillError::Requests(_) => true,
-            BackfillError::Rows(e) => e.is_config(),
-            _ => false,
+            BackfillError::Connect(e) => e.kind(),
+            BackfillError::Schema(e) => e.kind(),
+            BackfillError::Rows(e) => e.kind(),
+            BackfillError::Requests(e) => e.kind(),
+            BackfillError::NoDaemon(_)
+            | BackfillError::DaemonGone(_)
+            | BackfillError::Interrupted => ErrorKind::Permanent,
+            BackfillError::Db(e) => e.kind(),
         }
     }
 }
 
-fn sql_err(e: tokio_postgres::Error) -> BackfillError {
-    BackfillError::Sql(error_text(&e))
+fn sql_err(source: tokio_postgres::Error) -> BackfillError {
+    BackfillError::Db(DbError {
+        context: "backfill",
+        source,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,13 +128,6 @@ impl std::fmt::Display for Summary {
     }
 }
 
-struct State {
-    cursor: Option<String>,
-    total: i64,
-    done: i64,
-    resumed: bool,
-}
-
 /// Runs a backfill to its end. The caller decides what an error means.
 pub async fn run(
     cfg: &Config,
@@ -142,28 +142,20 @@ pub async fn run(
     let shape = schema::inspect_table(&client, &cfg.database.table).await?;
     schema::check_table_ready(&shape)?;
     requests::check(&client, &cfg.database).await?;
-    let key = quote_ident(&shape.key_column);
-    let key_type = shape.key_type.clone();
-    let table = shape.table.quoted();
     let reader = RowReader::new(&client, shape, &cfg.sink.columns).await?;
 
     if !opts.dry_run {
         wait_for_daemon(&client, cfg, opts, &cancel).await?;
     }
     let mut state = if opts.dry_run {
-        let total: i64 = client
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-            .await
-            .map_err(sql_err)?
-            .get(0);
-        State {
-            cursor: None,
-            total,
+        store::Cursor {
+            last_key: None,
+            total: store::count_rows(&client, reader.shape()).await?,
             done: 0,
             resumed: false,
         }
     } else {
-        start_or_resume(&client, &table, opts.mode).await?
+        store::start_or_resume(&client, reader.shape(), opts.mode.as_str()).await?
     };
     let mut summary = Summary {
         resumed: state.resumed,
@@ -177,55 +169,31 @@ pub async fn run(
         );
     }
     let mut progress = Progress::new(opts.beside_daemon || opts.dry_run, state.total, state.done);
-    let columns = reader.column_count();
     let mut warned_off = false;
     loop {
         if cancel.is_cancelled() {
             progress.finish();
             return Err(BackfillError::Interrupted);
         }
-        let sql = format!(
-            "SELECT {cols}, p.values_hash, u.{key}::text FROM {table} AS u \
-             LEFT JOIN usersync.user_progress AS p ON p.user_key = u.{key}::text \
-             {filter} ORDER BY u.{key} LIMIT {limit}",
-            cols = reader.select_list("u"),
-            filter = match &state.cursor {
-                Some(c) => format!("WHERE u.{key} > {}::{key_type}", quote_literal(c)),
-                None => String::new(),
-            },
-            limit = opts.chunk_size,
-        );
-        let messages = client.simple_query(&sql).await.map_err(sql_err)?;
-        let mut rows = 0usize;
+        let chunk =
+            store::scan_chunk(&client, &reader, state.last_key.as_deref(), opts.chunk_size).await?;
+        let rows = chunk.len();
         let mut last: Option<String> = None;
         let mut selected: Vec<String> = Vec::new();
-        for message in &messages {
-            let SimpleQueryMessage::Row(row) = message else {
-                continue;
-            };
-            rows += 1;
-            let values: Vec<Option<String>> = (0..columns)
-                .map(|i| row.try_get(i).map(|v| v.map(str::to_string)))
-                .collect::<Result<_, _>>()
-                .map_err(sql_err)?;
-            let stored: Option<&str> = row.try_get(columns).map_err(sql_err)?;
-            let key_text: String = row
-                .try_get(columns + 1)
-                .map_err(sql_err)?
-                .unwrap_or_default()
-                .to_string();
-            let current = reader.row_from_values(&key_text, &values)?;
+        for scanned in chunk {
+            let current = reader.row_from_values(&scanned.key, &scanned.values)?;
             let wanted = match opts.mode {
                 Mode::All => true,
                 Mode::Changed => {
                     current.external_id.is_none()
-                        || stored != Some(crate::core::outcome::values_hash(&current.data).as_str())
+                        || scanned.pushed_hash.as_deref()
+                            != Some(crate::core::outcome::values_hash(&current.data).as_str())
                 }
             };
             if wanted {
-                selected.push(key_text.clone());
+                selected.push(scanned.key.clone());
             }
-            last = Some(key_text);
+            last = Some(scanned.key);
         }
         if rows == 0 {
             break;
@@ -248,7 +216,7 @@ pub async fn run(
                     progress.set(state.done + unselected + finished);
                 })
                 .await?;
-                for (outcome, n) in outcomes(&client, &ids).await? {
+                for (outcome, n) in store::outcomes(&client, &ids).await? {
                     if outcome == "deferred" && !warned_off {
                         warned_off = true;
                         tracing::warn!("sync is switched off: backfilled users are recorded as pending and pushed when it is switched on");
@@ -256,79 +224,20 @@ pub async fn run(
                     *summary.outcomes.entry(outcome).or_default() += n;
                 }
             }
-            client
-                .execute(
-                    "UPDATE usersync.backfill SET cursor = $1, rows_done = rows_done + $2, \
-                     rows_queued = rows_queued + $3, updated_at = now() WHERE id = 1",
-                    &[&last, &(rows as i64), &(selected.len() as i64)],
-                )
-                .await
-                .map_err(sql_err)?;
+            store::advance(&client, last.as_deref(), rows, selected.len()).await?;
         }
         state.done += rows as i64;
-        state.cursor = last;
+        state.last_key = last;
         progress.set(state.done);
         if rows < opts.chunk_size {
             break;
         }
     }
     if !opts.dry_run {
-        client
-            .execute(
-                "UPDATE usersync.backfill SET finished_at = now(), updated_at = now() WHERE id = 1",
-                &[],
-            )
-            .await
-            .map_err(sql_err)?;
+        store::finish(&client).await?;
     }
     progress.finish();
     Ok(summary)
-}
-
-/// A finished backfill (or one of the other mode) starts again from the
-/// beginning; an unfinished one of the same mode continues from its cursor.
-async fn start_or_resume(client: &Client, table: &str, mode: Mode) -> Result<State, BackfillError> {
-    let row = client
-        .query_opt(
-            "SELECT mode, cursor, coalesce(rows_total, 0), rows_done, finished_at IS NOT NULL \
-             FROM usersync.backfill WHERE id = 1",
-            &[],
-        )
-        .await
-        .map_err(sql_err)?;
-    if let Some(row) = row {
-        let stored_mode: String = row.get(0);
-        let finished: bool = row.get(4);
-        if !finished && stored_mode == mode.as_str() {
-            return Ok(State {
-                cursor: row.get(1),
-                total: row.get(2),
-                done: row.get(3),
-                resumed: true,
-            });
-        }
-    }
-    let total: i64 = client
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .map_err(sql_err)?
-        .get(0);
-    client
-        .execute(
-            "INSERT INTO usersync.backfill AS b (id, mode, cursor, rows_total, rows_done, rows_queued, started_at, updated_at, finished_at) \
-             VALUES (1, $1, NULL, $2, 0, 0, now(), now(), NULL) \
-             ON CONFLICT (id) DO UPDATE SET mode = EXCLUDED.mode, cursor = NULL, rows_total = EXCLUDED.rows_total, \
-             rows_done = 0, rows_queued = 0, started_at = now(), updated_at = now(), finished_at = NULL",
-            &[&mode.as_str(), &total],
-        )
-        .await
-        .map_err(sql_err)?;
-    Ok(State {
-        cursor: None,
-        total,
-        done: 0,
-        resumed: false,
-    })
 }
 
 /// As a command, refuses at once when no daemon streams (the requests would
@@ -385,20 +294,6 @@ async fn wait_done(
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
-}
-
-async fn outcomes(client: &Client, ids: &[i64]) -> Result<Vec<(String, u64)>, BackfillError> {
-    Ok(client
-        .query(
-            "SELECT coalesce(outcome, 'unknown'), count(*) FROM usersync.sync_requests \
-             WHERE id = ANY($1) GROUP BY 1",
-            &[&ids],
-        )
-        .await
-        .map_err(sql_err)?
-        .iter()
-        .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
-        .collect())
 }
 
 /// `[backfill] on_start`: a backfill of changed rows beside the stream. Its

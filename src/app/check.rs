@@ -8,7 +8,6 @@ use std::path::Path;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::app::status::{self, SlotInfo};
 use crate::config::{self, quote_ident, Config, DatabaseConfig, Env};
 use crate::core::table::TableShape;
 use crate::core::table::EXTERNAL_ID_COLUMN;
@@ -16,6 +15,7 @@ use crate::core::table::SYNCED_AT_COLUMN;
 use crate::store::catalog;
 use crate::store::db::error_text;
 use crate::store::schema::{self, SchemaError};
+use crate::store::status::{self, SlotInfo};
 
 /// How one check came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -249,7 +249,7 @@ async fn database_checks(db: &DatabaseConfig, sink_columns: &[String], out: &mut
         Err(e) => {
             out.push(Finding::fail(
                 "slot",
-                format!("cannot read pg_replication_slots: {}", error_text(&e)),
+                format!("cannot read pg_replication_slots: {e}"),
                 None,
             ));
             None
@@ -435,8 +435,9 @@ fn slot_health(db: &DatabaseConfig, slot: &SlotInfo) -> Vec<Finding> {
             )),
         ));
     } else if let Some(bytes) = slot.retained_bytes {
-        let limit = db.max_retained_wal_mb.saturating_mul(1024 * 1024);
-        if bytes > limit as i64 {
+        let limit =
+            i64::try_from(db.max_retained_wal_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+        if bytes > limit {
             out.push(Finding::warn(
                 "retained_wal",
                 format!(

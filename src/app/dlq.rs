@@ -13,11 +13,12 @@ use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::core::change::{Change, Operation};
+use crate::core::error::{Classify, ErrorKind};
 use crate::core::table::EXTERNAL_ID_COLUMN;
 use crate::core::table::SYNCED_AT_COLUMN;
 use crate::sink::retry::push_with_retry;
 use crate::sink::Sink;
-use crate::store::db::{connect, error_text, ConnectError};
+use crate::store::db::{connect, error_text, ConnectError, DbError};
 use crate::store::deadletter::{self, DeadLetterError, Entry};
 use crate::store::rows::{RowError, RowReader, SESSION_SETTINGS};
 use crate::store::schema::{self, SchemaError};
@@ -40,27 +41,31 @@ pub enum ReplayError {
     Sink(String),
     #[error("writing back user {key} (the push succeeded; replaying again sends the same event id): {reason}")]
     Writeback { key: String, reason: String },
-    #[error("database: {0}")]
-    Sql(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
-impl ReplayError {
-    /// Problems the operator must fix (exit code 2) as opposed to runtime failures.
-    pub fn is_config(&self) -> bool {
+impl Classify for ReplayError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            ReplayError::Schema(SchemaError::Query { .. }) => false,
-            ReplayError::Rows(e) => e.is_config(),
-            ReplayError::Schema(_)
-            | ReplayError::TableMissing
-            | ReplayError::UnknownId(_)
-            | ReplayError::Sink(_) => true,
-            _ => false,
+            ReplayError::Connect(e) => e.kind(),
+            ReplayError::Schema(e) => e.kind(),
+            ReplayError::DeadLetters(e) => e.kind(),
+            ReplayError::Rows(e) => e.kind(),
+            ReplayError::TableMissing | ReplayError::UnknownId(_) | ReplayError::Sink(_) => {
+                ErrorKind::Config
+            }
+            ReplayError::Writeback { .. } => ErrorKind::Permanent,
+            ReplayError::Db(e) => e.kind(),
         }
     }
 }
 
-fn sql_err(e: tokio_postgres::Error) -> ReplayError {
-    ReplayError::Sql(error_text(&e))
+fn sql_err(source: tokio_postgres::Error) -> ReplayError {
+    ReplayError::Db(DbError {
+        context: "dlq replay",
+        source,
+    })
 }
 
 /// Which dead letters to replay.
@@ -415,6 +420,45 @@ fn now_us() -> i64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+// ------------------------------------------------------------------------
+// `usersync dlq list | show | discard`: read and delete, nothing pushed.
+
+/// A connection for the read-only and discard commands, after checking
+/// that the table exists (an older setup may lack it).
+pub async fn open(db: &crate::config::DatabaseConfig) -> Result<Client, ReplayError> {
+    let client = connect(db, "usersync-dlq").await?;
+    if !deadletter::table_exists(&client).await? {
+        return Err(ReplayError::TableMissing);
+    }
+    Ok(client)
+}
+
+pub async fn list(client: &Client, user: Option<&str>) -> Result<Vec<Entry>, ReplayError> {
+    Ok(deadletter::list(client, user).await?)
+}
+
+/// One entry with its envelope, or `UnknownId`.
+pub async fn show(client: &Client, id: i64) -> Result<Entry, ReplayError> {
+    deadletter::get(client, id)
+        .await?
+        .ok_or(ReplayError::UnknownId(id))
+}
+
+/// Deletes one entry; also says whether its user still has others (and so
+/// stays parked).
+pub async fn discard_one(client: &Client, id: i64) -> Result<(Entry, bool), ReplayError> {
+    let entry = deadletter::discard_one(client, id)
+        .await?
+        .ok_or(ReplayError::UnknownId(id))?;
+    let parked = deadletter::is_parked(client, &entry.user_key).await?;
+    Ok((entry, parked))
+}
+
+/// Deletes every entry of one user (which unparks it).
+pub async fn discard_user(client: &Client, user: &str) -> Result<Vec<Entry>, ReplayError> {
+    Ok(deadletter::discard_user(client, user).await?)
 }
 
 #[cfg(test)]

@@ -12,12 +12,21 @@ pub use crate::store::role::{render, steps, valid_role_name, ORIGIN_FUNCTIONS};
 pub enum RoleError {
     #[error(transparent)]
     Setup(#[from] SetupError),
-    #[error("creating role {role}: {step}: {reason}")]
+    #[error("creating role {role}: {source}")]
     Step {
         role: String,
-        step: String,
-        reason: String,
+        #[source]
+        source: crate::store::setup::StepError,
     },
+}
+
+impl crate::core::error::Classify for RoleError {
+    fn kind(&self) -> crate::core::error::ErrorKind {
+        match self {
+            RoleError::Setup(e) => e.kind(),
+            RoleError::Step { source, .. } => source.kind(),
+        }
+    }
 }
 
 /// Applies the setup (unless `role_only`) and creates or updates the role.
@@ -32,9 +41,8 @@ pub async fn apply(
     }
     crate::store::role::run_steps(client, db, role)
         .await
-        .map_err(|e| RoleError::Step {
+        .map_err(|source| RoleError::Step {
             role: role.to_string(),
-            step: e.step,
-            reason: e.reason,
+            source,
         })
 }

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::core::error::{Classify, ErrorKind};
 use crate::core::outcome::SyncReport;
 use crate::core::table::TableShape;
 use crate::pipeline::{Channels, Pipeline, PipelineError};
@@ -19,8 +20,9 @@ use crate::sink::Sink;
 use crate::source::rows::RowBuilder;
 use crate::source::stream::{self, Reader, SourceError};
 use crate::store::db::{connect, ConnectError};
-use crate::store::deadletter;
-use crate::store::lanes::PgLaneStore;
+use crate::store::deadletter::{self, DeadLetterError};
+use crate::store::lanes::{LaneStoreError, PgLaneStore};
+use crate::store::progress::ProgressError;
 use crate::store::schema::{self, SchemaError};
 use crate::store::writeback::{WritebackError, Writer};
 
@@ -40,25 +42,34 @@ pub enum RunError {
     Pipeline(#[from] PipelineError),
     #[error(transparent)]
     Writeback(#[from] WritebackError),
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
+    #[error(transparent)]
+    DeadLetters(#[from] DeadLetterError),
+    #[error(transparent)]
+    Lanes(#[from] LaneStoreError),
+    /// A session ended with an error that reconnecting cannot fix.
+    #[error("{0}; usersync stopped, because retrying cannot fix this")]
+    Stopped(Box<RunError>),
 }
 
-impl RunError {
-    /// Problems the operator must fix (exit code 2) as opposed to runtime failures.
-    pub fn is_config(&self) -> bool {
+impl Classify for RunError {
+    /// Decided by the innermost cause (SQLSTATE, status); see
+    /// `core::error`. A session that fails for good after streaming has
+    /// begun is a runtime failure (exit 1), even when its cause is the
+    /// operator's to fix: the setup was right when the daemon started.
+    fn kind(&self) -> ErrorKind {
         match self {
-            RunError::Schema(SchemaError::Query { .. }) => false,
-            RunError::Schema(_) | RunError::UnknownColumn { .. } | RunError::Sink(_) => true,
-            _ => false,
-        }
-    }
-
-    fn is_transient(&self) -> bool {
-        match self {
-            RunError::Connect(_) | RunError::Writeback(_) => true,
-            RunError::Source(e) => e.is_transient(),
-            RunError::Pipeline(_) => true,
-            RunError::Schema(SchemaError::Query { .. }) => true,
-            _ => false,
+            RunError::Connect(e) => e.kind(),
+            RunError::Schema(e) => e.kind(),
+            RunError::UnknownColumn { .. } | RunError::Sink(_) => ErrorKind::Config,
+            RunError::Source(e) => e.kind(),
+            RunError::Pipeline(e) => e.kind(),
+            RunError::Writeback(e) => e.kind(),
+            RunError::Progress(e) => e.kind(),
+            RunError::DeadLetters(e) => e.kind(),
+            RunError::Lanes(e) => e.kind(),
+            RunError::Stopped(_) => ErrorKind::Permanent,
         }
     }
 }
@@ -122,7 +133,7 @@ pub async fn run_with_switch(
             Some(s) => s,
             None => match prepare(cfg).await {
                 Ok(s) => s,
-                Err(e) if e.is_transient() => {
+                Err(e) if e.kind().is_transient() => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot start a session yet");
                     if sleep_or_cancel(delay, &cancel).await {
                         return Ok(());
@@ -130,7 +141,7 @@ pub async fn run_with_switch(
                     delay = (delay * 2).min(Duration::from_secs(30));
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(RunError::Stopped(Box::new(e))),
             },
         };
         let started = std::time::Instant::now();
@@ -145,7 +156,7 @@ pub async fn run_with_switch(
         .await
         {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_transient() => {
+            Err(e) if e.kind().is_transient() => {
                 if started.elapsed() > Duration::from_secs(60) {
                     delay = Duration::from_millis(500);
                 }
@@ -155,7 +166,7 @@ pub async fn run_with_switch(
                 }
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(RunError::Stopped(Box::new(e))),
         }
     }
 }
@@ -208,20 +219,14 @@ async fn session(
     switch: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
     let db = connect(&cfg.database, "usersync").await?;
-    let parked: HashSet<String> = deadletter::parked_users(&db)
-        .await
-        .map_err(|e| RunError::Writeback(WritebackError::Sql(e.to_string())))?
-        .into_iter()
-        .collect();
+    let parked: HashSet<String> = deadletter::parked_users(&db).await?.into_iter().collect();
     if !parked.is_empty() {
         tracing::warn!(
             users = parked.len(),
             "users with dead letters are parked; see `usersync dlq list`"
         );
     }
-    let done = crate::store::progress::load(&db, &cfg.database.origin, &cfg.database.slot)
-        .await
-        .map_err(|e| RunError::Writeback(WritebackError::Sql(e.to_string())))?;
+    let done = crate::store::progress::load(&db, &cfg.database.origin, &cfg.database.slot).await?;
     if !done.users.is_empty() {
         tracing::info!(
             users = done.users.len(),
@@ -268,11 +273,7 @@ async fn session(
         max_in_flight: cfg.sink.max_in_flight,
         max_buffered: cfg.pipeline.max_buffered_changes,
         log_personal_data: cfg.log.personal_data,
-        store: Arc::new(
-            PgLaneStore::connect(cfg, shape, db)
-                .await
-                .map_err(|e| RunError::Writeback(WritebackError::Sql(e.to_string())))?,
-        ),
+        store: Arc::new(PgLaneStore::connect(cfg, shape, db).await?),
         sync_enabled: Some(switch),
     };
     let channels = Channels {

@@ -11,15 +11,15 @@ pub use crate::store::setup::{render, steps, Step};
 pub enum SetupError {
     #[error(transparent)]
     Schema(#[from] SchemaError),
-    #[error("setup step failed: {step}: {reason}")]
-    Step { step: String, reason: String },
+    #[error(transparent)]
+    Step(#[from] crate::store::setup::StepError),
 }
 
-impl From<crate::store::setup::StepError> for SetupError {
-    fn from(e: crate::store::setup::StepError) -> Self {
-        SetupError::Step {
-            step: e.step,
-            reason: e.reason,
+impl crate::core::error::Classify for SetupError {
+    fn kind(&self) -> crate::core::error::ErrorKind {
+        match self {
+            SetupError::Schema(e) => e.kind(),
+            SetupError::Step(e) => e.kind(),
         }
     }
 }

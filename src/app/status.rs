@@ -1,110 +1,15 @@
 //! `usersync status`: what the daemon is doing, read from the database alone
 //! (so it works whether or not a daemon runs, and from any host): the slot's
 //! state and lag, dead letters, and — when a newer `usersync setup` created
-//! them — the sync log and backfill progress.
+//! them — the sync log and backfill progress. The queries are
+//! `store::status`; this module puts them together and renders them.
 
 use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::DatabaseConfig;
-use crate::store::db::error_text;
-
-#[derive(Debug, thiserror::Error)]
-#[error("reading status: {0}")]
-pub struct StatusError(String);
-
-impl From<tokio_postgres::Error> for StatusError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        StatusError(error_text(&e))
-    }
-}
-
-/// The replication slot as PostgreSQL reports it.
-#[derive(Debug, Clone, Serialize)]
-pub struct SlotInfo {
-    pub active: bool,
-    /// The server process streaming the slot.
-    pub active_pid: Option<i32>,
-    pub application_name: Option<String>,
-    pub confirmed_lsn: Option<String>,
-    /// WAL the slot holds back: `pg_current_wal_lsn() - restart_lsn`.
-    pub retained_bytes: Option<i64>,
-    /// WAL written but not yet confirmed: `pg_current_wal_lsn() - confirmed_flush_lsn`.
-    pub lag_bytes: Option<i64>,
-    /// Approximate lag in seconds (see `slot_info`).
-    pub lag_seconds: Option<f64>,
-    pub wal_status: Option<String>,
-}
-
-/// `None` when the slot does not exist. Lag in seconds is approximated: 0
-/// when nothing is unconfirmed; else, while streaming, PostgreSQL's
-/// `flush_lag` for the walsender (time from writing recent WAL to usersync
-/// confirming it); else (not streaming) unknown. The exact figure (now minus
-/// the commit time of the oldest unconfirmed change) would need decoding WAL.
-pub async fn slot_info(
-    client: &Client,
-    slot: &str,
-) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT s.active, s.active_pid, a.application_name::text, s.confirmed_flush_lsn::text, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::int8, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8, \
-                    extract(epoch FROM coalesce(r.flush_lag, r.write_lag))::float8, \
-                    s.wal_status::text \
-             FROM pg_replication_slots s \
-             LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
-             LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
-             WHERE s.slot_name = $1",
-            &[&slot],
-        )
-        .await?;
-    Ok(row.map(|r| {
-        let active: bool = r.get(0);
-        let lag_bytes: Option<i64> = r.get(5);
-        let flush_lag: Option<f64> = r.get(6);
-        let lag_seconds = match lag_bytes {
-            Some(b) if b <= 0 => Some(0.0),
-            _ if active => flush_lag,
-            _ => None,
-        };
-        SlotInfo {
-            active,
-            active_pid: r.get(1),
-            application_name: r.get(2),
-            confirmed_lsn: r.get(3),
-            retained_bytes: r.get(4),
-            lag_bytes,
-            lag_seconds,
-            wal_status: r.get(7),
-        }
-    }))
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct DeadLetters {
-    pub failed: i64,
-    pub parked: i64,
-    pub parked_users: i64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SyncLog {
-    pub last_synced_at: Option<String>,
-    pub synced_last_hour: i64,
-    pub dead_lettered_last_hour: i64,
-    pub parked_last_hour: i64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Backfill {
-    pub mode: String,
-    pub rows_done: i64,
-    pub rows_total: Option<i64>,
-    pub started_at: String,
-    pub updated_at: String,
-    pub finished_at: Option<String>,
-}
+use crate::store::status::{self as queries};
+pub use crate::store::status::{Backfill, DeadLetters, SlotInfo, StatusError, SyncLog};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -125,73 +30,19 @@ pub struct Status {
 
 const NEEDS_SETUP: &str = "n/a (needs a newer `usersync setup`)";
 
-async fn table_exists(client: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-        .await?
-        .get(0))
-}
-
 pub async fn read(client: &Client, cfg: &DatabaseConfig) -> Result<Status, StatusError> {
-    let slot = slot_info(client, &cfg.slot).await?;
-    let limit = cfg.max_retained_wal_mb.saturating_mul(1024 * 1024) as i64;
+    let slot = queries::slot_info(client, &cfg.slot).await?;
+    let limit =
+        i64::try_from(cfg.max_retained_wal_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
     let over = slot
         .as_ref()
         .and_then(|s| s.retained_bytes)
         .is_some_and(|b| b > limit);
-    let dead_letters = if table_exists(client, "usersync.dead_letters").await? {
-        let r = client
-            .query_one(
-                "SELECT count(*) FILTER (WHERE state = 'failed'), count(*) FILTER (WHERE state = 'parked'), \
-                 count(DISTINCT user_key) FROM usersync.dead_letters",
-                &[],
-            )
-            .await?;
-        Some(DeadLetters {
-            failed: r.get(0),
-            parked: r.get(1),
-            parked_users: r.get(2),
-        })
-    } else {
-        None
-    };
-    let sync_log = if table_exists(client, "usersync.sync_log").await? {
-        let r = client
-            .query_one(
-                "SELECT (SELECT max(logged_at) FROM usersync.sync_log WHERE outcome = 'synced')::text, \
-                 count(*) FILTER (WHERE outcome = 'synced'), \
-                 count(*) FILTER (WHERE outcome = 'dead_letter'), \
-                 count(*) FILTER (WHERE outcome = 'parked') \
-                 FROM usersync.sync_log WHERE logged_at > now() - interval '1 hour'",
-                &[],
-            )
-            .await?;
-        Some(SyncLog {
-            last_synced_at: r.get(0),
-            synced_last_hour: r.get(1),
-            dead_lettered_last_hour: r.get(2),
-            parked_last_hour: r.get(3),
-        })
-    } else {
-        None
-    };
-    let backfill_table = table_exists(client, "usersync.backfill").await?;
+    let dead_letters = queries::dead_letters(client).await?;
+    let sync_log = queries::sync_log(client).await?;
+    let backfill_table = queries::table_exists(client, "usersync.backfill").await?;
     let backfill = if backfill_table {
-        client
-            .query_opt(
-                "SELECT mode, rows_done, rows_total, started_at::text, updated_at::text, finished_at::text \
-                 FROM usersync.backfill ORDER BY started_at DESC, id DESC LIMIT 1",
-                &[],
-            )
-            .await?
-            .map(|r| Backfill {
-                mode: r.get(0),
-                rows_done: r.get(1),
-                rows_total: r.get(2),
-                started_at: r.get(3),
-                updated_at: r.get(4),
-                finished_at: r.get(5),
-            })
+        queries::latest_backfill(client).await?
     } else {
         None
     };

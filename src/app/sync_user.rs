@@ -12,10 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::config::{quote_ident, Config};
+use crate::config::Config;
 use crate::core::change::{Change, Operation};
+use crate::core::error::{Classify, ErrorKind};
 use crate::sink::retry::push_with_retry;
-use crate::store::db::{connect, error_text, ConnectError};
+use crate::store::db::{connect, error_text, ConnectError, DbError};
 use crate::store::origin::{self, OriginError};
 use crate::store::requests::{self, RequestError};
 use crate::store::rows::RowError;
@@ -57,25 +58,43 @@ pub enum ManualError {
         external_id: String,
         reason: String,
     },
-    #[error("database: {0}")]
-    Sql(String),
+    #[error("cannot tag the write-back with origin {origin}: {}", error_text(.source))]
+    Origin {
+        origin: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("user {0}: the sync request was not stored (no id came back)")]
+    NotQueued(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
-impl ManualError {
-    pub fn is_config(&self) -> bool {
+impl Classify for ManualError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            ManualError::Schema(SchemaError::Query { .. }) => false,
-            ManualError::Schema(_) | ManualError::Sink(_) => true,
-            ManualError::Requests(RequestError::Sql(_)) => false,
-            ManualError::Requests(_) => true,
-            ManualError::Rows(e) => e.is_config(),
-            _ => false,
+            ManualError::Connect(e) => e.kind(),
+            ManualError::Schema(e) => e.kind(),
+            ManualError::Rows(e) => e.kind(),
+            ManualError::Requests(e) => e.kind(),
+            ManualError::Sink(_) => ErrorKind::Config,
+            ManualError::NotFound { .. }
+            | ManualError::Refused { .. }
+            | ManualError::PushFailed { .. }
+            | ManualError::Writeback { .. }
+            | ManualError::NotQueued(_) => ErrorKind::Permanent,
+            ManualError::Timeout { .. } => ErrorKind::Transient,
+            ManualError::Origin { source, .. } => crate::store::db::kind_of(source),
+            ManualError::Db(e) => e.kind(),
         }
     }
 }
 
-fn sql_err(e: tokio_postgres::Error) -> ManualError {
-    ManualError::Sql(error_text(&e))
+fn sql_err(source: tokio_postgres::Error) -> ManualError {
+    ManualError::Db(DbError {
+        context: "sync-user",
+        source,
+    })
 }
 
 /// What `sync-user` prints.
@@ -117,27 +136,11 @@ pub async fn sync_user(
     let shape = schema::inspect_table(&client, &cfg.database.table).await?;
     schema::check_table_ready(&shape)?;
     requests::check(&client, &cfg.database).await?;
-    // The key as the stream spells it (a lane is chosen by this text).
-    let canonical = format!(
-        "SELECT {key}::text FROM {table} WHERE {key} = $1::text::{ty}",
-        key = quote_ident(&shape.key_column),
-        table = shape.table.quoted(),
-        ty = shape.key_type,
-    );
     let not_found = || ManualError::NotFound {
         key: key.to_string(),
         table: shape.table.to_string(),
     };
-    let found = match client.query_opt(&canonical, &[&key]).await {
-        Ok(row) => row.map(|r| r.get::<_, String>(0)),
-        // Not even a valid key of this type (e.g. not a uuid): no such row.
-        Err(e)
-            if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION) =>
-        {
-            None
-        }
-        Err(e) => return Err(sql_err(e)),
-    };
+    let found = crate::store::rows::canonical_key(&client, &shape, key).await?;
     let Some(key_text) = found else {
         return Err(not_found());
     };
@@ -158,35 +161,25 @@ async fn through_daemon(
 ) -> Result<SyncUserResult, ManualError> {
     let ids = requests::enqueue(client, &[key.to_string()], "sync-user").await?;
     let Some(&id) = ids.first() else {
-        return Err(ManualError::Sql("the request was not stored".into()));
+        return Err(ManualError::NotQueued(key.to_string()));
     };
     let started = Instant::now();
     loop {
-        let row = client
-            .query_one(
-                "SELECT done_at IS NOT NULL, outcome, external_id, error, latency_ms \
-                 FROM usersync.sync_requests WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .map_err(sql_err)?;
-        if row.get::<_, bool>(0) {
-            let outcome: String = row.get::<_, Option<String>>(1).unwrap_or_default();
-            let error: Option<String> = row.get(3);
-            return match outcome.as_str() {
+        if let Some(answer) = requests::answer(client, id).await? {
+            return match answer.outcome.as_str() {
                 "created" | "updated" | "unchanged" => Ok(SyncUserResult {
                     key: key.to_string(),
-                    external_id: row.get(2),
-                    status: outcome,
-                    latency_ms: row
-                        .get::<_, Option<f64>>(4)
+                    external_id: answer.external_id,
+                    status: answer.outcome,
+                    latency_ms: answer
+                        .latency_ms
                         .unwrap_or_else(|| started.elapsed().as_secs_f64() * 1000.0),
                     via: "daemon",
                 }),
                 _ => Err(ManualError::Refused {
                     key: key.to_string(),
-                    outcome,
-                    error: error.unwrap_or_default(),
+                    outcome: answer.outcome,
+                    error: answer.error.unwrap_or_default(),
                 }),
             };
         }
@@ -237,12 +230,11 @@ async fn direct(
     match origin::take(&wb, &cfg.database.origin, Duration::ZERO).await {
         Ok(()) => {}
         Err(OriginError::Busy(_)) => return Err(Direct::OriginBusy),
-        Err(OriginError::Failed(e)) => {
-            return Err(ManualError::Sql(format!(
-                "cannot tag the write-back with origin {}: {}",
-                cfg.database.origin,
-                error_text(&e)
-            ))
+        Err(OriginError::Failed(source)) => {
+            return Err(ManualError::Origin {
+                origin: cfg.database.origin.clone(),
+                source,
+            }
             .into())
         }
     }
@@ -312,13 +304,9 @@ async fn direct(
     )
     .await
     .map_err(wb_err)?;
-    tx.execute(
-        "INSERT INTO usersync.user_progress (user_key, commit_lsn, position, values_hash) \
-         VALUES ($1, '0/0', 0, $2) ON CONFLICT (user_key) DO UPDATE SET values_hash = EXCLUDED.values_hash",
-        &[&key, &hash],
-    )
-    .await
-    .map_err(wb_err)?;
+    crate::store::progress::record_manual_hash(&tx, key, &hash)
+        .await
+        .map_err(wb_err)?;
     tx.commit().await.map_err(wb_err)?;
     tracing::info!(
         event_id = %change.event_id,

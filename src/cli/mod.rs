@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+mod dlq;
+
 use crate::config::{self, Config, ProcessEnv};
 
 const ABOUT: &str = "Keeps a PostgreSQL users table in sync with an external user service.
@@ -335,6 +337,14 @@ impl Failure {
             message: message.to_string(),
         }
     }
+    /// The one mapping from an error's kind to an exit code
+    /// (`core::error::ErrorKind::exit_code`).
+    pub fn of<E: crate::core::error::Classify + std::fmt::Display>(e: E) -> Self {
+        Failure {
+            code: e.kind().exit_code(),
+            message: e.to_string(),
+        }
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -392,13 +402,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let sink = crate::sink::build(&cfg.sink).map_err(Failure::usage)?;
             crate::app::run::run_with_switch(&cfg, sink, cancel, None, Some(switch))
                 .await
-                .map_err(|e| {
-                    if e.is_config() {
-                        Failure::usage(e)
-                    } else {
-                        Failure::runtime(e)
-                    }
-                })
+                .map_err(Failure::of)
         }
         Command::Setup {
             print_sql,
@@ -437,8 +441,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                     );
                     Ok(())
                 }
-                Err(crate::app::setup::SetupError::Schema(e)) => Err(Failure::usage(e)),
-                Err(e) => Err(Failure::runtime(e)),
+                Err(e) => Err(Failure::of(e)),
             }
         }
         Command::Demo {
@@ -448,7 +451,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         } => crate::dev::demo::run(users, keep_running, sink.kind())
             .await
             .map_err(Failure::runtime),
-        Command::Dlq { command } => dlq(command, &path, explicit).await,
+        Command::Dlq { command } => dlq::run(command, &path, explicit).await,
         Command::Check { json } => check(&path, explicit, json).await,
         Command::Status { json } => status(&path, explicit, json).await,
         Command::Teardown { yes, drop_schema } => teardown(&path, explicit, yes, drop_schema).await,
@@ -469,167 +472,14 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-/// `usersync dlq …`.
-async fn dlq(command: DlqCommand, path: &std::path::Path, explicit: bool) -> Result<(), Failure> {
-    use crate::store::deadletter;
-
-    if let DlqCommand::Discard { yes: false, .. } = command {
-        return Err(Failure::usage(
-            "dlq discard deletes dead letters for good (their changes are never pushed); \
-             nothing was deleted: add --yes to confirm, or use `usersync dlq replay` to push the users' current rows instead",
-        ));
-    }
-    if let DlqCommand::Replay { id, user, all } = command {
-        let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
-        // One line per user goes to stdout; logs only for retries and
-        // problems (RUST_LOG still overrides).
-        crate::observe::logging::init_logging("warn", cfg.log.format == "json");
-        return dlq_replay(&cfg, id, user, all).await;
-    }
-    let db = config::load_database(path, explicit, &ProcessEnv, true).map_err(Failure::usage)?;
-    crate::observe::logging::init_logging("warn", false);
-    let client = crate::store::db::connect(&db, "usersync-dlq")
-        .await
-        .map_err(Failure::runtime)?;
-    if !deadletter::table_exists(&client)
-        .await
-        .map_err(Failure::runtime)?
-    {
-        return Err(Failure::usage(crate::app::dlq::ReplayError::TableMissing));
-    }
-    match command {
-        DlqCommand::List { json, user } => {
-            let entries = deadletter::list(&client, user.as_deref())
-                .await
-                .map_err(Failure::runtime)?;
-            if json {
-                let text = serde_json::to_string_pretty(&entries).map_err(Failure::runtime)?;
-                println!("{text}");
-            } else if entries.is_empty() {
-                match user {
-                    Some(user) => println!("no dead letters for user {user}"),
-                    None => println!("no dead letters"),
-                }
-            } else {
-                print!("{}", deadletter::render_table(&entries));
-            }
-            Ok(())
-        }
-        DlqCommand::Show { id } => match deadletter::get(&client, id)
-            .await
-            .map_err(Failure::runtime)?
-        {
-            Some(entry) => {
-                let text = serde_json::to_string_pretty(&entry).map_err(Failure::runtime)?;
-                println!("{text}");
-                Ok(())
-            }
-            None => Err(Failure::usage(crate::app::dlq::ReplayError::UnknownId(id))),
-        },
-        DlqCommand::Discard { id: Some(id), .. } => {
-            match deadletter::discard_one(&client, id)
-                .await
-                .map_err(Failure::runtime)?
-            {
-                Some(e) => {
-                    println!(
-                        "discarded dead letter {} ({}, user {}, {}, {})",
-                        e.id, e.event_id, e.user_key, e.operation, e.state
-                    );
-                    if !deadletter::is_parked(&client, &e.user_key)
-                        .await
-                        .map_err(Failure::runtime)?
-                    {
-                        println!("user {} has no dead letters left", e.user_key);
-                    }
-                    Ok(())
-                }
-                None => Err(Failure::usage(crate::app::dlq::ReplayError::UnknownId(id))),
-            }
-        }
-        DlqCommand::Discard { user, .. } => {
-            let user = user.unwrap_or_default();
-            let gone = deadletter::discard_user(&client, &user)
-                .await
-                .map_err(Failure::runtime)?;
-            if gone.is_empty() {
-                println!("no dead letters for user {user}");
-            }
-            for e in &gone {
-                println!(
-                    "discarded dead letter {} ({}, user {}, {}, {})",
-                    e.id, e.event_id, e.user_key, e.operation, e.state
-                );
-            }
-            Ok(())
-        }
-        // Handled above, before any table query.
-        DlqCommand::Replay { .. } => Ok(()),
-    }
-}
-
-async fn dlq_replay(
-    cfg: &Config,
-    id: Option<i64>,
-    user: Option<String>,
-    all: bool,
-) -> Result<(), Failure> {
-    use crate::app::dlq::{ReplayError, Replayer, Selection};
-
-    let fail = |e: ReplayError| {
-        if e.is_config() {
-            Failure::usage(e)
-        } else {
-            Failure::runtime(e)
-        }
-    };
-    let selection = match (id, user) {
-        (Some(id), _) => Selection::Entry(id),
-        (None, Some(user)) => Selection::User(user),
-        (None, None) if all => Selection::All,
-        (None, None) => return Err(Failure::usage("name an entry id, --user KEY or --all")),
-    };
-    let mut replayer = Replayer::connect(cfg).await.map_err(fail)?;
-    let users = replayer.users(&selection).await.map_err(fail)?;
-    if users.is_empty() {
-        match &selection {
-            Selection::User(user) => println!("no dead letters for user {user}"),
-            _ => println!("no dead letters to replay"),
-        }
-        return Ok(());
-    }
-    let outcomes = replayer
-        .replay(&users, |outcome| {
-            if outcome.is_failure() {
-                eprintln!("{outcome}");
-            } else {
-                println!("{outcome}");
-            }
-        })
-        .await
-        .map_err(fail)?;
-    let failed = outcomes.iter().filter(|o| o.is_failure()).count();
-    if failed > 0 {
-        return Err(Failure::runtime(format!(
-            "replay failed for {failed} of {} user{}; their dead letters stay (see `usersync dlq list`)",
-            outcomes.len(),
-            if outcomes.len() == 1 { "" } else { "s" }
-        )));
-    }
-    Ok(())
-}
-
 async fn fake_service(
     port: u16,
     secret_env: Option<String>,
     latency_ms: u64,
     mode: SinkArg,
 ) -> Result<(), Failure> {
-    use crate::core::signature::WebhookSecret;
-    use crate::dev::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
-    use crate::dev::fake::stripe::{FakeStripe, FakeStripeOptions};
+    use crate::dev::fake::serve::{start, StartError};
     crate::observe::logging::init_logging("info", false);
-    let latency = std::time::Duration::from_millis(latency_ms);
     let given = match &secret_env {
         Some(var) => Some(
             std::env::var(var)
@@ -637,70 +487,24 @@ async fn fake_service(
         ),
         None => None,
     };
-    let started = |e: std::io::Error| Failure::runtime(format!("fake service: {e}"));
-    let stop: Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()>> = match mode {
-        SinkArg::Webhook => {
-            let secret = match given {
-                Some(text) => WebhookSecret::parse(&text).map_err(Failure::usage)?,
-                None => {
-                    let s = WebhookSecret::generate();
-                    eprintln!(
-                        "signing secret (give it to usersync through sink.secret_env): {}",
-                        s.to_whsec()
-                    );
-                    s
-                }
-            };
-            let fake = crate::dev::fake::FakeService::start(crate::dev::fake::FakeOptions {
-                port,
-                secret: Some(secret),
-                latency,
-            })
-            .await
-            .map_err(started)?;
-            println!("{}", fake.url());
-            Box::new(move || Box::pin(fake.shutdown()))
-        }
-        SinkArg::Memberstack | SinkArg::Stripe => {
-            let key = given.unwrap_or_else(|| {
-                let k = format!(
-                    "sk_test_{}",
-                    WebhookSecret::generate()
-                        .to_whsec()
-                        .trim_start_matches("whsec_")
-                        .replace(['+', '/', '='], "")
-                );
-                eprintln!("API key (give it to usersync through sink.api_key_env): {k}");
-                k
-            });
-            if matches!(mode, SinkArg::Memberstack) {
-                let fake = FakeMemberstack::start(FakeMemberstackOptions {
-                    port,
-                    api_key: key,
-                    latency,
-                    ..FakeMemberstackOptions::default()
-                })
-                .await
-                .map_err(started)?;
-                println!("{}", fake.url());
-                Box::new(move || Box::pin(fake.shutdown()))
-            } else {
-                let fake = FakeStripe::start(FakeStripeOptions {
-                    port,
-                    api_key: key,
-                    latency,
-                    ..FakeStripeOptions::default()
-                })
-                .await
-                .map_err(started)?;
-                println!("{}", fake.url());
-                Box::new(move || Box::pin(fake.shutdown()))
-            }
-        }
-    };
+    let running = start(
+        mode.kind(),
+        port,
+        given,
+        std::time::Duration::from_millis(latency_ms),
+    )
+    .await
+    .map_err(|e| match e {
+        StartError::Secret(_) => Failure::usage(e),
+        StartError::Io(_) => Failure::runtime(e),
+    })?;
+    if let Some(generated) = &running.generated {
+        eprintln!("{generated}");
+    }
+    println!("{}", running.url);
     eprintln!("fake service running; Ctrl-C stops it");
     let _ = tokio::signal::ctrl_c().await;
-    stop().await;
+    (running.stop)().await;
     Ok(())
 }
 
@@ -715,13 +519,9 @@ async fn setup_role(
     let client = crate::store::db::connect(db, "usersync-setup")
         .await
         .map_err(Failure::runtime)?;
-    match crate::app::role::apply(&client, db, role, role_only).await {
-        Ok(()) => {}
-        Err(crate::app::role::RoleError::Setup(crate::app::setup::SetupError::Schema(e))) => {
-            return Err(Failure::usage(e))
-        }
-        Err(e) => return Err(Failure::runtime(e)),
-    }
+    crate::app::role::apply(&client, db, role, role_only)
+        .await
+        .map_err(Failure::of)?;
     println!(
         "usersync: role {role} is ready (LOGIN REPLICATION, SELECT on {table}, UPDATE of the two sync columns, schema usersync, origin functions).\n\
          usersync sets no password: set one with `\\password {role}` in psql, export it (e.g. USERSYNC_DB_PASSWORD) and set database.password_env; then connect as {role} in database.url.",
@@ -866,8 +666,7 @@ async fn backfill(
             }
             Ok(())
         }
-        Err(e) if e.is_config() => Err(Failure::usage(e)),
-        Err(e) => Err(Failure::runtime(e)),
+        Err(e) => Err(Failure::of(e)),
     }
 }
 
@@ -899,11 +698,7 @@ async fn sync_user(
                     serde_json::json!({ "key": key, "error": e.to_string() })
                 );
             }
-            if e.is_config() {
-                Err(Failure::usage(e))
-            } else {
-                Err(Failure::runtime(e))
-            }
+            Err(Failure::of(e))
         }
     }
 }

@@ -40,6 +40,16 @@ pub enum PipelineError {
     Store(#[from] PortError),
 }
 
+impl crate::core::error::Classify for PipelineError {
+    fn kind(&self) -> crate::core::error::ErrorKind {
+        match self {
+            // The writer's own error says more; it is reported in its place.
+            PipelineError::WriterGone => crate::core::error::ErrorKind::Transient,
+            PipelineError::Store(e) => e.kind(),
+        }
+    }
+}
+
 struct Queued {
     seq: u64,
     change: Box<Change>,

@@ -6,16 +6,31 @@
 
 use futures::future::BoxFuture;
 
+use crate::core::error::{Classify, ErrorKind};
 use crate::core::table::CurrentRow;
 
-/// A failed read, with its cause kept.
+/// A failed read, with its cause and its kind kept (the session decides by
+/// the kind whether to restart or stop).
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct PortError(pub Box<dyn std::error::Error + Send + Sync>);
+#[error("{source}")]
+pub struct PortError {
+    kind: ErrorKind,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
 
 impl PortError {
-    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
-        PortError(Box::new(e))
+    pub fn new(e: impl std::error::Error + Classify + Send + Sync + 'static) -> Self {
+        PortError {
+            kind: e.kind(),
+            source: Box::new(e),
+        }
+    }
+}
+
+impl Classify for PortError {
+    fn kind(&self) -> ErrorKind {
+        self.kind
     }
 }
 

@@ -34,6 +34,16 @@ pub enum RowError {
     Value { column: String, source: ValueError },
 }
 
+impl crate::core::error::Classify for RowError {
+    fn kind(&self) -> crate::core::error::ErrorKind {
+        use crate::core::error::ErrorKind;
+        match self {
+            RowError::KeyColumnGone(_) => ErrorKind::Config,
+            _ => ErrorKind::Permanent,
+        }
+    }
+}
+
 /// Where a change sits in the stream, for its event id and time.
 #[derive(Debug, Clone, Copy)]
 pub struct TxnPosition {

@@ -13,6 +13,7 @@ use super::pgoutput::{decode, DecodeError, PgOutputMessage};
 use super::rows::{RowBuilder, RowError, TxnPosition};
 use crate::config::DatabaseConfig;
 use crate::core::change::{Change, Lsn, PG_EPOCH_OFFSET_US};
+use crate::core::error::{sqlstate_fix, sqlstate_kind, Classify, ErrorKind};
 
 /// What the reader hands the pipeline.
 #[derive(Debug)]
@@ -36,8 +37,13 @@ pub enum SourceEvent {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("replication stream from {target}: {reason}")]
-    Stream { target: String, reason: String },
+    #[error("replication stream from {target}: {reason}{}", fix_for(.source))]
+    Stream {
+        target: String,
+        reason: String,
+        #[source]
+        source: pgwire_replication::PgWireError,
+    },
     #[error("cannot decode the replication stream at {lsn}: {source}")]
     Decode { lsn: String, source: DecodeError },
     #[error("cannot build a change at {lsn}: {source}")]
@@ -46,12 +52,52 @@ pub enum SourceError {
     Ended,
 }
 
-impl SourceError {
-    /// Stream failures (server restart, network) are worth reconnecting for;
-    /// a message we cannot decode will not decode better next time.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, SourceError::Stream { .. } | SourceError::Ended)
+impl Classify for SourceError {
+    /// A server error by its SQLSTATE (an invalidated slot or a dropped
+    /// publication will not come back by reconnecting; a restarting server
+    /// will); network and task failures are worth reconnecting for; a
+    /// message we cannot decode will not decode better next time.
+    fn kind(&self) -> ErrorKind {
+        match self {
+            SourceError::Stream { source, .. } => wire_kind(source),
+            SourceError::Ended => ErrorKind::Transient,
+            SourceError::Decode { .. } => ErrorKind::Permanent,
+            SourceError::Row { source, .. } => source.kind(),
+        }
     }
+}
+
+/// The SQLSTATE of a server error from the replication client.
+/// pgwire-replication 0.5 keeps the ErrorResponse's code only in the text it
+/// formats, as a trailing "(SQLSTATE XXXXX)"; the code itself does not
+/// depend on the server's language, so reading it back is still deciding by
+/// code, not by message.
+pub fn wire_sqlstate(e: &pgwire_replication::PgWireError) -> Option<&str> {
+    let pgwire_replication::PgWireError::Server(text) = e else {
+        return None;
+    };
+    let rest = text.trim_end().strip_suffix(')')?;
+    let code = rest.get(rest.len().checked_sub(5)?..)?;
+    let before = rest.get(..rest.len() - 5)?;
+    (before.ends_with("(SQLSTATE ") && code.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .then_some(code)
+}
+
+fn wire_kind(e: &pgwire_replication::PgWireError) -> ErrorKind {
+    use pgwire_replication::PgWireError as W;
+    match e {
+        // A connection cut mid-message shows up as a protocol error too.
+        W::Io(_) | W::Task(_) | W::Protocol(_) => ErrorKind::Transient,
+        W::Server(_) => wire_sqlstate(e).map_or(ErrorKind::Permanent, sqlstate_kind),
+        _ => ErrorKind::Permanent,
+    }
+}
+
+fn fix_for(e: &pgwire_replication::PgWireError) -> String {
+    wire_sqlstate(e)
+        .and_then(sqlstate_fix)
+        .map(|f| format!(" ({f})"))
+        .unwrap_or_default()
 }
 
 /// Session settings that make the text output of values deterministic.
@@ -84,6 +130,7 @@ pub async fn open(cfg: &DatabaseConfig, app: &str) -> Result<ReplicationClient, 
     let err = |e: pgwire_replication::PgWireError| SourceError::Stream {
         target: cfg.describe(),
         reason: crate::config::tls::explain(&cfg.tls, e.to_string()),
+        source: e,
     };
     let mut client = ReplicationClient::connect(replication_config(cfg, app))
         .await
@@ -134,6 +181,7 @@ impl Reader {
                     return Err(SourceError::Stream {
                         target: self.target.clone(),
                         reason: e.to_string(),
+                        source: e,
                     })
                 }
             };

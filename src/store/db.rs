@@ -4,18 +4,62 @@
 use tokio_postgres::Client;
 
 use crate::config::DatabaseConfig;
+use crate::core::error::{sqlstate_fix, sqlstate_kind, Classify, ErrorKind};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot connect to PostgreSQL at {target}: {reason} (check database.url / USERSYNC_DATABASE_URL, the password reference, and that the server accepts connections)")]
 pub struct ConnectError {
     pub target: String,
     pub reason: String,
+    /// The driver's error, when there is one (a TLS setup problem has none).
+    #[source]
+    pub source: Option<tokio_postgres::Error>,
+}
+
+impl Classify for ConnectError {
+    /// An unreachable or restarting server is worth waiting for; a refused
+    /// login, an unknown database or a TLS setup that cannot work is not.
+    /// The latter are runtime failures (exit 1), not configuration errors:
+    /// the same configuration works once the server side is fixed.
+    fn kind(&self) -> ErrorKind {
+        match self.source.as_ref().map(kind_of) {
+            Some(ErrorKind::Transient) => ErrorKind::Transient,
+            _ => ErrorKind::Permanent,
+        }
+    }
+}
+
+/// The kind of a driver error: by SQLSTATE when the server sent one; without
+/// one, a closed connection or an I/O failure is transient and anything else
+/// (a value that does not convert, a protocol surprise) is not.
+pub fn kind_of(e: &tokio_postgres::Error) -> ErrorKind {
+    if let Some(code) = e.code() {
+        return sqlstate_kind(code.code());
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        if inner.is::<std::io::Error>() {
+            return ErrorKind::Transient;
+        }
+        source = inner.source();
+    }
+    if e.is_closed() {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Permanent
+    }
+}
+
+/// The operator's fix for a driver error that stops usersync, if the
+/// SQLSTATE has one.
+pub fn fix_of(e: &tokio_postgres::Error) -> Option<&'static str> {
+    e.code().and_then(|c| sqlstate_fix(c.code()))
 }
 
 /// A statement that failed: what usersync was doing, and the driver's error
 /// with its SQLSTATE kept for whoever must decide by it.
 #[derive(Debug, thiserror::Error)]
-#[error("{context}: {}", error_text(.source))]
+#[error("{context}: {}{}", error_text(.source), fix_of(.source).map(|f| format!(" ({f})")).unwrap_or_default())]
 pub struct DbError {
     pub context: &'static str,
     #[source]
@@ -33,6 +77,12 @@ impl DbError {
     }
 }
 
+impl Classify for DbError {
+    fn kind(&self) -> ErrorKind {
+        kind_of(&self.source)
+    }
+}
+
 /// Opens a connection and drives it on a background task. `app` names the
 /// session in `pg_stat_activity` so a DBA can tell usersync's sessions apart.
 pub async fn connect(cfg: &DatabaseConfig, app: &str) -> Result<Client, ConnectError> {
@@ -42,10 +92,12 @@ pub async fn connect(cfg: &DatabaseConfig, app: &str) -> Result<Client, ConnectE
     let tls = cfg.tls.connector().map_err(|reason| ConnectError {
         target: cfg.describe(),
         reason,
+        source: None,
     })?;
     let (client, connection) = pg.connect(tls).await.map_err(|e| ConnectError {
         target: cfg.describe(),
         reason: crate::config::tls::explain(&cfg.tls, error_text(&e)),
+        source: Some(e),
     })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {

@@ -9,7 +9,8 @@ use std::time::SystemTime;
 use serde_json::Value;
 use tokio_postgres::GenericClient;
 
-use crate::store::db::error_text;
+use crate::core::error::{Classify, ErrorKind};
+use crate::store::db::DbError;
 
 pub const TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.dead_letters (
     id bigserial PRIMARY KEY,
@@ -28,11 +29,20 @@ pub const TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_user_key ON usersync.dead_letters (user_key, id);";
 
 #[derive(Debug, thiserror::Error)]
-#[error("dead-letter table: {0}")]
-pub struct DeadLetterError(pub String);
+#[error(transparent)]
+pub struct DeadLetterError(#[from] pub DbError);
 
-fn sql_err(e: tokio_postgres::Error) -> DeadLetterError {
-    DeadLetterError(error_text(&e))
+impl Classify for DeadLetterError {
+    fn kind(&self) -> ErrorKind {
+        self.0.kind()
+    }
+}
+
+fn sql_err(source: tokio_postgres::Error) -> DeadLetterError {
+    DeadLetterError(DbError {
+        context: "dead-letter table",
+        source,
+    })
 }
 
 /// Inserts, ignoring a change already stored (a replay after a crash).
@@ -54,7 +64,7 @@ pub async fn insert<C: GenericClient>(
                 &dl.envelope,
                 &dl.last_status.map(i32::from),
                 &dl.last_error,
-                &(dl.attempts as i32),
+                &i32::try_from(dl.attempts).unwrap_or(i32::MAX),
                 &dl.first_attempt_at,
                 &dl.last_attempt_at,
                 &dl.commit_lsn,
@@ -67,13 +77,13 @@ pub async fn insert<C: GenericClient>(
 
 /// Users with anything in the table: parked until replayed or discarded.
 pub async fn parked_users<C: GenericClient>(client: &C) -> Result<Vec<String>, DeadLetterError> {
-    Ok(client
+    client
         .query("SELECT DISTINCT user_key FROM usersync.dead_letters", &[])
         .await
         .map_err(sql_err)?
         .iter()
-        .map(|r| r.get(0))
-        .collect())
+        .map(|r| r.try_get(0).map_err(sql_err))
+        .collect()
 }
 
 /// Whether `user_key` still has dead letters.
@@ -139,7 +149,7 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 fn entry(row: &tokio_postgres::Row, with_envelope: bool) -> Result<Entry, DeadLetterError> {
-    let get_err = |e: tokio_postgres::Error| DeadLetterError(format!("unexpected row: {e}"));
+    let get_err = sql_err;
     Ok(Entry {
         id: row.try_get(0).map_err(get_err)?,
         event_id: row.try_get(1).map_err(get_err)?,
@@ -299,116 +309,4 @@ pub async fn discard_user<C: GenericClient>(
         .await
         .map_err(sql_err)?;
     entries(&rows, false)
-}
-
-/// At most `max` characters on one line, with `…` where it was cut.
-pub fn excerpt(text: &str, max: usize) -> String {
-    let one_line: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    let one_line = one_line.trim();
-    if one_line.chars().count() <= max {
-        return one_line.to_string();
-    }
-    let mut cut: String = one_line.chars().take(max.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
-}
-
-/// The readable table of `dlq list`.
-pub fn render_table(entries: &[Entry]) -> String {
-    const HEADERS: [&str; 9] = [
-        "ID",
-        "EVENT",
-        "USER",
-        "OPERATION",
-        "STATE",
-        "ATTEMPTS",
-        "STATUS",
-        "LAST ATTEMPT",
-        "LAST ERROR",
-    ];
-    let rows: Vec<[String; 9]> = entries
-        .iter()
-        .map(|e| {
-            [
-                e.id.to_string(),
-                e.event_id.clone(),
-                excerpt(&e.user_key, 60),
-                e.operation.clone(),
-                e.state.clone(),
-                e.attempts.to_string(),
-                e.last_status
-                    .map_or_else(|| "-".to_string(), |s| s.to_string()),
-                e.last_attempt_at.clone(),
-                excerpt(&e.last_error, 60),
-            ]
-        })
-        .collect();
-    let mut widths = HEADERS.map(|h| h.chars().count());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[String]| {
-        let last = cells.len() - 1;
-        let mut text = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            text.push_str(cell);
-            if i < last {
-                let pad = w - cell.chars().count() + 2;
-                text.extend(std::iter::repeat_n(' ', pad));
-            }
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(&HEADERS.map(str::to_string));
-    for row in &rows {
-        line(row);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn excerpt_is_bounded_and_one_line() {
-        assert_eq!(
-            excerpt("  HTTP 400:\n{\"error\":1}  ", 60),
-            "HTTP 400: {\"error\":1}"
-        );
-        let long = excerpt(&"é".repeat(100), 60);
-        assert_eq!(long.chars().count(), 60);
-        assert!(long.ends_with('…'));
-    }
-
-    #[test]
-    fn table_aligns_columns() {
-        let e = Entry {
-            id: 7,
-            event_id: "evt_0000000001000000_0".into(),
-            user_key: "42".into(),
-            operation: "user.updated".into(),
-            state: "failed".into(),
-            attempts: 3,
-            last_status: None,
-            last_error: "cannot connect".into(),
-            first_attempt_at: "2026-01-01T00:00:00Z".into(),
-            last_attempt_at: "2026-01-01T00:00:01Z".into(),
-            commit_lsn: "0/1000000".into(),
-            envelope: None,
-        };
-        let text = render_table(&[e]);
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0].find("EVENT"), lines[1].find("evt_"));
-        assert_eq!(lines[0].find("LAST ERROR"), lines[1].find("cannot connect"));
-        assert!(lines[1].contains(" - "));
-    }
 }

@@ -8,7 +8,6 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::core::table::{CurrentRow, TableShape};
 use crate::pipeline::ports::{LaneStore, PortError};
-use crate::store::db::error_text;
 use crate::store::deadletter;
 use crate::store::rows::RowError;
 use crate::store::writeback::{ExternalIds, WritebackError};
@@ -26,6 +25,15 @@ pub enum LaneStoreError {
     Writeback(#[from] WritebackError),
     #[error(transparent)]
     Rows(#[from] RowError),
+}
+
+impl crate::core::error::Classify for LaneStoreError {
+    fn kind(&self) -> crate::core::error::ErrorKind {
+        match self {
+            LaneStoreError::Writeback(e) => e.kind(),
+            LaneStoreError::Rows(e) => e.kind(),
+        }
+    }
 }
 
 impl PgLaneStore {
@@ -81,7 +89,12 @@ impl CurrentRows {
         client
             .batch_execute(crate::store::rows::SESSION_SETTINGS)
             .await
-            .map_err(|e| crate::store::rows::RowError::Sql(error_text(&e)))?;
+            .map_err(|source| {
+                crate::store::rows::RowError::Db(crate::store::db::DbError {
+                    context: "reading users' current rows",
+                    source,
+                })
+            })?;
         let reader =
             crate::store::rows::RowReader::new(&client, shape.clone(), &cfg.sink.columns).await?;
         Ok(CurrentRows { client, reader })

@@ -15,6 +15,8 @@ pub mod role;
 pub mod rows;
 pub mod schema;
 pub mod setup;
+pub mod status;
 pub mod synclog;
+pub mod teardown;
 pub mod types;
 pub mod writeback;

@@ -13,7 +13,8 @@ use crate::core::outcome::Done;
 use tokio_postgres::Client;
 
 use crate::core::change::format_lsn;
-use crate::store::db::error_text;
+use crate::core::error::{Classify, ErrorKind};
+use crate::store::db::DbError;
 
 pub const TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.user_progress (
     user_key text PRIMARY KEY,
@@ -32,13 +33,24 @@ pub const UPSERT_SQL: &str = "INSERT INTO usersync.user_progress AS p (user_key,
      WHERE (p.commit_lsn, p.position) < (EXCLUDED.commit_lsn, EXCLUDED.position)";
 
 #[derive(Debug, thiserror::Error)]
-#[error("reading write-back progress: {0}")]
-pub struct ProgressError(String);
+#[error(transparent)]
+pub struct ProgressError(#[from] DbError);
+
+impl Classify for ProgressError {
+    fn kind(&self) -> ErrorKind {
+        self.0.kind()
+    }
+}
 
 /// Loads the replay window: from the slot's confirmed position to the
 /// origin's progress.
 pub async fn load(client: &Client, origin: &str, slot: &str) -> Result<Done, ProgressError> {
-    let err = |e: tokio_postgres::Error| ProgressError(error_text(&e));
+    let err = |source| {
+        ProgressError(DbError {
+            context: "reading write-back progress",
+            source,
+        })
+    };
     let row = client
         .query_one(
             "SELECT pg_replication_origin_progress($1, true)::text, \
@@ -48,33 +60,53 @@ pub async fn load(client: &Client, origin: &str, slot: &str) -> Result<Done, Pro
         .await
         .map_err(err)?;
     let through = row
-        .get::<_, Option<String>>(0)
+        .try_get::<_, Option<String>>(0)
+        .map_err(err)?
         .as_deref()
         .and_then(parse_lsn)
         .unwrap_or(0);
     let confirmed = row
-        .get::<_, Option<String>>(1)
+        .try_get::<_, Option<String>>(1)
+        .map_err(err)?
         .as_deref()
         .and_then(parse_lsn)
         .unwrap_or(0);
     if through <= confirmed {
         return Ok(Done::default());
     }
-    let users = client
+    let rows = client
         .query(
             "SELECT user_key, commit_lsn::text, position FROM usersync.user_progress \
              WHERE commit_lsn >= $1::text::pg_lsn",
             &[&format_lsn(confirmed)],
         )
         .await
-        .map_err(err)?
-        .iter()
-        .filter_map(|r| {
-            let lsn = parse_lsn(&r.get::<_, String>(1))?;
-            Some((r.get(0), (lsn, r.get::<_, i32>(2) as u32)))
-        })
-        .collect();
+        .map_err(err)?;
+    let mut users = std::collections::HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let key: String = r.try_get(0).map_err(err)?;
+        let lsn: String = r.try_get(1).map_err(err)?;
+        let position: i32 = r.try_get(2).map_err(err)?;
+        if let (Some(lsn), Ok(position)) = (parse_lsn(&lsn), u32::try_from(position)) {
+            users.insert(key, (lsn, position));
+        }
+    }
     Ok(Done { through, users })
+}
+
+/// A push made outside the stream (`sync-user` without a daemon): records
+/// the hash of the values it pushed, so `backfill` does not push them again,
+/// without moving the user's stream position.
+pub const MANUAL_HASH_SQL: &str = "INSERT INTO usersync.user_progress (user_key, commit_lsn, position, values_hash) \
+     VALUES ($1, '0/0', 0, $2) ON CONFLICT (user_key) DO UPDATE SET values_hash = EXCLUDED.values_hash";
+
+pub async fn record_manual_hash<C: tokio_postgres::GenericClient>(
+    client: &C,
+    key: &str,
+    hash: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client.execute(MANUAL_HASH_SQL, &[&key, &hash]).await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,7 +12,8 @@ use crate::core::outcome::RequestMark;
 use tokio_postgres::Client;
 
 use crate::config::{quote_ident, quote_literal, DatabaseConfig};
-use crate::store::db::{error_text, DbError};
+use crate::core::error::{Classify, ErrorKind};
+use crate::store::db::DbError;
 
 /// Schema-qualified name, as the reader matches the Relation message.
 pub const REQUESTS_SCHEMA: &str = "usersync";
@@ -70,8 +71,8 @@ pub const RESUME_SQL: &str =
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    #[error("database: {0}")]
-    Sql(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
     #[error(
         "{0} does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA)"
     )]
@@ -80,8 +81,20 @@ pub enum RequestError {
     NotPublished(String),
 }
 
-fn sql_err(e: tokio_postgres::Error) -> RequestError {
-    RequestError::Sql(error_text(&e))
+impl Classify for RequestError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            RequestError::Db(e) => e.kind(),
+            RequestError::Missing(_) | RequestError::NotPublished(_) => ErrorKind::Config,
+        }
+    }
+}
+
+fn sql_err(source: tokio_postgres::Error) -> RequestError {
+    RequestError::Db(DbError {
+        context: "sync requests",
+        source,
+    })
 }
 
 /// The tables and column this feature needs exist, and requests are
@@ -96,7 +109,8 @@ pub async fn check(client: &Client, cfg: &DatabaseConfig) -> Result<(), RequestE
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
             .await
             .map_err(sql_err)?
-            .get(0);
+            .try_get(0)
+            .map_err(sql_err)?;
         if !exists {
             return Err(RequestError::Missing(match table {
                 "usersync.sync_requests" => "table usersync.sync_requests",
@@ -143,7 +157,9 @@ pub async fn slot_active(client: &Client, slot: &str) -> Result<bool, RequestErr
         )
         .await
         .map_err(sql_err)?
-        .map(|r| r.get::<_, bool>(0))
+        .map(|r| r.try_get::<_, bool>(0))
+        .transpose()
+        .map_err(sql_err)?
         .unwrap_or(false))
 }
 
@@ -153,7 +169,7 @@ pub async fn enqueue(
     keys: &[String],
     reason: &str,
 ) -> Result<Vec<i64>, RequestError> {
-    Ok(client
+    client
         .query(
             "INSERT INTO usersync.sync_requests (user_key, reason) \
              SELECT k, $2 FROM unnest($1::text[]) WITH ORDINALITY AS u(k, n) ORDER BY n RETURNING id",
@@ -162,20 +178,21 @@ pub async fn enqueue(
         .await
         .map_err(sql_err)?
         .iter()
-        .map(|r| r.get(0))
-        .collect())
+        .map(|r| r.try_get(0).map_err(sql_err))
+        .collect()
 }
 
 /// How many of `ids` are not done yet.
 pub async fn open_count(client: &Client, ids: &[i64]) -> Result<i64, RequestError> {
-    Ok(client
+    client
         .query_one(
             "SELECT count(*) FROM usersync.sync_requests WHERE id = ANY($1) AND done_at IS NULL",
             &[&ids],
         )
         .await
         .map_err(sql_err)?
-        .get(0))
+        .try_get(0)
+        .map_err(sql_err)
 }
 
 /// The writer's part, inside its origin-tagged transaction: users deferred
@@ -287,4 +304,37 @@ pub fn spawn_pruner(db: DatabaseConfig, cancel: tokio_util::sync::CancellationTo
             Ok(())
         },
     );
+}
+
+/// How an answered sync request ended.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub outcome: String,
+    pub external_id: Option<String>,
+    pub error: Option<String>,
+    pub latency_ms: Option<f64>,
+}
+
+/// The request's answer, or `None` while the daemon has not answered it.
+pub async fn answer(client: &Client, id: i64) -> Result<Option<Answer>, RequestError> {
+    let row = client
+        .query_one(
+            "SELECT done_at IS NOT NULL, outcome, external_id, error, latency_ms \
+             FROM usersync.sync_requests WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(sql_err)?;
+    if !row.try_get::<_, bool>(0).map_err(sql_err)? {
+        return Ok(None);
+    }
+    Ok(Some(Answer {
+        outcome: row
+            .try_get::<_, Option<String>>(1)
+            .map_err(sql_err)?
+            .unwrap_or_default(),
+        external_id: row.try_get(2).map_err(sql_err)?,
+        error: row.try_get(3).map_err(sql_err)?,
+        latency_ms: row.try_get(4).map_err(sql_err)?,
+    }))
 }

@@ -109,9 +109,9 @@ pub async fn run_steps(
         client
             .batch_execute(&step.sql)
             .await
-            .map_err(|e| crate::store::setup::StepError {
+            .map_err(|source| crate::store::setup::StepError {
                 step: step.comment.to_string(),
-                reason: crate::store::db::error_text(&e),
+                source,
             })?;
     }
     Ok(())

@@ -7,6 +7,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::config::{quote_ident, quote_literal};
 use crate::core::change::UserKey;
+use crate::core::error::{Classify, ErrorKind};
 use crate::core::table::{is_synced, CurrentRow, TableShape, EXTERNAL_ID_COLUMN};
 use crate::source::value::{text_to_json, TypeRegistry, ValueError};
 use crate::store::db::error_text;
@@ -26,33 +27,43 @@ pub enum RowError {
     Schema(#[from] SchemaError),
     #[error("sink.columns or [sink.mapping] names column {column}, which {table} does not have")]
     UnknownColumn { column: String, table: String },
-    #[error("reading the row of user {key}: {reason}")]
-    Read { key: String, reason: String },
+    #[error("reading the row of user {key}: {}", error_text(.source))]
+    Read {
+        key: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("user {key}, column {column}: {source}")]
     Value {
         key: String,
         column: String,
         source: ValueError,
     },
-    #[error("database: {0}")]
-    Sql(String),
-    #[error("database: {0}")]
+    #[error("the key column {column} of {table} has no type in pg_attribute (was it dropped?)")]
+    KeyColumnGone { column: String, table: String },
+    #[error(transparent)]
     Db(#[from] crate::store::db::DbError),
 }
 
-impl RowError {
-    /// Problems the operator must fix (exit code 2) as opposed to runtime failures.
-    pub fn is_config(&self) -> bool {
+impl Classify for RowError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            RowError::Schema(SchemaError::Query { .. }) => false,
-            RowError::Schema(_) | RowError::UnknownColumn { .. } => true,
-            _ => false,
+            RowError::Connect(e) => e.kind(),
+            RowError::Schema(e) => e.kind(),
+            RowError::UnknownColumn { .. } | RowError::KeyColumnGone { .. } => ErrorKind::Config,
+            RowError::Read { source, .. } => crate::store::db::kind_of(source),
+            // One user's value: that user's dead letter, not a stop.
+            RowError::Value { .. } => ErrorKind::Permanent,
+            RowError::Db(e) => e.kind(),
         }
     }
 }
 
-fn sql_err(e: tokio_postgres::Error) -> RowError {
-    RowError::Sql(error_text(&e))
+fn sql_err(source: tokio_postgres::Error) -> RowError {
+    RowError::Db(crate::store::db::DbError {
+        context: "reading the users table's columns",
+        source,
+    })
 }
 
 /// A column of the users table: name and type oid (`pg_attribute.atttypid`,
@@ -129,10 +140,10 @@ impl RowReader {
                 &[&shape.table.quoted()],
             )
             .await
-            .map_err(|e| {
+            .map_err(|source| {
                 RowError::Schema(SchemaError::Query {
                     what: "the users table's column types",
-                    reason: error_text(&e),
+                    source,
                 })
             })?;
         let mut columns = Vec::with_capacity(rows.len());
@@ -155,11 +166,9 @@ impl RowReader {
             .iter()
             .find(|c| c.name == shape.key_column)
             .map(|c| c.type_oid)
-            .ok_or_else(|| {
-                RowError::Sql(format!(
-                    "the key column {} of {} has no type in pg_attribute",
-                    shape.key_column, shape.table
-                ))
+            .ok_or_else(|| RowError::KeyColumnGone {
+                column: shape.key_column.clone(),
+                table: shape.table.to_string(),
             })?;
         let select = format!(
             "SELECT {} FROM {} WHERE {} = ",
@@ -202,9 +211,9 @@ impl RowReader {
 
     /// The row of `key`, or `None` if it is gone.
     pub async fn read(&self, client: &Client, key: &str) -> Result<Option<CurrentRow>, RowError> {
-        let read_err = |e: tokio_postgres::Error| RowError::Read {
+        let read_err = |source: tokio_postgres::Error| RowError::Read {
             key: key.to_string(),
-            reason: error_text(&e),
+            source,
         };
         let sql = format!(
             "{}{}::{}",
@@ -272,6 +281,37 @@ impl RowReader {
             data,
             external_id,
         })
+    }
+}
+
+/// The key as the stream spells it (a lane is chosen by this text), for a
+/// key typed by a person; `None` when there is no such row, including when
+/// the text is not even a value of the key's type (SQLSTATE 22P02).
+pub async fn canonical_key(
+    client: &Client,
+    shape: &TableShape,
+    key: &str,
+) -> Result<Option<String>, crate::store::db::DbError> {
+    let sql = format!(
+        "SELECT {key}::text FROM {table} WHERE {key} = $1::text::{ty}",
+        key = quote_ident(&shape.key_column),
+        table = shape.table.quoted(),
+        ty = shape.key_type,
+    );
+    let e = |source| crate::store::db::DbError {
+        context: "looking up the user's key",
+        source,
+    };
+    match client.query_opt(&sql, &[&key]).await {
+        Ok(Some(row)) => row.try_get(0).map(Some).map_err(e),
+        Ok(None) => Ok(None),
+        Err(err)
+            if err.code()
+                == Some(&tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION) =>
+        {
+            Ok(None)
+        }
+        Err(err) => Err(e(err)),
     }
 }
 

@@ -7,6 +7,7 @@ use crate::core::table::TableShape;
 use tokio_postgres::Client;
 
 use crate::config::{DatabaseConfig, TableName};
+use crate::core::error::{Classify, ErrorKind};
 use crate::store::db::error_text;
 
 pub const EXTERNAL_ID_COLUMN: &str = "external_user_id";
@@ -80,15 +81,34 @@ pub enum SchemaError {
     OwnTablesMissing(&'static str),
     #[error("{0}")]
     Requests(String),
-    #[error("database query failed while checking {what}: {reason}")]
-    Query { what: &'static str, reason: String },
+    #[error("database query failed while checking {what}: {}", error_text(.source))]
+    Query {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("checking {what}: {source}")]
+    Store {
+        what: &'static str,
+        #[source]
+        source: crate::store::requests::RequestError,
+    },
 }
 
-fn query_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> SchemaError {
-    move |e| SchemaError::Query {
-        what,
-        reason: error_text(&e),
+impl Classify for SchemaError {
+    /// Every shape problem is the operator's to fix; a failed query is
+    /// whatever its SQLSTATE says (a lost connection is retried).
+    fn kind(&self) -> ErrorKind {
+        match self {
+            SchemaError::Query { source, .. } => crate::store::db::kind_of(source),
+            SchemaError::Store { source, .. } => source.kind(),
+            _ => ErrorKind::Config,
+        }
     }
+}
+
+fn query_err(what: &'static str) -> impl Fn(tokio_postgres::Error) -> SchemaError + Copy {
+    move |source| SchemaError::Query { what, source }
 }
 
 /// Reads the table's key, columns and replica identity; refuses a missing
@@ -103,8 +123,9 @@ pub async fn inspect_table(client: &Client, table: &TableName) -> Result<TableSh
         .await
         .map_err(query_err("the users table"))?
         .ok_or_else(|| SchemaError::TableMissing(table.clone()))?;
-    let oid: u32 = row.get(0);
-    let ident: String = row.get(1);
+    let q = query_err("the users table");
+    let oid: u32 = row.try_get(0).map_err(q)?;
+    let ident: String = row.try_get(1).map_err(q)?;
     let columns: Vec<(String, String)> = client
         .query(
             "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute \
@@ -114,8 +135,9 @@ pub async fn inspect_table(client: &Client, table: &TableName) -> Result<TableSh
         .await
         .map_err(query_err("the users table's columns"))?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(query_err("the users table's columns"))?;
     let key: Vec<(String, String)> = client
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_index i \
@@ -126,8 +148,9 @@ pub async fn inspect_table(client: &Client, table: &TableName) -> Result<TableSh
         .await
         .map_err(query_err("the users table's primary key"))?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(query_err("the users table's primary key"))?;
     let (key_column, key_type) = match key.as_slice() {
         [] => return Err(SchemaError::NoPrimaryKey(table.clone())),
         [one] => one.clone(),
@@ -231,8 +254,9 @@ pub async fn check_server_version(client: &Client) -> Result<String, SchemaError
         )
         .await
         .map_err(query_err("the server version"))?;
-    let num: i32 = row.get(0);
-    let version: String = row.get(1);
+    let q = query_err("the server version");
+    let num: i32 = row.try_get(0).map_err(q)?;
+    let version: String = row.try_get(1).map_err(q)?;
     if num < MIN_SERVER_VERSION_NUM {
         return Err(SchemaError::ServerVersion(version));
     }
@@ -244,7 +268,8 @@ pub async fn check_wal_level(client: &Client) -> Result<(), SchemaError> {
         .query_one("SHOW wal_level", &[])
         .await
         .map_err(query_err("wal_level"))?
-        .get(0);
+        .try_get(0)
+        .map_err(query_err("wal_level"))?;
     if level != "logical" {
         return Err(SchemaError::WalLevel(level));
     }
@@ -289,9 +314,10 @@ pub async fn check_slot(client: &Client, cfg: &DatabaseConfig) -> Result<(), Sch
         .await
         .map_err(query_err("the replication slot"))?
         .ok_or_else(|| SchemaError::SlotMissing(cfg.slot.clone()))?;
-    let plugin: Option<String> = row.get(0);
-    let kind: String = row.get(1);
-    let database: Option<String> = row.get(2);
+    let q = query_err("the replication slot");
+    let plugin: Option<String> = row.try_get(0).map_err(q)?;
+    let kind: String = row.try_get(1).map_err(q)?;
+    let database: Option<String> = row.try_get(2).map_err(q)?;
     let problem = if kind != "logical" {
         Some(format!("is a {kind} slot, not a logical one"))
     } else if plugin.as_deref() != Some("pgoutput") {
@@ -343,7 +369,8 @@ pub async fn check_own_tables(client: &Client) -> Result<(), SchemaError> {
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
             .await
             .map_err(query_err("usersync's tables"))?
-            .get(0);
+            .try_get(0)
+            .map_err(query_err("usersync's tables"))?;
         if !exists {
             return Err(SchemaError::OwnTablesMissing(table));
         }
@@ -370,9 +397,9 @@ pub async fn check_requests(client: &Client, cfg: &DatabaseConfig) -> Result<(),
     use crate::store::requests::RequestError;
     match crate::store::requests::check(client, cfg).await {
         Ok(()) => Ok(()),
-        Err(RequestError::Sql(reason)) => Err(SchemaError::Query {
+        Err(source @ RequestError::Db(_)) => Err(SchemaError::Store {
             what: "usersync's request tables",
-            reason,
+            source,
         }),
         Err(e) => Err(SchemaError::Requests(e.to_string())),
     }

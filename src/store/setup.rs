@@ -12,10 +12,17 @@ use crate::store::db::error_text;
 
 /// A setup statement that failed: the step's comment and the server's reason.
 #[derive(Debug, thiserror::Error)]
-#[error("setup step failed: {step}: {reason}")]
+#[error("setup step failed: {step}: {}{}", error_text(.source), crate::store::db::fix_of(.source).map(|f| format!(" ({f})")).unwrap_or_default())]
 pub struct StepError {
     pub step: String,
-    pub reason: String,
+    #[source]
+    pub source: tokio_postgres::Error,
+}
+
+impl crate::core::error::Classify for StepError {
+    fn kind(&self) -> crate::core::error::ErrorKind {
+        crate::store::db::kind_of(&self.source)
+    }
 }
 
 /// One statement with the comment that explains it to a DBA.
@@ -130,10 +137,7 @@ pub async fn run_steps(client: &Client, cfg: &DatabaseConfig) -> Result<(), Step
     // the second finds everything in place.
     let step_err = |step: &str| {
         let step = step.to_string();
-        move |e: tokio_postgres::Error| StepError {
-            step,
-            reason: error_text(&e),
-        }
+        move |source: tokio_postgres::Error| StepError { step, source }
     };
     client
         .batch_execute(&format!("SELECT pg_advisory_lock({SETUP_LOCK})"))
@@ -156,17 +160,17 @@ async fn run_steps_locked(client: &Client, cfg: &DatabaseConfig) -> Result<(), S
     client
         .batch_execute("SET client_min_messages = warning")
         .await
-        .map_err(|e| StepError {
+        .map_err(|source| StepError {
             step: "quiet notices".to_string(),
-            reason: error_text(&e),
+            source,
         })?;
     for step in steps(cfg) {
         client
             .batch_execute(&step.sql)
             .await
-            .map_err(|e| StepError {
+            .map_err(|source| StepError {
                 step: step.comment.to_string(),
-                reason: error_text(&e),
+                source,
             })?;
     }
     Ok(())

@@ -13,6 +13,7 @@ use tokio_postgres::{Client, GenericClient, Statement};
 
 use crate::config::{quote_ident, DatabaseConfig};
 use crate::core::change::{format_lsn, Lsn, Operation};
+use crate::core::error::{Classify, ErrorKind};
 use crate::core::table::TableShape;
 use crate::core::table::EXTERNAL_ID_COLUMN;
 use crate::core::table::SYNCED_AT_COLUMN;
@@ -26,10 +27,47 @@ pub enum WritebackError {
     Connect(#[from] ConnectError),
     #[error("replication origin {origin} is in use by another session (is another usersync running against this database?): {reason}")]
     OriginBusy { origin: String, reason: String },
-    #[error("write-back failed: {0}")]
-    Sql(String),
+    #[error("cannot tag the write-back session with origin {origin}: {}", error_text(.source))]
+    OriginSetup {
+        origin: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("write-back failed: {0}")]
     Db(#[from] crate::store::db::DbError),
+    #[error("write-back failed: {0}")]
+    DeadLetter(#[from] deadletter::DeadLetterError),
+    #[error("write-back failed: {0}")]
+    Requests(#[from] crate::store::requests::RequestError),
+    #[error("write-back failed: {0}")]
+    Rows(#[from] crate::store::rows::RowError),
+    #[error("source transactions of {count} change(s) did not become visible within {timeout:?} (is a synchronous standby missing?)")]
+    Invisible { count: usize, timeout: Duration },
+}
+
+impl Classify for WritebackError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            WritebackError::Connect(e) => e.kind(),
+            // Another daemon (or a frozen one) holds the origin: waiting is
+            // the only thing to do.
+            WritebackError::OriginBusy { .. } | WritebackError::Invisible { .. } => {
+                ErrorKind::Transient
+            }
+            WritebackError::OriginSetup { source, .. } => crate::store::db::kind_of(source),
+            WritebackError::Db(e) => e.kind(),
+            WritebackError::DeadLetter(e) => e.kind(),
+            WritebackError::Requests(e) => e.kind(),
+            WritebackError::Rows(e) => e.kind(),
+        }
+    }
+}
+
+fn sql_err(source: tokio_postgres::Error) -> WritebackError {
+    WritebackError::Db(crate::store::db::DbError {
+        context: "write-back",
+        source,
+    })
 }
 
 pub struct Writer {
@@ -51,7 +89,6 @@ impl Writer {
         let client = connect(cfg, "usersync-writeback").await?;
         setup_origin_session(&client, &cfg.origin).await?;
         let sql = guarded_update_sql(shape);
-        let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
         let update = client.prepare(&sql).await.map_err(sql_err)?;
         let progress = client
             .prepare("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, $2)")
@@ -190,7 +227,6 @@ impl Writer {
         let ext: Vec<Option<&str>> = keys.iter().map(|k| latest[k].0).collect();
         let at: Vec<SystemTime> = keys.iter().map(|k| latest[k].1).collect();
         let max_lsn = batch.iter().map(|i| i.commit_lsn).max().unwrap_or(0);
-        let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
         let (update, visible) = (self.update.clone(), self.visible.clone());
         let tx = self.client.transaction().await.map_err(sql_err)?;
         // Records the highest source LSN written back in the origin's progress.
@@ -203,7 +239,11 @@ impl Writer {
                 .await
                 .map_err(sql_err)?;
             if matched.len() < keys.len() {
-                let matched: HashSet<String> = matched.iter().map(|r| r.get(0)).collect();
+                let matched: HashSet<String> = matched
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<_, _>>()
+                    .map_err(sql_err)?;
                 let unmatched: Vec<&str> = keys
                     .iter()
                     .copied()
@@ -213,9 +253,7 @@ impl Writer {
             }
         }
         for dl in dead {
-            deadletter::insert(&tx, dl)
-                .await
-                .map_err(|e| WritebackError::Sql(e.to_string()))?;
+            deadletter::insert(&tx, dl).await?;
         }
         crate::store::requests::write_marks(&tx, batch).await?;
         // Per user, the newest change this batch makes durable, with the
@@ -235,7 +273,12 @@ impl Writer {
         }
         let users: Vec<&str> = newest.keys().copied().collect();
         let lsns: Vec<String> = users.iter().map(|k| format_lsn(newest[k].0 .0)).collect();
-        let positions: Vec<i32> = users.iter().map(|k| newest[k].0 .1 as i32).collect();
+        // A position is a change's index in its transaction; the column is
+        // int4, and no transaction holds 2^31 row changes of one table.
+        let positions: Vec<i32> = users
+            .iter()
+            .map(|k| i32::try_from(newest[k].0 .1).unwrap_or(i32::MAX))
+            .collect();
         let hashes: Vec<Option<&str>> = users.iter().map(|k| newest[k].1).collect();
         tx.execute(&self.user_progress, &[&users, &lsns, &positions, &hashes])
             .await
@@ -270,7 +313,6 @@ async fn await_visibility(
     mut unmatched: Vec<&str>,
     latest: &HashMap<&str, (Option<&str>, SystemTime, u32)>,
 ) -> Result<(), WritebackError> {
-    let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));
     let deadline = Instant::now() + VISIBILITY_TIMEOUT;
     let mut wait = Duration::from_millis(2);
     while !unmatched.is_empty() {
@@ -279,7 +321,8 @@ async fn await_visibility(
             .query_one(visible_sql, &[&xids])
             .await
             .map_err(sql_err)?
-            .get(0);
+            .try_get(0)
+            .map_err(sql_err)?;
         // Always update again after the check: its snapshot is newer than
         // the check's, so it sees every row the check found visible.
         let ext: Vec<Option<&str>> = unmatched.iter().map(|k| latest[k].0).collect();
@@ -289,18 +332,18 @@ async fn await_visibility(
             .await
             .map_err(sql_err)?
             .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(sql_err)?;
         unmatched.retain(|k| !matched.contains(*k));
         if visible || unmatched.is_empty() {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(WritebackError::Sql(format!(
-                "source transactions of {} change(s) did not become visible within {:?} (is a synchronous standby missing?)",
-                unmatched.len(),
-                VISIBILITY_TIMEOUT
-            )));
+            return Err(WritebackError::Invisible {
+                count: unmatched.len(),
+                timeout: VISIBILITY_TIMEOUT,
+            });
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_millis(200));
@@ -318,10 +361,10 @@ async fn setup_origin_session(client: &Client, origin: &str) -> Result<(), Write
             origin: origin.to_string(),
             reason: error_text(&e),
         }),
-        Err(OriginError::Failed(e)) => Err(WritebackError::Sql(format!(
-            "cannot tag the write-back session with origin {origin}: {}",
-            error_text(&e)
-        ))),
+        Err(OriginError::Failed(source)) => Err(WritebackError::OriginSetup {
+            origin: origin.to_string(),
+            source,
+        }),
     }
 }
 
@@ -380,10 +423,7 @@ impl ExternalIds {
             key = quote_ident(&shape.key_column),
             key_type = shape.key_type,
         );
-        let select = client
-            .prepare(&sql)
-            .await
-            .map_err(|e| WritebackError::Sql(error_text(&e)))?;
+        let select = client.prepare(&sql).await.map_err(sql_err)?;
         Ok(ExternalIds { client, select })
     }
 
@@ -391,7 +431,7 @@ impl ExternalIds {
     /// then finds the record its own way).
     pub async fn get(&self, key: &str) -> Option<String> {
         match self.client.query_opt(&self.select, &[&key]).await {
-            Ok(row) => row.and_then(|r| r.get::<_, Option<String>>(0)),
+            Ok(row) => row.and_then(|r| r.try_get::<_, Option<String>>(0).ok().flatten()),
             Err(e) => {
                 tracing::debug!(error = %error_text(&e), "external id look-up failed");
                 None

@@ -20,6 +20,7 @@ mod poison;
 mod role;
 mod secrets;
 mod spine;
+mod sqlstate;
 mod stripe;
 mod tls;
 mod values;

@@ -8,6 +8,7 @@
 
 mod http;
 pub mod memberstack;
+pub mod serve;
 mod store;
 pub mod stripe;
 #[cfg(test)]

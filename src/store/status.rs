@@ -1,0 +1,188 @@
+//! The queries behind `usersync status` and the status parts of `check`:
+//! the slot as PostgreSQL reports it, dead-letter counts, the last hour of
+//! the sync log and the newest backfill. Each part reads its own table and
+//! says `None` when an older setup lacks it.
+
+use serde::Serialize;
+use tokio_postgres::{Client, Row};
+
+use crate::store::db::DbError;
+
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct StatusError(#[from] DbError);
+
+impl crate::core::error::Classify for StatusError {
+    fn kind(&self) -> crate::core::error::ErrorKind {
+        self.0.kind()
+    }
+}
+
+fn err(context: &'static str) -> impl Fn(tokio_postgres::Error) -> StatusError + Copy {
+    move |source| StatusError(DbError { context, source })
+}
+
+/// The replication slot as PostgreSQL reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotInfo {
+    pub active: bool,
+    /// The server process streaming the slot.
+    pub active_pid: Option<i32>,
+    pub application_name: Option<String>,
+    pub confirmed_lsn: Option<String>,
+    /// WAL the slot holds back: `pg_current_wal_lsn() - restart_lsn`.
+    pub retained_bytes: Option<i64>,
+    /// WAL written but not yet confirmed: `pg_current_wal_lsn() - confirmed_flush_lsn`.
+    pub lag_bytes: Option<i64>,
+    /// Approximate lag in seconds (see `slot_info`).
+    pub lag_seconds: Option<f64>,
+    pub wal_status: Option<String>,
+}
+
+/// `None` when the slot does not exist. Lag in seconds is approximated: 0
+/// when nothing is unconfirmed; else, while streaming, PostgreSQL's
+/// `flush_lag` for the walsender (time from writing recent WAL to usersync
+/// confirming it); else (not streaming) unknown. The exact figure (now minus
+/// the commit time of the oldest unconfirmed change) would need decoding WAL.
+pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, StatusError> {
+    let e = err("reading the replication slot");
+    let row = client
+        .query_opt(
+            "SELECT s.active, s.active_pid, a.application_name::text, s.confirmed_flush_lsn::text, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::int8, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8, \
+                    extract(epoch FROM coalesce(r.flush_lag, r.write_lag))::float8, \
+                    s.wal_status::text \
+             FROM pg_replication_slots s \
+             LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
+             LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(e)?;
+    let Some(r) = row else { return Ok(None) };
+    let active: bool = r.try_get(0).map_err(e)?;
+    let lag_bytes: Option<i64> = r.try_get(5).map_err(e)?;
+    let flush_lag: Option<f64> = r.try_get(6).map_err(e)?;
+    let lag_seconds = match lag_bytes {
+        Some(b) if b <= 0 => Some(0.0),
+        _ if active => flush_lag,
+        _ => None,
+    };
+    Ok(Some(SlotInfo {
+        active,
+        active_pid: r.try_get(1).map_err(e)?,
+        application_name: r.try_get(2).map_err(e)?,
+        confirmed_lsn: r.try_get(3).map_err(e)?,
+        retained_bytes: r.try_get(4).map_err(e)?,
+        lag_bytes,
+        lag_seconds,
+        wal_status: r.try_get(7).map_err(e)?,
+    }))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetters {
+    pub failed: i64,
+    pub parked: i64,
+    pub parked_users: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncLog {
+    pub last_synced_at: Option<String>,
+    pub synced_last_hour: i64,
+    pub dead_lettered_last_hour: i64,
+    pub parked_last_hour: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Backfill {
+    pub mode: String,
+    pub rows_done: i64,
+    pub rows_total: Option<i64>,
+    pub started_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+}
+
+pub async fn table_exists(client: &Client, name: &str) -> Result<bool, StatusError> {
+    let e = err("looking up usersync's tables");
+    client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .await
+        .map_err(e)?
+        .try_get(0)
+        .map_err(e)
+}
+
+/// `None` when usersync.dead_letters does not exist.
+pub async fn dead_letters(client: &Client) -> Result<Option<DeadLetters>, StatusError> {
+    if !table_exists(client, "usersync.dead_letters").await? {
+        return Ok(None);
+    }
+    let e = err("counting dead letters");
+    let r = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'failed'), count(*) FILTER (WHERE state = 'parked'), \
+             count(DISTINCT user_key) FROM usersync.dead_letters",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    Ok(Some(DeadLetters {
+        failed: r.try_get(0).map_err(e)?,
+        parked: r.try_get(1).map_err(e)?,
+        parked_users: r.try_get(2).map_err(e)?,
+    }))
+}
+
+/// The last hour of usersync.sync_log; `None` when an older setup lacks it.
+pub async fn sync_log(client: &Client) -> Result<Option<SyncLog>, StatusError> {
+    if !table_exists(client, "usersync.sync_log").await? {
+        return Ok(None);
+    }
+    let e = err("reading the sync log");
+    let r = client
+        .query_one(
+            "SELECT (SELECT max(logged_at) FROM usersync.sync_log WHERE outcome = 'synced')::text, \
+             count(*) FILTER (WHERE outcome = 'synced'), \
+             count(*) FILTER (WHERE outcome = 'dead_letter'), \
+             count(*) FILTER (WHERE outcome = 'parked') \
+             FROM usersync.sync_log WHERE logged_at > now() - interval '1 hour'",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    Ok(Some(SyncLog {
+        last_synced_at: r.try_get(0).map_err(e)?,
+        synced_last_hour: r.try_get(1).map_err(e)?,
+        dead_lettered_last_hour: r.try_get(2).map_err(e)?,
+        parked_last_hour: r.try_get(3).map_err(e)?,
+    }))
+}
+
+/// The newest backfill run, if any.
+pub async fn latest_backfill(client: &Client) -> Result<Option<Backfill>, StatusError> {
+    let e = err("reading backfill progress");
+    let row = client
+        .query_opt(
+            "SELECT mode, rows_done, rows_total, started_at::text, updated_at::text, finished_at::text \
+             FROM usersync.backfill ORDER BY started_at DESC, id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    row.map(|r: Row| {
+        Ok(Backfill {
+            mode: r.try_get(0).map_err(e)?,
+            rows_done: r.try_get(1).map_err(e)?,
+            rows_total: r.try_get(2).map_err(e)?,
+            started_at: r.try_get(3).map_err(e)?,
+            updated_at: r.try_get(4).map_err(e)?,
+            finished_at: r.try_get(5).map_err(e)?,
+        })
+    })
+    .transpose()
+}
