@@ -1731,7 +1731,7 @@ async fn route_only(cfg: &Config, db: &Db, n: u64, end_lsn: &str) -> R<u64> {
                 .drain(..)
                 .map(|i: usersync::core::outcome::WriteItem| i.seq)
                 .collect();
-            if done_tx.send(seqs).is_err() {
+            if done_tx.send(seqs.into()).is_err() {
                 return;
             }
         }

@@ -70,6 +70,25 @@ pub enum Outcome {
     Resume,
 }
 
+/// What the writer reports back after a commit: the sequence numbers that
+/// became durable, and the users whose write-back the database refused
+/// (their changes were made durable as dead letters instead), whom the
+/// pipeline parks like any other dead-lettered user.
+#[derive(Debug, Default, Clone)]
+pub struct Durable {
+    pub seqs: Vec<u64>,
+    pub refused: Vec<String>,
+}
+
+impl From<Vec<u64>> for Durable {
+    fn from(seqs: Vec<u64>) -> Self {
+        Durable {
+            seqs,
+            refused: Vec::new(),
+        }
+    }
+}
+
 /// One change that reached the external service and, where the row still
 /// exists, was written back. For the demo's live output and for logs.
 #[derive(Debug, Clone)]

@@ -84,7 +84,7 @@ struct Failure {
 pub struct Channels {
     pub source: mpsc::Receiver<SourceEvent>,
     pub writer: mpsc::Sender<WriteItem>,
-    pub written: mpsc::UnboundedReceiver<Vec<u64>>,
+    pub written: mpsc::UnboundedReceiver<crate::core::outcome::Durable>,
     pub acks: watch::Sender<Lsn>,
 }
 
@@ -335,8 +335,16 @@ impl Pipeline {
                         }
                     }
                 }
-                seqs = written.recv() => {
-                    let Some(seqs) = seqs else { return Err(PipelineError::WriterGone) };
+                durable = written.recv() => {
+                    let Some(crate::core::outcome::Durable { seqs, refused }) = durable else {
+                        return Err(PipelineError::WriterGone);
+                    };
+                    for key in refused {
+                        // Parked from now on; whether it still is, the
+                        // dead-letter table says when its next change comes.
+                        tracing::warn!(user = %key, "the write-back was refused; the change is a dead letter and the user is parked");
+                        st.parked.insert(key, None);
+                    }
                     if !st.known_ids.is_empty() {
                         // The row now holds the id: later changes find it there.
                         let durable: HashSet<u64> = seqs.iter().copied().collect();

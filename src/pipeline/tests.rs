@@ -133,7 +133,7 @@ fn change(key: &str, op: Operation, lsn: Lsn) -> Box<Change> {
 struct Harness {
     source: mpsc::Sender<SourceEvent>,
     items: mpsc::Receiver<WriteItem>,
-    durable: mpsc::UnboundedSender<Vec<u64>>,
+    durable: mpsc::UnboundedSender<crate::core::outcome::Durable>,
     acks: watch::Receiver<Lsn>,
     cancel: CancellationToken,
     task: JoinHandle<Result<(), PipelineError>>,
@@ -208,13 +208,15 @@ impl Harness {
             if !matches!(item.outcome, Outcome::Resume) {
                 return item;
             }
-            self.durable.send(vec![item.seq]).expect("pipeline running");
+            self.durable
+                .send(vec![item.seq].into())
+                .expect("pipeline running");
         }
     }
 
     fn make_durable(&self, items: &[&WriteItem]) {
         self.durable
-            .send(items.iter().map(|i| i.seq).collect())
+            .send(items.iter().map(|i| i.seq).collect::<Vec<_>>().into())
             .expect("pipeline running");
     }
 
@@ -238,7 +240,7 @@ fn auto_writer(mut h: Harness) -> (Harness, Arc<Mutex<Vec<WriteItem>>>) {
     tokio::spawn(async move {
         let mut items = items;
         while let Some(item) = items.recv().await {
-            let _ = durable.send(vec![item.seq]);
+            let _ = durable.send(vec![item.seq].into());
             lock(&out).push(item);
         }
     });

@@ -4,7 +4,9 @@
 //! items are grouped into one UPDATE per batch, and a row is only touched if
 //! its `external_synced_at` is older, so a newer sync is never overwritten.
 
-use crate::core::outcome::{Outcome, SyncReport, WriteItem};
+use crate::core::outcome::{
+    DeadLetterState, Durable, NewDeadLetter, Outcome, SyncReport, WriteItem,
+};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -116,7 +118,7 @@ impl Writer {
     pub async fn run(
         mut self,
         mut items: mpsc::Receiver<WriteItem>,
-        done: mpsc::UnboundedSender<Vec<u64>>,
+        done: mpsc::UnboundedSender<Durable>,
         reports: Option<mpsc::UnboundedSender<SyncReport>>,
     ) -> Result<(), WritebackError> {
         let mut batch = Vec::with_capacity(self.batch_size);
@@ -125,7 +127,11 @@ impl Writer {
             if items.recv_many(&mut batch, self.batch_size).await == 0 {
                 return Ok(());
             }
-            self.write(&batch).await?;
+            let refused = match self.write(&batch).await {
+                Ok(()) => Vec::new(),
+                Err(e) if is_row_error(&e) => self.isolate(&mut batch).await?,
+                Err(e) => return Err(e),
+            };
             record_metrics(&batch);
             tracing::info!(
                 changes = batch.len(),
@@ -136,7 +142,7 @@ impl Writer {
                 "written back"
             );
             let seqs = batch.iter().map(|i| i.seq).collect();
-            if done.send(seqs).is_err() {
+            if done.send(Durable { seqs, refused }).is_err() {
                 return Ok(());
             }
             for item in &batch {
@@ -198,6 +204,27 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// A batch the database refused for a reason that belongs to one row
+    /// (a value a column, a constraint or a trigger of the app rejects):
+    /// each item is written on its own, and one that is still refused
+    /// becomes a dead letter instead, so one user's row never stops the
+    /// stream. Returns the users whose write-back was refused.
+    async fn isolate(&mut self, batch: &mut [WriteItem]) -> Result<Vec<String>, WritebackError> {
+        let mut refused = Vec::new();
+        for item in batch.iter_mut() {
+            match self.write(std::slice::from_ref(item)).await {
+                Ok(()) => {}
+                Err(e) if is_row_error(&e) => {
+                    item.outcome = Outcome::DeadLetter(Box::new(refused_dead_letter(item, &e)));
+                    self.write(std::slice::from_ref(item)).await?;
+                    refused.push(item.key.text.clone());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(refused)
     }
 
     async fn write(&mut self, batch: &[WriteItem]) -> Result<(), WritebackError> {
@@ -286,6 +313,63 @@ impl Writer {
         crate::store::synclog::insert(&tx, self.sync_log.as_ref(), batch).await?;
         tx.commit().await.map_err(sql_err)?;
         Ok(())
+    }
+}
+
+/// SQLSTATE classes that belong to the values of one row rather than to the
+/// session or the setup: data exceptions (a value too long for the app's
+/// column), integrity violations (the app's constraints), errors raised by
+/// the app's triggers and functions, program limits (a row too big).
+fn is_row_error(e: &WritebackError) -> bool {
+    let WritebackError::Db(db) = e else {
+        return false;
+    };
+    db.code()
+        .and_then(|c| c.code().get(..2))
+        .is_some_and(|class| matches!(class, "22" | "23" | "P0" | "54" | "2F" | "38" | "39"))
+}
+
+/// The dead letter of a change whose push succeeded but whose write-back the
+/// database refused; `dlq replay` pushes the current row and writes it back
+/// again once the app's table accepts it.
+fn refused_dead_letter(item: &WriteItem, e: &WritebackError) -> NewDeadLetter {
+    let now = SystemTime::now();
+    let (external_id, attempts) = match &item.outcome {
+        Outcome::Synced {
+            external_id,
+            attempts,
+            ..
+        } => (external_id.clone(), *attempts),
+        _ => (None, 0),
+    };
+    NewDeadLetter {
+        event_id: item.event_id.clone(),
+        user_key: item.key.text.clone(),
+        operation: item.op.event_type(),
+        state: DeadLetterState::Failed,
+        envelope: serde_json::json!({
+            "type": item.op.event_type(),
+            "key": item.key.json,
+            "external_id": external_id,
+        }),
+        last_status: None,
+        // The server's message and code, not its detail: a constraint's
+        // detail spells out the whole row.
+        last_error: match e {
+            WritebackError::Db(db) => match db.source.as_db_error() {
+                Some(d) => format!(
+                    "pushed, but the database refused the write-back (SQLSTATE {}): {}",
+                    d.code().code(),
+                    d.message()
+                ),
+                None => format!("pushed, but the database refused the write-back: {e}"),
+            },
+            other => format!("pushed, but the database refused the write-back: {other}"),
+        },
+        attempts,
+        first_attempt_at: now,
+        last_attempt_at: now,
+        commit_lsn: format_lsn(item.commit_lsn),
     }
 }
 

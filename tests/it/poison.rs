@@ -279,3 +279,67 @@ async fn arrays_of_any_element_type_are_arrays_and_domains_their_base_type() {
     assert_eq!(data["labels"], serde_json::json!(["x", "y z"]), "{data}");
     assert_eq!(data["pairs"], serde_json::json!(["(1,one)"]), "{data}");
 }
+
+/// A write-back the app's table refuses for one row (here a trigger of the
+/// app raising for one user; a CHECK constraint or a column too short for
+/// the external id are the same SQLSTATE classes) fails that user's change,
+/// not the batch and not the daemon: the users committed in the same
+/// transaction are written back, the refused one becomes a dead letter
+/// (pushed, not written back) and its next change is parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_back_refused_for_one_row_dead_letters_only_that_user() {
+    let db = TestDb::new(USERS_WITH_JSON).await;
+    db.exec(
+        "CREATE FUNCTION app_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.email = 'refused@example.com' THEN
+             RAISE EXCEPTION 'app rule: this account is frozen' USING ERRCODE = 'P0001';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER app_guard BEFORE UPDATE OF external_user_id ON users
+           FOR EACH ROW EXECUTE FUNCTION app_guard();",
+    )
+    .await;
+    let daemon = db.start_daemon();
+    // One transaction: the three changes are written back in one batch.
+    db.exec(
+        "BEGIN;
+         INSERT INTO users (id, email) VALUES (1, 'one@example.com');
+         INSERT INTO users (id, email) VALUES (2, 'refused@example.com');
+         INSERT INTO users (id, email) VALUES (3, 'three@example.com');
+         COMMIT;",
+    )
+    .await;
+    wait_settled(&db, 3, 1).await;
+    assert!(external_id(&db, 1).await.is_some());
+    assert_eq!(external_id(&db, 2).await, None);
+    let dl = dead_letters(&db).await;
+    assert_eq!(dl.len(), 1, "{dl:?}");
+    assert_eq!((dl[0].0.as_str(), dl[0].1.as_str()), ("2", "failed"));
+    assert!(dl[0].2.contains("P0001"), "{}", dl[0].2);
+    assert!(dl[0].2.contains("this account is frozen"), "{}", dl[0].2);
+
+    // The refused user's next change is parked, and the stream goes on:
+    // user 4, changed after it, is written back.
+    db.exec("UPDATE users SET name = 'after' WHERE id = 2")
+        .await;
+    db.exec("INSERT INTO users (id, email) VALUES (4, 'four@example.com')")
+        .await;
+    wait_settled(&db, 4, 2).await;
+    let dl = dead_letters(&db).await;
+    assert_eq!(
+        (dl[1].0.as_str(), dl[1].1.as_str()),
+        ("2", "parked"),
+        "{dl:?}"
+    );
+    let pushes_of_2 = db
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.body["key"] == 2)
+        .count();
+    assert_eq!(pushes_of_2, 1, "only the create of user 2 was pushed");
+    assert!(!daemon.task.is_finished(), "the daemon keeps running");
+    daemon.stop().await;
+}
