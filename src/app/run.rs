@@ -83,6 +83,7 @@ pub async fn serve_metrics(
     let server = crate::observe::metrics::serve(cfg, cancel.clone()).await?;
     if server.is_some() {
         crate::store::lag::spawn_poller(cfg.database.clone(), cancel);
+        crate::app::page::install(cfg);
     }
     Ok(server)
 }

@@ -68,6 +68,31 @@ fn mib(bytes: i64) -> String {
 }
 
 impl Status {
+    /// The backfill's state in one line (also on the status page).
+    pub fn backfill_line(&self) -> String {
+        match (&self.backfill, self.backfill_table) {
+            (_, false) => NEEDS_SETUP.into(),
+            (None, true) => "never run".into(),
+            (Some(b), true) => {
+                let progress = match b.rows_total {
+                    Some(t) if t > 0 => format!(
+                        "{}/{t} rows ({:.0}%)",
+                        b.rows_done,
+                        b.rows_done as f64 * 100.0 / t as f64
+                    ),
+                    _ => format!("{} rows", b.rows_done),
+                };
+                match &b.finished_at {
+                    Some(f) => format!("{} finished at {f}: {progress}", b.mode),
+                    None => format!(
+                        "{} running since {}: {progress}, last progress {}",
+                        b.mode, b.started_at, b.updated_at
+                    ),
+                }
+            }
+        }
+    }
+
     /// Aligned `label: value` lines for a terminal.
     pub fn render(&self) -> String {
         let mut lines: Vec<(String, String)> = Vec::new();
@@ -161,30 +186,7 @@ impl Status {
                 lines.push(("parked users".into(), "n/a (run `usersync setup`)".into()));
             }
         }
-        lines.push((
-            "backfill".into(),
-            match (&self.backfill, self.backfill_table) {
-                (_, false) => NEEDS_SETUP.into(),
-                (None, true) => "never run".into(),
-                (Some(b), true) => {
-                    let progress = match b.rows_total {
-                        Some(t) if t > 0 => format!(
-                            "{}/{t} rows ({:.0}%)",
-                            b.rows_done,
-                            b.rows_done as f64 * 100.0 / t as f64
-                        ),
-                        _ => format!("{} rows", b.rows_done),
-                    };
-                    match &b.finished_at {
-                        Some(f) => format!("{} finished at {f}: {progress}", b.mode),
-                        None => format!(
-                            "{} running since {}: {progress}, last progress {}",
-                            b.mode, b.started_at, b.updated_at
-                        ),
-                    }
-                }
-            },
-        ));
+        lines.push(("backfill".into(), self.backfill_line()));
         let width = lines.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (label, value) in lines {

@@ -301,6 +301,14 @@ impl Drop for StreamingGuard {
 /// The slot's lag in bytes, or `None` when it cannot be read.
 pub fn set_lag(bytes: Option<i64>) {
     metrics().lag_bytes.set(bytes.unwrap_or(-1));
+    if let Some(b) = bytes {
+        crate::observe::page::record_lag(b);
+    }
+}
+
+/// Whether this process streams right now (the `usersync_streaming` gauge).
+pub fn is_streaming() -> bool {
+    metrics().streaming.get() == 1
 }
 
 /// The registry in OpenMetrics text, as served on `/metrics`.
@@ -369,6 +377,23 @@ pub async fn serve(
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/",
+            get(|| async {
+                match crate::observe::page::current().await {
+                    Some(html) => (
+                        [
+                            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                            (header::CACHE_CONTROL, "no-store"),
+                        ],
+                        html,
+                    )
+                        .into_response(),
+                    None => (StatusCode::NOT_FOUND, "no status page here; see /metrics\n")
+                        .into_response(),
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || async move {

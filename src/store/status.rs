@@ -186,3 +186,80 @@ pub async fn latest_backfill(client: &Client) -> Result<Option<Backfill>, Status
     })
     .transpose()
 }
+
+/// One dead letter for the status page, newest first.
+#[derive(Debug, Clone)]
+pub struct RecentDeadLetter {
+    pub id: i64,
+    pub event_id: String,
+    pub user_key: String,
+    pub operation: String,
+    pub state: String,
+    pub last_status: Option<i32>,
+    pub last_error: String,
+    pub age_secs: i64,
+}
+
+pub async fn recent_dead_letters(
+    client: &Client,
+    limit: i64,
+) -> Result<Vec<RecentDeadLetter>, StatusError> {
+    if !table_exists(client, "usersync.dead_letters").await? {
+        return Ok(Vec::new());
+    }
+    let e = err("listing dead letters");
+    let rows = client
+        .query(
+            "SELECT id, event_id, user_key, operation, state, last_status, last_error, \
+             extract(epoch FROM now() - last_attempt_at)::int8 \
+             FROM usersync.dead_letters ORDER BY id DESC LIMIT $1",
+            &[&limit],
+        )
+        .await
+        .map_err(e)?;
+    rows.iter()
+        .map(|r| {
+            Ok(RecentDeadLetter {
+                id: r.try_get(0).map_err(e)?,
+                event_id: r.try_get(1).map_err(e)?,
+                user_key: r.try_get(2).map_err(e)?,
+                operation: r.try_get(3).map_err(e)?,
+                state: r.try_get(4).map_err(e)?,
+                last_status: r.try_get(5).map_err(e)?,
+                last_error: r.try_get(6).map_err(e)?,
+                age_secs: r.try_get(7).map_err(e)?,
+            })
+        })
+        .collect()
+}
+
+/// Pushes per minute over the last hour from the sync log: (unix seconds
+/// of the minute, synced, dead-lettered, parked).
+pub async fn pushes_per_minute(client: &Client) -> Result<Vec<(i64, i64, i64, i64)>, StatusError> {
+    if !table_exists(client, "usersync.sync_log").await? {
+        return Ok(Vec::new());
+    }
+    let e = err("reading the sync log");
+    let rows = client
+        .query(
+            "SELECT extract(epoch FROM date_trunc('minute', logged_at))::int8, \
+             count(*) FILTER (WHERE outcome = 'synced'), \
+             count(*) FILTER (WHERE outcome = 'dead_letter'), \
+             count(*) FILTER (WHERE outcome = 'parked') \
+             FROM usersync.sync_log WHERE logged_at > now() - interval '1 hour' \
+             GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get(0).map_err(e)?,
+                r.try_get(1).map_err(e)?,
+                r.try_get(2).map_err(e)?,
+                r.try_get(3).map_err(e)?,
+            ))
+        })
+        .collect()
+}

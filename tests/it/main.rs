@@ -21,6 +21,7 @@ mod role;
 mod secrets;
 mod spine;
 mod sqlstate;
+mod statuspage;
 mod stripe;
 mod tls;
 mod values;
