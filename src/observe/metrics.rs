@@ -380,7 +380,7 @@ pub async fn serve(
         .route(
             "/",
             get(|| async {
-                match crate::observe::page::current().await {
+                match crate::observe::page::current(is_streaming()).await {
                     Some(html) => (
                         [
                             (header::CONTENT_TYPE, "text/html; charset=utf-8"),

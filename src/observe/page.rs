@@ -80,11 +80,13 @@ pub fn set_provider(p: Provider) {
 }
 
 /// The page, or `None` when no provider is installed (a bare metrics
-/// endpoint, as in tests of other commands).
-pub async fn current() -> Option<String> {
+/// endpoint, as in tests of other commands). `streaming` is this process's
+/// own state (the metrics endpoint passes its gauge, so that this module
+/// imports nothing and the metrics module can feed it lag samples).
+pub async fn current(streaming: bool) -> Option<String> {
     let p = provider_cell().get()?.clone();
     let mut data = p().await;
-    data.streaming = crate::observe::metrics::is_streaming();
+    data.streaming = streaming;
     Some(render(&data, &lag_history()))
 }
 
