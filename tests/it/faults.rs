@@ -1088,3 +1088,47 @@ async fn kill_between_push_and_write_back_replays_without_duplicate() {
     kill(&mut child, &db);
     assert_log_clean(&db);
 }
+
+/// SIGTERM while a push sleeps on the service's `Retry-After: 600` (capped
+/// at 600 s) stops the release binary at once instead of after ten
+/// minutes: the sleeping retry is abandoned, nothing of it is confirmed,
+/// and the next start delivers the change (nothing lost, pushed once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_retry_after_sleep() {
+    let db = TestDb::new(USERS_UUID).await;
+    db.fake.inject(Fault::RateLimit {
+        retry_after_secs: 600,
+        count: 1,
+    });
+    let mut child = db.spawn_binary(&["run"]);
+    db.exec("INSERT INTO users (email, name) VALUES ('wait@example.com', 'W')")
+        .await;
+    wait_for("the 429 with Retry-After: 600", WAIT, || {
+        db.fake.requests().iter().any(|r| r.status == 429)
+    })
+    .await;
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // Far below the 600 s the retry would sleep: only an abandoned retry
+    // lets the process end within this bound.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usersync still running 60 s after SIGTERM:\n{}",
+            db.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", db.log_tail());
+    assert!(db.accepted().is_empty(), "nothing was accepted yet");
+    // The next start delivers it, once.
+    let daemon = db.start_daemon();
+    db.wait_consistent(WAIT).await;
+    daemon.stop().await;
+    assert_eq!(db.accepted().len(), 1);
+}
