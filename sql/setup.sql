@@ -65,6 +65,15 @@ BEGIN
 END
 $$;
 
+-- PostgreSQL 18 and later stream stored generated columns when the publication asks for them; earlier versions cannot (usersync then lists them in `omitted`).
+DO $$
+BEGIN
+    IF current_setting('server_version_num')::int >= 180000 THEN
+        EXECUTE format('ALTER PUBLICATION %I SET (publish_generated_columns = stored)', 'usersync_users');
+    END IF;
+END
+$$;
+
 -- The replication origin that tags usersync's write-backs, so the daemon never pushes its own writes again.
 SELECT pg_replication_origin_create('usersync')
     WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'usersync');

@@ -300,6 +300,44 @@ async fn database_checks(db: &DatabaseConfig, sink_columns: &[String], out: &mut
                     )),
                 ));
             }
+            match catalog::unstreamed_generated_columns(
+                &client,
+                &shape.table.quoted(),
+                &db.publication,
+            )
+            .await
+            {
+                Ok(cols) if !cols.is_empty() => {
+                    let named: Vec<&String> =
+                        cols.iter().filter(|c| sink_columns.contains(c)).collect();
+                    let what = format!(
+                        "generated column(s) {} of {} are not in the replication stream, so pushes list them in `omitted` instead of sending them (PostgreSQL 18 streams stored generated columns once `usersync setup` set publish_generated_columns = stored; virtual ones never)",
+                        cols.join(", "),
+                        shape.table
+                    );
+                    out.push(if named.is_empty() {
+                        Finding::ok("generated_columns", what)
+                    } else {
+                        Finding::warn(
+                            "generated_columns",
+                            what,
+                            Some(
+                                "on PostgreSQL 18 run `usersync setup`; before 18 remove them from sink.columns / [sink.mapping]"
+                                    .to_string(),
+                            ),
+                        )
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => out.push(Finding::fail(
+                    "generated_columns",
+                    format!(
+                        "cannot read the table's generated columns: {}",
+                        error_text(&e)
+                    ),
+                    None,
+                )),
+            }
             out.push(match schema::check_replica_identity(shape) {
                 Ok(()) => Finding::ok("replica_identity", "REPLICA IDENTITY FULL"),
                 Err(e) => Finding::from_schema("replica_identity", e),

@@ -238,6 +238,16 @@ async fn session(
     crate::store::types::load_kinds(&db, &shape.table, &mut types)
         .await
         .map_err(WritebackError::from)?;
+    let not_streamed = crate::store::catalog::unstreamed_generated_columns(
+        &db,
+        &shape.table.quoted(),
+        &cfg.database.publication,
+    )
+    .await
+    .map_err(crate::store::db::DbError::ctx(
+        "reading the generated columns",
+    ))
+    .map_err(WritebackError::from)?;
     let writer = Writer::connect(&cfg.database, shape, cfg.writeback.batch_size).await?;
     let client = stream::open(&cfg.database, "usersync").await?;
     tracing::info!(
@@ -255,7 +265,8 @@ async fn session(
             shape.key_column.clone(),
             &cfg.sink.columns,
         )
-        .with_types(types),
+        .with_types(types)
+        .with_not_streamed(not_streamed),
         origin: cfg.database.origin.clone(),
         target: cfg.database.describe(),
     };

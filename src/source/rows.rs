@@ -106,6 +106,9 @@ pub struct RowBuilder {
     columns: Option<HashSet<String>>,
     relations: HashMap<u32, Relation>,
     types: TypeRegistry,
+    /// Synced columns the server does not stream (generated columns before
+    /// PostgreSQL 18): named in every insert's and update's `omitted`.
+    not_streamed: Vec<String>,
 }
 
 impl RowBuilder {
@@ -121,6 +124,7 @@ impl RowBuilder {
             },
             relations: HashMap::new(),
             types: TypeRegistry::default(),
+            not_streamed: Vec::new(),
         }
     }
 
@@ -136,6 +140,15 @@ impl RowBuilder {
     /// session start (`store::types`).
     pub fn with_types(mut self, types: TypeRegistry) -> Self {
         self.types = types;
+        self
+    }
+
+    /// Columns the stream cannot carry (see `store::catalog::
+    /// unstreamed_generated_columns`); the synced ones among them are
+    /// listed in `omitted`, so a receiver knows they exist but were not sent.
+    pub fn with_not_streamed(mut self, columns: Vec<String>) -> Self {
+        let synced: Vec<String> = columns.into_iter().filter(|c| self.synced(c)).collect();
+        self.not_streamed = synced;
         self
     }
 
@@ -281,7 +294,10 @@ impl RowBuilder {
             data: None,
             previous: None,
             changed: Vec::new(),
-            omitted: Vec::new(),
+            omitted: match op {
+                Operation::Delete => Vec::new(),
+                _ => self.not_streamed.clone(),
+            },
             external_id: None,
             decoded_at: Instant::now(),
         }

@@ -111,3 +111,31 @@ pub async fn can_execute(client: &Client, function: &str) -> Result<bool, Error>
         .await?
         .try_get(0)
 }
+
+/// Generated columns of the table that the stream does not carry: all of
+/// them before PostgreSQL 18; from 18 the virtual ones, and the stored ones
+/// unless the publication has `publish_generated_columns = stored`. (The
+/// publication's flag is read through `to_jsonb` because the column exists
+/// only from 18 on.)
+pub async fn unstreamed_generated_columns(
+    client: &Client,
+    quoted_table: &str,
+    publication: &str,
+) -> Result<Vec<String>, Error> {
+    client
+        .query(
+            "SELECT a.attname::text FROM pg_attribute a \
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+             AND a.attgenerated <> '' \
+             AND NOT (a.attgenerated = 's' \
+                 AND current_setting('server_version_num')::int >= 180000 \
+                 AND EXISTS (SELECT 1 FROM pg_publication p WHERE p.pubname = $2 \
+                     AND to_jsonb(p) ->> 'pubgencols' IN ('s', 'true'))) \
+             ORDER BY a.attnum",
+            &[&quoted_table, &publication],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect()
+}

@@ -74,6 +74,13 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
             ),
         },
         Step {
+            comment: "PostgreSQL 18 and later stream stored generated columns when the publication asks for them; earlier versions cannot (usersync then lists them in `omitted`).",
+            sql: format!(
+                "DO $$\nBEGIN\n    IF current_setting('server_version_num')::int >= 180000 THEN\n        EXECUTE format('ALTER PUBLICATION %I SET (publish_generated_columns = stored)', {pub_lit});\n    END IF;\nEND\n$$;",
+                pub_lit = quote_literal(publication),
+            ),
+        },
+        Step {
             comment: "The replication origin that tags usersync's write-backs, so the daemon never pushes its own writes again.",
             sql: format!(
                 "SELECT pg_replication_origin_create({origin})\n    WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {origin});",

@@ -737,3 +737,57 @@ async fn write_back_lands_when_the_commit_becomes_visible_late() {
     );
     fake.shutdown().await;
 }
+
+/// A stored generated column never vanishes silently: PostgreSQL 18 streams
+/// it once `usersync setup` set `publish_generated_columns = stored`, and it
+/// arrives in `data`; before 18 the stream cannot carry it, and every insert
+/// and update names it in `omitted` (and `check` says why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_columns_are_sent_or_named_in_omitted() {
+    let db = TestDb::new(
+        "CREATE TABLE public.users (
+            id bigint PRIMARY KEY,
+            email text NOT NULL,
+            email_lower text GENERATED ALWAYS AS (lower(email)) STORED
+        )",
+    )
+    .await;
+    let version = db
+        .count("SELECT current_setting('server_version_num')::int8")
+        .await;
+    let mut daemon = db.start_daemon();
+    db.exec("INSERT INTO users (id, email) VALUES (1, 'Ann@Example.com')")
+        .await;
+    let created = wait_envelope(&db, &mut daemon, "the create", |e| {
+        e["type"] == "user.created"
+    })
+    .await;
+    let omitted: Vec<&str> = created["omitted"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if version >= 180_000 {
+        assert_eq!(
+            created["data"]["email_lower"], "ann@example.com",
+            "{created:#}"
+        );
+        assert!(omitted.is_empty(), "{created:#}");
+    } else {
+        assert!(created["data"].get("email_lower").is_none(), "{created:#}");
+        assert_eq!(omitted, ["email_lower"], "{created:#}");
+        let out = crate::common::run_cli(db.binary_command(&["check", "--json"]), WAIT).await;
+        let report: Value = serde_json::from_str(&out.stdout).expect("check json");
+        let finding = report["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|f| f["check"] == "generated_columns"))
+            .unwrap_or_else(|| panic!("no generated_columns finding: {report:#}"));
+        assert!(
+            finding["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("email_lower")),
+            "{finding:#}"
+        );
+    }
+    wait_synced(&db, &mut daemon).await;
+    daemon.stop().await;
+}
