@@ -13,6 +13,7 @@ mod errors;
 mod exactly_once;
 mod faults;
 mod layers;
+mod listing;
 mod memberstack;
 mod observability;
 mod ops;
