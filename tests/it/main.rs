@@ -18,6 +18,7 @@ mod memberstack;
 mod observability;
 mod ops;
 mod poison;
+mod reconcile;
 mod role;
 mod secrets;
 mod spine;
