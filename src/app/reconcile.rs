@@ -346,7 +346,7 @@ pub async fn run(
     }
     report.drifts = drifts;
     if opts.fix == Some(Fix::Push) {
-        report.fixed = Some(push_fixes(&client, &report.drifts, &cancel).await?);
+        report.fixed = Some(push_fixes(&client, &reader, &report.drifts, &cancel).await?);
     }
     Ok(report)
 }
@@ -357,6 +357,7 @@ pub async fn run(
 /// claims need a decision the table cannot make; they are left as they are.
 async fn push_fixes(
     client: &tokio_postgres::Client,
+    reader: &RowReader,
     drifts: &[Drift],
     cancel: &CancellationToken,
 ) -> Result<BTreeMap<String, u64>, ReconcileError> {
@@ -370,6 +371,13 @@ async fn push_fixes(
         })
         .flat_map(|d| d.user_keys.iter().cloned())
         .collect();
+    // A push with the stale id would be refused (Stripe answers 404), so the
+    // row forgets it first and the push creates the record anew.
+    for d in drifts.iter().filter(|d| d.kind == DriftKind::LinkedMissing) {
+        if let (Some(key), Some(stale)) = (d.user_keys.first(), &d.external_id) {
+            crate::store::reconcile::unlink_missing(client, reader, key, stale).await?;
+        }
+    }
     let mut outcomes = BTreeMap::new();
     if keys.is_empty() {
         return Ok(outcomes);

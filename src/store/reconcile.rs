@@ -73,3 +73,28 @@ pub async fn scan_rows(
         }
     }
 }
+
+/// Forgets a row's external id that names a record which no longer exists,
+/// so that its next push creates one (`reconcile --fix push`). Only when the
+/// row still holds that id: a write-back since then wins. The column is not
+/// synced, so the change itself pushes nothing.
+pub async fn unlink_missing(
+    client: &Client,
+    reader: &RowReader,
+    key: &str,
+    stale_id: &str,
+) -> Result<bool, RowError> {
+    let shape = reader.shape();
+    let sql = format!(
+        "UPDATE {table} SET {ext} = NULL WHERE {key} = $1::text::{key_type} AND {ext} = $2",
+        table = shape.table.quoted(),
+        ext = quote_ident(crate::core::table::EXTERNAL_ID_COLUMN),
+        key = quote_ident(&shape.key_column),
+        key_type = shape.key_type,
+    );
+    let n = client
+        .execute(&sql, &[&key, &stale_id])
+        .await
+        .map_err(|e| RowError::Sql(error_text(&e)))?;
+    Ok(n == 1)
+}

@@ -260,27 +260,44 @@ async fn fix_push_converges_through_the_lanes_without_a_second_customer_or_echo(
     let daemon = h.start_daemon();
     h.db.exec("INSERT INTO users (id, email, plan) VALUES (4, 'd@example.com', 'pro')")
         .await;
+    h.db.exec("INSERT INTO users (id, email, plan) VALUES (5, 'e@example.com', 'pro')")
+        .await;
     let four = h.wait_linked(4).await;
+    let five = h.wait_linked(5).await;
     assert!(h.stripe.edit_customer(&four, |c| {
         c.email = Some("edited-in-dashboard@example.com".into());
     }));
+    // Deleted in the dashboard: the row links to nothing.
+    assert!(h.stripe.edit_customer(&five, |c| c.deleted = true));
 
     let (code, out, err) = h.reconcile(&["--json"]).await;
     assert_eq!(code, Some(1), "{out}{err}");
     let json: Value = serde_json::from_str(&out).expect("JSON report");
     assert_eq!(counts(&json)["only_in_table"], 3, "{out}");
     assert_eq!(counts(&json)["fields_differ"], 1, "{out}");
+    assert_eq!(counts(&json)["linked_missing"], 1, "{out}");
 
     let (code, out, err) = h.reconcile(&["--fix", "push"]).await;
     assert_eq!(code, Some(1), "the report is of what was found: {out}{err}");
-    assert!(out.contains("fix push: 4 queued"), "{out}{err}");
+    assert!(out.contains("fix push: 5 queued"), "{out}{err}");
 
     let (code, out, err) = h.reconcile(&[]).await;
     assert_eq!(code, Some(0), "converged: {out}{err}");
-    for id in 1..=4 {
+    for id in 1..=5 {
         assert!(h.external_id(id).await.is_some(), "row {id} linked");
     }
-    assert_eq!(h.creates(), 4, "one customer per row, never a second");
+    assert_ne!(h.external_id(5).await.as_deref(), Some(five.as_str()));
+    // One create per row, plus the one that replaced the deleted customer.
+    assert_eq!(h.creates(), 6, "never a second live customer for a row");
+    let mut live: Vec<String> = h
+        .stripe
+        .customers()
+        .iter()
+        .filter(|c| !c.deleted)
+        .filter_map(|c| c.metadata.get("usersync_key").cloned())
+        .collect();
+    live.sort();
+    assert_eq!(live, ["1", "2", "3", "4", "5"]);
     assert_eq!(
         h.stripe
             .customers()
