@@ -325,3 +325,97 @@ async fn fix_push_converges_through_the_lanes_without_a_second_customer_or_echo(
     assert_eq!(after[0].field("metadata[plan]"), Some("marker"));
     daemon.stop().await;
 }
+
+/// Memberstack keeps the email under `auth` and the mapped fields under
+/// `customFields`/`metaData`; its list is paged by `endCursor`. 250 members
+/// (three pages) against 250 rows linked by id, key or nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memberstack_members_are_read_across_pages_and_compared_at_their_own_paths() {
+    use serde_json::{json, Map};
+    use usersync::app::reconcile::{run, Options};
+    use usersync::dev::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
+
+    install_crypto();
+    let db = TestDb::new(USERS_BIGINT).await;
+    let ms = FakeMemberstack::start(FakeMemberstackOptions {
+        api_key: "sk_sb_reconcile".into(),
+        rate_limit_per_sec: 25,
+        ..FakeMemberstackOptions::default()
+    })
+    .await
+    .expect("fake memberstack");
+    let toml = format!(
+        "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
+         [sink]\nkind = \"memberstack\"\nurl = \"{}\"\napi_key_env = \"MS_KEY\"\nrate_limit_per_sec = 25\n\
+         [sink.mapping]\nemail = \"email\"\n\"customFields.first-name\" = \"name\"\n\"metaData.plan\" = \"plan\"\n",
+        db.url,
+        db.dbname,
+        db.dbname,
+        ms.url()
+    );
+    let env: BTreeMap<String, String> =
+        [("MS_KEY".to_string(), "sk_sb_reconcile".to_string())].into();
+    let cfg = Config::from_parts(Some(&toml), "test", &env).expect("config");
+
+    let mut values = Vec::new();
+    for id in 1..=250i64 {
+        let custom: Map<String, Value> = [("first-name".to_string(), json!(format!("N{id}")))]
+            .into_iter()
+            .collect();
+        let meta: Map<String, Value> = [
+            ("usersync_key".to_string(), json!(id.to_string())),
+            (
+                "plan".to_string(),
+                json!(if id == 7 { "team" } else { "pro" }),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let member = ms.insert_member(&format!("m{id}@example.com"), custom, meta);
+        // Odd rows linked by id, even ones only by the member's back-reference.
+        let ext = if id % 2 == 1 {
+            format!("'{}'", member.id)
+        } else {
+            "NULL".to_string()
+        };
+        values.push(format!(
+            "({id}, 'm{id}@example.com', 'N{id}', 'pro', {ext})"
+        ));
+    }
+    db.exec(&format!(
+        "INSERT INTO users (id, email, name, plan, external_user_id) VALUES {}",
+        values.join(", ")
+    ))
+    .await;
+
+    let opts = Options {
+        fix: None,
+        quiet: true,
+    };
+    let report = run(&cfg, &opts, CancellationToken::new())
+        .await
+        .expect("reconcile");
+    assert_eq!((report.rows, report.records), (250, 250));
+    assert_eq!(report.drifts.len(), 1, "{:#?}", report.drifts);
+    assert_eq!(report.drifts[0].user_keys, vec!["7".to_string()]);
+    assert_eq!(report.drifts[0].fields, vec!["metaData.plan".to_string()]);
+
+    // The email lives under auth.email: a dashboard edit there is seen.
+    let twelve = ms
+        .members()
+        .into_iter()
+        .find(|m| m.email == "m12@example.com")
+        .expect("member 12");
+    assert!(ms.edit_member(&twelve.id, |m| m.email = "changed@example.com".into()));
+    let report = run(&cfg, &opts, CancellationToken::new())
+        .await
+        .expect("reconcile");
+    let twelve: Vec<_> = report
+        .drifts
+        .iter()
+        .filter(|d| d.user_keys == ["12"])
+        .collect();
+    assert_eq!(twelve.len(), 1, "{:#?}", report.drifts);
+    assert_eq!(twelve[0].fields, vec!["email".to_string()]);
+    ms.shutdown().await;
+}
