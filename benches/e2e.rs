@@ -79,6 +79,7 @@ struct Sizes {
     real_n: u64,
     real_latency_ms: u64,
     real_in_flight: u64,
+    reconcile_n: u64,
     log_level: String,
     only: Option<Vec<u32>>,
 }
@@ -119,6 +120,7 @@ impl Sizes {
             real_n: pick("BENCH_REAL_N", 20_000, 500),
             real_latency_ms: pick("BENCH_REAL_LATENCY_MS", 50, 50),
             real_in_flight: pick("BENCH_REAL_IN_FLIGHT", 64, 64),
+            reconcile_n: pick("BENCH_RECONCILE_N", 10_000, 1_000),
             log_level: std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".into()),
             only: std::env::var("BENCH_ONLY")
                 .ok()
@@ -825,6 +827,7 @@ impl Bench<'_> {
             (4, "4 memory", Box::pin(self.memory())),
             (5, "5 app cost", Box::pin(self.app_cost())),
             (6, "6 realistic sink", Box::pin(self.realistic())),
+            (7, "7 reconcile", Box::pin(self.reconcile())),
         ];
         for (n, label, fut) in scenarios {
             if !self.sizes.runs(n) {
@@ -1631,6 +1634,126 @@ impl Bench<'_> {
                 ),
             ),
         ])
+    }
+
+    // ------------------------------------------------------------ 7
+
+    /// `usersync reconcile` over N rows and N Stripe customers that agree:
+    /// records (and rows) compared per second with the fake's rate limit
+    /// off, and with Stripe's 25 requests/s on both sides (the client's
+    /// `sink.rate_limit_per_sec` and the fake's 429s), where the page rate
+    /// must stay at the limit: the limit is the bound.
+    async fn reconcile(&self) -> R<Vec<Row>> {
+        use usersync::dev::fake::stripe::{FakeStripe, FakeStripeOptions};
+        let s = "7 reconcile";
+        let n = self.sizes.reconcile_n;
+        let db = self.db("b_reconcile").await?;
+        self.setup(&db, UNUSED_SINK, "").await?;
+        let key = "sk_test_benchReconcileKey000000";
+        let fake = self
+            .fake_rt
+            .spawn(FakeStripe::start(FakeStripeOptions {
+                api_key: key.into(),
+                rate_limit_per_sec: 0,
+                ..FakeStripeOptions::default()
+            }))
+            .await
+            .ctx("fake task")?
+            .ctx("fake stripe")?;
+        db.client
+            .batch_execute(&format!(
+                "INSERT INTO users (id, email, name, plan) \
+                 SELECT g, 'u' || g || '@example.com', 'U' || g, 'pro' FROM generate_series(1, {n}) g"
+            ))
+            .await
+            .ctx("insert users")?;
+        let mut ids = Vec::with_capacity(n as usize);
+        let mut ext = Vec::with_capacity(n as usize);
+        for i in 1..=n as i64 {
+            let meta = [
+                ("usersync_key".to_string(), i.to_string()),
+                ("plan".to_string(), "pro".to_string()),
+            ]
+            .into_iter()
+            .collect();
+            ext.push(fake.insert_customer(
+                Some(&format!("u{i}@example.com")),
+                Some(&format!("U{i}")),
+                meta,
+            ));
+            ids.push(i);
+        }
+        db.client
+            .execute(
+                "UPDATE users u SET external_user_id = v.e FROM unnest($1::bigint[], $2::text[]) AS v(i, e) WHERE u.id = v.i",
+                &[&ids, &ext],
+            )
+            .await
+            .ctx("link users")?;
+        let pages = n.div_ceil(100);
+        let mut rows = Vec::new();
+        for limit in [0u32, 25] {
+            fake.set_rate_limit(limit);
+            let toml = format!(
+                "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
+                 [sink]\nkind = \"stripe\"\nurl = \"{}\"\napi_key_env = \"BENCH_STRIPE_KEY\"\nrate_limit_per_sec = {limit}\n\
+                 [sink.mapping]\nemail = \"email\"\nname = \"name\"\n\"metadata.plan\" = \"plan\"\n\
+                 [log]\nlevel = \"{}\"\n",
+                db.url,
+                db.name,
+                db.name,
+                fake.url(),
+                self.sizes.log_level
+            );
+            let env: std::collections::BTreeMap<String, String> =
+                [("BENCH_STRIPE_KEY".to_string(), key.to_string())].into();
+            let cfg = Config::from_parts(Some(&toml), "bench", &env).ctx("config")?;
+            let opts = usersync::app::reconcile::Options {
+                fix: None,
+                quiet: true,
+            };
+            let started = Instant::now();
+            let report = usersync::app::reconcile::run(&cfg, &opts, CancellationToken::new())
+                .await
+                .ctx("reconcile")?;
+            let took = started.elapsed();
+            let label = if limit == 0 {
+                "rate limits off".to_string()
+            } else {
+                format!("rate limit {limit} requests/s")
+            };
+            rows.push(target(
+                row(
+                    s,
+                    format!("{n} rows vs {n} customers, {label}: records compared/s"),
+                    format!(
+                        "{:.0} records/s ({} in {:.2} s, {} drifts)",
+                        rate(n, took),
+                        report.records,
+                        took.as_secs_f64(),
+                        report.drifts.len()
+                    ),
+                ),
+                "in agreement",
+                report.in_agreement() && report.records == n,
+            ));
+            if limit > 0 {
+                // The first request goes at once; the others wait their turn.
+                let ratio = (pages - 1) as f64 / took.as_secs_f64() / f64::from(limit);
+                rows.push(target(
+                    row(
+                        s,
+                        format!("{label}: list pages/s after the first ÷ limit ({pages} pages)"),
+                        format!("{ratio:.2}"),
+                    ),
+                    "0.8 – 1.0",
+                    (0.8..=1.0).contains(&ratio),
+                ));
+            }
+        }
+        let _ = self.fake_rt.spawn(fake.shutdown()).await;
+        self.drop_db(db).await;
+        Ok(rows)
     }
 
     // ------------------------------------------------------------ 6

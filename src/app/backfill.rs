@@ -8,7 +8,6 @@
 //! it at the sink's rate limit and bounds what is queued. The cursor lives in
 //! `usersync.backfill`, so a killed backfill continues where it stopped.
 
-use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::core::error::{Classify, ErrorKind};
+use crate::observe::progress::Progress;
 use crate::store::db::{connect, ConnectError, DbError};
 use crate::store::requests::{self, RequestError};
 use crate::store::rows::RowError;
@@ -168,7 +168,13 @@ pub async fn run(
             "resuming the unfinished backfill from its cursor"
         );
     }
-    let mut progress = Progress::new(opts.beside_daemon || opts.dry_run, state.total, state.done);
+    let mut progress = Progress::new(
+        "backfill",
+        "rows",
+        state.total.max(0) as u64,
+        state.done.max(0) as u64,
+        opts.beside_daemon || opts.dry_run,
+    );
     let mut warned_off = false;
     loop {
         if cancel.is_cancelled() {
@@ -213,10 +219,10 @@ pub async fn run(
                 let unselected = (rows - selected.len()) as i64;
                 wait_done(&client, cfg, &ids, &cancel, |open| {
                     let finished = ids.len() as i64 - open;
-                    progress.set(state.done + unselected + finished);
+                    progress.set((state.done + unselected + finished).max(0) as u64);
                 })
                 .await?;
-                for (outcome, n) in store::outcomes(&client, &ids).await? {
+                for (outcome, n) in requests::outcomes(&client, &ids).await? {
                     if outcome == "deferred" && !warned_off {
                         warned_off = true;
                         tracing::warn!("sync is switched off: backfilled users are recorded as pending and pushed when it is switched on");
@@ -228,7 +234,7 @@ pub async fn run(
         }
         state.done += rows as i64;
         state.last_key = last;
-        progress.set(state.done);
+        progress.set(state.done.max(0) as u64);
         if rows < opts.chunk_size {
             break;
         }
@@ -316,116 +322,4 @@ pub fn spawn_beside_daemon(cfg: Config, cancel: CancellationToken) {
             Err(e) => tracing::error!(error = %e, "backfill failed; the daemon goes on"),
         }
     });
-}
-
-/// Progress: a redrawn line on a terminal, a log line every few seconds
-/// otherwise (rows done, total, rate, ETA).
-struct Progress {
-    bar: bool,
-    total: i64,
-    start_done: i64,
-    done: i64,
-    started: Instant,
-    last_draw: Option<Instant>,
-    /// `done` as last shown, so the end state is shown once, not twice.
-    drawn: i64,
-}
-
-impl Progress {
-    fn new(quiet_terminal: bool, total: i64, done: i64) -> Progress {
-        Progress {
-            bar: !quiet_terminal && std::io::stderr().is_terminal(),
-            total,
-            start_done: done,
-            done,
-            started: Instant::now(),
-            last_draw: None,
-            drawn: -1,
-        }
-    }
-
-    fn set(&mut self, done: i64) {
-        self.done = done.max(self.done);
-        let every = if self.bar {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_secs(5)
-        };
-        if self.last_draw.is_some_and(|t| t.elapsed() < every) {
-            return;
-        }
-        self.last_draw = Some(Instant::now());
-        self.draw();
-    }
-
-    fn line(&self) -> String {
-        let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        let rate = (self.done - self.start_done) as f64 / secs;
-        let left = (self.total - self.done).max(0);
-        let eta = if rate > 0.0 {
-            format_secs(left as f64 / rate)
-        } else {
-            "?".into()
-        };
-        let pct = if self.total > 0 {
-            (self.done as f64 * 100.0 / self.total as f64).min(100.0)
-        } else {
-            100.0
-        };
-        format!(
-            "backfill: {}/{} rows ({pct:.1}%), {rate:.0} rows/s, ETA {eta}",
-            self.done, self.total
-        )
-    }
-
-    fn draw(&mut self) {
-        self.drawn = self.done;
-        if self.bar {
-            let mut err = std::io::stderr();
-            let _ = write!(err, "\r\x1b[2K{}", self.line());
-            let _ = err.flush();
-        } else {
-            let secs = self.started.elapsed().as_secs_f64().max(0.001);
-            tracing::info!(
-                rows_done = self.done,
-                rows_total = self.total,
-                rate_per_sec = ((self.done - self.start_done) as f64 / secs).round() as u64,
-                "{}",
-                self.line()
-            );
-        }
-    }
-
-    fn finish(&mut self) {
-        if self.bar {
-            self.draw();
-            eprintln!();
-        } else if self.drawn != self.done {
-            // The last update may have fallen inside the log interval.
-            self.draw();
-        }
-    }
-}
-
-fn format_secs(s: f64) -> String {
-    let s = s.round() as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn eta_is_readable() {
-        assert_eq!(format_secs(5.2), "5s");
-        assert_eq!(format_secs(125.0), "2m05s");
-        assert_eq!(format_secs(3725.0), "1h02m");
-    }
 }

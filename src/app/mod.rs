@@ -1,11 +1,12 @@
 //! One composition root per command: each wires configuration, store, sink
-//! and pipeline for `run`, `backfill`, `sync-user`, `dlq`, `setup`, `check`,
+//! and pipeline for `run`, `backfill`, `reconcile`, `sync-user`, `dlq`, `setup`, `check`,
 //! `status` and `teardown`.
 
 pub mod backfill;
 pub mod check;
 pub mod dlq;
 pub mod page;
+pub mod reconcile;
 pub mod role;
 pub mod run;
 pub mod setup;

@@ -1,7 +1,8 @@
 //! What operators see: Prometheus metrics and the health endpoints
-//! (`metrics`), log set-up (`logging`). Takes plain values from the layers
+//! (`metrics`), log set-up (`logging`), progress of the long commands (`progress`). Takes plain values from the layers
 //! above; imports no domain type.
 
 pub mod logging;
 pub mod metrics;
 pub mod page;
+pub mod progress;

@@ -3,6 +3,7 @@
 //! decides retry versus dead letter, and the shared HTTP client.
 
 pub mod http;
+pub mod list;
 pub mod mapping;
 pub mod memberstack;
 pub mod ratelimit;

@@ -1,5 +1,5 @@
 //! The backfill's SQL: its resumable cursor (one row), the keyset scan of
-//! the users table, and the outcomes of the requests it queued.
+//! the users table.
 
 /// The cursor. `status` (another command) reads mode, cursor, rows_total,
 /// rows_done, started_at, updated_at and finished_at.
@@ -180,23 +180,4 @@ pub async fn finish(client: &Client) -> Result<(), DbError> {
         .await
         .map_err(err("finishing the backfill"))?;
     Ok(())
-}
-
-/// How the given sync requests ended, counted by outcome.
-pub async fn outcomes(client: &Client, ids: &[i64]) -> Result<Vec<(String, u64)>, DbError> {
-    let e = err("reading the backfill's request outcomes");
-    client
-        .query(
-            "SELECT coalesce(outcome, 'unknown'), count(*) FROM usersync.sync_requests \
-             WHERE id = ANY($1) GROUP BY 1",
-            &[&ids],
-        )
-        .await
-        .map_err(e)?
-        .iter()
-        .map(|r| {
-            let n: i64 = r.try_get(1).map_err(e)?;
-            Ok((r.try_get(0).map_err(e)?, u64::try_from(n).unwrap_or(0)))
-        })
-        .collect()
 }

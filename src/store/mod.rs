@@ -10,6 +10,7 @@ pub mod lag;
 pub mod lanes;
 pub mod origin;
 pub mod progress;
+pub mod reconcile;
 pub mod requests;
 pub mod role;
 pub mod rows;

@@ -195,6 +195,25 @@ pub async fn open_count(client: &Client, ids: &[i64]) -> Result<i64, RequestErro
         .map_err(sql_err)
 }
 
+/// How many of `ids` ended in each outcome (created, updated, failed, ...).
+pub async fn outcomes(client: &Client, ids: &[i64]) -> Result<Vec<(String, u64)>, RequestError> {
+    let rows = client
+        .query(
+            "SELECT coalesce(outcome, 'unknown'), count(*) FROM usersync.sync_requests \
+             WHERE id = ANY($1) GROUP BY 1 ORDER BY 1",
+            &[&ids],
+        )
+        .await
+        .map_err(sql_err)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let outcome: String = r.try_get(0).map_err(sql_err)?;
+        let n: i64 = r.try_get(1).map_err(sql_err)?;
+        out.push((outcome, u64::try_from(n).unwrap_or(0)));
+    }
+    Ok(out)
+}
+
 /// The writer's part, inside its origin-tagged transaction: users deferred
 /// while sync is off, pending users turned into requests when it is switched
 /// on (after the deferrals of the same batch), and requests marked done. Each

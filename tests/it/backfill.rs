@@ -447,6 +447,18 @@ async fn backfill_killed_half_way_continues_without_duplicates() {
     .await;
     assert_eq!(out.code, Some(0), "{}", out.all());
     assert!(out.stdout.contains("resumed"), "{}", out.all());
+    // stderr is a pipe here, not a terminal: progress comes as plain log
+    // lines (at least the final one), never as a redrawn bar.
+    assert!(
+        out.stderr.contains("backfill: 2000/2000 rows (100.0%)"),
+        "{}",
+        out.all()
+    );
+    assert!(
+        !out.stderr.contains('\r') && !out.stderr.contains("\x1b[2K"),
+        "{}",
+        out.all()
+    );
     db.wait_consistent(Duration::from_secs(60)).await;
     let finished = db
         .count("SELECT count(*) FROM usersync.backfill WHERE finished_at IS NOT NULL AND rows_done = 2000")

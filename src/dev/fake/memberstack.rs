@@ -5,7 +5,8 @@
 //! - `X-API-KEY` must match, else 401 with an error body;
 //! - a token bucket of `rate_limit_per_sec` (default 25, Memberstack's
 //!   documented limit) answers 429 with `Retry-After: 1` when exceeded;
-//! - `GET /members` lists, `POST /members` creates (email and password
+//! - `GET /members` lists (cursor `after` = the last page's `endCursor`,
+//!   `first`/`limit` 1..100 default 50, `order` ASC or DESC), `POST /members` creates (email and password
 //!   required, email valid and unique), `GET /members/{id or url-encoded
 //!   email}` answers `{"data": member}` or `{"data": null}`, `PATCH
 //!   /members/{id}` merges `customFields`/`metaData` (null deletes a key) and
@@ -252,23 +253,36 @@ impl Store {
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(0);
         let with_json = param("includeJSON").as_deref() == Some("true");
-        let live: Vec<(usize, &FakeMember)> = self
+        // The cursor is a member's creation number; DESC walks it downwards,
+        // so `after` means "older than" there.
+        let descending = param("order").is_some_and(|o| o.eq_ignore_ascii_case("DESC"));
+        let mut live: Vec<(usize, &FakeMember)> = self
             .members
             .iter()
             .enumerate()
             .filter(|(_, m)| !m.deleted)
             .map(|(i, m)| (i + 1, m))
             .collect();
+        if descending {
+            live.reverse();
+        }
+        let beyond = |c: usize, cursor: usize| {
+            if descending {
+                cursor == 0 || c < cursor
+            } else {
+                c > cursor
+            }
+        };
         let page: Vec<&(usize, &FakeMember)> = live
             .iter()
-            .filter(|(c, _)| *c > after)
+            .filter(|(c, _)| beyond(*c, after))
             .take(limit)
             .collect();
         let end = page.last().map(|(c, _)| *c).unwrap_or(after);
         Reply::ok(json!({
             "totalCount": live.len(),
             "endCursor": end,
-            "hasNextPage": live.iter().any(|(c, _)| *c > end),
+            "hasNextPage": page.len() == limit && live.iter().any(|(c, _)| beyond(*c, end)),
             "data": page.iter().map(|(_, m)| m.api_json(with_json)).collect::<Vec<_>>(),
         }))
     }
@@ -578,6 +592,23 @@ impl FakeMemberstack {
 
     pub fn inject(&self, fault: Fault) {
         self.shared.store().faults.push_back(fault);
+    }
+
+    /// Changes a live member as a dashboard edit would (unrecorded); false
+    /// when there is none with this id.
+    pub fn edit_member(&self, id: &str, edit: impl FnOnce(&mut FakeMember)) -> bool {
+        match self.shared.store().by_id_mut(id) {
+            Some(m) => {
+                edit(m);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Switches the rate limit: requests per second, 0 for none.
+    pub fn set_rate_limit(&self, per_sec: u32) {
+        self.shared.store().bucket = Bucket::new(per_sec);
     }
 
     pub fn set_latency(&self, d: Duration) {

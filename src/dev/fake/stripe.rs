@@ -13,7 +13,8 @@
 //!   `POST /v1/customers/{id}` (update: metadata merges, an empty value
 //!   removes a key or clears a field), `GET /v1/customers/{id}` (a deleted
 //!   customer answers `{"id","object":"customer","deleted":true}`),
-//!   `GET /v1/customers?limit=`, `GET /v1/customers/search?query=`
+//!   `GET /v1/customers` (newest first; `limit` 1..100, `starting_after`,
+//!   `ending_before`, `has_more`), `GET /v1/customers/search?query=`
 //!   (`metadata['k']:'v'`, `email:'…'`, … joined by AND or OR),
 //!   `DELETE /v1/customers/{id}`; an unknown id is a 404 `resource_missing`;
 //!   an email without '@' is a 400 `email_invalid` (`param: email`);
@@ -423,9 +424,14 @@ impl Store {
         }
     }
 
+    /// Newest first, like Stripe. `starting_after` pages towards older
+    /// customers, `ending_before` towards newer ones (the page itself still
+    /// newest first); the cursor is an id, which may since have been deleted.
     fn list(&self, params: &[(String, String)]) -> Reply {
         let mut limit = 10;
         let mut email = None;
+        let mut after = None;
+        let mut before = None;
         for (k, v) in params {
             match k.as_str() {
                 "limit" => match parse_limit(v) {
@@ -433,21 +439,81 @@ impl Store {
                     Err(reply) => return reply,
                 },
                 "email" => email = Some(v.as_str()),
-                "starting_after" | "ending_before" | "created" => {}
+                "starting_after" => after = Some(v.as_str()),
+                "ending_before" => before = Some(v.as_str()),
+                "created" => {}
                 other => return unknown_parameter(other),
             }
         }
-        let matching: Vec<&FakeCustomer> = self
-            .customers
-            .iter()
-            .rev()
-            .filter(|c| !c.deleted)
-            .filter(|c| email.is_none() || c.email.as_deref() == email)
-            .collect();
+        if after.is_some() && before.is_some() {
+            return Reply::error(
+                400,
+                "invalid_request_error",
+                None,
+                None,
+                "You may only specify one of these parameters: ending_before, starting_after."
+                    .into(),
+            );
+        }
+        // Positions in creation order; the list is the reverse of it.
+        let anchor = |param: &str, id: &str| -> Result<usize, Reply> {
+            self.customers
+                .iter()
+                .position(|c| c.id == id)
+                .ok_or_else(|| {
+                    Reply::error(
+                        400,
+                        "invalid_request_error",
+                        Some("resource_missing"),
+                        Some(param),
+                        format!("No such customer: '{id}'"),
+                    )
+                })
+        };
+        let listed = |(_, c): &(usize, &FakeCustomer)| {
+            !c.deleted && (email.is_none() || c.email.as_deref() == email)
+        };
+        let page: Vec<&FakeCustomer>;
+        let has_more;
+        if let Some(id) = before {
+            let at = match anchor("ending_before", id) {
+                Ok(at) => at,
+                Err(reply) => return reply,
+            };
+            // The `limit` customers just newer than the anchor, oldest of them
+            // last; more remain when even newer ones exist.
+            let newer: Vec<&FakeCustomer> = self
+                .customers
+                .iter()
+                .enumerate()
+                .skip(at + 1)
+                .filter(listed)
+                .map(|(_, c)| c)
+                .collect();
+            has_more = newer.len() > limit;
+            page = newer.into_iter().take(limit).rev().collect();
+        } else {
+            let end = match after {
+                Some(id) => match anchor("starting_after", id) {
+                    Ok(at) => at,
+                    Err(reply) => return reply,
+                },
+                None => self.customers.len(),
+            };
+            let older: Vec<&FakeCustomer> = self.customers[..end]
+                .iter()
+                .enumerate()
+                .rev()
+                .filter(listed)
+                .map(|(_, c)| c)
+                .collect();
+            has_more = older.len() > limit;
+            page = older.into_iter().take(limit).collect();
+        }
         Reply::ok(json!({
             "object": "list",
-            "data": matching.iter().take(limit).map(|c| customer_json(c)).collect::<Vec<_>>(),
-            "has_more": matching.len() > limit,
+            "data": page.iter().map(|c| customer_json(c)).collect::<Vec<_>>(),
+            "has_more": has_more,
             "url": "/v1/customers",
         }))
     }
@@ -854,6 +920,53 @@ impl FakeStripe {
 
     pub fn inject(&self, fault: Fault) {
         self.shared.store().faults.push_back(fault);
+    }
+
+    /// Adds a customer directly, as if made in Stripe's dashboard, without a
+    /// request: for seeding lists. Returns its id.
+    pub fn insert_customer(
+        &self,
+        email: Option<&str>,
+        name: Option<&str>,
+        metadata: BTreeMap<String, String>,
+    ) -> String {
+        let customer = FakeCustomer {
+            id: new_id(),
+            email: email.map(str::to_string),
+            name: name.map(str::to_string),
+            phone: None,
+            description: None,
+            metadata,
+            other: BTreeMap::new(),
+            created: now_secs(),
+            deleted: false,
+            updates: 0,
+        };
+        let id = customer.id.clone();
+        self.shared.store().customers.push(customer);
+        id
+    }
+
+    /// Changes a customer as a dashboard edit would (no request recorded);
+    /// false when there is no live customer with this id.
+    pub fn edit_customer(&self, id: &str, edit: impl FnOnce(&mut FakeCustomer)) -> bool {
+        let mut store = self.shared.store();
+        match store
+            .customers
+            .iter_mut()
+            .find(|c| c.id == id && !c.deleted)
+        {
+            Some(c) => {
+                edit(c);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Switches the rate limit: requests per second, 0 for none.
+    pub fn set_rate_limit(&self, per_sec: u32) {
+        self.shared.store().bucket = Bucket::new(per_sec);
     }
 
     pub fn set_latency(&self, d: Duration) {

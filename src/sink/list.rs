@@ -1,0 +1,251 @@
+//! Reading the external service's side: the vendor list APIs (Stripe
+//! `GET /v1/customers` paged by `starting_after`, Memberstack `GET /members`
+//! paged by `after` = the last `endCursor`), each record reduced to what
+//! reconcile compares: its id, usersync's back-reference
+//! (`metadata.usersync_key` / `metaData.usersync_key`) and the values at the
+//! mapped field paths. Pages go through the sink's HTTP policy (rate limit,
+//! timeout, size cap); a 429 or 5xx is waited out (`Retry-After`) and
+//! retried a bounded number of times. The webhook sink has no list API.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::http::Http;
+use super::mapping::{as_text, KEY_METADATA};
+use super::SinkError;
+use crate::config::{Secret, SinkConfig, SinkKind};
+
+/// Records per page: both vendors' maximum.
+pub const PAGE_SIZE: usize = 100;
+/// Attempts at one page before the listing gives up.
+const MAX_ATTEMPTS: u32 = 8;
+/// Wait before retrying a page when the answer names none.
+const DEFAULT_WAIT: Duration = Duration::from_secs(1);
+
+/// One external record as reconcile sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExternalRecord {
+    pub id: String,
+    /// The row key usersync stored in the record's metadata, if any.
+    pub key: Option<String>,
+    /// Kept by `on_delete = "mark"`: the row is gone on purpose.
+    pub marked_deleted: bool,
+    /// The record as the API answered it.
+    pub raw: Value,
+}
+
+/// One page and the cursor of the next, `None` after the last.
+#[derive(Debug)]
+pub struct Page {
+    pub records: Vec<ExternalRecord>,
+    pub next: Option<String>,
+}
+
+pub struct Lister {
+    kind: SinkKind,
+    http: Http,
+    base: String,
+    key: Secret,
+}
+
+impl Lister {
+    pub fn new(cfg: &SinkConfig) -> Result<Lister, String> {
+        if cfg.kind == SinkKind::Webhook {
+            return Err("the webhook sink has no list API to read the other side from; reconcile and import work with sink.type = \"memberstack\" or \"stripe\"".into());
+        }
+        let key = cfg
+            .api_key
+            .clone()
+            .filter(|k| !k.expose().is_empty())
+            .ok_or_else(|| format!("the {} sink needs an API key", cfg.kind.name()))?;
+        Ok(Lister {
+            kind: cfg.kind,
+            http: Http::new(cfg)?,
+            base: cfg.url.trim_end_matches('/').to_string(),
+            key,
+        })
+    }
+
+    /// The mapped field's value in `record`, as text (absent, null and empty
+    /// are all `None`, as the vendors store a cleared field).
+    pub fn field_text(&self, record: &ExternalRecord, path: &str) -> Option<String> {
+        field_text(self.kind, &record.raw, path)
+    }
+
+    /// One page after `cursor` (`None`: the first).
+    pub async fn page(&self, cursor: Option<&str>) -> Result<Page, SinkError> {
+        let url = match (self.kind, cursor) {
+            (SinkKind::Stripe, None) => format!("{}/v1/customers?limit={PAGE_SIZE}", self.base),
+            (SinkKind::Stripe, Some(c)) => format!(
+                "{}/v1/customers?limit={PAGE_SIZE}&starting_after={}",
+                self.base,
+                super::stripe::encode(c)
+            ),
+            (_, None) => format!("{}/members?limit={PAGE_SIZE}", self.base),
+            (_, Some(c)) => format!(
+                "{}/members?limit={PAGE_SIZE}&after={}",
+                self.base,
+                super::stripe::encode(c)
+            ),
+        };
+        let body = self.get(&url).await?;
+        match self.kind {
+            SinkKind::Stripe => stripe_page(&body),
+            _ => memberstack_page(&body),
+        }
+    }
+
+    async fn get(&self, url: &str) -> Result<Value, SinkError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self
+                .http
+                .client()
+                .get(url)
+                .header("accept", "application/json");
+            req = match self.kind {
+                SinkKind::Stripe => req.bearer_auth(self.key.expose()),
+                _ => req.header("x-api-key", self.key.expose()),
+            };
+            let key = self.key.expose().to_string();
+            let result = self.http.send(req, |t| t.replace(&key, "[redacted]")).await;
+            let error = match result {
+                Ok(answer) if (200..300).contains(&answer.status) => {
+                    return answer
+                        .body
+                        .json()
+                        .map_err(|e| SinkError::Malformed(format!("list page: {e}")));
+                }
+                Ok(answer) => SinkError::Http {
+                    status: answer.status,
+                    body: answer.body.text.chars().take(200).collect(),
+                    retry_after: answer.retry_after(),
+                },
+                Err(e) => e,
+            };
+            if !error.is_retryable() || attempt >= MAX_ATTEMPTS {
+                return Err(error);
+            }
+            let wait = error.retry_after().unwrap_or(DEFAULT_WAIT);
+            tracing::debug!(attempt, error = %error.summary(), ?wait, "list page refused; waiting");
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn record_id(v: &Value) -> Result<String, SinkError> {
+    match v.get("id").and_then(Value::as_str) {
+        Some(id) if !id.is_empty() && id.len() <= 255 => Ok(id.to_string()),
+        _ => Err(SinkError::Malformed(
+            "a listed record has no usable id".into(),
+        )),
+    }
+}
+
+fn stripe_page(body: &Value) -> Result<Page, SinkError> {
+    let data = body
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| SinkError::Malformed("customer list without data".into()))?;
+    let mut records = Vec::with_capacity(data.len());
+    for c in data {
+        let metadata = c.get("metadata");
+        records.push(ExternalRecord {
+            id: record_id(c)?,
+            key: metadata.and_then(|m| m.get(KEY_METADATA)).and_then(as_text),
+            marked_deleted: metadata
+                .and_then(|m| m.get(super::stripe::DELETED_AT_METADATA))
+                .is_some_and(|v| !v.is_null()),
+            raw: c.clone(),
+        });
+    }
+    let more = body.get("has_more").and_then(Value::as_bool) == Some(true);
+    let next = if more {
+        records.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(Page { records, next })
+}
+
+fn memberstack_page(body: &Value) -> Result<Page, SinkError> {
+    let data = body
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or_else(|| SinkError::Malformed("member list without data".into()))?;
+    let mut records = Vec::with_capacity(data.len());
+    for m in data {
+        records.push(ExternalRecord {
+            id: record_id(m)?,
+            key: m
+                .get("metaData")
+                .and_then(|d| d.get(KEY_METADATA))
+                .and_then(as_text),
+            marked_deleted: false,
+            raw: m.clone(),
+        });
+    }
+    let more = body.get("hasNextPage").and_then(Value::as_bool) == Some(true);
+    let next = match (more, body.get("endCursor")) {
+        (true, Some(Value::Number(n))) => Some(n.to_string()),
+        (true, Some(Value::String(s))) => Some(s.clone()),
+        (true, _) => {
+            return Err(SinkError::Malformed(
+                "member list says it has a next page but gives no endCursor".into(),
+            ))
+        }
+        (false, _) => None,
+    };
+    Ok(Page { records, next })
+}
+
+/// Where a mapping path lives in the listed record: Memberstack keeps the
+/// email under `auth`; everything else is at its own dotted path.
+pub fn field_text(kind: SinkKind, raw: &Value, path: &str) -> Option<String> {
+    let pointer = match (kind, path) {
+        (SinkKind::Memberstack, "email") => "/auth/email".to_string(),
+        _ => format!(
+            "/{}",
+            path.replace('~', "~0").replace('/', "~1").replace('.', "/")
+        ),
+    };
+    raw.pointer(&pointer)
+        .and_then(as_text)
+        .filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn pages_read_cursor_and_back_reference() {
+        let stripe = json!({"object": "list", "has_more": true, "data": [
+            {"id": "cus_1", "email": "a@x", "metadata": {"usersync_key": "7", "plan": "pro"}},
+            {"id": "cus_2", "metadata": {"deleted_at": "2026-01-01"}}
+        ]});
+        let page = stripe_page(&stripe).unwrap();
+        assert_eq!(page.next.as_deref(), Some("cus_2"));
+        assert_eq!(page.records[0].key.as_deref(), Some("7"));
+        assert!(page.records[1].marked_deleted);
+        assert_eq!(
+            field_text(SinkKind::Stripe, &page.records[0].raw, "metadata.plan").as_deref(),
+            Some("pro")
+        );
+        let ms = json!({"hasNextPage": false, "endCursor": 9, "data": [
+            {"id": "mem_1", "auth": {"email": "b@x"}, "metaData": {"usersync_key": 3}}
+        ]});
+        let page = memberstack_page(&ms).unwrap();
+        assert_eq!(page.next, None);
+        assert_eq!(page.records[0].key.as_deref(), Some("3"));
+        assert_eq!(
+            field_text(SinkKind::Memberstack, &page.records[0].raw, "email").as_deref(),
+            Some("b@x")
+        );
+        assert!(stripe_page(&json!({"data": [{"id": ""}]})).is_err());
+        assert!(memberstack_page(&json!({"hasNextPage": true, "data": []})).is_err());
+    }
+}
