@@ -3,6 +3,7 @@
 //! No I/O and no imports from the rest of the crate.
 
 pub mod change;
+pub mod inbound;
 pub mod names;
 pub mod outcome;
 pub mod session;
