@@ -40,6 +40,8 @@ pub enum RunError {
     Pipeline(#[from] PipelineError),
     #[error(transparent)]
     Writeback(#[from] WritebackError),
+    #[error(transparent)]
+    Inbound(#[from] crate::app::inbound::InboundError),
 }
 
 impl RunError {
@@ -109,6 +111,9 @@ pub async fn run_with_switch(
     let shape = prepare(cfg).await?;
     check_sink(cfg, sink.as_ref()).await?;
     crate::store::synclog::start(cfg, cancel.clone());
+    // The inbound receiver (when `[inbound]` has sources) runs beside the
+    // stream on its own sessions, for the whole run.
+    crate::app::inbound::start(cfg, &shape, cancel.clone()).await?;
     crate::store::requests::spawn_pruner(cfg.database.clone(), cancel.clone());
     let (_fixed, fixed_rx) = watch::channel(cfg.sync.enabled);
     let switch = switch.unwrap_or(fixed_rx);

@@ -4,6 +4,7 @@
 
 pub mod change;
 pub mod inbound;
+pub mod inbound_event;
 pub mod names;
 pub mod outcome;
 pub mod session;
