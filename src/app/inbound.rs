@@ -107,6 +107,18 @@ pub async fn start(
     Ok(Some(Receiver { addr }))
 }
 
+/// The origins the stream must drop for this sink: those of the inbound
+/// sources that are the sink's own service (memberstack→memberstack,
+/// stripe→stripe). A Clerk source's writes are pushed to any sink.
+pub fn echo_origins(cfg: &Config) -> Vec<String> {
+    cfg.inbound
+        .iter()
+        .flat_map(|i| i.sources.iter())
+        .filter(|s| s.same_service_as(cfg.sink.kind.name()))
+        .map(|s| s.origin(&cfg.database.origin))
+        .collect()
+}
+
 fn answer(status: StatusCode, outcome: &str) -> Response {
     (
         status,

@@ -256,6 +256,7 @@ async fn session(
         )
         .with_types(types),
         origin: cfg.database.origin.clone(),
+        echo_origins: crate::app::inbound::echo_origins(cfg),
         target: cfg.database.describe(),
     };
     let (source_tx, source_rx) = mpsc::channel(1024);

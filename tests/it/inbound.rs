@@ -579,7 +579,7 @@ async fn database_trouble_answers_503_and_recovers() {
             .0,
         200
     );
-    db.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'usersync-inbound-clerk'")
+    db.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'usersync-inbound-clerk' AND datname = current_database()")
         .await;
     let b2 = clerk_user("user.updated", "user_1", "b@x.io", "Bea", 2000);
     let h2 = svix_headers("m2", now(), &b2);
@@ -614,4 +614,163 @@ async fn database_trouble_answers_503_and_recovers() {
     .await;
     assert_eq!(status, 503);
     cancel.cancel();
+}
+
+// ---- no echo, per sink (source::stream drops same-service origins) ----
+
+use usersync::dev::fake::stripe::{FakeStripe, FakeStripeOptions};
+
+const STRIPE_KEY: &str = "sk_test_51UsersyncTestKeyAbCdEf0123";
+const STRIPE_WH: &str = "whsec_test_secret_for_usersync";
+
+/// Clerk and Stripe sources feeding a table whose sink is Stripe.
+fn clerk_and_stripe_config(db: &TestDb, stripe: &FakeStripe) -> Config {
+    let toml = format!(
+        "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
+         [sink]\nkind = \"stripe\"\nurl = \"{}\"\napi_key_env = \"STRIPE_KEY\"\n\
+         [sink.mapping]\nemail = \"email\"\nname = \"name\"\n\"metadata.plan\" = \"plan\"\n\
+         [retry]\ninitial_backoff_ms = 20\nmax_backoff_ms = 200\n\
+         [metrics]\nlisten = \"\"\n\
+         [inbound]\nlisten = \"127.0.0.1:0\"\n\
+         [inbound.sources.clerk]\nkind = \"clerk\"\nsecret_env = \"CLERK_SECRET\"\nid_column = \"clerk_id\"\n\
+         [inbound.sources.clerk.mapping]\nemail = \"primary_email\"\nname = \"/first_name\"\n\
+         [inbound.sources.stripe]\nkind = \"stripe\"\nsecret_env = \"STRIPE_WH\"\n\
+         [inbound.sources.stripe.mapping]\nname = \"/name\"\n",
+        db.url,
+        db.dbname,
+        db.dbname,
+        stripe.url()
+    );
+    let env: std::collections::BTreeMap<String, String> = [
+        ("STRIPE_KEY".to_string(), STRIPE_KEY.to_string()),
+        ("CLERK_SECRET".to_string(), CLERK_SECRET.to_string()),
+        ("STRIPE_WH".to_string(), STRIPE_WH.to_string()),
+    ]
+    .into();
+    Config::from_parts(Some(&toml), "test", &env).unwrap_or_else(|e| panic!("config: {e}"))
+}
+
+/// Clerk → table → Stripe: a user signing up in Clerk becomes exactly one
+/// Stripe customer; a change that comes from Stripe is never pushed back to
+/// Stripe. The marker is the same user's next app update, which travels the
+/// same stream: once it has reached Stripe, anything the Stripe-sourced
+/// write would have pushed would have arrived before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_echo_to_the_same_service_and_exactly_one_push_to_another() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 100,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let cfg = clerk_and_stripe_config(&db, &stripe);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let daemon = {
+        let cfg = cfg.clone();
+        let c = cancel.clone();
+        tokio::spawn(async move { usersync::app::run::run(&cfg, c, None).await })
+    };
+    let mut clerk = applier_for(&db, &cfg, "clerk").await;
+    let body = clerk_user("user.created", "user_1", "a@x.io", "Ada", 1000);
+    let src = cfg
+        .inbound
+        .as_ref()
+        .and_then(|i| i.source("clerk"))
+        .expect("clerk");
+    let r = parse(SourceKind::Clerk, &body, Some("m1"), 0, &src.mapping).expect("parse");
+    assert!(matches!(
+        clerk.apply(&r).await.expect("apply"),
+        Applied::Applied(_)
+    ));
+
+    let wait = std::time::Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + wait;
+    let customer = loop {
+        let id: Option<String> = db
+            .client
+            .query_one(
+                "SELECT external_user_id FROM users WHERE clerk_id = 'user_1'",
+                &[],
+            )
+            .await
+            .expect("row")
+            .get(0);
+        if let Some(id) = id {
+            break id;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Clerk user never became a Stripe customer"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(stripe.customers().len(), 1);
+
+    // Stripe tells about a change made in Stripe: applied to the table…
+    let mut from_stripe = applier_for(&db, &cfg, "stripe").await;
+    let event = json!({"id": "evt_1", "object": "event", "type": "customer.updated", "created": 2_000_000_000i64,
+        "data": {"object": {"id": customer, "object": "customer", "email": "a@x.io", "name": "Named In Stripe",
+                             "metadata": {}}},
+        "request": {"id": "req_1", "idempotency_key": "dashboard-edit"}});
+    let src = cfg
+        .inbound
+        .as_ref()
+        .and_then(|i| i.source("stripe"))
+        .expect("stripe");
+    let r = parse(
+        SourceKind::Stripe,
+        event.to_string().as_bytes(),
+        None,
+        0,
+        &src.mapping,
+    )
+    .expect("parse");
+    assert!(matches!(
+        from_stripe.apply(&r).await.expect("apply"),
+        Applied::Applied(_)
+    ));
+    assert_eq!(
+        row(&db, "user_1").await.map(|r| r.1),
+        Some(Some("Named In Stripe".into()))
+    );
+
+    // …and not pushed back. The marker: the app's next update of the user.
+    db.exec("UPDATE users SET plan = 'pro' WHERE clerk_id = 'user_1'")
+        .await;
+    let deadline = std::time::Instant::now() + wait;
+    while !stripe
+        .customers()
+        .iter()
+        .any(|c| c.metadata.get("plan").map(String::as_str) == Some("pro"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the marker never reached Stripe"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let writes: Vec<_> = stripe
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.status < 300)
+        .collect();
+    let creates = writes.iter().filter(|r| r.path == "/v1/customers").count();
+    let updates = writes
+        .iter()
+        .filter(|r| r.path.starts_with("/v1/customers/"))
+        .count();
+    assert_eq!(
+        (creates, updates),
+        (1, 1),
+        "one create (from Clerk) and one update (the marker), no echo: {:#?}",
+        writes
+            .iter()
+            .map(|r| (&r.path, &r.form))
+            .collect::<Vec<_>>()
+    );
+    cancel.cancel();
+    let _ = daemon.await;
 }
