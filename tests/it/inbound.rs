@@ -774,3 +774,136 @@ async fn no_echo_to_the_same_service_and_exactly_one_push_to_another() {
     cancel.cancel();
     let _ = daemon.await;
 }
+
+// ---- crash between verify and commit (the real binary, SIGKILL) ----
+
+/// The binary, receiving for a Clerk source on a free port; the rest of
+/// its configuration comes from the test database's environment.
+fn spawn_receiving_binary(db: &TestDb, port: u16) -> std::process::Child {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}-inbound.toml", db.dbname));
+    std::fs::write(
+        &path,
+        format!(
+            "[inbound]\nlisten = \"127.0.0.1:{port}\"\n[inbound.sources.clerk]\nkind = \"clerk\"\nsecret_env = \"CLERK_SECRET\"\nid_column = \"clerk_id\"\n[inbound.sources.clerk.mapping]\nemail = \"primary_email\"\nname = \"/first_name\"\n"
+        ),
+    )
+    .expect("write config");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(db.log_path())
+        .expect("log file");
+    let log2 = log.try_clone().expect("log file");
+    db.binary_command(&["--config", &path.display().to_string(), "run"])
+        .env("CLERK_SECRET", CLERK_SECRET)
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .expect("spawn usersync")
+}
+
+async fn wait_listening(port: u16, db: &TestDb) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receiver never listened: {}",
+            db.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGKILL while a verified delivery's transaction is open (held at the
+/// version lock by the test): nothing of it is committed, the provider's
+/// retry to the restarted daemon applies it, and a further retry is a
+/// duplicate: applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_verify_and_commit_applies_once() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut child = spawn_receiving_binary(&db, port);
+    wait_listening(port, &db).await;
+    let url = format!("http://127.0.0.1:{port}/clerk");
+
+    let (locker, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE usersync.inbound_versions IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let body = clerk_user("user.created", "user_1", "a@x.io", "Ada", 1000);
+    let headers = svix_headers("msg_kill", now(), &body);
+    let pending = {
+        let (url, headers, body) = (url.clone(), headers.clone(), body.clone());
+        tokio::spawn(async move {
+            let mut req = reqwest::Client::new().post(&url).body(body);
+            for (k, v) in &headers {
+                req = req.header(*k, v);
+            }
+            req.send().await.map(|r| r.status().as_u16())
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while db
+        .count("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'usersync-inbound-clerk' AND datname = current_database() AND wait_event_type = 'Lock'")
+        .await
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the apply never reached the lock: {}", db.log_tail());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    let answered = pending.await.expect("task");
+    assert!(
+        answered.as_ref().map_or(true, |s| *s == 503),
+        "{answered:?}"
+    );
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.inbound_events")
+            .await,
+        0
+    );
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 0);
+
+    // The provider retries (the same svix-id) against the restarted daemon.
+    let mut child = spawn_receiving_binary(&db, port);
+    wait_listening(port, &db).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (status, text) = post(&url, &headers, body.clone()).await;
+        if status == 200 {
+            assert!(text.contains("applied"), "{text}");
+            break;
+        }
+        assert_eq!(status, 503, "{text}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never applied: {}",
+            db.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (status, text) = post(&url, &headers, body.clone()).await;
+    assert_eq!((status, text.contains("duplicate")), (200, true), "{text}");
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 1);
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.inbound_events")
+            .await,
+        1
+    );
+    child.kill().expect("kill");
+    let _ = child.wait();
+}
