@@ -1824,6 +1824,7 @@ async fn route_only(cfg: &Config, db: &Db, n: u64, end_lsn: &str) -> R<u64> {
             &cfg.sink.columns,
         ),
         origin: cfg.database.origin.clone(),
+        echo_origins: Vec::new(),
         target: cfg.database.describe(),
     };
     let sink = Arc::new(NullSink {

@@ -126,3 +126,27 @@ CREATE TABLE IF NOT EXISTS usersync.backfill (
     finished_at timestamptz,
     rows_queued bigint NOT NULL DEFAULT 0
 );
+
+-- Inbound webhook events applied or refused, by source and event id: a redelivery finds its id here and writes nothing.
+CREATE TABLE IF NOT EXISTS usersync.inbound_events (
+    source text NOT NULL,
+    event_id text NOT NULL,
+    event_type text NOT NULL,
+    subject text NOT NULL,
+    outcome text NOT NULL DEFAULT 'received',
+    user_key text,
+    error text,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, event_id)
+);
+CREATE INDEX IF NOT EXISTS inbound_events_failed ON usersync.inbound_events (received_at) WHERE outcome = 'failed';
+
+-- The newest provider version applied per inbound object (deletes leave a tombstone), so older deliveries change nothing.
+CREATE TABLE IF NOT EXISTS usersync.inbound_versions (
+    source text NOT NULL,
+    stream text NOT NULL,
+    subject text NOT NULL,
+    version bigint NOT NULL,
+    deleted boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (source, stream, subject)
+);

@@ -5,6 +5,7 @@
 pub mod backfill;
 pub mod check;
 pub mod dlq;
+pub mod inbound;
 pub mod page;
 pub mod reconcile;
 pub mod role;

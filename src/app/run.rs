@@ -48,6 +48,8 @@ pub enum RunError {
     DeadLetters(#[from] DeadLetterError),
     #[error(transparent)]
     Lanes(#[from] LaneStoreError),
+    #[error(transparent)]
+    Inbound(#[from] crate::app::inbound::InboundError),
     /// A session ended with an error that reconnecting cannot fix.
     #[error("{0}; usersync stopped, because retrying cannot fix this")]
     Stopped(Box<RunError>),
@@ -69,6 +71,7 @@ impl Classify for RunError {
             RunError::Progress(e) => e.kind(),
             RunError::DeadLetters(e) => e.kind(),
             RunError::Lanes(e) => e.kind(),
+            RunError::Inbound(e) => e.kind(),
             RunError::Stopped(_) => ErrorKind::Permanent,
         }
     }
@@ -121,6 +124,9 @@ pub async fn run_with_switch(
     let shape = prepare(cfg).await?;
     check_sink(cfg, sink.as_ref()).await?;
     crate::store::synclog::start(cfg, cancel.clone());
+    // The inbound receiver (when `[inbound]` has sources) runs beside the
+    // stream on its own sessions, for the whole run.
+    crate::app::inbound::start(cfg, &shape, cancel.clone()).await?;
     crate::store::requests::spawn_pruner(cfg.database.clone(), cancel.clone());
     let (_fixed, fixed_rx) = watch::channel(cfg.sync.enabled);
     let switch = switch.unwrap_or(fixed_rx);
@@ -268,6 +274,7 @@ async fn session(
         .with_types(types)
         .with_not_streamed(not_streamed),
         origin: cfg.database.origin.clone(),
+        echo_origins: crate::app::inbound::echo_origins(cfg),
         target: cfg.database.describe(),
     };
     let (source_tx, source_rx) = mpsc::channel(1024);

@@ -2,6 +2,7 @@
 //! overrides, secret references and validation. Everything that can be wrong
 //! in a configuration is reported here, before any connection is made.
 
+pub mod inbound;
 pub mod tls;
 
 use std::collections::BTreeMap;
@@ -101,6 +102,9 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("sync", "enabled", KeyKind::Bool),
     ("backfill", "on_start", KeyKind::Bool),
     ("backfill", "chunk_size", KeyKind::Int),
+    ("inbound", "listen", KeyKind::Str),
+    ("inbound", "max_body_bytes", KeyKind::Int),
+    ("inbound", "request_timeout_ms", KeyKind::Int),
 ];
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -116,6 +120,7 @@ struct RawConfig {
     sync_log: SyncLogConfig,
     sync: SyncConfig,
     backfill: BackfillConfig,
+    inbound: inbound::RawInbound,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -474,6 +479,8 @@ pub struct Config {
     pub sync_log: SyncLogConfig,
     pub sync: SyncConfig,
     pub backfill: BackfillConfig,
+    /// `[inbound]`: the webhook receiver, when any source is configured.
+    pub inbound: Option<inbound::InboundConfig>,
 }
 
 /// Where environment values come from; a map in tests, the process env otherwise.
@@ -581,6 +588,7 @@ fn raw_config(
             });
         }
         apply_env_overrides(&mut table, env)?;
+        inbound::apply_env_overrides(&mut table, env);
         toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse {
@@ -673,7 +681,11 @@ fn apply_env_overrides(table: &mut toml::Table, env: &dyn Env) -> Result<(), Con
         let section = rest.split('_').next().unwrap_or_default().to_lowercase();
         let known_section = KEYS.iter().any(|(s, _, _)| *s == section);
         let known_key = KEYS.iter().any(|(s, k, _)| env_name(s, k) == name);
-        if known_section && !known_key && !referenced.contains(&name) {
+        if known_section
+            && !known_key
+            && !referenced.contains(&name)
+            && !inbound::is_source_override(&name, table)
+        {
             tracing::warn!(
                 variable = %name,
                 "environment variable looks like a config override but names no config key; ignored"
@@ -1102,7 +1114,11 @@ impl RawConfig {
                 ),
             });
         }
+        let inbound = self
+            .inbound
+            .validate(env, sink.kind.name(), &self.metrics.listen)?;
         Ok(Config {
+            inbound,
             database,
             sink,
             retry: self.retry,

@@ -4,6 +4,8 @@
 
 pub mod change;
 pub mod error;
+pub mod inbound;
+pub mod inbound_event;
 pub mod names;
 pub mod outcome;
 pub mod session;

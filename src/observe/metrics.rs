@@ -80,6 +80,8 @@ struct Metrics {
     lag_bytes: Gauge,
     streaming: Gauge,
     sync_log_pruned: Counter,
+    /// Inbound webhook events by source (configured names) and outcome.
+    inbound: Family<Vec<(String, String)>, Counter>,
 }
 
 /// `insert`, `update`, `delete`: the `operation` label's values, in order.
@@ -189,7 +191,14 @@ fn metrics() -> &'static Metrics {
             "Rows deleted from usersync.sync_log by retention (sync_log.retention_days)",
             sync_log_pruned.clone(),
         );
+        let inbound: Family<Vec<(String, String)>, Counter> = Family::default();
+        registry.register(
+            "inbound_events",
+            "Inbound webhook deliveries by source and outcome (applied, duplicate, stale, echo, unmatched, ignored, failed, rejected, unavailable)",
+            inbound.clone(),
+        );
         Metrics {
+            inbound,
             changes_seen: OPERATIONS.map(|op| changes.get_or_create_owned(&[("operation", op)])),
             synced: OPERATIONS.map(|op| synced.get_or_create_owned(&[("operation", op)])),
             pushes,
@@ -276,6 +285,17 @@ pub fn dead_lettered(failed: bool) {
     } else {
         m.dead_parked.inc()
     };
+}
+
+/// One inbound delivery answered, by source and outcome.
+pub fn inbound(source: &str, outcome: &str) {
+    metrics()
+        .inbound
+        .get_or_create(&vec![
+            ("source".to_string(), source.to_string()),
+            ("outcome".to_string(), outcome.to_string()),
+        ])
+        .inc();
 }
 
 /// Rows removed from the sync log by retention.

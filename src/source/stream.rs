@@ -151,6 +151,10 @@ pub struct Reader {
     pub client: ReplicationClient,
     pub rows: RowBuilder,
     pub origin: String,
+    /// Origins of inbound sources whose service is the sink's own: their
+    /// writes came from that service and are dropped like the write-back's
+    /// (no echo per sink). Other inbound origins are pushed as usual.
+    pub echo_origins: Vec<String>,
     pub target: String,
 }
 
@@ -280,7 +284,7 @@ impl Reader {
         match msg {
             PgOutputMessage::Origin { name, .. } => {
                 if let Some(t) = txn.as_mut() {
-                    t.ours = name == self.origin;
+                    t.ours = name == self.origin || self.echo_origins.contains(&name);
                 }
                 Ok(None)
             }

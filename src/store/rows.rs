@@ -59,6 +59,14 @@ impl Classify for RowError {
     }
 }
 
+/// Why [`RowReader::read_in`] failed: the transaction's statement (kept
+/// whole, for its SQLSTATE) or a value the stream could not decode either.
+#[derive(Debug)]
+pub enum InTxError {
+    Db(tokio_postgres::Error),
+    Value,
+}
+
 fn sql_err(source: tokio_postgres::Error) -> RowError {
     RowError::Db(crate::store::db::DbError {
         context: "reading the users table's columns",
@@ -233,6 +241,31 @@ impl RowReader {
             .collect::<Result<_, _>>()
             .map_err(read_err)?;
         self.row_from_values(key, &values).map(Some)
+    }
+
+    /// [`RowReader::read`] keeping the driver's error whole (the inbound
+    /// apply hashes the row it just wrote, in its open transaction).
+    pub async fn read_in(&self, tx: &Client, key: &str) -> Result<Option<CurrentRow>, InTxError> {
+        let sql = format!(
+            "{}{}::{}",
+            self.select,
+            quote_literal(key),
+            self.shape.key_type
+        );
+        let messages = tx.simple_query(&sql).await.map_err(InTxError::Db)?;
+        let Some(row) = messages.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        let values: Vec<Option<String>> = (0..self.columns.len())
+            .map(|i| row.try_get(i).map(|v| v.map(str::to_string)))
+            .collect::<Result<_, _>>()
+            .map_err(InTxError::Db)?;
+        self.row_from_values(key, &values)
+            .map(Some)
+            .map_err(|_| InTxError::Value)
     }
 
     /// The table's columns, quoted and prefixed with `alias.`, in the order

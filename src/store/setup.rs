@@ -114,6 +114,14 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
             comment: "The backfill's resumable cursor (one row).",
             sql: crate::store::backfill::TABLE_DDL.to_string(),
         },
+        Step {
+            comment: "Inbound webhook events applied or refused, by source and event id: a redelivery finds its id here and writes nothing.",
+            sql: crate::store::inbound::EVENTS_DDL.to_string(),
+        },
+        Step {
+            comment: "The newest provider version applied per inbound object (deletes leave a tombstone), so older deliveries change nothing.",
+            sql: crate::store::inbound::VERSIONS_DDL.to_string(),
+        },
     ]
 }
 

@@ -95,6 +95,27 @@ pub async fn plan(
             ),
         });
     }
+    // The inbound sources' origins (`<origin>_in_<source>`), created by the
+    // receiver or by setup.
+    let inbound_origins = client
+        .query(
+            "SELECT roname::text FROM pg_replication_origin WHERE starts_with(roname, $1)",
+            &[&format!("{}_in_", cfg.origin)],
+        )
+        .await
+        .map_err(sql_err("reading the inbound replication origins"))?;
+    for row in &inbound_origins {
+        let name: String = row
+            .try_get(0)
+            .map_err(sql_err("reading the inbound replication origins"))?;
+        items.push(Item {
+            what: format!("replication origin {name} (inbound)"),
+            sql: format!(
+                "SELECT pg_replication_origin_drop({});",
+                crate::config::quote_literal(&name)
+            ),
+        });
+    }
     let publication = client
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
