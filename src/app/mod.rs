@@ -5,6 +5,7 @@
 pub mod backfill;
 pub mod check;
 pub mod dlq;
+pub mod leader;
 pub mod role;
 pub mod run;
 pub mod setup;

@@ -86,18 +86,20 @@ pub async fn run(
     run_with_sink(cfg, sink, cancel, reports).await
 }
 
-/// `run` with any sink (benchmarks use a null sink).
+/// `run` with any sink (benchmarks use a null sink), elected like the CLI's.
 pub async fn run_with_sink(
     cfg: &Config,
     sink: Arc<dyn Sink>,
     cancel: CancellationToken,
     reports: Option<mpsc::UnboundedSender<SyncReport>>,
 ) -> Result<(), RunError> {
-    run_with_switch(cfg, sink, cancel, reports, None).await
+    crate::app::leader::run_elected(cfg, sink, cancel, reports, None).await
 }
 
 /// `run` with the off switch driven from outside (`usersync run` flips it
-/// on SIGHUP); without one, `[sync] enabled` holds for the whole run.
+/// on SIGHUP); without one, `[sync] enabled` holds for the whole run. One
+/// leadership term: `app::leader::run_elected` calls it while this daemon
+/// leads, with `cancel` firing when leadership ends.
 pub async fn run_with_switch(
     cfg: &Config,
     sink: Arc<dyn Sink>,

@@ -8,6 +8,7 @@ pub mod db;
 pub mod deadletter;
 pub mod lag;
 pub mod lanes;
+pub mod leader;
 pub mod origin;
 pub mod progress;
 pub mod requests;

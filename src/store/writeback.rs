@@ -49,6 +49,11 @@ impl Writer {
         batch_size: usize,
     ) -> Result<Writer, WritebackError> {
         let client = connect(cfg, "usersync-writeback").await?;
+        // A later leader ends this session if this daemon freezes while
+        // holding the origin (store::leader).
+        crate::store::leader::mark_fenceable(&client, &cfg.slot)
+            .await
+            .map_err(|e| WritebackError::Sql(error_text(&e)))?;
         setup_origin_session(&client, &cfg.origin).await?;
         let sql = guarded_update_sql(shape);
         let sql_err = |e: tokio_postgres::Error| WritebackError::Sql(error_text(&e));

@@ -20,6 +20,7 @@ mod poison;
 mod role;
 mod secrets;
 mod spine;
+mod standby;
 mod stripe;
 mod tls;
 mod values;
