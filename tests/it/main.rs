@@ -17,6 +17,7 @@ mod memberstack;
 mod observability;
 mod ops;
 mod poison;
+mod retention;
 mod role;
 mod secrets;
 mod spine;
