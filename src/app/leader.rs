@@ -21,6 +21,16 @@ use crate::store::leader::{LeaderError, LockSession};
 
 use super::run::{self, RunError};
 
+/// `app::run::run`, elected: the sink from the config.
+pub async fn run(
+    cfg: &Config,
+    cancel: CancellationToken,
+    reports: Option<mpsc::UnboundedSender<SyncReport>>,
+) -> Result<(), RunError> {
+    let sink = crate::sink::build(&cfg.sink).map_err(RunError::Sink)?;
+    run_elected(cfg, sink, cancel, reports, None).await
+}
+
 /// Runs the daemon whenever this process leads, until `cancel` fires.
 pub async fn run_elected(
     cfg: &Config,
@@ -56,6 +66,7 @@ pub async fn run_elected(
                 continue;
             }
         };
+        let waited_before = checked;
         match elect(cfg, &lock, &cancel, lease_len, &mut checked).await {
             Ok(true) => {}
             Ok(false) => return Ok(()),
@@ -69,6 +80,8 @@ pub async fn run_elected(
                 continue;
             }
         }
+        // A standby that waited (the preflight ran) or any later term.
+        let took_over = checked || waited_before;
         checked = true;
         delay = Duration::from_millis(500);
         let term = cancel.child_token();
@@ -90,7 +103,13 @@ pub async fn run_elected(
             Err(e) => tracing::warn!(error = %e, "cannot look for a previous leader's sessions"),
         }
         set_leader(true);
-        tracing::info!(slot = %cfg.database.slot, lease_secs = lease_len.as_secs(), "leading: this daemon streams; any other waits as a standby");
+        if took_over {
+            tracing::info!(slot = %cfg.database.slot, lease_secs = lease_len.as_secs(), "leading: this daemon streams; any other waits as a standby");
+        } else {
+            // A lone daemon's start: not news (and stderr stays one message
+            // when the preflight then fails).
+            tracing::debug!(slot = %cfg.database.slot, lease_secs = lease_len.as_secs(), "leading: this daemon streams; any other waits as a standby");
+        }
         let keeper = tokio::spawn(keep(lock, lease.clone(), lease_len));
         let fenced: Arc<dyn Sink> = Arc::new(Fenced::new(Arc::clone(&sink), lease.clone()));
         let result =

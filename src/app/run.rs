@@ -86,14 +86,15 @@ pub async fn run(
     run_with_sink(cfg, sink, cancel, reports).await
 }
 
-/// `run` with any sink (benchmarks use a null sink), elected like the CLI's.
+/// `run` with any sink (benchmarks use a null sink). Not elected: the CLI
+/// and the demo go through `app::leader`.
 pub async fn run_with_sink(
     cfg: &Config,
     sink: Arc<dyn Sink>,
     cancel: CancellationToken,
     reports: Option<mpsc::UnboundedSender<SyncReport>>,
 ) -> Result<(), RunError> {
-    crate::app::leader::run_elected(cfg, sink, cancel, reports, None).await
+    run_with_switch(cfg, sink, cancel, reports, None).await
 }
 
 /// `run` with the off switch driven from outside (`usersync run` flips it
