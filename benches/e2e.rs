@@ -787,11 +787,22 @@ impl Bench<'_> {
     }
 
     fn spawn_daemon(&self, db: &Db, sink_url: &str, label: &str) -> R<ChildDaemon> {
+        self.spawn_daemon_with(db, sink_url, label, &[])
+    }
+
+    fn spawn_daemon_with(
+        &self,
+        db: &Db,
+        sink_url: &str,
+        label: &str,
+        envs: &[(&str, &str)],
+    ) -> R<ChildDaemon> {
         let log = self.logs.join(format!("daemon-{label}.log"));
         let file = std::fs::File::create(&log).ctx("daemon log")?;
         let file2 = file.try_clone().ctx("daemon log")?;
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
             .arg("run")
+            .envs(envs.iter().copied())
             .env_remove("USERSYNC_CONFIG")
             .env("USERSYNC_DATABASE_URL", &db.url)
             .env("USERSYNC_DATABASE_SLOT", &db.name)
@@ -828,6 +839,7 @@ impl Bench<'_> {
             (5, "5 app cost", Box::pin(self.app_cost())),
             (6, "6 realistic sink", Box::pin(self.realistic())),
             (7, "7 reconcile", Box::pin(self.reconcile())),
+            (8, "8 takeover", Box::pin(self.takeover())),
         ];
         for (n, label, fut) in scenarios {
             if !self.sizes.runs(n) {
@@ -1798,6 +1810,91 @@ impl Bench<'_> {
             "≥ 1000/s",
             got >= 1000.0,
         )])
+    }
+}
+
+impl Bench<'_> {
+    // ------------------------------------------------------------ 7
+
+    /// Hot standby: a leader and a standby (both binaries). The time from
+    /// SIGKILL (or SIGSTOP, with a 2 s lease) of the leader to the first
+    /// change written back by the standby, which had to win the lock, fence
+    /// the old leader's sessions, run its preflight and start streaming.
+    async fn takeover(&self) -> R<Vec<Row>> {
+        let s = "8 takeover";
+        let mut rows = Vec::new();
+        for (how, lease) in [("SIGKILL", 10u64), ("SIGSTOP", 2)] {
+            let db = self.db("b_takeover").await?;
+            let fake = self.fake(Duration::ZERO).await?;
+            self.setup(&db, &fake.url(), "").await?;
+            let lease_text = lease.to_string();
+            let envs = [("USERSYNC_DATABASE_LEADER_LEASE_SECS", lease_text.as_str())];
+            let mut a =
+                self.spawn_daemon_with(&db, &fake.url(), &format!("takeover-{how}-a"), &envs)?;
+            self.warm_up(&db, &mut a).await?;
+            let mut b =
+                self.spawn_daemon_with(&db, &fake.url(), &format!("takeover-{how}-b"), &envs)?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let waiting: i64 = db
+                    .client
+                    .query_one(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                         WHERE d.datname = current_database() AND l.locktype = 'advisory' AND NOT l.granted",
+                        &[],
+                    )
+                    .await
+                    .ctx("standby waiting")?
+                    .get(0);
+                if waiting > 0 {
+                    break;
+                }
+                if Instant::now() > deadline || !b.alive() {
+                    return Err(format!("the standby never waited\n{}", b.log_tail()));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let signal = if how == "SIGKILL" {
+                libc::SIGKILL
+            } else {
+                libc::SIGSTOP
+            };
+            let t0 = Instant::now();
+            // SAFETY: plain syscall on our own, not yet reaped child.
+            unsafe { libc::kill(a.pid(), signal) };
+            db.insert_single(1, "marker").await?;
+            let synced = db
+                .wait_synced(Duration::from_secs(60), || b.alive())
+                .await
+                .map_err(|e| format!("{e}\n{}", b.log_tail()));
+            let took = t0.elapsed();
+            // SAFETY: as above.
+            unsafe { libc::kill(a.pid(), libc::SIGCONT) };
+            drop(a);
+            b.stop(Duration::from_secs(10)).await;
+            self.stop_fake(fake).await;
+            self.drop_db(db).await;
+            synced?;
+            let secs = took.as_secs_f64();
+            let (goal, pass) = if how == "SIGKILL" {
+                ("≤ 10 s".to_string(), secs <= 10.0)
+            } else {
+                (
+                    format!("≤ lease + 10 s = {} s", lease + 10),
+                    secs <= (lease + 10) as f64,
+                )
+            };
+            rows.push(target(
+                row(
+                    s,
+                    format!("{how} of the leader → first change written back by the standby (lease {lease} s)"),
+                    format!("{secs:.2} s ({:.2} × lease)", secs / lease as f64),
+                ),
+                &goal,
+                pass,
+            ));
+        }
+        Ok(rows)
     }
 }
 

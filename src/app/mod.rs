@@ -6,6 +6,7 @@ pub mod backfill;
 pub mod check;
 pub mod dlq;
 pub mod inbound;
+pub mod leader;
 pub mod page;
 pub mod reconcile;
 pub mod role;

@@ -101,7 +101,8 @@ pub async fn run(
     run_with_sink(cfg, sink, cancel, reports).await
 }
 
-/// `run` with any sink (benchmarks use a null sink).
+/// `run` with any sink (benchmarks use a null sink). Not elected: the CLI
+/// and the demo go through `app::leader`.
 pub async fn run_with_sink(
     cfg: &Config,
     sink: Arc<dyn Sink>,
@@ -112,7 +113,9 @@ pub async fn run_with_sink(
 }
 
 /// `run` with the off switch driven from outside (`usersync run` flips it
-/// on SIGHUP); without one, `[sync] enabled` holds for the whole run.
+/// on SIGHUP); without one, `[sync] enabled` holds for the whole run. One
+/// leadership term: `app::leader::run_elected` calls it while this daemon
+/// leads, with `cancel` firing when leadership ends.
 pub async fn run_with_switch(
     cfg: &Config,
     sink: Arc<dyn Sink>,

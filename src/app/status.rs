@@ -17,6 +17,10 @@ pub struct Status {
     /// `None`: the slot does not exist (run `usersync setup`).
     pub slot: Option<SlotInfo>,
     pub streaming: bool,
+    /// The daemon that leads (`host:pid` and its lock session), if any.
+    pub leader: Option<String>,
+    /// Daemons waiting to take over.
+    pub standbys: i64,
     pub max_retained_wal_mb: u64,
     pub retained_wal_over_limit: bool,
     /// `None`: usersync.dead_letters does not exist.
@@ -46,7 +50,10 @@ pub async fn read(client: &Client, cfg: &DatabaseConfig) -> Result<Status, Statu
     } else {
         None
     };
+    let leadership = crate::store::leader::leadership(client, &cfg.slot).await?;
     Ok(Status {
+        leader: leadership.leader.map(|l| l.describe()),
+        standbys: leadership.standbys,
         slot_name: cfg.slot.clone(),
         streaming: slot.as_ref().is_some_and(|s| s.active),
         slot,
@@ -152,6 +159,18 @@ impl Status {
                 }
             }
         }
+        let standbys = match self.standbys {
+            0 => "no standby".to_string(),
+            1 => "1 standby waiting".to_string(),
+            n => format!("{n} standbys waiting"),
+        };
+        lines.push((
+            "leader".into(),
+            match &self.leader {
+                Some(l) => format!("{l}; {standbys}"),
+                None => format!("none (no `usersync run` holds leadership); {standbys}"),
+            },
+        ));
         match &self.sync_log {
             Some(l) => {
                 lines.push((

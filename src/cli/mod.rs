@@ -426,7 +426,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .map_err(Failure::usage)?;
             let switch = crate::app::signals::spawn_reload_handler(path.clone(), explicit, &cfg);
             let sink = crate::sink::build(&cfg.sink).map_err(Failure::usage)?;
-            crate::app::run::run_with_switch(&cfg, sink, cancel, None, Some(switch))
+            crate::app::leader::run_elected(&cfg, sink, cancel, None, Some(switch))
                 .await
                 .map_err(Failure::of)
         }

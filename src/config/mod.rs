@@ -69,6 +69,7 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("database", "publication", KeyKind::Str),
     ("database", "origin", KeyKind::Str),
     ("database", "max_retained_wal_mb", KeyKind::Int),
+    ("database", "leader_lease_secs", KeyKind::Int),
     ("database", "sslmode", KeyKind::Str),
     ("database", "sslrootcert", KeyKind::Str),
     ("sink", "kind", KeyKind::Str),
@@ -134,6 +135,7 @@ struct RawDatabase {
     publication: String,
     origin: String,
     max_retained_wal_mb: u64,
+    leader_lease_secs: u64,
     sslmode: Option<String>,
     sslrootcert: Option<PathBuf>,
 }
@@ -149,6 +151,7 @@ impl Default for RawDatabase {
             publication: "usersync_users".into(),
             origin: "usersync".into(),
             max_retained_wal_mb: 1024,
+            leader_lease_secs: 10,
             sslmode: None,
             sslrootcert: None,
         }
@@ -353,6 +356,9 @@ pub struct DatabaseConfig {
     pub origin: String,
     /// `check` and `status` warn when the slot retains more WAL than this.
     pub max_retained_wal_mb: u64,
+    /// How long a leader that stopped answering keeps leadership
+    /// (`app::leader`): the lock session's `idle_session_timeout`.
+    pub leader_lease_secs: u64,
     /// sslmode and sslrootcert, from `[database]` or the URL's query.
     pub tls: crate::config::tls::TlsSettings,
 }
@@ -370,6 +376,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("publication", &self.publication)
             .field("origin", &self.origin)
             .field("max_retained_wal_mb", &self.max_retained_wal_mb)
+            .field("leader_lease_secs", &self.leader_lease_secs)
             .field("tls", &self.tls)
             .finish()
     }
@@ -804,6 +811,15 @@ impl RawConfig {
                 });
             }
         }
+        if !(2..=3600).contains(&self.database.leader_lease_secs) {
+            return Err(ConfigError::Invalid {
+                key: "database.leader_lease_secs",
+                message: format!(
+                    "{} must be between 2 and 3600 seconds",
+                    self.database.leader_lease_secs
+                ),
+            });
+        }
         Ok(DatabaseConfig {
             pg,
             host,
@@ -816,6 +832,7 @@ impl RawConfig {
             publication: self.database.publication.clone(),
             origin: self.database.origin.clone(),
             max_retained_wal_mb: self.database.max_retained_wal_mb,
+            leader_lease_secs: self.database.leader_lease_secs,
             tls,
         })
     }

@@ -207,7 +207,7 @@ async fn with_cluster(
     let daemon = {
         let cfg = cfg.clone();
         let c = daemon_cancel.clone();
-        tokio::spawn(async move { crate::app::run::run(&cfg, c, Some(reports_tx)).await })
+        tokio::spawn(async move { crate::app::leader::run(&cfg, c, Some(reports_tx)).await })
     };
 
     let script = script(users);

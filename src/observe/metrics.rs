@@ -79,6 +79,7 @@ struct Metrics {
     buffer_capacity: Gauge,
     lag_bytes: Gauge,
     streaming: Gauge,
+    leader: Gauge,
     sync_log_pruned: Counter,
     /// Inbound webhook events by source (configured names) and outcome.
     inbound: Family<Vec<(String, String)>, Counter>,
@@ -185,6 +186,12 @@ fn metrics() -> &'static Metrics {
             "1 while a replication session is streaming, else 0",
             streaming.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this daemon holds leadership (app::leader) and may push and write back, else 0 (standby)",
+            leader.clone(),
+        );
         let sync_log_pruned = Counter::default();
         registry.register(
             "sync_log_pruned_rows",
@@ -214,6 +221,7 @@ fn metrics() -> &'static Metrics {
             buffer_capacity,
             lag_bytes,
             streaming,
+            leader,
             sync_log_pruned,
             registry,
         }
@@ -318,6 +326,11 @@ impl Drop for StreamingGuard {
     }
 }
 
+/// Whether this daemon leads (`app::leader` sets it on winning and losing).
+pub fn set_leader(leading: bool) {
+    metrics().leader.set(i64::from(leading));
+}
+
 /// The slot's lag in bytes, or `None` when it cannot be read.
 pub fn set_lag(bytes: Option<i64>) {
     metrics().lag_bytes.set(bytes.unwrap_or(-1));
@@ -342,6 +355,11 @@ pub fn render() -> String {
 /// Why the daemon is or is not ready, for `/readyz`.
 pub fn readiness(max_lag_bytes: u64) -> Result<String, String> {
     let m = metrics();
+    if m.leader.get() != 1 {
+        return Err(
+            "not ready: standby (another usersync leads, or the election is under way); this one takes over when the leader stops".into(),
+        );
+    }
     if m.streaming.get() != 1 {
         return Err("not ready: not streaming (starting, or reconnecting to PostgreSQL)".into());
     }

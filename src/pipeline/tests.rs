@@ -549,3 +549,45 @@ async fn a_change_behind_a_dead_letter_not_yet_durable_is_parked() {
     assert_eq!(sink.seen().len(), 1);
     h.stop().await;
 }
+
+/// A leader that wakes from a pause after its lease ran out, before any timer
+/// has told the session (the lease's token is not cancelled yet): the fenced
+/// sink sends nothing, and the change is abandoned for the new leader to
+/// replay, never dead-lettered (`max_attempts = 1` here, so any other
+/// failure would be a dead letter at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_after_the_lease_ran_out_sends_nothing_and_writes_no_dead_letter() {
+    use crate::sink::fence::{Fenced, Lease};
+    let sink = Arc::new(ScriptedSink::default());
+    let mut p = pipeline(sink.clone(), Arc::default());
+    let lease = Lease::new(CancellationToken::new());
+    lease.extend(Instant::now() + Duration::from_millis(200));
+    p.sink = Arc::new(Fenced::new(sink.clone(), lease.clone()));
+    let mut h = start(p, 64);
+    h.txn("a", Operation::Insert, 100).await;
+    let a = h.item().await;
+    assert!(matches!(a.outcome, Outcome::Synced { .. }), "{a:?}");
+    h.make_durable(&[&a]);
+    while lease.deadline().is_some_and(|d| Instant::now() < d) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!lease.token().is_cancelled(), "no timer ended the lease");
+    h.txn("b", Operation::Insert, 200).await;
+    let token = lease.token().clone();
+    wait_until("the fence to refuse b's push", || token.is_cancelled()).await;
+    h.cancel.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(10), &mut h.task).await;
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    let keys: Vec<String> = sink.seen().into_iter().map(|s| s.key).collect();
+    assert_eq!(
+        keys,
+        ["a"],
+        "only the push made under the lease reached the sink"
+    );
+    while let Ok(item) = h.items.try_recv() {
+        assert!(
+            matches!(item.outcome, Outcome::Resume),
+            "nothing is written for the fenced change: {item:?}"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 //! `Sink` trait every adapter implements, the error classification that
 //! decides retry versus dead letter, and the shared HTTP client.
 
+pub mod fence;
 pub mod http;
 pub mod list;
 pub mod mapping;
@@ -56,6 +57,10 @@ pub enum SinkError {
     /// The service answered with an external id usersync will not store.
     #[error("invalid external id in the answer: {0}")]
     InvalidExternalId(String),
+    /// This daemon's leadership lease ran out (`fence`); nothing was sent.
+    /// The push is abandoned, never dead-lettered: the new leader replays it.
+    #[error("not the leader any more (leadership lease expired); nothing was sent")]
+    Fenced,
 }
 
 impl SinkError {
@@ -69,7 +74,8 @@ impl SinkError {
             SinkError::Malformed(_)
             | SinkError::Unconvertible(_)
             | SinkError::ResponseTooLarge { .. }
-            | SinkError::InvalidExternalId(_) => false,
+            | SinkError::InvalidExternalId(_)
+            | SinkError::Fenced => false,
         }
     }
 
@@ -97,6 +103,7 @@ impl SinkError {
                 format!("HTTP {status}: response too large")
             }
             SinkError::InvalidExternalId(_) => "invalid external id".to_string(),
+            SinkError::Fenced => "not the leader".to_string(),
         }
     }
 

@@ -170,6 +170,12 @@ pub async fn push_with_retry_until(
             return None;
         }
     };
+    if matches!(result, Err(SinkError::Fenced)) {
+        // Leadership is gone: the new leader replays this change; a dead
+        // letter written now would park a user for no fault of theirs.
+        tracing::info!(event_id = %change.event_id, "not the leader any more: push abandoned; the new leader replays it");
+        return None;
+    }
     let attempts = attempts.load(Ordering::Relaxed);
     Some(match result {
         Ok(external_id) => Ok(Pushed {

@@ -86,6 +86,16 @@ impl Classify for DbError {
 /// Opens a connection and drives it on a background task. `app` names the
 /// session in `pg_stat_activity` so a DBA can tell usersync's sessions apart.
 pub async fn connect(cfg: &DatabaseConfig, app: &str) -> Result<Client, ConnectError> {
+    Ok(connect_watched(cfg, app).await?.0)
+}
+
+/// Like [`connect`], plus a token that fires the moment the connection ends
+/// (closed by the server or the network), for sessions whose loss must be
+/// acted on at once rather than at their next statement.
+pub async fn connect_watched(
+    cfg: &DatabaseConfig,
+    app: &str,
+) -> Result<(Client, tokio_util::sync::CancellationToken), ConnectError> {
     let mut pg = cfg.pg.clone();
     pg.application_name(app);
     pg.connect_timeout(std::time::Duration::from_secs(10));
@@ -99,12 +109,15 @@ pub async fn connect(cfg: &DatabaseConfig, app: &str) -> Result<Client, ConnectE
         reason: crate::config::tls::explain(&cfg.tls, error_text(&e)),
         source: Some(e),
     })?;
+    let closed = tokio_util::sync::CancellationToken::new();
+    let on_close = closed.clone();
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection closed");
         }
+        on_close.cancel();
     });
-    Ok(client)
+    Ok((client, closed))
 }
 
 /// The most useful text of a tokio-postgres error: the server's message and

@@ -9,6 +9,7 @@ pub mod deadletter;
 pub mod inbound;
 pub mod lag;
 pub mod lanes;
+pub mod leader;
 pub mod origin;
 pub mod progress;
 pub mod reconcile;

@@ -89,6 +89,11 @@ impl Writer {
         batch_size: usize,
     ) -> Result<Writer, WritebackError> {
         let client = connect(cfg, "usersync-writeback").await?;
+        // A later leader ends this session if this daemon freezes while
+        // holding the origin (store::leader).
+        crate::store::leader::mark_fenceable(&client, &cfg.slot)
+            .await
+            .map_err(sql_err)?;
         setup_origin_session(&client, &cfg.origin).await?;
         let sql = guarded_update_sql(shape);
         let update = client.prepare(&sql).await.map_err(sql_err)?;

@@ -597,7 +597,7 @@ async fn dashboard_and_alerts_query_only_exported_metrics() {
             "sum by (sinks) (rate(usersync_pushes_total[5m]))",
         ),
         ("other job", "up{job=\"node\"} == 0"),
-        ("no leader metric today", "max(usersync_leader)"),
+        ("no such metric", "max(usersync_follower)"),
     ] {
         let p = problems(why, expr, &e, &job);
         assert!(!p.is_empty(), "{why} not caught: {expr}");
