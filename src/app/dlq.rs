@@ -39,8 +39,12 @@ pub enum ReplayError {
     UnknownId(i64),
     #[error("{0}")]
     Sink(String),
-    #[error("writing back user {key} (the push succeeded; replaying again sends the same event id): {reason}")]
-    Writeback { key: String, reason: String },
+    #[error("writing back user {key} (the push succeeded; replaying again sends the same event id): {}", error_text(.source))]
+    Writeback {
+        key: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -376,9 +380,9 @@ impl Replayer {
         ids: &[i64],
         log: Option<&crate::store::synclog::Replayed<'_>>,
     ) -> Result<u64, ReplayError> {
-        let wb_err = |e: tokio_postgres::Error| ReplayError::Writeback {
+        let wb_err = |source: tokio_postgres::Error| ReplayError::Writeback {
             key: key.to_string(),
-            reason: error_text(&e),
+            source,
         };
         let tx = self.client.transaction().await.map_err(wb_err)?;
         if op != Operation::Delete {

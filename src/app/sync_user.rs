@@ -52,11 +52,12 @@ pub enum ManualError {
     },
     #[error("user {key}: the daemon did not answer sync request {id} within {secs} s (it stays queued and is pushed when the daemon gets to it)")]
     Timeout { key: String, id: i64, secs: u64 },
-    #[error("user {key}: pushed (external id {external_id}), but the write-back failed: {reason}; running sync-user again sends the same event id")]
+    #[error("user {key}: pushed (external id {external_id}), but the write-back failed: {}; running sync-user again sends the same event id", error_text(.source))]
     Writeback {
         key: String,
         external_id: String,
-        reason: String,
+        #[source]
+        source: tokio_postgres::Error,
     },
     #[error("cannot tag the write-back with origin {origin}: {}", error_text(.source))]
     Origin {
@@ -288,10 +289,10 @@ async fn direct(
     })?;
     let latency = started.elapsed();
     let external_id = pushed.external_id.or(row.external_id);
-    let wb_err = |e: tokio_postgres::Error| ManualError::Writeback {
+    let wb_err = |source: tokio_postgres::Error| ManualError::Writeback {
         key: key.to_string(),
         external_id: external_id.clone().unwrap_or_default(),
-        reason: error_text(&e),
+        source,
     };
     let mut wb = wb;
     let tx = wb.transaction().await.map_err(wb_err)?;

@@ -11,8 +11,8 @@ use crate::core::table::EXTERNAL_ID_COLUMN;
 use crate::core::table::SYNCED_AT_COLUMN;
 use crate::store::setup::Step;
 
-/// Every replication origin function the daemon calls (src/writeback.rs,
-/// src/progress.rs), with the argument types GRANT needs.
+/// Every replication origin function the daemon calls (store::writeback,
+/// store::progress, store::origin), with the argument types GRANT needs.
 pub const ORIGIN_FUNCTIONS: &[&str] = &[
     "pg_replication_origin_session_setup(text)",
     "pg_replication_origin_xact_setup(pg_lsn, timestamp with time zone)",
