@@ -41,10 +41,16 @@ impl crate::core::error::Classify for InboundError {
     }
 }
 
-/// At most this many connections at once; more are closed on accept.
-const MAX_CONNECTIONS: usize = 256;
-/// A request's headers must arrive within this.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most 256 connections at once (more are closed on accept); a request's
+/// headers must arrive within 5 s. Bodies are bounded by the body limit and
+/// the request timeout (`inbound.request_timeout`) in the handler.
+const BOUNDS: crate::observe::listener::Bounds = crate::observe::listener::Bounds {
+    what: "inbound endpoint",
+    max_connections: 256,
+    header_read_timeout: Duration::from_secs(5),
+    max_buf: None,
+    lifetime: None,
+};
 /// How long a request waits for its source's session to apply it before
 /// answering 503 (the provider retries; Svix gives up waiting at 15 s).
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,7 +113,9 @@ pub async fn start(
     let app = Router::new()
         .route("/{source}", post(receive))
         .with_state(shared);
-    tokio::spawn(accept_loop(listener, app, cancel));
+    tokio::spawn(crate::observe::listener::serve(
+        listener, app, BOUNDS, cancel,
+    ));
     tracing::info!(address = %addr, "receiving inbound webhooks on http://{addr}/<source>");
     if !addr.ip().is_loopback() {
         tracing::info!(address = %addr, "the inbound endpoint is reachable beyond this host; every delivery is verified before it is read");
@@ -267,40 +275,4 @@ async fn apply(
         *slot = Some(applier);
     }
     result
-}
-
-async fn accept_loop(listener: tokio::net::TcpListener, app: Router, cancel: CancellationToken) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::debug!(error = %e, "inbound endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let service = TowerToHyperService::new(app.clone());
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = conn => {}
-            }
-        });
-    }
 }

@@ -444,7 +444,12 @@ pub async fn serve(
     metrics()
         .buffer_capacity
         .set(cfg.pipeline.max_buffered_changes as i64);
-    tokio::spawn(accept_loop(listener, app, cancel.clone()));
+    tokio::spawn(crate::observe::listener::serve(
+        listener,
+        app,
+        BOUNDS,
+        cancel.clone(),
+    ));
     tracing::info!(address = %addr, "metrics on http://{addr}/metrics, health on /healthz and /readyz");
     if !addr.ip().is_loopback() {
         tracing::warn!(address = %addr, "the metrics endpoint is reachable beyond this host; bind metrics.listen to 127.0.0.1 unless a firewall or network policy guards the port");
@@ -452,52 +457,12 @@ pub async fn serve(
     Ok(Some(Server { addr }))
 }
 
-/// At most this many connections at once; more are closed on accept.
-const MAX_CONNECTIONS: usize = 64;
-/// A request's headers must arrive within this (slow or half-sent requests).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// No connection lives longer than this, whatever it does.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-/// Requests here are tiny GETs: headers beyond this are refused.
-const MAX_REQUEST_BUFFER: usize = 16 * 1024;
-
-/// Serves the endpoints with bounds a scraper never reaches and a flood of
-/// half-open connections cannot exceed: a connection cap, a header-read
-/// timeout, a small request buffer, HTTP/1 only, a lifetime per connection.
-async fn accept_loop(listener: tokio::net::TcpListener, app: Router, cancel: CancellationToken) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors, say: wait instead of spinning.
-                    tracing::debug!(error = %e, "metrics endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = std::sync::Arc::clone(&slots).try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let service = TowerToHyperService::new(app.clone());
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_REQUEST_BUFFER)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = tokio::time::timeout(CONNECTION_LIFETIME, conn) => {}
-            }
-        });
-    }
-}
+/// A scraper's requests are tiny GETs: 64 connections, headers within 5 s,
+/// a 16 KiB buffer, and no connection older than a minute.
+const BOUNDS: crate::observe::listener::Bounds = crate::observe::listener::Bounds {
+    what: "metrics endpoint",
+    max_connections: 64,
+    header_read_timeout: Duration::from_secs(5),
+    max_buf: Some(16 * 1024),
+    lifetime: Some(Duration::from_secs(60)),
+};
