@@ -43,6 +43,11 @@ pub async fn run_elected(
     let lease_len = Duration::from_secs(cfg.database.leader_lease_secs);
     let who = identity();
     let mut delay = Duration::from_millis(500);
+    // The preflight first, as `run` always did: a wrong setup or an
+    // unsupported server (the lock session needs PostgreSQL 14's
+    // idle_session_timeout) is one message and an exit, not an election
+    // that retries forever.
+    run::prepare(cfg).await?;
     let mut checked = false;
     loop {
         set_leader(false);
