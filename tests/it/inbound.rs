@@ -6,56 +6,6 @@ use std::process::{Command, Stdio};
 
 use usersync::core::inbound::{sign_standard, sign_stripe, standard_key};
 
-/// `python3` and the environment under which every one of `modules` imports:
-/// the machine's install, or a copy of `packages` installed once from PyPI
-/// into the target directory. `None` (the test then says why it skips) only
-/// when they cannot be installed.
-fn python_with(modules: &str, packages: &[&str]) -> Option<Vec<(String, String)>> {
-    let works = |env: &[(String, String)]| {
-        Command::new("python3")
-            .args(["-c", &format!("import {modules}")])
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if works(&[]) {
-        return Some(Vec::new());
-    }
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pydeps-inbound");
-    let env = vec![("PYTHONPATH".to_string(), dir.display().to_string())];
-    if works(&env) {
-        return Some(env);
-    }
-    let out = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--target",
-        ])
-        .arg(&dir)
-        .args(packages)
-        .output();
-    match out {
-        Ok(o) if o.status.success() && works(&env) => Some(env),
-        Ok(o) => {
-            eprintln!(
-                "SKIPPED: cannot install {packages:?} with pip: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: cannot run python3 -m pip: {e}");
-            None
-        }
-    }
-}
-
 fn run_python(env: &[(String, String)], script: &str, vars: &[(&str, String)], body: &[u8]) {
     let mut child = Command::new("python3")
         .args(["-c", script])
@@ -94,7 +44,7 @@ fn now() -> i64 {
 /// 18-byte example secret, so short secrets are covered too.
 #[test]
 fn what_the_fakes_sign_verifies_with_the_vendor_libraries() {
-    let Some(env) = python_with(
+    let Some(env) = crate::common::python_with(
         "svix, standardwebhooks, stripe",
         &["svix", "standardwebhooks", "stripe"],
     ) else {

@@ -20,49 +20,6 @@ const SEEDED: usize = 10_000;
 const STRIPE_KEY: &str = "sk_test_51UsersyncListingKey0123";
 const MEMBERSTACK_KEY: &str = "sk_sb_listing_key";
 
-/// PYTHONPATH entries under which `import stripe` works, installing the
-/// package into the target directory when the system has none.
-fn python_with_stripe() -> Option<Vec<(String, String)>> {
-    let works = |env: &[(String, String)]| {
-        Command::new("python3")
-            .args(["-c", "import stripe"])
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if works(&[]) {
-        return Some(Vec::new());
-    }
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pydeps-stripe");
-    let env = vec![("PYTHONPATH".to_string(), dir.display().to_string())];
-    if !works(&env) {
-        let out = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .arg("--target")
-            .arg(&dir)
-            .arg("stripe")
-            .output();
-        match out {
-            Ok(o) if o.status.success() && works(&env) => {}
-            other => {
-                eprintln!(
-                    "SKIPPED: the stripe Python package is not installed and cannot be: {other:?}"
-                );
-                return None;
-            }
-        }
-    }
-    Some(env)
-}
-
 /// A NODE_PATH under which these npm packages load, installed into the
 /// target directory when missing.
 fn node_with(packages: &[&str]) -> Option<Vec<(String, String)>> {
@@ -173,7 +130,7 @@ print(json.dumps({"limited": seen}))
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stripe_python_walks_ten_thousand_customers_once_each() {
-    let Some(env) = python_with_stripe() else {
+    let Some(env) = crate::common::python_with("stripe", &["stripe"]) else {
         return;
     };
     let fake = FakeStripe::start(FakeStripeOptions {
@@ -219,7 +176,7 @@ async fn stripe_python_walks_ten_thousand_customers_once_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stripe_python_sees_the_rate_limit_as_a_rate_limit_error() {
-    let Some(env) = python_with_stripe() else {
+    let Some(env) = crate::common::python_with("stripe", &["stripe"]) else {
         return;
     };
     let fake = FakeStripe::start(FakeStripeOptions {
