@@ -142,7 +142,8 @@ pub async fn run(
     let shape = schema::inspect_table(&client, &cfg.database.table).await?;
     schema::check_table_ready(&shape)?;
     requests::check(&client, &cfg.database).await?;
-    let reader = RowReader::new(&client, shape, &cfg.sink.columns).await?;
+    let reader =
+        RowReader::new(&client, shape, &cfg.sink.columns, &cfg.database.publication).await?;
 
     if !opts.dry_run {
         wait_for_daemon(&client, cfg, opts, &cancel).await?;

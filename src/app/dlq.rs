@@ -198,7 +198,8 @@ impl Replayer {
             return Err(ReplayError::TableMissing);
         }
         let writeback = crate::store::writeback::guarded_update_sql(&shape);
-        let rows = RowReader::new(&client, shape, &cfg.sink.columns).await?;
+        let rows =
+            RowReader::new(&client, shape, &cfg.sink.columns, &cfg.database.publication).await?;
         Ok(Replayer {
             client,
             rows,
@@ -258,7 +259,7 @@ impl Replayer {
         let event_id = format!("evt_replay_{}", newest.id);
         let envelope_id = newest_external_id(&backlog);
         let row = self.rows.read(&self.client, key).await?;
-        let (op, user_key, data, external_id) = match row {
+        let (op, user_key, data, omitted, external_id) = match row {
             Some(row) => {
                 let external_id = row.external_id.or(envelope_id);
                 let op = if external_id.is_some() {
@@ -266,10 +267,16 @@ impl Replayer {
                 } else {
                     Operation::Insert
                 };
-                (op, row.key, Some(row.data), external_id)
+                (op, row.key, Some(row.data), row.omitted, external_id)
             }
             None => match envelope_id {
-                Some(id) => (Operation::Delete, self.rows.key(key)?, None, Some(id)),
+                Some(id) => (
+                    Operation::Delete,
+                    self.rows.key(key)?,
+                    None,
+                    Vec::new(),
+                    Some(id),
+                ),
                 None => {
                     let resolved = deadletter::resolve(&self.client, key, &ids).await?;
                     tracing::info!(user = %key, resolved, "replay: row gone and never synced; dead letters resolved");
@@ -295,7 +302,8 @@ impl Replayer {
                 .unwrap_or_default(),
             data,
             previous: None,
-            omitted: Vec::new(),
+            omitted,
+            unconvertible: None,
             external_id: external_id.clone(),
             decoded_at: Instant::now(),
         };

@@ -296,7 +296,8 @@ pub async fn run(
         })?;
     let shape = schema::inspect_table(&client, &cfg.database.table).await?;
     schema::check_table_ready(&shape)?;
-    let reader = RowReader::new(&client, shape, &cfg.sink.columns).await?;
+    let reader =
+        RowReader::new(&client, shape, &cfg.sink.columns, &cfg.database.publication).await?;
     if opts.fix == Some(Fix::Push) {
         requests::check(&client, &cfg.database).await?;
         if !requests::slot_active(&client, &cfg.database.slot).await? {
@@ -430,6 +431,7 @@ mod tests {
             },
             data,
             external_id: ext.map(str::to_string),
+            omitted: Vec::new(),
         }
     }
 

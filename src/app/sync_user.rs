@@ -241,7 +241,8 @@ async fn direct(
     }
     let writeback = writeback::guarded_update_sql(&shape);
     let table = shape.table.to_string();
-    let reader = RowReader::new(client, shape, &cfg.sink.columns).await?;
+    let reader =
+        RowReader::new(client, shape, &cfg.sink.columns, &cfg.database.publication).await?;
     // Read after taking the origin: no daemon pushes this user meanwhile.
     let Some(row) = reader.read(client, key).await? else {
         return Err(ManualError::NotFound {
@@ -270,7 +271,8 @@ async fn direct(
         changed: row.data.keys().cloned().collect(),
         data: Some(row.data),
         previous: None,
-        omitted: Vec::new(),
+        omitted: row.omitted,
+        unconvertible: None,
         external_id: row.external_id.clone(),
         decoded_at: Instant::now(),
     };

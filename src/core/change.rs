@@ -85,6 +85,12 @@ pub struct Change {
     /// Synced columns left out of `data` because PostgreSQL did not send them
     /// (an unchanged TOASTed value with no old row to recover it from).
     pub omitted: Vec<String>,
+    /// `<column>: <error>` when a synced value (or the key) of this change
+    /// cannot be converted to JSON. The column is left out of `data`; every
+    /// sink refuses such a change permanently, so it becomes that user's dead
+    /// letter, naming the column, instead of stopping the session at the same
+    /// LSN on every start.
+    pub unconvertible: Option<String>,
     /// The external id known for the row when the change was decoded.
     pub external_id: Option<String>,
     /// When the decoder produced the change, for latency figures.

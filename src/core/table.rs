@@ -53,4 +53,8 @@ pub struct CurrentRow {
     /// Restricted to the synced columns, as the stream would push it.
     pub data: Map<String, Value>,
     pub external_id: Option<String>,
+    /// Synced columns the stream cannot carry (generated columns before
+    /// PostgreSQL 18), left out of `data` as the stream leaves them out, so
+    /// that a row read here hashes like the same row streamed.
+    pub omitted: Vec<String>,
 }

@@ -56,6 +56,7 @@ pub async fn prepare(
     change.key = row.key;
     change.changed = row.data.keys().cloned().collect();
     change.data = Some(row.data);
+    change.omitted = row.omitted;
     change.external_id = external_id.clone();
     Ok(external_id)
 }
@@ -69,7 +70,12 @@ pub fn annotate_synced(
     latency: std::time::Duration,
 ) {
     use crate::core::change::Operation;
-    if change.op != Operation::Delete && change.omitted.is_empty() {
+    // Hashed even when columns were omitted: a column the stream never
+    // carries (generated, before PostgreSQL 18) is left out of the row
+    // reader's hash too, and a TOASTed value the stream left out makes a
+    // hash no full row can match, so backfill pushes that user once more
+    // rather than skipping a change.
+    if change.op != Operation::Delete && change.unconvertible.is_none() {
         item.values_hash = change.data.as_ref().map(values_hash);
     }
     if let Some(id) = request {

@@ -125,6 +125,7 @@ fn change(key: &str, op: Operation, lsn: Lsn) -> Box<Change> {
         previous: None,
         changed: vec!["id".into()],
         omitted: Vec::new(),
+        unconvertible: None,
         external_id: None,
         decoded_at: Instant::now(),
     })

@@ -47,7 +47,7 @@ pub enum SinkError {
     #[error("malformed response: {0}")]
     Malformed(String),
     /// The change holds a value usersync cannot convert to JSON (see
-    /// [`crate::source::rows::UNCONVERTIBLE_MARK`]); nothing was sent.
+    /// `Change::unconvertible`); nothing was sent.
     #[error("cannot convert the row to JSON, nothing was sent: column {0}")]
     Unconvertible(String),
     /// The answer's body is longer than `sink.max_response_bytes`; it was
@@ -173,8 +173,8 @@ pub fn http_client(timeout: Duration, max_idle: usize) -> Result<reqwest::Client
 /// permanent error, so the pipeline dead-letters the change (naming the
 /// column) and parks that user alone. Every sink calls this first.
 pub fn refuse_unconvertible(change: &Change) -> Result<(), SinkError> {
-    match crate::source::rows::unconvertible(change) {
-        Some(what) => Err(SinkError::Unconvertible(what.to_string())),
+    match &change.unconvertible {
+        Some(what) => Err(SinkError::Unconvertible(what.clone())),
         None => Ok(()),
     }
 }

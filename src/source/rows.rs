@@ -62,30 +62,6 @@ enum Cell {
     Failed(ValueError),
 }
 
-/// How a change that holds a value usersync cannot convert is marked: an
-/// entry of `Change::omitted` starting with this prefix, followed by
-/// `<column>: <error>`. The prefix is longer than the 63 bytes a column name
-/// can have, so it is never mistaken for one, and it is plain text (a NUL
-/// would make the dead letter's envelope unstorable in PostgreSQL). The column is
-/// left out of `data`; the sinks refuse such a change permanently
-/// ([`crate::sink::refuse_unconvertible`]), so the pipeline dead-letters it
-/// for that user alone, with the reason, instead of the reader stopping
-/// the session at the same LSN on every start.
-///
-/// A marker in `omitted` rather than a field of `Change` because `Change`
-/// is built by struct literals in other layers; see the report of the
-/// branch that added it.
-pub const UNCONVERTIBLE_MARK: &str =
-    "usersync: this change holds a value that cannot be converted to JSON, column ";
-
-/// The first unconvertible column of `change` as `<column>: <error>`.
-pub fn unconvertible(change: &Change) -> Option<&str> {
-    change
-        .omitted
-        .iter()
-        .find_map(|o| o.strip_prefix(UNCONVERTIBLE_MARK))
-}
-
 fn mark_unconvertible(change: &mut Change, column: &str, error: &ValueError) {
     tracing::warn!(
         event_id = %change.event_id,
@@ -93,9 +69,10 @@ fn mark_unconvertible(change: &mut Change, column: &str, error: &ValueError) {
         error = %error,
         "a value of this change cannot be converted to JSON; the change is refused for this user"
     );
-    change
-        .omitted
-        .push(format!("{UNCONVERTIBLE_MARK}{column}: {error}"));
+    // The first one names the change's dead letter; the others are logged.
+    if change.unconvertible.is_none() {
+        change.unconvertible = Some(format!("{column}: {error}"));
+    }
 }
 
 pub struct RowBuilder {
@@ -299,6 +276,7 @@ impl RowBuilder {
                 _ => self.not_streamed.clone(),
             },
             external_id: None,
+            unconvertible: None,
             decoded_at: Instant::now(),
         }
     }
@@ -460,17 +438,5 @@ impl RowBuilder {
     /// A readable type name for messages.
     pub fn type_name(&self, oid: u32) -> String {
         type_name(oid, &self.types)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_mark_cannot_be_a_column_name() {
-        // NAMEDATALEN - 1: the longest identifier PostgreSQL stores.
-        assert!(UNCONVERTIBLE_MARK.len() > 63);
-        assert!(!UNCONVERTIBLE_MARK.chars().any(char::is_control));
     }
 }

@@ -241,9 +241,14 @@ impl Applier {
             )
             .await
             .map_err(sql_err)?;
-        let reader = RowReader::new(&client, shape.clone(), &cfg.sink.columns)
-            .await
-            .map_err(|e| setup_err(e.to_string()))?;
+        let reader = RowReader::new(
+            &client,
+            shape.clone(),
+            &cfg.sink.columns,
+            &cfg.database.publication,
+        )
+        .await
+        .map_err(|e| setup_err(e.to_string()))?;
         Ok(Applier {
             client,
             source: source.clone(),

@@ -95,8 +95,13 @@ impl CurrentRows {
                     source,
                 })
             })?;
-        let reader =
-            crate::store::rows::RowReader::new(&client, shape.clone(), &cfg.sink.columns).await?;
+        let reader = crate::store::rows::RowReader::new(
+            &client,
+            shape.clone(),
+            &cfg.sink.columns,
+            &cfg.database.publication,
+        )
+        .await?;
         Ok(CurrentRows { client, reader })
     }
 

@@ -119,16 +119,22 @@ pub struct RowReader {
     columns: Vec<Column>,
     key_oid: u32,
     sink_columns: Vec<String>,
+    /// Synced columns not selected because the stream does not carry them.
+    not_streamed: Vec<String>,
     types: TypeRegistry,
     /// `SELECT … WHERE key = `, completed by the quoted key and its cast.
     select: String,
 }
 
 impl RowReader {
+    /// `publication` decides which generated columns the stream carries
+    /// (`store::catalog::unstreamed_generated_columns`); the reader leaves
+    /// the others out too, or a backfill would see every such row as changed.
     pub async fn new(
         client: &Client,
         shape: TableShape,
         sink_columns: &[String],
+        publication: &str,
     ) -> Result<RowReader, RowError> {
         for column in sink_columns {
             if !shape.has_column(column) {
@@ -170,6 +176,24 @@ impl RowReader {
             columns.push(column);
         }
         crate::store::types::load_kinds(client, &shape.table, &mut types).await?;
+        let unstreamed = crate::store::catalog::unstreamed_generated_columns(
+            client,
+            &shape.table.quoted(),
+            publication,
+        )
+        .await
+        .map_err(|source| {
+            RowError::Schema(SchemaError::Query {
+                what: "the users table's generated columns",
+                source,
+            })
+        })?;
+        let key_column = shape.key_column.as_str();
+        let not_streamed: Vec<String> = unstreamed
+            .into_iter()
+            .filter(|c| c != key_column && is_synced(c, key_column, sink_columns))
+            .collect();
+        columns.retain(|c| !not_streamed.contains(&c.name));
         let key_oid = columns
             .iter()
             .find(|c| c.name == shape.key_column)
@@ -193,6 +217,7 @@ impl RowReader {
             columns,
             key_oid,
             sink_columns: sink_columns.to_vec(),
+            not_streamed,
             types,
             select,
         })
@@ -313,6 +338,7 @@ impl RowReader {
             key: self.key(&key_text)?,
             data,
             external_id,
+            omitted: self.not_streamed.clone(),
         })
     }
 }

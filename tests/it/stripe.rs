@@ -280,6 +280,7 @@ fn change(op: Operation, event: &str, key: i64, data: Option<Value>) -> Change {
         previous: None,
         changed: vec![],
         omitted: vec![],
+        unconvertible: None,
         external_id: None,
         decoded_at: Instant::now(),
     }

@@ -651,6 +651,7 @@ mod tests {
             previous: None,
             changed: vec![],
             omitted: vec![],
+            unconvertible: None,
             external_id: None,
             decoded_at: std::time::Instant::now(),
         }
