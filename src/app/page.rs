@@ -64,6 +64,7 @@ async fn fill(
 ) -> Result<(), queries::StatusError> {
     let status = crate::app::status::read(client, &cfg.database).await?;
     data.backfill = Some(status.backfill_line());
+    data.inbound = status.inbound_lines();
     if let Some(slot) = &status.slot {
         data.slot_active = Some(slot.active);
         data.lag_bytes = slot.lag_bytes;

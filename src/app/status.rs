@@ -9,7 +9,9 @@ use tokio_postgres::Client;
 
 use crate::config::DatabaseConfig;
 use crate::store::status::{self as queries};
-pub use crate::store::status::{Backfill, DeadLetters, SlotInfo, StatusError, SyncLog};
+pub use crate::store::status::{
+    Backfill, DeadLetters, InboundSource, SlotInfo, StatusError, SyncLog,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -30,6 +32,9 @@ pub struct Status {
     /// `None` with `backfill_table` true: no backfill ever ran.
     pub backfill: Option<Backfill>,
     pub backfill_table: bool,
+    /// Each inbound source's newest event; `None`: an older setup without
+    /// usersync.inbound_events.
+    pub inbound: Option<Vec<InboundSource>>,
 }
 
 const NEEDS_SETUP: &str = "n/a (needs a newer `usersync setup`)";
@@ -50,6 +55,7 @@ pub async fn read(client: &Client, cfg: &DatabaseConfig) -> Result<Status, Statu
     } else {
         None
     };
+    let inbound = queries::inbound_sources(client).await?;
     let leadership = crate::store::leader::leadership(client, &cfg.slot).await?;
     Ok(Status {
         leader: leadership.leader.map(|l| l.describe()),
@@ -63,7 +69,17 @@ pub async fn read(client: &Client, cfg: &DatabaseConfig) -> Result<Status, Statu
         sync_log,
         backfill,
         backfill_table,
+        inbound,
     })
+}
+
+fn age(secs: f64) -> String {
+    let secs = secs.max(0.0) as u64;
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        _ => format!("{} h", secs / 3600),
+    }
 }
 
 fn mib(bytes: i64) -> String {
@@ -98,6 +114,27 @@ impl Status {
                 }
             }
         }
+    }
+
+    /// Each inbound source with its newest event in words, shared with the
+    /// status page.
+    pub fn inbound_lines(&self) -> Vec<(String, String)> {
+        self.inbound
+            .iter()
+            .flatten()
+            .map(|s| {
+                (
+                    s.source.clone(),
+                    format!(
+                        "last event {} ({}) at {}, {} ago",
+                        s.last_event_type,
+                        s.last_outcome,
+                        s.last_received_at,
+                        age(s.last_age_secs)
+                    ),
+                )
+            })
+            .collect()
     }
 
     /// Aligned `label: value` lines for a terminal.
@@ -206,6 +243,9 @@ impl Status {
             }
         }
         lines.push(("backfill".into(), self.backfill_line()));
+        for (source, line) in self.inbound_lines() {
+            lines.push((format!("inbound {source}"), line));
+        }
         let width = lines.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (label, value) in lines {

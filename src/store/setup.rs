@@ -119,6 +119,10 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
             sql: crate::store::inbound::EVENTS_DDL.to_string(),
         },
         Step {
+            comment: "Each inbound source's newest event, for `usersync status` and the status page, without scanning the table.",
+            sql: "CREATE INDEX IF NOT EXISTS inbound_events_recent ON usersync.inbound_events (source, received_at)".to_string(),
+        },
+        Step {
             comment: "The newest provider version applied per inbound object (deletes leave a tombstone), so older deliveries change nothing.",
             sql: crate::store::inbound::VERSIONS_DDL.to_string(),
         },

@@ -187,6 +187,58 @@ pub async fn latest_backfill(client: &Client) -> Result<Option<Backfill>, Status
     .transpose()
 }
 
+/// An inbound source's newest event (no subject or user: those are
+/// personal data).
+#[derive(Debug, Clone, Serialize)]
+pub struct InboundSource {
+    pub source: String,
+    pub last_event_type: String,
+    pub last_outcome: String,
+    pub last_received_at: String,
+    pub last_age_secs: f64,
+}
+
+/// Every source that ever sent an event, with its newest one; `None` when
+/// usersync.inbound_events does not exist (older setup). The sources are
+/// found by a skip scan of the primary key and each newest event through
+/// `inbound_events_recent`, so the cost does not grow with the table.
+pub async fn inbound_sources(client: &Client) -> Result<Option<Vec<InboundSource>>, StatusError> {
+    if !table_exists(client, "usersync.inbound_events").await? {
+        return Ok(None);
+    }
+    let e = err("reading the inbound sources' last events");
+    let rows = client
+        .query(
+            "WITH RECURSIVE s(source) AS ( \
+                 (SELECT source FROM usersync.inbound_events ORDER BY source LIMIT 1) \
+                 UNION ALL \
+                 SELECT (SELECT e.source FROM usersync.inbound_events e \
+                         WHERE e.source > s.source ORDER BY e.source LIMIT 1) \
+                 FROM s WHERE s.source IS NOT NULL) \
+             SELECT s.source, left(l.event_type, 100), l.outcome, l.received_at::text, \
+                    extract(epoch FROM now() - l.received_at)::float8 \
+             FROM s CROSS JOIN LATERAL ( \
+                 SELECT event_type, outcome, received_at FROM usersync.inbound_events e \
+                 WHERE e.source = s.source ORDER BY received_at DESC LIMIT 1) l \
+             WHERE s.source IS NOT NULL ORDER BY s.source LIMIT 50",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    rows.iter()
+        .map(|r| {
+            Ok(InboundSource {
+                source: r.try_get(0).map_err(e)?,
+                last_event_type: r.try_get(1).map_err(e)?,
+                last_outcome: r.try_get(2).map_err(e)?,
+                last_received_at: r.try_get(3).map_err(e)?,
+                last_age_secs: r.try_get(4).map_err(e)?,
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
 /// One dead letter for the status page, newest first.
 #[derive(Debug, Clone)]
 pub struct RecentDeadLetter {
