@@ -1349,6 +1349,76 @@ impl Bench<'_> {
                 ),
             ));
         }
+
+        // (d) a hostile sink: every push is answered 200 with a 50 MB body,
+        // so sink.max_in_flight (16) answers are open at once. Before the
+        // body cap one such answer took the daemon from 14 to 168 MB and
+        // sixteen to 596 MB (issue "No poison pill"); each is now cut off at
+        // sink.max_response_bytes and dead-letters its user.
+        let db = self.db("b_mem_huge").await?;
+        let body = bytes::Bytes::from(format!(
+            r#"{{"id":"x","pad":"{}"}}"#,
+            "x".repeat(50 * 1024 * 1024)
+        ));
+        let listener = self
+            .fake_rt
+            .spawn(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .await
+            .ctx("bind task")?
+            .ctx("bind the hostile sink")?;
+        let addr = listener.local_addr().ctx("hostile sink address")?;
+        let server = self.fake_rt.spawn(async move {
+            let app = axum::Router::new().route(
+                "/",
+                axum::routing::post(move || {
+                    let body = body.clone();
+                    async move { ([("content-type", "application/json")], body) }
+                }),
+            );
+            let _ = axum::serve(listener, app).await;
+        });
+        let url = format!("http://{addr}/");
+        self.setup(&db, &url, "").await?;
+        let mut daemon = self.spawn_daemon(&db, &url, "mem-huge")?;
+        let users = 64;
+        let started = Instant::now();
+        db.insert_txns(1, users, "h").await?;
+        let deadline = started + Duration::from_secs(300);
+        let mut dead = 0;
+        while dead < users as i64 {
+            if !daemon.alive() || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            dead = db
+                .scalar_i64("SELECT count(*) FROM usersync.dead_letters WHERE state = 'failed'")
+                .await?;
+        }
+        let took = started.elapsed();
+        let alive = daemon.alive();
+        let peak_kb = daemon.status_kb("VmHWM:").unwrap_or(0);
+        let tail = daemon.log_tail();
+        daemon.stop(Duration::from_secs(5)).await;
+        server.abort();
+        self.drop_db(db).await;
+        if !alive || dead < users as i64 {
+            return Err(format!(
+                "hostile sink: {dead} of {users} users dead-lettered\n{tail}"
+            ));
+        }
+        rows.push(target(
+            row(
+                s,
+                format!("daemon peak RSS, {users} pushes each answered with a 50 MB body"),
+                format!(
+                    "{:.1} MB ({users} users dead-lettered in {:.1} s)",
+                    peak_kb as f64 / 1024.0,
+                    took.as_secs_f64()
+                ),
+            ),
+            "< 64 MB",
+            peak_kb < 64 * 1024,
+        ));
         Ok(rows)
     }
 
