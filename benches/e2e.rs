@@ -1356,10 +1356,9 @@ impl Bench<'_> {
         // sixteen to 596 MB (issue "No poison pill"); each is now cut off at
         // sink.max_response_bytes and dead-letters its user.
         let db = self.db("b_mem_huge").await?;
-        let body = bytes::Bytes::from(format!(
-            r#"{{"id":"x","pad":"{}"}}"#,
-            "x".repeat(50 * 1024 * 1024)
-        ));
+        // Sent chunked, without a Content-Length, so the cap must work while
+        // reading rather than by refusing a declared length.
+        let chunk = bytes::Bytes::from("x".repeat(1024 * 1024));
         let listener = self
             .fake_rt
             .spawn(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -1371,8 +1370,18 @@ impl Bench<'_> {
             let app = axum::Router::new().route(
                 "/",
                 axum::routing::post(move || {
-                    let body = body.clone();
-                    async move { ([("content-type", "application/json")], body) }
+                    let chunk = chunk.clone();
+                    async move {
+                        let parts =
+                            std::iter::once(bytes::Bytes::from_static(br#"{"id":"x","pad":""#))
+                                .chain(std::iter::repeat_n(chunk, 50))
+                                .chain(std::iter::once(bytes::Bytes::from_static(br#""}"#)))
+                                .map(Ok::<_, std::io::Error>);
+                        (
+                            [("content-type", "application/json")],
+                            axum::body::Body::from_stream(futures::stream::iter(parts)),
+                        )
+                    }
                 }),
             );
             let _ = axum::serve(listener, app).await;
@@ -1409,7 +1418,7 @@ impl Bench<'_> {
         rows.push(target(
             row(
                 s,
-                format!("daemon peak RSS, {users} pushes each answered with a 50 MB body"),
+                format!("daemon peak RSS, {users} pushes each answered with a 50 MB chunked body"),
                 format!(
                     "{:.1} MB ({users} users dead-lettered in {:.1} s)",
                     peak_kb as f64 / 1024.0,
