@@ -242,55 +242,50 @@ impl RowReader {
         })
     }
 
-    /// The row of `key`, or `None` if it is gone.
-    pub async fn read(&self, client: &Client, key: &str) -> Result<Option<CurrentRow>, RowError> {
-        let read_err = |source: tokio_postgres::Error| RowError::Read {
-            key: key.to_string(),
-            source,
-        };
+    /// The row of `key` as text values in `select_list` order, or `None`.
+    async fn values_of(
+        &self,
+        client: &Client,
+        key: &str,
+    ) -> Result<Option<Vec<Option<String>>>, tokio_postgres::Error> {
         let sql = format!(
             "{}{}::{}",
             self.select,
             quote_literal(key),
             self.shape.key_type
         );
-        let messages = client.simple_query(&sql).await.map_err(read_err)?;
+        let messages = client.simple_query(&sql).await?;
         let Some(row) = messages.iter().find_map(|m| match m {
             SimpleQueryMessage::Row(row) => Some(row),
             _ => None,
         }) else {
             return Ok(None);
         };
-        let values: Vec<Option<String>> = (0..self.columns.len())
+        (0..self.columns.len())
             .map(|i| row.try_get(i).map(|v| v.map(str::to_string)))
-            .collect::<Result<_, _>>()
-            .map_err(read_err)?;
-        self.row_from_values(key, &values).map(Some)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// The row of `key`, or `None` if it is gone.
+    pub async fn read(&self, client: &Client, key: &str) -> Result<Option<CurrentRow>, RowError> {
+        let values = self
+            .values_of(client, key)
+            .await
+            .map_err(|source| RowError::Read {
+                key: key.to_string(),
+                source,
+            })?;
+        values.map(|v| self.row_from_values(key, &v)).transpose()
     }
 
     /// [`RowReader::read`] keeping the driver's error whole (the inbound
     /// apply hashes the row it just wrote, in its open transaction).
     pub async fn read_in(&self, tx: &Client, key: &str) -> Result<Option<CurrentRow>, InTxError> {
-        let sql = format!(
-            "{}{}::{}",
-            self.select,
-            quote_literal(key),
-            self.shape.key_type
-        );
-        let messages = tx.simple_query(&sql).await.map_err(InTxError::Db)?;
-        let Some(row) = messages.iter().find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(row),
-            _ => None,
-        }) else {
-            return Ok(None);
-        };
-        let values: Vec<Option<String>> = (0..self.columns.len())
-            .map(|i| row.try_get(i).map(|v| v.map(str::to_string)))
-            .collect::<Result<_, _>>()
-            .map_err(InTxError::Db)?;
-        self.row_from_values(key, &values)
-            .map(Some)
-            .map_err(|_| InTxError::Value)
+        let values = self.values_of(tx, key).await.map_err(InTxError::Db)?;
+        values
+            .map(|v| self.row_from_values(key, &v).map_err(|_| InTxError::Value))
+            .transpose()
     }
 
     /// The table's columns, quoted and prefixed with `alias.`, in the order
