@@ -294,27 +294,28 @@ impl Writer {
             deadletter::insert(&tx, dl).await?;
         }
         crate::store::requests::write_marks(&tx, batch).await?;
-        // Per user, the newest change this batch makes durable, with the
-        // hash of the values it pushed, and whether the user may have a
-        // record already (anything but an insert).
-        let mut newest: HashMap<&str, ((Lsn, u32), Option<&str>, bool)> = HashMap::new();
+        // Per user, the newest change this batch makes durable.
+        let mut newest: HashMap<&str, Newest> = HashMap::new();
         for item in batch {
             if matches!(item.outcome, Outcome::Resume) {
                 continue;
             }
             let at = (item.commit_lsn, item.position);
-            let entry = newest
-                .entry(item.key.text.as_str())
-                .or_insert(((0, 0), None, false));
-            entry.2 |= item.op != Operation::Insert;
-            if at >= entry.0 {
-                *entry = (at, item.values_hash.as_deref(), entry.2);
+            let entry = newest.entry(item.key.text.as_str()).or_insert(Newest {
+                at: (0, 0),
+                hash: None,
+                known: false,
+            });
+            entry.known |= item.op != Operation::Insert;
+            if at >= entry.at {
+                entry.at = at;
+                entry.hash = item.values_hash.as_deref();
             }
         }
         // Known users are moved forward in place first (no row lock logged);
         // the rest, and any the guess missed, go through the upsert.
         let (known, new): (Vec<&str>, Vec<&str>) =
-            newest.keys().copied().partition(|k| newest[k].2);
+            newest.keys().copied().partition(|k| newest[k].known);
         let mut rest = new;
         if !known.is_empty() {
             let args = progress_args(&known, &newest);
@@ -340,23 +341,34 @@ impl Writer {
     }
 }
 
+/// A user's newest change in a write-back batch, for its progress record.
+#[derive(Clone, Copy)]
+struct Newest<'a> {
+    /// (commit LSN, position) of the change.
+    at: (Lsn, u32),
+    /// The hash of the values it pushed, if it pushed any.
+    hash: Option<&'a str>,
+    /// Whether the user may have a record already: the batch holds a
+    /// change of it other than an insert.
+    known: bool,
+}
+
 /// The per-user columns of the progress statements, in the order of `users`:
 /// commit LSNs as text, positions, value hashes.
-#[allow(clippy::type_complexity)]
 fn progress_args<'a>(
     users: &[&str],
-    newest: &HashMap<&str, ((Lsn, u32), Option<&'a str>, bool)>,
+    newest: &HashMap<&str, Newest<'a>>,
 ) -> (Vec<String>, Vec<i32>, Vec<Option<&'a str>>) {
     let mut lsns = Vec::with_capacity(users.len());
     let mut positions = Vec::with_capacity(users.len());
     let mut hashes = Vec::with_capacity(users.len());
     for k in users {
-        let ((lsn, position), hash, _) = newest[k];
-        lsns.push(format_lsn(lsn));
+        let n = newest[k];
+        lsns.push(format_lsn(n.at.0));
         // A position is a change's index in its transaction; the column is
         // int4, and no transaction holds 2^31 row changes of one table.
-        positions.push(i32::try_from(position).unwrap_or(i32::MAX));
-        hashes.push(hash);
+        positions.push(i32::try_from(n.at.1).unwrap_or(i32::MAX));
+        hashes.push(n.hash);
     }
     (lsns, positions, hashes)
 }
