@@ -80,6 +80,8 @@ struct Sizes {
     real_latency_ms: u64,
     real_in_flight: u64,
     reconcile_n: u64,
+    cost_n: u64,
+    cost_rounds: u64,
     log_level: String,
     only: Option<Vec<u32>>,
 }
@@ -121,6 +123,8 @@ impl Sizes {
             real_latency_ms: pick("BENCH_REAL_LATENCY_MS", 50, 50),
             real_in_flight: pick("BENCH_REAL_IN_FLIGHT", 64, 64),
             reconcile_n: pick("BENCH_RECONCILE_N", 10_000, 1_000),
+            cost_n: pick("BENCH_COST_N", 20_000, 1_000),
+            cost_rounds: pick("BENCH_COST_ROUNDS", 1, 1),
             log_level: std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".into()),
             only: std::env::var("BENCH_ONLY")
                 .ok()
@@ -259,6 +263,15 @@ fn stat_cpu(path: &Path, children: bool) -> Option<(f64, u32)> {
 
 /// CPU seconds used so far by every PostgreSQL process of the cluster: the
 /// postmaster with its reaped children, plus the children still running.
+///
+/// A consistent snapshot: a child reaped while /proc is scanned would be
+/// counted twice (live, then in the postmaster's cutime) or not at all (gone
+/// from /proc before the scan reached it, its time not yet in the cutime read
+/// first). The latter is what made "cores busy without usersync: PostgreSQL"
+/// read 0.01 while pgbench ran 13,258 TPS: all of that load was in four
+/// backends that exited the moment pgbench did. So the postmaster's own and
+/// reaped time is read before and after the scan, and the scan is repeated
+/// until no reap happened in between.
 fn pg_cpu(cluster: &TempCluster) -> f64 {
     let Some(pm) = std::fs::read_to_string(cluster.socket_dir().join("postmaster.pid"))
         .ok()
@@ -266,21 +279,32 @@ fn pg_cpu(cluster: &TempCluster) -> f64 {
     else {
         return f64::NAN;
     };
-    let mut total = stat_cpu(Path::new(&format!("/proc/{pm}/stat")), true).map_or(0.0, |c| c.0);
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for e in entries.flatten() {
-            if e.file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-                .is_none()
-            {
-                continue;
-            }
-            if let Some((cpu, ppid)) = stat_cpu(&e.path().join("stat"), false) {
-                if ppid == pm {
-                    total += cpu;
+    let pm_stat = format!("/proc/{pm}/stat");
+    let own = || stat_cpu(Path::new(&pm_stat), true).map_or(f64::NAN, |c| c.0);
+    let mut total = f64::NAN;
+    for _ in 0..20 {
+        let before = own();
+        let mut children = 0.0;
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_none()
+                {
+                    continue;
+                }
+                if let Some((cpu, ppid)) = stat_cpu(&e.path().join("stat"), false) {
+                    if ppid == pm {
+                        children += cpu;
+                    }
                 }
             }
+        }
+        let after = own();
+        total = after + children;
+        if before == after {
+            break;
         }
     }
     total
@@ -344,6 +368,71 @@ impl Cpu {
             me: self.me - before.me,
             fake: self.fake - before.fake,
             children: self.children - before.children,
+        }
+    }
+}
+
+/// Scenario 9's figures of one run, per change.
+#[derive(Clone, Copy)]
+struct CostFigures {
+    /// WAL of the single-row insert itself (daemon stopped).
+    insert_wal: f64,
+    /// WAL the daemon added (write-back, progress, sync log).
+    wal_added: f64,
+    /// CPU µs of usersync's backends (walsender, write-back, look-ups).
+    pg_us: f64,
+    /// CPU µs of the daemon process.
+    daemon_us: f64,
+    /// CPU µs of the app's own backend per insert (the DO loop), for scale.
+    app_us: f64,
+    /// The same for an update of `plan` of an existing (written back) user.
+    update_wal: f64,
+    update_wal_added: f64,
+    update_pg_us: f64,
+    update_daemon_us: f64,
+}
+
+impl CostFigures {
+    fn describe(&self) -> String {
+        format!(
+            "WAL added {:.0} B = {:.2}× the insert's {:.0} B; CPU µs: PostgreSQL for usersync {:.1} + daemon {:.1} = {:.1} (the insert's own backend: {:.1})",
+            self.wal_added,
+            self.wal_added / self.insert_wal,
+            self.insert_wal,
+            self.pg_us,
+            self.daemon_us,
+            self.pg_us + self.daemon_us,
+            self.app_us
+        ) + &format!(
+            "; updates: WAL added {:.0} B = {:.2}× the update's {:.0} B; CPU µs {:.1} + {:.1}",
+            self.update_wal_added,
+            self.update_wal_added / self.update_wal,
+            self.update_wal,
+            self.update_pg_us,
+            self.update_daemon_us
+        )
+    }
+
+    fn median(v: &[CostFigures]) -> CostFigures {
+        let m = |f: fn(&CostFigures) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(|a, b| a.total_cmp(b));
+            match x.len() {
+                0 => f64::NAN,
+                l if l % 2 == 1 => x[l / 2],
+                l => (x[l / 2 - 1] + x[l / 2]) / 2.0,
+            }
+        };
+        CostFigures {
+            insert_wal: m(|f| f.insert_wal),
+            wal_added: m(|f| f.wal_added),
+            pg_us: m(|f| f.pg_us),
+            daemon_us: m(|f| f.daemon_us),
+            app_us: m(|f| f.app_us),
+            update_wal: m(|f| f.update_wal),
+            update_wal_added: m(|f| f.update_wal_added),
+            update_pg_us: m(|f| f.update_pg_us),
+            update_daemon_us: m(|f| f.update_daemon_us),
         }
     }
 }
@@ -581,6 +670,42 @@ impl Db {
             .ctx("single-row inserts")
     }
 
+    /// Sets `plan` of users 1..=n (the first n rows) to `plan`, one
+    /// transaction per row.
+    async fn update_single(&self, n: u64, plan: &str) -> R<()> {
+        note(format_args!("{}: {n} single-row updates", self.name));
+        let sql = format!(
+            "DO $$ DECLARE first bigint; BEGIN SELECT min(id) INTO first FROM users; \
+             FOR i IN 0..{n} - 1 LOOP \
+             UPDATE users SET plan = '{plan}' WHERE id = first + i; \
+             COMMIT; END LOOP; END $$"
+        );
+        self.client
+            .batch_execute(&sql)
+            .await
+            .ctx("single-row updates")
+    }
+
+    /// Waits until every change committed so far is written back: the slot
+    /// (named like the database) confirms only below the oldest change that
+    /// is not.
+    async fn wait_plan_synced(&self, timeout: Duration, mut alive: impl FnMut() -> bool) -> R<()> {
+        let deadline = Instant::now() + timeout;
+        let target = self.text("SELECT pg_current_wal_lsn()::text").await?;
+        loop {
+            if self.slot_confirmed(&self.name, &target).await? {
+                return Ok(());
+            }
+            if !alive() {
+                return Err("the daemon exited during the updates".into());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("updates not written back after {timeout:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `txns` transactions of `rows` rows each.
     async fn insert_txns(&self, txns: u64, rows: u64, tag: &str) -> R<()> {
         note(format_args!(
@@ -797,11 +922,47 @@ impl Bench<'_> {
         label: &str,
         envs: &[(&str, &str)],
     ) -> R<ChildDaemon> {
+        self.spawn_binary(
+            Path::new(env!("CARGO_BIN_EXE_usersync")),
+            db,
+            sink_url,
+            label,
+            envs,
+        )
+    }
+
+    /// `BIN run` configured through the environment, logging to a file.
+    fn spawn_binary(
+        &self,
+        bin: &Path,
+        db: &Db,
+        sink_url: &str,
+        label: &str,
+        envs: &[(&str, &str)],
+    ) -> R<ChildDaemon> {
         let log = self.logs.join(format!("daemon-{label}.log"));
         let file = std::fs::File::create(&log).ctx("daemon log")?;
         let file2 = file.try_clone().ctx("daemon log")?;
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_usersync"))
-            .arg("run")
+        let child = self
+            .binary_command(bin, "run", db, sink_url, envs)
+            .stdout(file)
+            .stderr(file2)
+            .spawn()
+            .ctx("spawn usersync")?;
+        Ok(ChildDaemon { child, log })
+    }
+
+    /// `BIN <command>` with the configuration in the environment.
+    fn binary_command(
+        &self,
+        bin: &Path,
+        command: &str,
+        db: &Db,
+        sink_url: &str,
+        envs: &[(&str, &str)],
+    ) -> std::process::Command {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg(command)
             .envs(envs.iter().copied())
             .env_remove("USERSYNC_CONFIG")
             .env("USERSYNC_DATABASE_URL", &db.url)
@@ -812,12 +973,8 @@ impl Bench<'_> {
             .env(SECRET_ENV, self.secret.to_whsec())
             .env("USERSYNC_LOG_LEVEL", &self.sizes.log_level)
             .current_dir(&self.logs)
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(file2)
-            .spawn()
-            .ctx("spawn usersync")?;
-        Ok(ChildDaemon { child, log })
+            .stdin(Stdio::null());
+        cmd
     }
 
     /// Inserts one row and waits for its sync: the daemon is streaming.
@@ -840,6 +997,7 @@ impl Bench<'_> {
             (6, "6 realistic sink", Box::pin(self.realistic())),
             (7, "7 reconcile", Box::pin(self.reconcile())),
             (8, "8 takeover", Box::pin(self.takeover())),
+            (9, "9 cost per change", Box::pin(self.cost_per_change())),
         ];
         for (n, label, fut) in scenarios {
             if !self.sizes.runs(n) {
@@ -1459,8 +1617,11 @@ impl Bench<'_> {
         .await
         .map_err(|_| "pgbench did not finish".to_string())?
         .ctx("pgbench")?;
-        let cpu = Cpu::now(self.cluster).since(cpu0);
         let wall = t0.elapsed().as_secs_f64();
+        // pgbench's backends exit after it does; their time counts once they
+        // are gone (reaped: in the postmaster's cutime).
+        self.wait_backends_gone(db, "pgbench").await;
+        let cpu = Cpu::now(self.cluster).since(cpu0);
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             return Err(format!(
@@ -1725,6 +1886,228 @@ impl Bench<'_> {
                 ),
             ),
         ])
+    }
+
+    // ------------------------------------------------------------ 9
+
+    /// What one synced change costs the database, for each binary of
+    /// `BENCH_AB_BINS` (`label=path,label=path`; default: the one built
+    /// with this bench), alternating binaries round by round
+    /// (`BENCH_COST_ROUNDS`), with the sync log on and off. Each binary
+    /// sets up its own database (`BIN setup`), so its own schema is what
+    /// it writes to. Figures that a busy machine does not bend: WAL bytes
+    /// (`pg_current_wal_lsn()` differences) and CPU seconds from /proc
+    /// (the daemon process; usersync's walsender and write-back backends),
+    /// per change. `BENCH_WALDUMP=1` also writes `pg_waldump --stats=record`
+    /// of each window next to the daemon logs.
+    async fn cost_per_change(&self) -> R<Vec<Row>> {
+        let s = "9 cost per change";
+        let n = self.sizes.cost_n;
+        let bins: Vec<(String, PathBuf)> = match std::env::var("BENCH_AB_BINS") {
+            Ok(v) if !v.trim().is_empty() => v
+                .split(',')
+                .filter_map(|p| {
+                    let (label, path) = p.split_once('=')?;
+                    Some((label.trim().to_string(), PathBuf::from(path.trim())))
+                })
+                .collect(),
+            _ => vec![(
+                "this".to_string(),
+                PathBuf::from(env!("CARGO_BIN_EXE_usersync")),
+            )],
+        };
+        let mut rows = Vec::new();
+        // (label, sync log) → figures of each round
+        let mut all: Vec<((String, bool), Vec<CostFigures>)> = Vec::new();
+        let mut run = 0;
+        for round in 1..=self.sizes.cost_rounds {
+            for (label, bin) in &bins {
+                for sync_log in [true, false] {
+                    run += 1;
+                    let load = loadavg();
+                    let f = self
+                        .cost_once(&format!("b_cost_{run}"), label, bin, sync_log, n)
+                        .await?;
+                    rows.push(row(
+                        s,
+                        format!(
+                            "round {round}, {label}, sync log {}: load {load}",
+                            if sync_log { "on" } else { "off" }
+                        ),
+                        f.describe(),
+                    ));
+                    match all
+                        .iter_mut()
+                        .find(|(k, _)| k.0 == *label && k.1 == sync_log)
+                    {
+                        Some((_, v)) => v.push(f),
+                        None => all.push(((label.clone(), sync_log), vec![f])),
+                    }
+                }
+            }
+        }
+        for ((label, sync_log), figures) in &all {
+            let med = CostFigures::median(figures);
+            rows.push(row(
+                s,
+                format!(
+                    "median of {} round(s): {label}, sync log {}",
+                    figures.len(),
+                    if *sync_log { "on" } else { "off" }
+                ),
+                med.describe(),
+            ));
+        }
+        if bins.len() >= 2 {
+            let first = &bins[0].0;
+            for (label, _) in &bins[1..] {
+                for sync_log in [true, false] {
+                    let get = |l: &str| {
+                        all.iter()
+                            .find(|(k, _)| k.0 == l && k.1 == sync_log)
+                            .map(|(_, v)| CostFigures::median(v))
+                    };
+                    if let (Some(a), Some(b)) = (get(first), get(label)) {
+                        rows.push(row(
+                            s,
+                            format!(
+                                "{label} / {first}, sync log {}: WAL added per change; usersync's PostgreSQL CPU per change; daemon CPU per change",
+                                if sync_log { "on" } else { "off" }
+                            ),
+                            format!(
+                                "{:.2}; {:.2}; {:.2}",
+                                b.wal_added / a.wal_added,
+                                b.pg_us / a.pg_us,
+                                b.daemon_us / a.daemon_us
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    async fn cost_once(
+        &self,
+        name: &str,
+        label: &str,
+        bin: &Path,
+        sync_log: bool,
+        n: u64,
+    ) -> R<CostFigures> {
+        let db = self.db(name).await?;
+        let fake = self.fake(Duration::ZERO).await?;
+        let envs = [(
+            "USERSYNC_SYNC_LOG_ENABLED",
+            if sync_log { "true" } else { "false" },
+        )];
+        note(format_args!("{label}: setup of {name}"));
+        let out = self
+            .binary_command(bin, "setup", &db, &fake.url(), &envs)
+            .output()
+            .ctx("usersync setup")?;
+        if !out.status.success() {
+            return Err(format!(
+                "{label} setup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        // No autovacuum WAL or CPU inside the measured windows.
+        db.client
+            .batch_execute(
+                "ALTER TABLE users SET (autovacuum_enabled = false); \
+                 ALTER TABLE usersync.user_progress SET (autovacuum_enabled = false)",
+            )
+            .await
+            .ctx("autovacuum off")?;
+        // An option to weigh without rebuilding anything (an index dropped,
+        // a fillfactor): `BENCH_COST_SQL_<label>`, else `BENCH_COST_SQL`.
+        let extra = std::env::var(format!("BENCH_COST_SQL_{label}"))
+            .or_else(|_| std::env::var("BENCH_COST_SQL"))
+            .unwrap_or_default();
+        if !extra.trim().is_empty() {
+            db.client
+                .batch_execute(&extra)
+                .await
+                .ctx("BENCH_COST_SQL")?;
+        }
+        let app_pid: i32 = db
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .ctx("backend pid")?
+            .get(0);
+        let tag = format!("{name}-{}", if sync_log { "on" } else { "off" });
+        let mut daemon = self.spawn_binary(bin, &db, &fake.url(), &tag, &envs)?;
+        self.warm_up(&db, &mut daemon).await?;
+        // Let the warm-up's write-back and acknowledgements settle.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let backends = self.backend_pids(&db, "usersync%").await?;
+        let (d0, b0) = (daemon.cpu_secs(), backends_cpu(&backends));
+        let a = db.text("SELECT pg_current_wal_lsn()::text").await?;
+        db.insert_single(n, "c1").await?;
+        db.wait_synced(Duration::from_secs(120 + n / 100), || daemon.alive())
+            .await?;
+        let b = db.text("SELECT pg_current_wal_lsn()::text").await?;
+        let (d1, b1) = (daemon.cpu_secs(), backends_cpu(&backends));
+        // Updates of those users' `plan`, single-row transactions: pages
+        // that are full now, as for an app updating old users.
+        let (ud0, ub0) = (daemon.cpu_secs(), backends_cpu(&backends));
+        let ua = db.text("SELECT pg_current_wal_lsn()::text").await?;
+        db.update_single(n, "pro").await?;
+        db.wait_plan_synced(Duration::from_secs(120 + n / 100), || daemon.alive())
+            .await?;
+        let ub = db.text("SELECT pg_current_wal_lsn()::text").await?;
+        let (ud1, ub1) = (daemon.cpu_secs(), backends_cpu(&backends));
+        daemon.stop(Duration::from_secs(10)).await;
+        let c = db.text("SELECT pg_current_wal_lsn()::text").await?;
+        let app0 = backends_cpu(&[app_pid]);
+        db.insert_single(n, "c2").await?;
+        let app1 = backends_cpu(&[app_pid]);
+        let d = db.text("SELECT pg_current_wal_lsn()::text").await?;
+        let uc = db.text("SELECT pg_current_wal_lsn()::text").await?;
+        db.update_single(n, "team").await?;
+        let ud = db.text("SELECT pg_current_wal_lsn()::text").await?;
+        let with = db.lsn_diff(&b, &a).await? / n as f64;
+        let without = db.lsn_diff(&d, &c).await? / n as f64;
+        let u_with = db.lsn_diff(&ub, &ua).await? / n as f64;
+        let u_without = db.lsn_diff(&ud, &uc).await? / n as f64;
+        if std::env::var("BENCH_WALDUMP").is_ok_and(|v| !v.is_empty() && v != "0") {
+            for (what, from, to) in [
+                ("with", &a, &b),
+                ("without", &c, &d),
+                ("update-with", &ua, &ub),
+                ("update-without", &uc, &ud),
+            ] {
+                let file = self.logs.join(format!("waldump-{label}-{tag}-{what}.txt"));
+                let out = std::process::Command::new(self.cluster.bin_dir().join("pg_waldump"))
+                    .args(["--stats=record", "-s", from, "-e", to, "-p"])
+                    .arg(self.cluster.socket_dir().join("pg_wal"))
+                    .output();
+                match out {
+                    Ok(o) => {
+                        let _ = std::fs::write(&file, [o.stdout, o.stderr].concat());
+                        note(format_args!("WAL records: {}", file.display()));
+                    }
+                    Err(e) => note(format_args!("pg_waldump: {e}")),
+                }
+            }
+        }
+        self.stop_fake(fake).await;
+        self.drop_db(db).await;
+        let us = |secs: f64| secs * 1e6 / n as f64;
+        Ok(CostFigures {
+            insert_wal: without,
+            wal_added: with - without,
+            pg_us: us(b1 - b0),
+            daemon_us: us(d1 - d0),
+            app_us: us(app1 - app0),
+            update_wal: u_without,
+            update_wal_added: u_with - u_without,
+            update_pg_us: us(ub1 - ub0),
+            update_daemon_us: us(ud1 - ud0),
+        })
     }
 
     // ------------------------------------------------------------ 7

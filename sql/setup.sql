@@ -32,10 +32,11 @@ CREATE TABLE IF NOT EXISTS usersync.user_progress (
     commit_lsn pg_lsn NOT NULL,
     position integer NOT NULL
 );
+ALTER TABLE usersync.user_progress SET (fillfactor = 75);
 
 -- One row per synced or dead-lettered change (keys, outcome, timings; no row values), for "when was this user last synced"; pruned after sync_log.retention_days.
 CREATE TABLE IF NOT EXISTS usersync.sync_log (
-    id bigserial PRIMARY KEY,
+    id bigserial,
     logged_at timestamptz NOT NULL DEFAULT now(),
     event_id text,
     operation text NOT NULL,
@@ -47,8 +48,10 @@ CREATE TABLE IF NOT EXISTS usersync.sync_log (
     latency_ms double precision,
     commit_lsn pg_lsn
 );
-CREATE INDEX IF NOT EXISTS sync_log_user_key_idx ON usersync.sync_log (user_key, logged_at DESC);
-CREATE INDEX IF NOT EXISTS sync_log_logged_at_idx ON usersync.sync_log (logged_at);
+ALTER TABLE usersync.sync_log DROP CONSTRAINT IF EXISTS sync_log_pkey;
+DROP INDEX IF EXISTS usersync.sync_log_user_key_idx;
+DROP INDEX IF EXISTS usersync.sync_log_logged_at_idx;
+CREATE INDEX IF NOT EXISTS sync_log_logged_at_brin ON usersync.sync_log USING brin (logged_at) WITH (autosummarize = on);
 
 -- Deletes and updates carry the whole old row, so a delete reaches the external service with its external id although the row is gone.
 ALTER TABLE "public"."users" REPLICA IDENTITY FULL;

@@ -19,8 +19,17 @@ use crate::core::outcome::WriteItem;
 use crate::store::db::DbError;
 
 /// Created by `usersync setup`. Another command (`status`) reads these columns.
+///
+/// An append-only log with no btree: each btree cost every synced change an
+/// index entry (about 65 B of WAL each, three of them, plus their page
+/// splits: half the log's WAL, BENCHMARKS.md "issue 18"). What reads it asks
+/// for a time range (`status`, the status page, retention), which the BRIN
+/// on `logged_at` serves: rows arrive in `logged_at` order. A look-up by user
+/// scans; bound it by time (`AND logged_at > now() - interval '1 day'`). The
+/// DROPs bring an existing install to this shape (setup runs them again
+/// harmlessly); `id` stays, without its index, for ordering by hand.
 pub const TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.sync_log (
-    id bigserial PRIMARY KEY,
+    id bigserial,
     logged_at timestamptz NOT NULL DEFAULT now(),
     event_id text,
     operation text NOT NULL,
@@ -32,8 +41,10 @@ pub const TABLE_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.sync_log (
     latency_ms double precision,
     commit_lsn pg_lsn
 );
-CREATE INDEX IF NOT EXISTS sync_log_user_key_idx ON usersync.sync_log (user_key, logged_at DESC);
-CREATE INDEX IF NOT EXISTS sync_log_logged_at_idx ON usersync.sync_log (logged_at);";
+ALTER TABLE usersync.sync_log DROP CONSTRAINT IF EXISTS sync_log_pkey;
+DROP INDEX IF EXISTS usersync.sync_log_user_key_idx;
+DROP INDEX IF EXISTS usersync.sync_log_logged_at_idx;
+CREATE INDEX IF NOT EXISTS sync_log_logged_at_brin ON usersync.sync_log USING brin (logged_at) WITH (autosummarize = on);";
 
 /// One statement per batch: arrays in, one row per change out.
 const INSERT_SQL: &str = "INSERT INTO usersync.sync_log \
@@ -44,9 +55,10 @@ const INSERT_SQL: &str = "INSERT INTO usersync.sync_log \
 
 /// Rows deleted per statement, so pruning a large backlog never holds long locks.
 const PRUNE_BATCH: i64 = 10_000;
-const PRUNE_SQL: &str = "DELETE FROM usersync.sync_log WHERE id IN (\
-     SELECT id FROM usersync.sync_log WHERE logged_at < now() - make_interval(days => $1) \
-     ORDER BY logged_at LIMIT $2)";
+/// By row address: the table has no key index to find the rows again by.
+const PRUNE_SQL: &str = "DELETE FROM usersync.sync_log WHERE ctid = ANY(ARRAY(\
+     SELECT ctid FROM usersync.sync_log WHERE logged_at < now() - make_interval(days => $1) \
+     LIMIT $2))";
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// `sync_log.enabled` per replication origin (one daemon per origin), for

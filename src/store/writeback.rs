@@ -77,6 +77,7 @@ pub struct Writer {
     update: Statement,
     progress: Statement,
     user_progress: Statement,
+    advance_progress: Statement,
     visible: Statement,
     batch_size: usize,
     sync_log: Option<Statement>,
@@ -105,6 +106,10 @@ impl Writer {
             .prepare(crate::store::progress::UPSERT_SQL)
             .await
             .map_err(sql_err)?;
+        let advance_progress = client
+            .prepare(crate::store::progress::ADVANCE_SQL)
+            .await
+            .map_err(sql_err)?;
         let visible = client.prepare(VISIBLE_SQL).await.map_err(sql_err)?;
         let sync_log = crate::store::synclog::prepare(&client, &cfg.origin).await?;
         Ok(Writer {
@@ -112,6 +117,7 @@ impl Writer {
             update,
             progress,
             user_progress,
+            advance_progress,
             visible,
             batch_size,
             sync_log,
@@ -288,37 +294,83 @@ impl Writer {
             deadletter::insert(&tx, dl).await?;
         }
         crate::store::requests::write_marks(&tx, batch).await?;
-        // Per user, the newest change this batch makes durable, with the
-        // hash of the values it pushed.
-        let mut newest: HashMap<&str, ((Lsn, u32), Option<&str>)> = HashMap::new();
+        // Per user, the newest change this batch makes durable.
+        let mut newest: HashMap<&str, Newest> = HashMap::new();
         for item in batch {
             if matches!(item.outcome, Outcome::Resume) {
                 continue;
             }
             let at = (item.commit_lsn, item.position);
-            let entry = newest
-                .entry(item.key.text.as_str())
-                .or_insert(((0, 0), None));
-            if at >= entry.0 {
-                *entry = (at, item.values_hash.as_deref());
+            let entry = newest.entry(item.key.text.as_str()).or_insert(Newest {
+                at: (0, 0),
+                hash: None,
+                known: false,
+            });
+            entry.known |= item.op != Operation::Insert;
+            if at >= entry.at {
+                entry.at = at;
+                entry.hash = item.values_hash.as_deref();
             }
         }
-        let users: Vec<&str> = newest.keys().copied().collect();
-        let lsns: Vec<String> = users.iter().map(|k| format_lsn(newest[k].0 .0)).collect();
-        // A position is a change's index in its transaction; the column is
-        // int4, and no transaction holds 2^31 row changes of one table.
-        let positions: Vec<i32> = users
-            .iter()
-            .map(|k| i32::try_from(newest[k].0 .1).unwrap_or(i32::MAX))
-            .collect();
-        let hashes: Vec<Option<&str>> = users.iter().map(|k| newest[k].1).collect();
-        tx.execute(&self.user_progress, &[&users, &lsns, &positions, &hashes])
-            .await
-            .map_err(sql_err)?;
+        // Known users are moved forward in place first (no row lock logged);
+        // the rest, and any the guess missed, go through the upsert.
+        let (known, new): (Vec<&str>, Vec<&str>) =
+            newest.keys().copied().partition(|k| newest[k].known);
+        let mut rest = new;
+        if !known.is_empty() {
+            let args = progress_args(&known, &newest);
+            let moved: HashSet<String> = tx
+                .query(&self.advance_progress, &[&known, &args.0, &args.1, &args.2])
+                .await
+                .map_err(sql_err)?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()
+                .map_err(sql_err)?;
+            rest.extend(known.iter().copied().filter(|k| !moved.contains(*k)));
+        }
+        if !rest.is_empty() {
+            let args = progress_args(&rest, &newest);
+            tx.execute(&self.user_progress, &[&rest, &args.0, &args.1, &args.2])
+                .await
+                .map_err(sql_err)?;
+        }
         crate::store::synclog::insert(&tx, self.sync_log.as_ref(), batch).await?;
         tx.commit().await.map_err(sql_err)?;
         Ok(())
     }
+}
+
+/// A user's newest change in a write-back batch, for its progress record.
+#[derive(Clone, Copy)]
+struct Newest<'a> {
+    /// (commit LSN, position) of the change.
+    at: (Lsn, u32),
+    /// The hash of the values it pushed, if it pushed any.
+    hash: Option<&'a str>,
+    /// Whether the user may have a record already: the batch holds a
+    /// change of it other than an insert.
+    known: bool,
+}
+
+/// The per-user columns of the progress statements, in the order of `users`:
+/// commit LSNs as text, positions, value hashes.
+fn progress_args<'a>(
+    users: &[&str],
+    newest: &HashMap<&str, Newest<'a>>,
+) -> (Vec<String>, Vec<i32>, Vec<Option<&'a str>>) {
+    let mut lsns = Vec::with_capacity(users.len());
+    let mut positions = Vec::with_capacity(users.len());
+    let mut hashes = Vec::with_capacity(users.len());
+    for k in users {
+        let n = newest[k];
+        lsns.push(format_lsn(n.at.0));
+        // A position is a change's index in its transaction; the column is
+        // int4, and no transaction holds 2^31 row changes of one table.
+        positions.push(i32::try_from(n.at.1).unwrap_or(i32::MAX));
+        hashes.push(n.hash);
+    }
+    (lsns, positions, hashes)
 }
 
 /// SQLSTATE classes that belong to the values of one row rather than to the
