@@ -144,6 +144,9 @@ CREATE TABLE IF NOT EXISTS usersync.inbound_events (
 );
 CREATE INDEX IF NOT EXISTS inbound_events_failed ON usersync.inbound_events (received_at) WHERE outcome = 'failed';
 
+-- Each inbound source's newest event, for `usersync status` and the status page, without scanning the table.
+CREATE INDEX IF NOT EXISTS inbound_events_recent ON usersync.inbound_events (source, received_at)
+
 -- The newest provider version applied per inbound object (deletes leave a tombstone), so older deliveries change nothing.
 CREATE TABLE IF NOT EXISTS usersync.inbound_versions (
     source text NOT NULL,
