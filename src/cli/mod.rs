@@ -105,6 +105,13 @@ pub enum Command {
         /// behaves like the real API).
         #[arg(long, value_enum, default_value_t = SinkArg::Webhook)]
         sink: SinkArg,
+        /// Users sign up in a fake of this provider instead of in the app:
+        /// its signed webhooks reach usersync's inbound receiver, which
+        /// writes the table; each new row is pushed to the sink once, and
+        /// nothing is pushed back to the provider. Try
+        /// `--inbound clerk --sink stripe`.
+        #[arg(long, value_enum)]
+        inbound: Option<InboundArg>,
     },
     /// Inspect, replay or discard dead letters: changes the sink refused
     /// (or kept failing past the retry budget), and the later changes of the
@@ -355,6 +362,12 @@ impl SinkArg {
     }
 }
 
+/// The providers `demo --inbound` can receive from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum InboundArg {
+    Clerk,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum FakeModeArg {
     Webhook,
@@ -510,7 +523,8 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             users,
             keep_running,
             sink,
-        } => crate::dev::demo::run(users, keep_running, sink.kind())
+            inbound,
+        } => crate::dev::demo::run(users, keep_running, sink.kind(), inbound.is_some())
             .await
             .map_err(Failure::runtime),
         Command::Dlq { command } => dlq::run(command, &path, explicit).await,

@@ -12,6 +12,7 @@ mod dlq;
 mod docker;
 mod errors;
 mod exactly_once;
+mod fake_webhooks;
 mod faults;
 mod inbound;
 mod layers;

@@ -164,6 +164,8 @@ pub struct Webhooks {
     pending: Arc<AtomicUsize>,
     settled: Arc<Notify>,
     client: Arc<std::sync::OnceLock<Option<reqwest::Client>>>,
+    /// The in-order worker's queue, started on the first delivery.
+    queue: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Outgoing>>>>,
 }
 
 impl Webhooks {
@@ -269,16 +271,48 @@ impl Webhooks {
         self.dispatch(event);
     }
 
+    /// Without a delay fault, first attempts go out one at a time in the
+    /// order the events happened (Svix's and Stripe's best effort), each
+    /// retry on a task of its own so a failing delivery holds nothing up;
+    /// with one, every delivery is on its own and they overtake each other.
     fn dispatch(&self, event: Outgoing) {
-        let this = self.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.done();
             return;
         };
-        runtime.spawn(async move {
-            this.deliver(event).await;
-            this.done();
+        let delayed = !self.state().faults.max_delay.is_zero();
+        if delayed {
+            let this = self.clone();
+            runtime.spawn(async move { this.deliver(event, 1).await });
+            return;
+        }
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = queue.get_or_insert_with(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Outgoing>();
+            let this = self.clone();
+            runtime.spawn(async move {
+                while let Some(event) = rx.recv().await {
+                    this.first_attempt(event).await;
+                }
+            });
+            tx
         });
+        if let Err(unsent) = tx.send(event) {
+            // The worker is gone (its runtime ended): start another.
+            *queue = None;
+            drop(queue);
+            self.dispatch(unsent.0);
+        }
+    }
+
+    /// The in-order worker's attempt; a failure continues on its own task.
+    async fn first_attempt(&self, event: Outgoing) {
+        if self.attempt(&event, 1).await {
+            self.done();
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move { this.deliver(event, 2).await });
     }
 
     fn done(&self) {
@@ -293,37 +327,53 @@ impl Webhooks {
             .clone()
     }
 
-    async fn deliver(&self, event: Outgoing) {
-        let (target, faults) = {
-            let state = self.state();
-            (state.target.clone(), state.faults)
+    /// One attempt, recorded; true when the receiver took it (2xx) or there
+    /// is no way to send (no target or client): nothing is left to retry.
+    async fn attempt(&self, event: &Outgoing, attempt: u32) -> bool {
+        let target = self.state().target.clone();
+        let (Some(target), Some(client)) = (target, self.client()) else {
+            return true;
         };
-        let Some(target) = target else { return };
-        if !faults.max_delay.is_zero() {
+        let (status, response) = attempt_once(&client, &target, event).await;
+        self.state().attempts.push(Attempt {
+            message_id: event.message_id.clone(),
+            event_type: event.event_type.clone(),
+            attempt,
+            status,
+            response,
+            at_ms: now_ms(),
+        });
+        status.is_some_and(|s| (200..300).contains(&s))
+    }
+
+    /// Attempts from `first` on, waiting the schedule's step before each
+    /// retry, until one is taken or the schedule is spent.
+    async fn deliver(&self, event: Outgoing, first: u32) {
+        let faults = self.state().faults;
+        if first == 1 && !faults.max_delay.is_zero() {
             let wait = rand::rng().random_range(Duration::ZERO..=faults.max_delay);
             tokio::time::sleep(wait).await;
         }
-        let Some(client) = self.client() else { return };
-        let mut attempt = 1u32;
+        let mut attempt = first;
         loop {
-            let (status, response) = attempt_once(&client, &target, &event).await;
-            self.state().attempts.push(Attempt {
-                message_id: event.message_id.clone(),
-                event_type: event.event_type.clone(),
-                attempt,
-                status,
-                response,
-                at_ms: now_ms(),
-            });
-            if status.is_some_and(|s| (200..300).contains(&s)) {
-                return;
+            if attempt > 1 {
+                let schedule = self
+                    .state()
+                    .target
+                    .as_ref()
+                    .map(|t| t.schedule.clone())
+                    .unwrap_or_default();
+                let Some(wait) = schedule.get(attempt as usize - 2) else {
+                    break;
+                };
+                tokio::time::sleep(*wait).await;
             }
-            let Some(wait) = target.schedule.get(attempt as usize - 1) else {
-                return;
-            };
-            tokio::time::sleep(*wait).await;
+            if self.attempt(&event, attempt).await {
+                break;
+            }
             attempt += 1;
         }
+        self.done();
     }
 }
 
