@@ -524,9 +524,13 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             keep_running,
             sink,
             inbound,
-        } => crate::dev::demo::run(users, keep_running, sink.kind(), inbound.is_some())
-            .await
-            .map_err(Failure::runtime),
+        } => match inbound {
+            Some(InboundArg::Clerk) => {
+                crate::dev::demo_inbound::run(users, keep_running, sink.kind()).await
+            }
+            None => crate::dev::demo::run(users, keep_running, sink.kind()).await,
+        }
+        .map_err(Failure::runtime),
         Command::Dlq { command } => dlq::run(command, &path, explicit).await,
         Command::Check { json } => check(&path, explicit, json).await,
         Command::Status { json } => status(&path, explicit, json).await,

@@ -135,14 +135,15 @@ impl DemoError {
     }
 }
 
-/// `inbound`: also receive signed webhooks from a fake provider (only
-/// Clerk so far): users sign up there instead of in the app.
-pub async fn run(
-    users: u32,
-    keep_running: bool,
-    sink: SinkKind,
-    inbound: bool,
-) -> Result<(), DemoError> {
+pub async fn run(users: u32, keep_running: bool, sink: SinkKind) -> Result<(), DemoError> {
+    let (cluster, cancel) = start_cluster().await?;
+    let result = with_cluster(&cluster, users, keep_running, sink, cancel).await;
+    stop_cluster(cluster);
+    result
+}
+
+/// Logging, Ctrl-C handling and the throw-away cluster every demo runs on.
+pub(super) async fn start_cluster() -> Result<(TempCluster, CancellationToken), DemoError> {
     crate::observe::logging::init_logging("warn", false);
     let cancel = CancellationToken::new();
     crate::app::signals::spawn_signal_handler(cancel.clone());
@@ -159,14 +160,12 @@ pub async fn run(
     .await
     .map_err(DemoError::new)?
     .map_err(DemoError::new)?;
-    let result = if inbound {
-        super::demo_inbound::with_cluster(&cluster, users, keep_running, sink, cancel).await
-    } else {
-        with_cluster(&cluster, users, keep_running, sink, cancel).await
-    };
+    Ok((cluster, cancel))
+}
+
+pub(super) fn stop_cluster(cluster: TempCluster) {
     drop(cluster);
     println!("usersync demo: stopped PostgreSQL and removed its files.");
-    result
 }
 
 async fn with_cluster(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::demo::{print_report, DemoError, DemoService};
+use super::demo::{print_report, start_cluster, stop_cluster, DemoError, DemoService};
 use crate::config::{Config, SinkKind};
 use crate::core::outcome::SyncReport;
 use crate::core::signature::WebhookSecret;
@@ -65,7 +65,15 @@ fn free_port() -> Result<u16, DemoError> {
         .map_err(|e| DemoError::new(format!("no free port for the inbound receiver: {e}")))
 }
 
-pub(super) async fn with_cluster(
+/// `usersync demo --inbound clerk`: the cluster, the script, the cleanup.
+pub async fn run(users: u32, keep_running: bool, sink: SinkKind) -> Result<(), DemoError> {
+    let (cluster, cancel) = start_cluster().await?;
+    let result = with_cluster(&cluster, users, keep_running, sink, cancel).await;
+    stop_cluster(cluster);
+    result
+}
+
+async fn with_cluster(
     cluster: &TempCluster,
     users: u32,
     keep_running: bool,

@@ -2,6 +2,6 @@
 //! throw-away PostgreSQL clusters. Never imported by the daemon's own layers.
 
 pub mod demo;
-mod demo_inbound;
+pub mod demo_inbound;
 pub mod fake;
 pub mod pgtemp;
