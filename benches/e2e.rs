@@ -82,6 +82,10 @@ struct Sizes {
     reconcile_n: u64,
     cost_n: u64,
     cost_rounds: u64,
+
+    inbound_n: u64,
+    inbound_users: u64,
+    inbound_clients: u64,
     log_level: String,
     only: Option<Vec<u32>>,
 }
@@ -125,6 +129,10 @@ impl Sizes {
             reconcile_n: pick("BENCH_RECONCILE_N", 10_000, 1_000),
             cost_n: pick("BENCH_COST_N", 20_000, 1_000),
             cost_rounds: pick("BENCH_COST_ROUNDS", 1, 1),
+
+            inbound_n: pick("BENCH_INBOUND_N", 20_000, 1_000),
+            inbound_users: pick("BENCH_INBOUND_USERS", 2_000, 100),
+            inbound_clients: pick("BENCH_INBOUND_CLIENTS", 32, 8),
             log_level: std::env::var("BENCH_LOG").unwrap_or_else(|_| "info".into()),
             only: std::env::var("BENCH_ONLY")
                 .ok()
@@ -998,6 +1006,8 @@ impl Bench<'_> {
             (7, "7 reconcile", Box::pin(self.reconcile())),
             (8, "8 takeover", Box::pin(self.takeover())),
             (9, "9 cost per change", Box::pin(self.cost_per_change())),
+
+            (10, "10 inbound", Box::pin(self.inbound())),
         ];
         for (n, label, fut) in scenarios {
             if !self.sizes.runs(n) {
@@ -2226,6 +2236,188 @@ impl Bench<'_> {
             }
         }
         let _ = self.fake_rt.spawn(fake.shutdown()).await;
+        self.drop_db(db).await;
+        Ok(rows)
+    }
+
+    // ------------------------------------------------------------ 9
+
+    /// One inbound endpoint (a Clerk source, the receiver in this process on
+    /// the daemon's runtime) under `BENCH_INBOUND_CLIENTS` concurrent
+    /// senders on the fake's runtime (another "host"), each POSTing
+    /// Svix-signed `user.*` events signed at send time: versions 1, 2, … of
+    /// `BENCH_INBOUND_USERS` users interleaved, so concurrent versions of one
+    /// user race and some arrive after a newer one. The receiver answers
+    /// after its transaction commits, so the request's round trip is the
+    /// time from request to committed row.
+    async fn inbound(&self) -> R<Vec<Row>> {
+        use usersync::core::inbound::{sign_standard, standard_key};
+        let s = "10 inbound";
+        let (n, users, clients) = (
+            self.sizes.inbound_n,
+            self.sizes.inbound_users.max(1),
+            self.sizes.inbound_clients.max(1),
+        );
+        let db = self.db("b_inbound").await?;
+        db.client
+            .batch_execute(
+                "ALTER TABLE users ADD COLUMN clerk_id text UNIQUE, ADD COLUMN deleted_at timestamptz",
+            )
+            .await
+            .ctx("alter table")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ctx("free port")?
+            .port();
+        let secret = WebhookSecret::generate().to_whsec();
+        let toml = format!(
+            "{}[inbound]\nlisten = \"127.0.0.1:{port}\"\n\
+             [inbound.sources.clerk]\nkind = \"clerk\"\nsecret_env = \"BENCH_CLERK_SECRET\"\nid_column = \"clerk_id\"\n\
+             [inbound.sources.clerk.mapping]\nemail = \"primary_email\"\nname = \"/first_name\"\n",
+            self.toml(&db, UNUSED_SINK, "")
+        );
+        let env: std::collections::BTreeMap<String, String> = [
+            (SECRET_ENV.to_string(), self.secret.to_whsec()),
+            ("BENCH_CLERK_SECRET".to_string(), secret.clone()),
+        ]
+        .into();
+        let cfg = Config::from_parts(Some(&toml), "bench", &env).ctx("config")?;
+        usersync::app::setup::apply(&db.client, &cfg.database)
+            .await
+            .ctx("setup")?;
+        let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
+            .await
+            .ctx("table")?;
+        let cancel = CancellationToken::new();
+        let receiver = usersync::app::inbound::start(&cfg, &shape, cancel.clone())
+            .await
+            .ctx("receiver")?
+            .ok_or("no inbound source")?;
+        let url = format!("http://{}/clerk", receiver.addr);
+        let key = standard_key(&secret).ctx("secret")?;
+        let body = move |i: u64| -> (String, Vec<u8>) {
+            let (user, version) = (i % users, i / users + 1);
+            let kind = if version == 1 {
+                "user.created"
+            } else {
+                "user.updated"
+            };
+            let body = serde_json::json!({
+                "type": kind, "object": "event", "instance_id": "ins_bench",
+                "timestamp": 1_700_000_000_000u64 + version,
+                "data": {"id": format!("user_{user}"), "object": "user",
+                         "primary_email_address_id": "idn_1",
+                         "email_addresses": [{"id": "idn_1", "email_address": format!("u{user}@example.com")}],
+                         "first_name": format!("v{version}"), "last_name": null, "external_id": null,
+                         "public_metadata": {}, "created_at": 1_700_000_000_000u64,
+                         "updated_at": 1_700_000_000_000u64 + version}});
+            (format!("msg_bench_{i}"), body.to_string().into_bytes())
+        };
+        let generator = {
+            let (url, key) = (url.clone(), key.clone());
+            async move {
+                let http = usersync::sink::http_client(Duration::from_secs(30), 256)?;
+                let next = Arc::new(AtomicU64::new(0));
+                let started = Instant::now();
+                let mut tasks = Vec::new();
+                for _ in 0..clients {
+                    let (http, url, key, next) =
+                        (http.clone(), url.clone(), key.clone(), next.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut latencies = Vec::new();
+                        let mut refused = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= n {
+                                break;
+                            }
+                            let (id, body) = body(i);
+                            let ts = SystemTime::now()
+                                .duration_since(UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs() as i64);
+                            let sent = Instant::now();
+                            let answer = http
+                                .post(&url)
+                                .header("svix-id", &id)
+                                .header("svix-timestamp", ts.to_string())
+                                .header("svix-signature", sign_standard(&key, &id, ts, &body))
+                                .header("content-type", "application/json")
+                                .body(body)
+                                .send()
+                                .await;
+                            latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                            match answer {
+                                Ok(r) if r.status() == 200 => {}
+                                Ok(r) => refused.push(format!("{id}: {}", r.status())),
+                                Err(e) => refused.push(format!("{id}: {e}")),
+                            }
+                        }
+                        (latencies, refused)
+                    }));
+                }
+                let mut latencies = Vec::new();
+                let mut refused = Vec::new();
+                for t in tasks {
+                    let (l, r) = t.await.map_err(|e| e.to_string())?;
+                    latencies.extend(l);
+                    refused.extend(r);
+                }
+                Ok::<_, String>((started.elapsed(), latencies, refused))
+            }
+        };
+        let outcome = self.fake_rt.spawn(generator).await.ctx("generator task")?;
+        cancel.cancel();
+        let (took, latencies, refused) = outcome?;
+        if let Some(first) = refused.first() {
+            note(format_args!(
+                "inbound: {} deliveries not answered 200, e.g. {first}",
+                refused.len()
+            ));
+        }
+        let recorded = db
+            .scalar_i64("SELECT count(*) FROM usersync.inbound_events WHERE source = 'clerk'")
+            .await?;
+        // The newest version of user u is the largest v with (v-1)*users + u < n.
+        let newest_wrong = db
+            .scalar_i64(&format!(
+                "SELECT count(*) FROM users WHERE name IS DISTINCT FROM \
+                 'v' || (({n} - 1 - substr(clerk_id, 6)::bigint) / {users} + 1)"
+            ))
+            .await?;
+        let rows_n = db.scalar_i64("SELECT count(*) FROM users").await?;
+        let rows = vec![
+            target(
+                row(
+                    s,
+                    format!("{n} Svix-signed Clerk events for {users} users from {clients} concurrent senders: verified events applied/s (one endpoint)"),
+                    format!("{:.0} events/s ({n} in {:.2} s)", rate(n, took), took.as_secs_f64()),
+                ),
+                "≥ 2,000/s",
+                rate(n, took) >= 2000.0,
+            ),
+            row(
+                s,
+                "request → committed row (answered after COMMIT)",
+                pcts(latencies),
+            ),
+            target(
+                row(
+                    s,
+                    "answered 200 / recorded once / rows at the newest version",
+                    format!(
+                        "{} of {n} / {recorded} of {n} / {} of {users} rows ({} wrong)",
+                        n - refused.len() as u64,
+                        rows_n,
+                        newest_wrong
+                    ),
+                ),
+                "all",
+                refused.is_empty()
+                    && recorded == n as i64
+                    && rows_n == users.min(n) as i64
+                    && newest_wrong == 0,
+            ),
+        ];
         self.drop_db(db).await;
         Ok(rows)
     }

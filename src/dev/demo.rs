@@ -26,7 +26,7 @@ const DEMO_TABLE: &str = "CREATE TABLE public.users (
 )";
 
 /// The fake external service the demo runs, one per sink kind.
-enum DemoService {
+pub(super) enum DemoService {
     Webhook(FakeService, WebhookSecret),
     Memberstack(FakeMemberstack),
     Stripe(FakeStripe),
@@ -35,7 +35,7 @@ enum DemoService {
 const DEMO_API_KEY: &str = "sk_test_usersyncDemoKey00000000000";
 
 impl DemoService {
-    async fn start(kind: SinkKind) -> std::io::Result<DemoService> {
+    pub(super) async fn start(kind: SinkKind) -> std::io::Result<DemoService> {
         Ok(match kind {
             SinkKind::Webhook => {
                 let secret = WebhookSecret::generate();
@@ -64,7 +64,7 @@ impl DemoService {
         })
     }
 
-    fn label(&self) -> &'static str {
+    pub(super) fn label(&self) -> &'static str {
         match self {
             DemoService::Webhook(..) => "fake webhook service",
             DemoService::Memberstack(_) => "fake Memberstack admin API",
@@ -72,7 +72,7 @@ impl DemoService {
         }
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         match self {
             DemoService::Webhook(f, _) => f.url(),
             DemoService::Memberstack(f) => f.url(),
@@ -81,7 +81,7 @@ impl DemoService {
     }
 
     /// The `[sink]` part of the demo's config, and the secret's environment.
-    fn sink_config(&self) -> (String, BTreeMap<String, String>) {
+    pub(super) fn sink_config(&self) -> (String, BTreeMap<String, String>) {
         let (section, secret) = match self {
             DemoService::Webhook(_, s) => (
                 "kind = \"webhook\"\nsecret_env = \"DEMO_SECRET\"\n".to_string(),
@@ -107,7 +107,7 @@ impl DemoService {
         )
     }
 
-    fn live_users(&self) -> usize {
+    pub(super) fn live_users(&self) -> usize {
         match self {
             DemoService::Webhook(f, _) => f.users().iter().filter(|u| !u.deleted).count(),
             DemoService::Memberstack(f) => f.members().iter().filter(|m| !m.deleted).count(),
@@ -115,7 +115,7 @@ impl DemoService {
         }
     }
 
-    async fn shutdown(self) {
+    pub(super) async fn shutdown(self) {
         match self {
             DemoService::Webhook(f, _) => f.shutdown().await,
             DemoService::Memberstack(f) => f.shutdown().await,
@@ -127,15 +127,23 @@ impl DemoService {
 /// Why the demo stopped; every cause is a runtime failure (exit 1).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct DemoError(String);
+pub struct DemoError(pub(super) String);
 
 impl DemoError {
-    fn new(e: impl std::fmt::Display) -> Self {
+    pub(super) fn new(e: impl std::fmt::Display) -> Self {
         DemoError(e.to_string())
     }
 }
 
 pub async fn run(users: u32, keep_running: bool, sink: SinkKind) -> Result<(), DemoError> {
+    let (cluster, cancel) = start_cluster().await?;
+    let result = with_cluster(&cluster, users, keep_running, sink, cancel).await;
+    stop_cluster(cluster);
+    result
+}
+
+/// Logging, Ctrl-C handling and the throw-away cluster every demo runs on.
+pub(super) async fn start_cluster() -> Result<(TempCluster, CancellationToken), DemoError> {
     crate::observe::logging::init_logging("warn", false);
     let cancel = CancellationToken::new();
     crate::app::signals::spawn_signal_handler(cancel.clone());
@@ -152,10 +160,12 @@ pub async fn run(users: u32, keep_running: bool, sink: SinkKind) -> Result<(), D
     .await
     .map_err(DemoError::new)?
     .map_err(DemoError::new)?;
-    let result = with_cluster(&cluster, users, keep_running, sink, cancel).await;
+    Ok((cluster, cancel))
+}
+
+pub(super) fn stop_cluster(cluster: TempCluster) {
     drop(cluster);
     println!("usersync demo: stopped PostgreSQL and removed its files.");
-    result
 }
 
 async fn with_cluster(
@@ -326,7 +336,7 @@ fn script(users: u32) -> Vec<(String, usize)> {
     s
 }
 
-fn print_report(r: &SyncReport) {
+pub(super) fn print_report(r: &SyncReport) {
     println!(
         "  sync> {:<13} user {} -> {}  (push {} ms, decoded -> written back {} ms{})",
         r.op.event_type(),

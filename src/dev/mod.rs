@@ -2,5 +2,6 @@
 //! throw-away PostgreSQL clusters. Never imported by the daemon's own layers.
 
 pub mod demo;
+pub mod demo_inbound;
 pub mod fake;
 pub mod pgtemp;

@@ -138,3 +138,59 @@ fn demo_runs_against_each_vendor_fake() {
         assert_gone(port, tmp.path());
     }
 }
+
+/// `--inbound clerk --sink stripe`: three users sign up in the fake Clerk;
+/// each signed webhook is verified and applied by usersync's receiver, each
+/// new row becomes exactly one Stripe customer, a rename in Clerk and a plan
+/// change in the app are pushed as updates, an account deleted in Clerk
+/// deletes the customer, and nothing is sent back to Clerk.
+#[test]
+fn demo_inbound_clerk_to_stripe_creates_each_customer_once_without_echo() {
+    let tmp = scratch_tmpdir();
+    let out = Command::new(env!("CARGO_BIN_EXE_usersync"))
+        .args([
+            "demo",
+            "--users",
+            "3",
+            "--inbound",
+            "clerk",
+            "--sink",
+            "stripe",
+        ])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "inbound demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 3 sign-ups, a rename in Clerk, a plan change in the app, a deletion.
+    assert!(
+        stdout.contains("6 of 6 changes pushed and written back"),
+        "{stdout}"
+    );
+    let webhooks: Vec<&str> = stdout.lines().filter(|l| l.contains("webhook>")).collect();
+    assert_eq!(webhooks.len(), 5, "{stdout}");
+    assert!(
+        webhooks
+            .iter()
+            .all(|l| l.contains("-> usersync: 200 applied")),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("sync> user.created").count(), 3, "{stdout}");
+    assert_eq!(stdout.matches("sync> user.updated").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches("sync> user.deleted").count(), 1, "{stdout}");
+    assert!(stdout.contains("-> cus_"), "{stdout}");
+    assert!(
+        stdout.contains("3 sign-ups in Clerk made 3 records in the fake Stripe API; 2 live for Clerk's 2 live users"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("the fake Clerk received 5 API requests, all 5 of them the demo's own"),
+        "{stdout}"
+    );
+    let port = stdout.lines().find_map(port_from).expect("port in output");
+    assert_gone(port, tmp.path());
+}

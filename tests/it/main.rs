@@ -3,6 +3,7 @@
 //! database per test).
 
 mod backfill;
+mod clerk;
 mod common;
 mod dashboards;
 mod deadletters;
@@ -11,6 +12,7 @@ mod dlq;
 mod docker;
 mod errors;
 mod exactly_once;
+mod fake_webhooks;
 mod faults;
 mod inbound;
 mod layers;
