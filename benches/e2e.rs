@@ -2482,7 +2482,12 @@ impl Bench<'_> {
             let fake = self.fake(Duration::ZERO).await?;
             self.setup(&db, &fake.url(), "").await?;
             let lease_text = lease.to_string();
-            let envs = [("USERSYNC_DATABASE_LEADER_LEASE_SECS", lease_text.as_str())];
+            // Two daemons on one host: the default metrics port would
+            // admit only the first.
+            let envs = [
+                ("USERSYNC_DATABASE_LEADER_LEASE_SECS", lease_text.as_str()),
+                ("USERSYNC_METRICS_LISTEN", ""),
+            ];
             let mut a =
                 self.spawn_daemon_with(&db, &fake.url(), &format!("takeover-{how}-a"), &envs)?;
             self.warm_up(&db, &mut a).await?;

@@ -81,9 +81,18 @@ $$;
 SELECT pg_replication_origin_create('usersync')
     WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = 'usersync');
 
--- The logical replication slot: PostgreSQL keeps WAL from here until usersync confirms it.
-SELECT pg_create_logical_replication_slot('usersync', 'pgoutput')
-    WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'usersync');
+-- The logical replication slot: PostgreSQL keeps WAL from here until usersync confirms it. On PostgreSQL 17+ it is a failover slot (5th argument), which a standby with sync_replication_slots = on keeps a copy of, so usersync continues after a promotion.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'usersync') THEN
+        IF current_setting('server_version_num')::int >= 170000 THEN
+            PERFORM pg_create_logical_replication_slot('usersync', 'pgoutput', false, false, true);
+        ELSE
+            PERFORM pg_create_logical_replication_slot('usersync', 'pgoutput');
+        END IF;
+    END IF;
+END
+$$;
 
 -- Sync requests (backfill, sync-user, switching sync back on): each row asks the daemon to push one user's current state.
 CREATE TABLE IF NOT EXISTS usersync.sync_requests (

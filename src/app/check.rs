@@ -91,6 +91,13 @@ impl Finding {
             SchemaError::WalLevel(_) => {
                 Some("ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL".to_string())
             }
+            SchemaError::SlotInvalidated { .. } => Some(
+                "usersync recover --dry-run (what it would push), then usersync recover".to_string(),
+            ),
+            SchemaError::SlotMissing(_) => Some(
+                "first install: usersync setup; after a failover or a dropped slot: usersync recover"
+                    .to_string(),
+            ),
             _ => None,
         };
         Finding::fail(check, e.to_string(), fix)
@@ -362,6 +369,7 @@ async fn database_checks(db: &DatabaseConfig, sink_columns: &[String], out: &mut
     if let Some(slot) = &slot {
         out.extend(slot_health(db, slot));
     }
+    out.push(failover(&client, db, slot.as_ref()).await);
     out.push(match schema::check_origin(&client, db).await {
         Ok(()) => Finding::ok("origin", format!("replication origin {}", db.origin)),
         Err(e) => Finding::from_schema("origin", e),
@@ -460,18 +468,9 @@ fn slot_health(db: &DatabaseConfig, slot: &SlotInfo) -> Vec<Finding> {
             )),
         ));
     }
-    if slot.wal_status.as_deref() == Some("lost") {
-        out.push(Finding::fail(
-            "slot_wal",
-            format!(
-                "slot {} has lost WAL it needed (max_slot_wal_keep_size); changes are gone and the slot cannot be used",
-                db.slot
-            ),
-            Some(format!(
-                "usersync teardown --yes && usersync setup && usersync backfill (slot {})",
-                db.slot
-            )),
-        ));
+    if slot.invalidated().is_some() {
+        // The `slot` finding above says why and what to run; its retained
+        // WAL means nothing any more.
     } else if let Some(bytes) = slot.retained_bytes {
         let limit =
             i64::try_from(db.max_retained_wal_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
@@ -494,6 +493,87 @@ fn slot_health(db: &DatabaseConfig, slot: &SlotInfo) -> Vec<Finding> {
         }
     }
     out
+}
+
+/// Whether the slot survives a failover to a standby: synchronized on
+/// PostgreSQL 17+ (`failover = true` on the primary's slot, `synced` on the
+/// standby's copy, `synchronized_standby_slots` so usersync never gets ahead
+/// of the standby), lost before 17, where `usersync recover` rebuilds it.
+async fn failover(client: &Client, db: &DatabaseConfig, slot: Option<&SlotInfo>) -> Finding {
+    const CHECK: &str = "failover";
+    let topology = match catalog::standby_topology(client).await {
+        Ok(t) => t,
+        Err(e) => {
+            return Finding::fail(
+                CHECK,
+                format!("cannot read the replication settings: {}", error_text(&e)),
+                None,
+            )
+        }
+    };
+    let Some(slot) = slot else {
+        return Finding::skipped(CHECK, "needs the slot (above)");
+    };
+    let name = &db.slot;
+    if slot.in_recovery {
+        return match slot.synced {
+            Some(true) => Finding::ok(
+                CHECK,
+                format!("this server is a standby holding a synchronized copy of slot {name}: once promoted, usersync continues from it"),
+            ),
+            _ => Finding::warn(
+                CHECK,
+                format!("this server is a standby and its slot {name} is not synchronized from the primary: usersync cannot stream here until promotion, and then the slot's position is not the primary's"),
+                Some("connect usersync to the primary (a multi-host database.url with target_session_attrs=read-write picks it); on PostgreSQL 17+ set on this standby sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name and a dbname in primary_conninfo".to_string()),
+            ),
+        };
+    }
+    let standby = if topology.physical_senders > 0 {
+        format!(
+            "{} physical standby(s) stream from this server",
+            topology.physical_senders
+        )
+    } else {
+        "no physical standby streams from this server now".to_string()
+    };
+    if slot.server_version_num < 170_000 {
+        let message = format!("PostgreSQL before 17 cannot synchronize logical slots to a standby ({standby}): after a failover the promoted server has no slot {name}, and `usersync run` stops saying so");
+        let fix = "after a failover run `usersync recover` on the new primary: it creates the slot and pushes every row changed or deleted meanwhile; or upgrade to 17+ for failover slots".to_string();
+        return if topology.physical_senders > 0 {
+            Finding::warn(CHECK, message, Some(fix))
+        } else {
+            Finding::ok(CHECK, format!("{message}; {fix}"))
+        };
+    }
+    if slot.failover != Some(true) {
+        let message = format!("slot {name} was created without failover = true, so no standby synchronizes it ({standby}): a failover loses it");
+        let fix = format!(
+            "psql \"{} replication=database\" -c 'ALTER_REPLICATION_SLOT {} (FAILOVER true)' while usersync is stopped (or `usersync recover` recreates it with failover after a loss)",
+            "dbname=<your database>",
+            quote_ident(name)
+        );
+        return if topology.physical_senders > 0 {
+            Finding::warn(CHECK, message, Some(fix))
+        } else {
+            Finding::ok(CHECK, format!("{message}; {fix}"))
+        };
+    }
+    if topology.synchronized_standby_slots.is_empty() {
+        let message = format!("slot {name} has failover = true, but synchronized_standby_slots is empty ({standby}): usersync may receive changes a standby has not, and after a failover the standby's copy of the slot may lag or be unusable");
+        let fix = "on the primary: ALTER SYSTEM SET synchronized_standby_slots = '<the standby's physical slot>'; SELECT pg_reload_conf(); on the standby: sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name, and a dbname in primary_conninfo".to_string();
+        return if topology.physical_senders > 0 {
+            Finding::warn(CHECK, message, Some(fix))
+        } else {
+            Finding::ok(CHECK, format!("{message}; when a standby is added: {fix}"))
+        };
+    }
+    Finding::ok(
+        CHECK,
+        format!(
+            "slot {name} has failover = true and waits for the standby slot(s) {} (synchronized_standby_slots); {standby}. A standby with sync_replication_slots = on keeps a synchronized copy: check `synced` in pg_replication_slots there",
+            topology.synchronized_standby_slots
+        ),
+    )
 }
 
 /// Every privilege the daemon uses, checked for the role it connects as.

@@ -1,6 +1,6 @@
 //! One composition root per command: each wires configuration, store, sink
 //! and pipeline for `run`, `backfill`, `reconcile`, `sync-user`, `dlq`, `setup`, `check`,
-//! `status` and `teardown`.
+//! `status`, `recover` and `teardown`.
 
 pub mod backfill;
 pub mod check;
@@ -9,6 +9,7 @@ pub mod inbound;
 pub mod leader;
 pub mod page;
 pub mod reconcile;
+pub mod recover;
 pub mod role;
 pub mod run;
 pub mod setup;

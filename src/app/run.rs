@@ -50,6 +50,10 @@ pub enum RunError {
     Lanes(#[from] LaneStoreError),
     #[error(transparent)]
     Inbound(#[from] crate::app::inbound::InboundError),
+    /// Every host of a multi-host database.url that answered is a standby:
+    /// a promotion is under way, or the URL lists no primary.
+    #[error("no host of database.url ({0}, …) is a primary now: each one that answered is a standby in recovery; waiting for a promotion")]
+    NoPrimary(String),
     /// A session ended with an error that reconnecting cannot fix.
     #[error("{0}; usersync stopped, because retrying cannot fix this")]
     Stopped(Box<RunError>),
@@ -73,6 +77,7 @@ impl Classify for RunError {
             RunError::Lanes(e) => e.kind(),
             RunError::Inbound(e) => e.kind(),
             RunError::Stopped(_) => ErrorKind::Permanent,
+            RunError::NoPrimary(_) => ErrorKind::Transient,
         }
     }
 }
@@ -176,8 +181,20 @@ pub async fn run_with_switch(
                 }
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
-            Err(e) => return Err(RunError::Stopped(Box::new(e))),
+            Err(e) => return Err(RunError::Stopped(Box::new(explain(cfg, e).await))),
         }
+    }
+}
+
+/// A session that failed for good may have failed because of the slot (the
+/// server's "can no longer get changes from replication slot", 55000, names
+/// no fix): the preflight's slot check says what happened and what to run.
+async fn explain(cfg: &Config, e: RunError) -> RunError {
+    match prepare(cfg).await {
+        Err(RunError::Schema(
+            found @ (SchemaError::SlotInvalidated { .. } | SchemaError::SlotMissing(_)),
+        )) => RunError::Schema(found),
+        _ => e,
     }
 }
 
@@ -257,13 +274,27 @@ async fn session(
         "reading the generated columns",
     ))
     .map_err(WritebackError::from)?;
-    let writer = Writer::connect(&cfg.database, shape, cfg.writeback.batch_size).await?;
-    let client = stream::open(&cfg.database, "usersync").await?;
+    // Taking the origin waits up to 30 s for a predecessor's session to let
+    // go; a stop or a lost leadership ends that wait at once (the new leader
+    // is the one who needs the origin).
+    let writer = tokio::select! {
+        w = Writer::connect(&cfg.database, shape, cfg.writeback.batch_size) => w?,
+        _ = cancel.cancelled() => return Ok(()),
+    };
+    // A multi-host database.url: the replication connection goes to the
+    // host that is a primary now (after a failover, the promoted one).
+    let (host, port) = crate::store::db::primary_endpoint(&cfg.database)
+        .await?
+        .ok_or_else(|| RunError::NoPrimary(cfg.database.describe()))?;
+    let mut target = cfg.database.clone();
+    target.host = host;
+    target.port = port;
+    let client = stream::open(&target, "usersync").await?;
     tracing::info!(
         slot = %cfg.database.slot,
         publication = %cfg.database.publication,
         table = %shape.table,
-        database = %cfg.database.describe(),
+        database = %target.describe(),
         "streaming"
     );
     let _streaming = crate::observe::metrics::streaming();
@@ -278,7 +309,7 @@ async fn session(
         .with_not_streamed(not_streamed),
         origin: cfg.database.origin.clone(),
         echo_origins: crate::app::inbound::echo_origins(cfg),
-        target: cfg.database.describe(),
+        target: target.describe(),
     };
     let (source_tx, source_rx) = mpsc::channel(1024);
     let (write_tx, write_rx) = mpsc::channel(cfg.writeback.batch_size * 4);

@@ -19,6 +19,9 @@ pub struct Status {
     /// `None`: the slot does not exist (run `usersync setup`).
     pub slot: Option<SlotInfo>,
     pub streaming: bool,
+    /// Why the slot can never stream again (lost WAL, invalidated), when so:
+    /// `usersync recover` is the way back.
+    pub slot_invalidated: Option<String>,
     /// The daemon that leads (`host:pid` and its lock session), if any.
     pub leader: Option<String>,
     /// Daemons waiting to take over.
@@ -62,6 +65,7 @@ pub async fn read(client: &Client, cfg: &DatabaseConfig) -> Result<Status, Statu
         standbys: leadership.standbys,
         slot_name: cfg.slot.clone(),
         streaming: slot.as_ref().is_some_and(|s| s.active),
+        slot_invalidated: slot.as_ref().and_then(|s| s.invalidated()),
         slot,
         max_retained_wal_mb: cfg.max_retained_wal_mb,
         retained_wal_over_limit: over,
@@ -145,7 +149,7 @@ impl Status {
             None => lines.push((
                 "streaming".into(),
                 format!(
-                    "no (slot {} does not exist: run `usersync setup`)",
+                    "no (slot {} does not exist: run `usersync setup`, or `usersync recover` if usersync synced this database before)",
                     self.slot_name
                 ),
             )),
@@ -153,6 +157,10 @@ impl Status {
                 lines.push((
                     "streaming".into(),
                     match s.active_pid {
+                        _ if s.invalidated().is_some() => format!(
+                            "no (slot {} is invalidated: run `usersync recover`)",
+                            self.slot_name
+                        ),
                         Some(pid) if s.active => format!(
                             "yes (slot {}, server process {pid}, {})",
                             self.slot_name,
@@ -191,8 +199,11 @@ impl Status {
                         self.max_retained_wal_mb
                     ));
                 }
-                if s.wal_status.as_deref() == Some("lost") {
-                    warnings.push("warning: the slot has lost WAL it needed; changes are gone (teardown, setup and backfill)".into());
+                if let Some(problem) = s.invalidated() {
+                    warnings.push(format!(
+                        "warning: slot {} {problem}. `usersync run` stops until it is recovered: run `usersync recover` (it recreates the slot and pushes every row changed or deleted meanwhile; `--dry-run` shows how many)",
+                        self.slot_name
+                    ));
                 }
             }
         }

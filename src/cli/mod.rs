@@ -239,6 +239,31 @@ pub enum Command {
         #[arg(long, value_name = "ROWS")]
         chunk_size: Option<usize>,
     },
+    /// Recover from a replication slot that can no longer stream (WAL
+    /// removed past max_slot_wal_keep_size, invalidated, or lost in a
+    /// failover): recreate the slot and bring the service back in line with
+    /// the table for the changes no slot recorded.
+    ///
+    /// The new slot is created first (a failover slot on PostgreSQL 17+), so
+    /// every later commit streams. Then a sync request is queued for every
+    /// row whose synced values differ from what usersync last pushed (or
+    /// that was never linked), and a delete request for every user usersync
+    /// synced whose row is gone (unless the sync log shows its delete was
+    /// pushed). The daemon (`usersync run`, started afterwards) pushes them
+    /// in the users' own lanes; unchanged rows are not pushed again. Refuses
+    /// while the slot is usable (exit 2). `usersync check` and `status` say
+    /// when this is needed.
+    Recover {
+        /// Print what would be queued; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Rows per scan chunk (default: backfill.chunk_size, 500).
+        #[arg(long, value_name = "ROWS")]
+        chunk_size: Option<usize>,
+    },
     /// Compare the users table with the sink's service (memberstack or
     /// stripe, read through its list API) and report per user what differs:
     /// only in the table, only in the service, linked to a record that no
@@ -562,6 +587,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             chunk_size,
         } => backfill(&path, explicit, all, dry_run, chunk_size).await,
         Command::Reconcile { json, fix } => reconcile(&path, explicit, json, fix).await,
+        Command::Recover {
+            dry_run,
+            json,
+            chunk_size,
+        } => recover(&path, explicit, dry_run, json, chunk_size).await,
         Command::SyncUser { key, json, timeout } => {
             sync_user(&path, explicit, &key, json, timeout).await
         }
@@ -828,6 +858,41 @@ async fn backfill(
         }
         Err(e) => Err(Failure::of(e)),
     }
+}
+
+/// `usersync recover`.
+async fn recover(
+    path: &std::path::Path,
+    explicit: bool,
+    dry_run: bool,
+    json: bool,
+    chunk_size: Option<usize>,
+) -> Result<(), Failure> {
+    let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+    crate::observe::logging::init_logging(&cfg.log.level, cfg.log.format == "json");
+    let chunk_size = chunk_size.unwrap_or(cfg.backfill.chunk_size);
+    if chunk_size == 0 {
+        return Err(Failure::usage("--chunk-size must be at least 1"));
+    }
+    let opts = crate::app::recover::Options {
+        dry_run,
+        chunk_size,
+    };
+    let summary = crate::app::recover::run(&cfg, &opts)
+        .await
+        .map_err(Failure::of)?;
+    if json {
+        let text = serde_json::to_string_pretty(&summary).map_err(Failure::runtime)?;
+        println!("{text}");
+    } else if dry_run {
+        println!("dry run: {summary}; nothing was changed");
+    } else {
+        println!(
+            "recovered: {summary}. The new slot starts at {}; start `usersync run` to push them (`usersync status` shows the daemon)",
+            summary.new_slot_lsn
+        );
+    }
+    Ok(())
 }
 
 /// `usersync sync-user`.

@@ -146,6 +146,8 @@ pub enum RequestOutcome {
     Updated,
     /// The row is gone: its deletion is (or was) pushed as its own change.
     Unchanged,
+    /// A `recover` delete request: the user's deletion was pushed.
+    Deleted,
     Failed,
     /// The user has dead letters: stored behind them, pushed by `dlq replay`.
     Parked,
@@ -159,6 +161,7 @@ impl RequestOutcome {
             RequestOutcome::Created => "created",
             RequestOutcome::Updated => "updated",
             RequestOutcome::Unchanged => "unchanged",
+            RequestOutcome::Deleted => "deleted",
             RequestOutcome::Failed => "failed",
             RequestOutcome::Parked => "parked",
             RequestOutcome::Deferred => "deferred",

@@ -10,6 +10,13 @@ pub const EXTERNAL_ID_COLUMN: &str = "external_user_id";
 pub const SYNCED_AT_COLUMN: &str = "external_synced_at";
 pub const REQUESTS_SCHEMA: &str = "usersync";
 pub const REQUESTS_TABLE: &str = "sync_requests";
+/// The reason of a request `usersync recover` queues for a user that has
+/// progress but no row (deleted while the slot could not stream): pushed as
+/// a delete when its turn finds the row still gone, naming the external id
+/// the request carries (its `external_id` column, filled at insert).
+pub const RECOVER_DELETE_REASON: &str = "recover-delete";
+/// Longest external id a request may carry into a delete.
+pub const MAX_REQUEST_EXTERNAL_ID: usize = 1024;
 
 /// The users table as the daemon sees it.
 #[derive(Debug, Clone)]

@@ -309,6 +309,110 @@ impl TempCluster {
         self.stop_server()
     }
 
+    /// Stops the server the way a crash does (`-m immediate`) and leaves it
+    /// down; the directory stays until drop.
+    pub fn crash(&self) -> Result<(), PgTempError> {
+        self.stop_server()
+    }
+
+    /// Promotes a standby (`pg_ctl promote`, waiting until it is a
+    /// primary that accepts writes).
+    pub fn promote(&self) -> Result<(), PgTempError> {
+        let timeout = START_TIMEOUT_SECS.to_string();
+        let out = run(
+            self.pg_ctl().args(["-w", "-t", &timeout, "promote"]),
+            "pg_ctl promote",
+        )?;
+        if !out.status.success() {
+            return Err(PgTempError::Command {
+                what: "pg_ctl promote".into(),
+                status: out.status.to_string(),
+                output: format!(
+                    "{}{}\n--- server log tail ---\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                    self.log_tail(30)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A physical standby of this cluster, for failover tests, made without
+    /// `pg_basebackup` (the packaged servers of other versions lack it): the
+    /// server is stopped cleanly, its data directory copied (without
+    /// replication slots, sockets and the pid file, as a base backup leaves
+    /// them out), and started again; the copy starts with `standby.signal`,
+    /// streaming from this server through `primary_conninfo` (connecting to
+    /// database `conninfo_dbname`) and the lines of `extra_conf`.
+    pub fn start_standby(
+        &self,
+        conninfo_dbname: &str,
+        extra_conf: &[String],
+    ) -> Result<TempCluster, PgTempError> {
+        let out = run(
+            self.pg_ctl().args(["-w", "-t", "60", "-m", "fast", "stop"]),
+            "pg_ctl stop",
+        )?;
+        if !out.status.success() {
+            return Err(PgTempError::Command {
+                what: "pg_ctl stop".into(),
+                status: out.status.to_string(),
+                output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        let base = choose_base_dir(self.run_as)?;
+        let dir = tempfile::Builder::new()
+            .prefix("usersync-pg-")
+            .tempdir_in(&base)
+            .map_err(io_err(format!("creating a temp dir in {}", base.display())))?;
+        let data_dir = dir.path().to_path_buf();
+        if let Some(user) = self.run_as {
+            chown(&data_dir, user)?;
+        }
+        // What initdb would have set: the server refuses anything wider.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(format!("chmod {}", data_dir.display())))?;
+        }
+        let copied = copy_data_dir(&self.data_dir, &data_dir, self.run_as);
+        // The primary comes back whatever happened to the copy.
+        self.pg_ctl_start()?;
+        self.wait_ready()?;
+        copied?;
+        let mut standby = TempCluster {
+            dir: Some(dir),
+            data_dir,
+            bin_dir: self.bin_dir.clone(),
+            major_version: self.major_version,
+            port: 0,
+            run_as: self.run_as,
+            watchdog: None,
+        };
+        standby.watchdog = Some(spawn_watchdog(&standby.data_dir)?);
+        let signal = standby.data_dir.join("standby.signal");
+        fs::write(&signal, "").map_err(io_err(format!("writing {}", signal.display())))?;
+        if let Some(user) = self.run_as {
+            chown(&signal, user)?;
+        }
+        let mut conf = vec![format!(
+            "primary_conninfo = 'host={HOST} port={} user={SUPERUSER} dbname={} application_name=usersync_standby'",
+            self.port,
+            conninfo_dbname.replace('\\', "\\\\").replace('\'', "\\'")
+        )];
+        conf.extend(extra_conf.iter().cloned());
+        let opts = TempClusterOptions {
+            extra_conf: conf,
+            ..TempClusterOptions::default()
+        };
+        standby.port = free_port().map_err(io_err("finding a free TCP port"))?;
+        standby.write_conf(&opts)?;
+        standby.pg_ctl_start()?;
+        standby.wait_ready()?;
+        Ok(standby)
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         tail_lines(&read_tail(&self.log_path()), lines)
     }
@@ -798,6 +902,46 @@ while [ -f "$2/postmaster.pid" ] && [ "$n" -lt 40 ]; do
 done
 rm -rf "$2"
 "#;
+
+/// Copies a stopped cluster's data directory: regular files and
+/// directories only (no sockets), without the pid file, the server log and
+/// the contents of `pg_replslot` (a standby must not start with the
+/// primary's slots: the slot sync worker refuses a same-named slot it did
+/// not create).
+fn copy_data_dir(from: &Path, to: &Path, run_as: Option<RunAs>) -> Result<(), PgTempError> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in fs::read_dir(from).map_err(io_err(format!("reading {}", from.display())))? {
+        let entry = entry.map_err(io_err(format!("reading {}", from.display())))?;
+        let name = entry.file_name();
+        if [PID_FILE, LOG_FILE, "postmaster.opts", "standby.signal"]
+            .iter()
+            .any(|n| name.as_bytes() == n.as_bytes())
+        {
+            continue;
+        }
+        let source = entry.path();
+        let target = to.join(&name);
+        let kind = entry
+            .file_type()
+            .map_err(io_err(format!("reading {}", source.display())))?;
+        if kind.is_dir() {
+            fs::create_dir(&target).map_err(io_err(format!("creating {}", target.display())))?;
+            fs::set_permissions(&target, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(format!("chmod {}", target.display())))?;
+            if name.as_bytes() != b"pg_replslot" {
+                copy_data_dir(&source, &target, run_as)?;
+            }
+        } else if kind.is_file() {
+            fs::copy(&source, &target).map_err(io_err(format!("copying {}", source.display())))?;
+        } else {
+            continue;
+        }
+        if let Some(user) = run_as {
+            chown(&target, user)?;
+        }
+    }
+    Ok(())
+}
 
 fn spawn_watchdog(dir: &Path) -> Result<Child, PgTempError> {
     Command::new("/bin/sh")

@@ -48,6 +48,16 @@ pub trait LaneStore: Send + Sync + 'static {
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<CurrentRow>, PortError>>;
 
+    /// The key as the stream would push it (a number for an integer key),
+    /// from its text form, for a change built from a request rather than
+    /// from a row. By default the text itself.
+    fn user_key(&self, text: &str) -> crate::core::change::UserKey {
+        crate::core::change::UserKey {
+            json: serde_json::Value::String(text.to_string()),
+            text: text.to_string(),
+        }
+    }
+
     /// Whether the user still has dead letters (replayed or discarded ones
     /// are gone from the table).
     fn is_parked<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, PortError>>;

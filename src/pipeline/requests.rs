@@ -25,7 +25,8 @@ impl NoPush {
 
 /// Turns a request's placeholder change into the push of the user's current
 /// row: created when no external id is known (the sink links a record that
-/// already exists), updated otherwise. Returns the external id to push with.
+/// already exists), updated otherwise; a `recover` delete request whose row
+/// is still gone stays the delete it is. Returns the external id to push with.
 pub async fn prepare(
     rows: &dyn LaneStore,
     id: i64,
@@ -36,6 +37,12 @@ pub async fn prepare(
     use crate::core::change::Operation;
     let row = match rows.current_row(&change.key.text).await {
         Ok(Some(row)) => row,
+        // `recover`'s delete of a user deleted while the slot could not
+        // stream: still gone, so the delete is pushed like a streamed one.
+        Ok(None) if change.op == Operation::Delete => {
+            change.key = rows.user_key(&change.key.text);
+            return Ok(known.or_else(|| change.external_id.clone()));
+        }
         Ok(None) => return Err(NoPush(RequestMark::new(id, RequestOutcome::Unchanged))),
         Err(e) => {
             tracing::warn!(request = id, user = %change.key, error = %e, "sync request: cannot read the row; not pushed");
@@ -80,7 +87,7 @@ pub fn annotate_synced(
     }
     if let Some(id) = request {
         let outcome = match change.op {
-            Operation::Delete => RequestOutcome::Unchanged,
+            Operation::Delete => RequestOutcome::Deleted,
             _ if change.external_id.is_none() => RequestOutcome::Created,
             _ => RequestOutcome::Updated,
         };

@@ -75,6 +75,17 @@ fn mark_unconvertible(change: &mut Change, column: &str, error: &ValueError) {
     }
 }
 
+/// A sync request as the stream carries it.
+#[derive(Debug, Clone)]
+pub struct RequestRow {
+    pub id: i64,
+    pub key: String,
+    /// `recover` asked for a delete when the row is gone.
+    pub delete_if_gone: bool,
+    /// The external id such a delete names (from the sync log).
+    pub external_id: Option<String>,
+}
+
 pub struct RowBuilder {
     table: TableName,
     table_label: String,
@@ -390,48 +401,62 @@ impl RowBuilder {
         Ok(change)
     }
 
-    /// For an INSERT into `usersync.sync_requests`: the request's id and
-    /// user key. `None` for any other relation.
-    pub fn request_of(
-        &self,
-        rel_id: u32,
-        new: &TupleData,
-    ) -> Result<Option<(i64, String)>, RowError> {
+    /// For an INSERT into `usersync.sync_requests`: the request's id, user
+    /// key, and whether it asks for a delete (`recover`). `None` for any
+    /// other relation.
+    pub fn request_of(&self, rel_id: u32, new: &TupleData) -> Result<Option<RequestRow>, RowError> {
         let rel = self.relation(rel_id)?;
         if rel.namespace != crate::core::table::REQUESTS_SCHEMA
             || rel.name != crate::core::table::REQUESTS_TABLE
         {
             return Ok(None);
         }
-        let text = |column: &str| -> Result<String, RowError> {
-            let idx = rel
-                .columns
-                .iter()
-                .position(|c| c.name == column)
-                .ok_or_else(|| RowError::KeyMissing(format!("usersync.sync_requests.{column}")))?;
+        let optional = |column: &str| -> Option<String> {
+            let idx = rel.columns.iter().position(|c| c.name == column)?;
             match new.0.get(idx) {
                 Some(ColumnValue::Text(b)) | Some(ColumnValue::Binary(b)) => {
-                    Ok(String::from_utf8_lossy(b).into_owned())
+                    Some(String::from_utf8_lossy(b).into_owned())
                 }
-                _ => Err(RowError::KeyMissing(format!(
-                    "usersync.sync_requests.{column}"
-                ))),
+                _ => None,
             }
+        };
+        let text = |column: &str| -> Result<String, RowError> {
+            optional(column)
+                .ok_or_else(|| RowError::KeyMissing(format!("usersync.sync_requests.{column}")))
         };
         let id = text("id")?;
         let id = id
             .parse::<i64>()
             .map_err(|_| RowError::KeyMissing("usersync.sync_requests.id".into()))?;
-        Ok(Some((id, text("user_key")?)))
+        let delete_if_gone =
+            optional("reason").as_deref() == Some(crate::core::table::RECOVER_DELETE_REASON);
+        // Only a delete request names a target, and only a bounded one.
+        let external_id = optional("external_id").filter(|x| {
+            delete_if_gone
+                && !x.is_empty()
+                && x.len() <= crate::core::table::MAX_REQUEST_EXTERNAL_ID
+        });
+        Ok(Some(RequestRow {
+            id,
+            key: text("user_key")?,
+            delete_if_gone,
+            external_id,
+        }))
     }
 
     /// A request's change: the user's lane reads the row when its turn comes
-    /// and fills in the operation, key and data then.
-    pub fn request_change(&self, key: String, at: TxnPosition) -> Change {
+    /// and fills in the operation, key and data then. A `recover` delete
+    /// request starts as the delete it pushes if the row is still gone.
+    pub fn request_change(&self, request: &RequestRow, at: TxnPosition) -> Change {
         let key = UserKey {
-            json: Value::String(key.clone()),
-            text: key,
+            json: Value::String(request.key.clone()),
+            text: request.key.clone(),
         };
+        if request.delete_if_gone {
+            let mut change = self.base_change(Operation::Delete, key, at);
+            change.external_id = request.external_id.clone();
+            return change;
+        }
         self.base_change(Operation::Update, key, at)
     }
 

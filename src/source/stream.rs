@@ -303,7 +303,7 @@ impl Reader {
             PgOutputMessage::Insert { rel_id, new } => {
                 // Requests are routed even from our own transactions: the
                 // write-back turns pending users into requests (off switch).
-                if let Some((id, key)) = self.rows.request_of(rel_id, &new)? {
+                if let Some(request) = self.rows.request_of(rel_id, &new)? {
                     let Some(t) = txn.as_mut() else {
                         return Ok(None);
                     };
@@ -314,8 +314,11 @@ impl Reader {
                         position: t.position,
                     };
                     t.position += 1;
-                    let change = Box::new(self.rows.request_change(key, at));
-                    return Ok(Some(SourceEvent::Request { change, id }));
+                    let change = Box::new(self.rows.request_change(&request, at));
+                    return Ok(Some(SourceEvent::Request {
+                        change,
+                        id: request.id,
+                    }));
                 }
                 let Some(at) = self.position(rel_id, txn)? else {
                     return Ok(None);

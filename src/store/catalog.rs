@@ -139,3 +139,31 @@ pub async fn unstreamed_generated_columns(
         .map(|r| r.try_get(0))
         .collect()
 }
+
+/// Who streams WAL from this server, for the failover check.
+#[derive(Debug, Clone)]
+pub struct StandbyTopology {
+    /// WAL senders that serve no database: physical standbys (or base
+    /// backups running now).
+    pub physical_senders: i64,
+    /// 17+: the physical slots logical failover slots wait for; empty when
+    /// unset or before 17.
+    pub synchronized_standby_slots: String,
+}
+
+pub async fn standby_topology(client: &Client) -> Result<StandbyTopology, Error> {
+    let row = client
+        .query_one(
+            // A physical walsender serves no database (a logical one does,
+            // also before it has acquired its slot).
+            "SELECT (SELECT count(*) FROM pg_stat_activity \
+                     WHERE backend_type = 'walsender' AND datname IS NULL), \
+                 coalesce(current_setting('synchronized_standby_slots', true), '')",
+            &[],
+        )
+        .await?;
+    Ok(StandbyTopology {
+        physical_senders: row.try_get(0)?,
+        synchronized_standby_slots: row.try_get(1)?,
+    })
+}

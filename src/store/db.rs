@@ -180,3 +180,83 @@ pub fn spawn_periodic<J, F>(
         }
     });
 }
+
+/// The server the replication connection must reach. pgwire-replication
+/// connects to one host; a `database.url` naming several (libpq's
+/// `postgres://h1:p1,h2:p2/app?target_session_attrs=read-write`, the usual
+/// form beside a standby that may be promoted) is resolved here the way
+/// libpq resolves `read-write`: the hosts in order, the first one that
+/// accepts a connection and is not in recovery. `Ok(None)`: every host
+/// that answered is a standby (a promotion under way); the caller retries.
+/// One host: that host, unprobed.
+pub async fn primary_endpoint(cfg: &DatabaseConfig) -> Result<Option<(String, u16)>, ConnectError> {
+    use tokio_postgres::config::Host;
+    let hosts = cfg.pg.get_hosts();
+    if hosts.len() <= 1 {
+        return Ok(Some((cfg.host.clone(), cfg.port)));
+    }
+    let ports = cfg.pg.get_ports();
+    let tls = cfg.tls.connector().map_err(|reason| ConnectError {
+        target: cfg.describe(),
+        reason,
+        source: None,
+    })?;
+    let mut last: Option<ConnectError> = None;
+    for (i, host) in hosts.iter().enumerate() {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let mut pg = tokio_postgres::Config::new();
+        let name = match host {
+            Host::Tcp(h) => {
+                pg.host(h);
+                h.clone()
+            }
+            Host::Unix(p) => {
+                pg.host_path(p);
+                p.display().to_string()
+            }
+        };
+        pg.port(port)
+            .user(&cfg.user)
+            .dbname(&cfg.dbname)
+            .ssl_mode(cfg.pg.get_ssl_mode())
+            .application_name("usersync-probe")
+            .connect_timeout(std::time::Duration::from_secs(5));
+        if let Some(p) = cfg.pg.get_password() {
+            pg.password(p);
+        }
+        let target = format!("{name}:{port}/{} as {}", cfg.dbname, cfg.user);
+        let client = match pg.connect(tls.clone()).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                client
+            }
+            Err(e) => {
+                tracing::debug!(host = %target, error = %e, "host not reachable for the replication connection");
+                last = Some(ConnectError {
+                    target,
+                    reason: error_text(&e),
+                    source: Some(e),
+                });
+                continue;
+            }
+        };
+        match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+            Ok(row) if matches!(row.try_get::<_, bool>(0), Ok(false)) => {
+                return Ok(Some((name, port)))
+            }
+            Ok(_) => tracing::debug!(host = %target, "host is a standby; trying the next"),
+            Err(e) => {
+                last = Some(ConnectError {
+                    target,
+                    reason: error_text(&e),
+                    source: Some(e),
+                })
+            }
+        }
+    }
+    match last {
+        // Some host answered as a standby: a primary may come (promotion).
+        Some(e) if e.kind() != ErrorKind::Transient => Err(e),
+        _ => Ok(None),
+    }
+}

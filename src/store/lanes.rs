@@ -62,6 +62,16 @@ impl LaneStore for PgLaneStore {
         async move { self.rows.read(key).await.map_err(PortError::new) }.boxed()
     }
 
+    fn user_key(&self, text: &str) -> crate::core::change::UserKey {
+        self.rows
+            .reader
+            .key(text)
+            .unwrap_or_else(|_| crate::core::change::UserKey {
+                json: serde_json::Value::String(text.to_string()),
+                text: text.to_string(),
+            })
+    }
+
     fn is_parked<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, PortError>> {
         async move {
             deadletter::is_parked(&self.db, key)

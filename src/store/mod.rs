@@ -13,6 +13,7 @@ pub mod leader;
 pub mod origin;
 pub mod progress;
 pub mod reconcile;
+pub mod recover;
 pub mod requests;
 pub mod role;
 pub mod rows;

@@ -71,8 +71,12 @@ pub enum SchemaError {
         publication: String,
         table: TableName,
     },
-    #[error("replication slot {0} does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA)")]
+    #[error("replication slot {0} does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA). If usersync synced this database before (the slot was dropped, or a failover promoted a standby that did not have it), run `usersync recover` instead: it creates the slot and pushes what changed meanwhile")]
     SlotMissing(String),
+    /// The slot exists but can never stream again: retrying cannot help,
+    /// and a new slot alone would skip the changes it lost.
+    #[error("replication slot {slot} {problem}; the changes made since usersync last confirmed can no longer be streamed. Run `usersync recover` (try `usersync recover --dry-run` first): it recreates the slot and pushes every row that changed or was deleted meanwhile")]
+    SlotInvalidated { slot: String, problem: String },
     #[error("replication slot {slot} {problem}; drop it or set database.slot to another name")]
     SlotUnusable { slot: String, problem: String },
     #[error("replication origin {0} does not exist; run `usersync setup` (or `usersync setup --print-sql` for the DBA)")]
@@ -87,6 +91,8 @@ pub enum SchemaError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("checking the replication slot: {0}")]
+    Slot(#[source] Box<crate::store::status::StatusError>),
     #[error("checking {what}: {source}")]
     Store {
         what: &'static str,
@@ -101,7 +107,11 @@ impl Classify for SchemaError {
     fn kind(&self) -> ErrorKind {
         match self {
             SchemaError::Query { source, .. } => crate::store::db::kind_of(source),
+            // The database lost data usersync needed: no setting fixes it,
+            // a person runs `recover` (exit 1 at start and later).
+            SchemaError::SlotInvalidated { .. } => ErrorKind::Permanent,
             SchemaError::Store { source, .. } => source.kind(),
+            SchemaError::Slot(e) => e.kind(),
             _ => ErrorKind::Config,
         }
     }
@@ -334,13 +344,22 @@ pub async fn check_slot(client: &Client, cfg: &DatabaseConfig) -> Result<(), Sch
     } else {
         None
     };
-    match problem {
-        Some(problem) => Err(SchemaError::SlotUnusable {
+    if let Some(problem) = problem {
+        return Err(SchemaError::SlotUnusable {
             slot: cfg.slot.clone(),
             problem,
-        }),
-        None => Ok(()),
+        });
     }
+    let info = crate::store::status::slot_info(client, &cfg.slot)
+        .await
+        .map_err(|e| SchemaError::Slot(Box::new(e)))?;
+    if let Some(problem) = info.as_ref().and_then(|s| s.invalidated()) {
+        return Err(SchemaError::SlotInvalidated {
+            slot: cfg.slot.clone(),
+            problem,
+        });
+    }
+    Ok(())
 }
 
 pub async fn check_origin(client: &Client, cfg: &DatabaseConfig) -> Result<(), SchemaError> {

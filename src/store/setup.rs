@@ -88,11 +88,8 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
             ),
         },
         Step {
-            comment: "The logical replication slot: PostgreSQL keeps WAL from here until usersync confirms it.",
-            sql: format!(
-                "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput')\n    WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot});",
-                slot = quote_literal(&cfg.slot)
-            ),
+            comment: "The logical replication slot: PostgreSQL keeps WAL from here until usersync confirms it. On PostgreSQL 17+ it is a failover slot (5th argument), which a standby with sync_replication_slots = on keeps a copy of, so usersync continues after a promotion.",
+            sql: create_slot_sql(&cfg.slot),
         },
         Step {
             comment: "Sync requests (backfill, sync-user, switching sync back on): each row asks the daemon to push one user's current state.",
@@ -127,6 +124,16 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
             sql: crate::store::inbound::VERSIONS_DDL.to_string(),
         },
     ]
+}
+
+/// Creates the logical slot when it does not exist, as a failover slot
+/// where the server has them (17+). One DO block: a slot cannot be created
+/// in a transaction that wrote, and the block writes nothing before it.
+pub fn create_slot_sql(slot: &str) -> String {
+    format!(
+        "DO $$\nBEGIN\n    IF NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot}) THEN\n        IF current_setting('server_version_num')::int >= 170000 THEN\n            PERFORM pg_create_logical_replication_slot({slot}, 'pgoutput', false, false, true);\n        ELSE\n            PERFORM pg_create_logical_replication_slot({slot}, 'pgoutput');\n        END IF;\n    END IF;\nEND\n$$;",
+        slot = quote_literal(slot)
+    )
 }
 
 /// The script a DBA can read and run with `psql -f`.

@@ -37,6 +37,45 @@ pub struct SlotInfo {
     /// Approximate lag in seconds (see `slot_info`).
     pub lag_seconds: Option<f64>,
     pub wal_status: Option<String>,
+    /// Why PostgreSQL invalidated the slot (17+: `wal_removed`, `rows_removed`,
+    /// `wal_level_insufficient`, 18's `idle_timeout`); `None` when valid.
+    pub invalidation_reason: Option<String>,
+    /// 16+: invalidated by a recovery conflict (logical decoding on a standby).
+    pub conflicting: Option<bool>,
+    /// 17+: the slot is created to be synchronized to standbys.
+    pub failover: Option<bool>,
+    /// 17+, on a standby: the slot is a synchronized copy of the primary's.
+    pub synced: Option<bool>,
+    /// `pg_is_in_recovery()` of the server answering (a standby).
+    pub in_recovery: bool,
+    pub server_version_num: i32,
+}
+
+impl SlotInfo {
+    /// Why the slot can no longer stream, in words, when it cannot: its WAL
+    /// was removed (`wal_status = lost`, or 17+'s `invalidation_reason`), or
+    /// it conflicted with recovery (16+'s `conflicting`).
+    pub fn invalidated(&self) -> Option<String> {
+        if let Some(reason) = &self.invalidation_reason {
+            return Some(match reason.as_str() {
+                "wal_removed" => "was invalidated: PostgreSQL removed WAL it still needed (max_slot_wal_keep_size)".to_string(),
+                "rows_removed" => "was invalidated: rows it still needed were vacuumed away (a recovery conflict)".to_string(),
+                "wal_level_insufficient" => "was invalidated: wal_level on the primary went below logical".to_string(),
+                "idle_timeout" => "was invalidated: it stayed unused longer than idle_replication_slot_timeout".to_string(),
+                other => format!("was invalidated ({other})"),
+            });
+        }
+        if self.wal_status.as_deref() == Some("lost") {
+            return Some(
+                "has lost WAL it still needed (max_slot_wal_keep_size); it cannot stream any more"
+                    .to_string(),
+            );
+        }
+        if self.conflicting == Some(true) {
+            return Some("was invalidated by a recovery conflict".to_string());
+        }
+        None
+    }
 }
 
 /// `None` when the slot does not exist. Lag in seconds is approximated: 0
@@ -46,21 +85,45 @@ pub struct SlotInfo {
 /// the commit time of the oldest unconfirmed change) would need decoding WAL.
 pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, StatusError> {
     let e = err("reading the replication slot");
-    let row = client
-        .query_opt(
-            "SELECT s.active, s.active_pid, a.application_name::text, s.confirmed_flush_lsn::text, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::int8, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8, \
-                    extract(epoch FROM coalesce(r.flush_lag, r.write_lag))::float8, \
-                    s.wal_status::text \
-             FROM pg_replication_slots s \
-             LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
-             LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
-             WHERE s.slot_name = $1",
-            &[&slot],
+    let server = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, pg_is_in_recovery()",
+            &[],
         )
         .await
         .map_err(e)?;
+    let version: i32 = server.try_get(0).map_err(e)?;
+    let in_recovery: bool = server.try_get(1).map_err(e)?;
+    // Columns newer servers have; older ones answer NULL for them.
+    let conflicting = if version >= 160_000 {
+        "s.conflicting"
+    } else {
+        "NULL::bool"
+    };
+    let (reason, failover, synced) = if version >= 170_000 {
+        ("s.invalidation_reason::text", "s.failover", "s.synced")
+    } else {
+        ("NULL::text", "NULL::bool", "NULL::bool")
+    };
+    // On a standby, pg_current_wal_lsn() is refused: the replayed position
+    // stands in for it.
+    let current = if in_recovery {
+        "pg_last_wal_replay_lsn()"
+    } else {
+        "pg_current_wal_lsn()"
+    };
+    let sql = format!(
+        "SELECT s.active, s.active_pid, a.application_name::text, s.confirmed_flush_lsn::text, \
+                pg_wal_lsn_diff({current}, s.restart_lsn)::int8, \
+                pg_wal_lsn_diff({current}, s.confirmed_flush_lsn)::int8, \
+                extract(epoch FROM coalesce(r.flush_lag, r.write_lag))::float8, \
+                s.wal_status::text, {reason}, {conflicting}, {failover}, {synced} \
+         FROM pg_replication_slots s \
+         LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
+         LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+         WHERE s.slot_name = $1"
+    );
+    let row = client.query_opt(&sql, &[&slot]).await.map_err(e)?;
     let Some(r) = row else { return Ok(None) };
     let active: bool = r.try_get(0).map_err(e)?;
     let lag_bytes: Option<i64> = r.try_get(5).map_err(e)?;
@@ -79,6 +142,12 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         lag_bytes,
         lag_seconds,
         wal_status: r.try_get(7).map_err(e)?,
+        invalidation_reason: r.try_get(8).map_err(e)?,
+        conflicting: r.try_get(9).map_err(e)?,
+        failover: r.try_get(10).map_err(e)?,
+        synced: r.try_get(11).map_err(e)?,
+        in_recovery,
+        server_version_num: version,
     }))
 }
 

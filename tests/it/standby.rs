@@ -304,3 +304,50 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A term that ends while its write-back waits for the replication origin
+/// (held by a predecessor's session, up to 30 s) ends at once: the wait is
+/// part of the term. Without that, the stopped term comes back after the
+/// wait with an error instead of a clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_term_ending_while_the_write_back_waits_for_the_origin_stops_at_once() {
+    install_crypto();
+    let db = TestDb::new(USERS_BIGINT).await;
+    // The predecessor's write-back session, still holding the origin.
+    let (holder, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    holder
+        .execute(
+            "SELECT pg_replication_origin_session_setup($1)",
+            &[&db.dbname],
+        )
+        .await
+        .expect("hold the origin");
+    let daemon = db.start_daemon();
+    // The daemon's write-back session exists: it is waiting for the origin.
+    let deadline = Instant::now() + WAIT;
+    while db
+        .count(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND application_name = 'usersync-writeback'",
+            db.dbname
+        ))
+        .await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "no write-back session");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.cancel.cancel();
+    // Still held: a term that waits it out ends only after the 30 s origin
+    // wait (and then cleanly, its error being transient), so the bound here
+    // is that wait, not a performance figure: the fixed term ends at once.
+    match tokio::time::timeout(Duration::from_secs(20), daemon.task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => panic!("the stopped term failed: {e}"),
+        Ok(Err(e)) => panic!("daemon panicked: {e}"),
+        Err(_) => panic!("the stopped term kept waiting for the replication origin"),
+    }
+    drop(holder);
+}
