@@ -1006,7 +1006,6 @@ impl Bench<'_> {
             (7, "7 reconcile", Box::pin(self.reconcile())),
             (8, "8 takeover", Box::pin(self.takeover())),
             (9, "9 cost per change", Box::pin(self.cost_per_change())),
-
             (10, "10 inbound", Box::pin(self.inbound())),
         ];
         for (n, label, fut) in scenarios {

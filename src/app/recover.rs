@@ -119,7 +119,8 @@ pub async fn run(cfg: &Config, opts: &Options) -> Result<Summary, RecoverError> 
         },
         None => "does not exist".to_string(),
     };
-    let reader = RowReader::new(&client, shape, &cfg.sink.columns).await?;
+    let reader =
+        RowReader::new(&client, shape, &cfg.sink.columns, &cfg.database.publication).await?;
     let mut summary = Summary {
         slot_problem: format!("{} {slot_problem}", db.slot),
         ..Summary::default()
