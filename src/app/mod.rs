@@ -1,10 +1,11 @@
 //! One composition root per command: each wires configuration, store, sink
-//! and pipeline for `run`, `backfill`, `reconcile`, `sync-user`, `dlq`, `setup`, `check`,
+//! and pipeline for `run`, `backfill`, `import`, `reconcile`, `sync-user`, `dlq`, `setup`, `check`,
 //! `status` and `teardown`.
 
 pub mod backfill;
 pub mod check;
 pub mod dlq;
+pub mod import;
 pub mod inbound;
 pub mod leader;
 pub mod page;

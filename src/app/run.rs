@@ -277,7 +277,10 @@ async fn session(
         .with_types(types)
         .with_not_streamed(not_streamed),
         origin: cfg.database.origin.clone(),
-        echo_origins: crate::app::inbound::echo_origins(cfg),
+        echo_origins: crate::app::inbound::echo_origins(cfg)
+            .into_iter()
+            .chain(crate::app::import::echo_origins(cfg))
+            .collect(),
         target: cfg.database.describe(),
     };
     let (source_tx, source_rx) = mpsc::channel(1024);

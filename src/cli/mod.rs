@@ -216,6 +216,33 @@ pub enum Command {
         #[arg(long, value_name = "ROWS")]
         chunk_size: Option<usize>,
     },
+    /// Bring the users of an inbound source (memberstack or stripe; read
+    /// through its list API) into the users table, with the source's
+    /// [inbound] mapping and matching: a user with a row (by the source's id
+    /// column, usersync's back-reference, or the email with match_email) is
+    /// linked and updated, not duplicated; the others are inserted
+    /// (on_create). Writes go through the inbound write path, tagged so the
+    /// daemon never pushes them back to the source. Records that already
+    /// agree are not written, so a second import changes nothing.
+    ///
+    /// The list cursor is kept in usersync.import_cursors after every page:
+    /// after Ctrl-C or a crash the next `usersync import` resumes there
+    /// (--restart starts at the first page). The provider's rate limit is
+    /// honoured (sink.rate_limit_per_sec, and a 429's Retry-After).
+    Import {
+        /// The source: its name under [inbound.sources], or its kind.
+        #[arg(long, value_name = "SOURCE")]
+        from: String,
+        /// Print what would be inserted, linked and updated; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Ignore an unfinished import's cursor and start at the first page.
+        #[arg(long)]
+        restart: bool,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare the users table with the sink's service (memberstack or
     /// stripe, read through its list API) and report per user what differs:
     /// only in the table, only in the service, linked to a record that no
@@ -493,6 +520,12 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             chunk_size,
         } => backfill(&path, explicit, all, dry_run, chunk_size).await,
         Command::Reconcile { json, fix } => reconcile(&path, explicit, json, fix).await,
+        Command::Import {
+            from,
+            dry_run,
+            restart,
+            json,
+        } => import(&path, explicit, from, dry_run, restart, json).await,
         Command::SyncUser { key, json, timeout } => {
             sync_user(&path, explicit, &key, json, timeout).await
         }
@@ -640,6 +673,54 @@ async fn teardown(
 }
 
 /// `usersync backfill`.
+/// `usersync import`: the report on stdout (with --dry-run, one line per
+/// record that would be written).
+async fn import(
+    path: &std::path::Path,
+    explicit: bool,
+    from: String,
+    dry_run: bool,
+    restart: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    use crate::app::import::{Options, Plan};
+    let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+    crate::observe::logging::init_logging(&cfg.log.level, cfg.log.format == "json");
+    let opts = Options {
+        from,
+        dry_run,
+        restart,
+        quiet: false,
+    };
+    let cancel = CancellationToken::new();
+    crate::app::signals::spawn_signal_handler(cancel.clone());
+    let report = crate::app::import::run(&cfg, &opts, cancel)
+        .await
+        .map_err(Failure::of)?;
+    if json {
+        let text = serde_json::to_string_pretty(&report).map_err(Failure::runtime)?;
+        println!("{text}");
+        return Ok(());
+    }
+    for p in &report.plans {
+        match &p.plan {
+            Plan::Insert => println!("insert  external {}", p.external_id),
+            Plan::Link { key } => println!("link    external {} user {key}", p.external_id),
+            Plan::Update { key, columns } => println!(
+                "update  external {} user {key} columns {}",
+                p.external_id,
+                columns.join(", ")
+            ),
+            Plan::Unchanged { .. } | Plan::Unmatched => {}
+        }
+    }
+    if let Some(pages) = report.resumed_after_pages {
+        println!("resumed after page {pages}");
+    }
+    println!("{}", report.summary_line());
+    Ok(())
+}
+
 /// `usersync reconcile`: the report on stdout, exit 1 on drift.
 async fn reconcile(
     path: &std::path::Path,

@@ -12,6 +12,7 @@ mod docker;
 mod errors;
 mod exactly_once;
 mod faults;
+mod import;
 mod inbound;
 mod layers;
 mod listing;
