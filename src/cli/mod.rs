@@ -169,22 +169,38 @@ pub enum Command {
     /// Run the fake webhook receiver used by the demo and the tests, for
     /// trying usersync against something local. It stores users, verifies
     /// signatures and shows its state at /_fake/users and /_fake/requests.
+    /// With --mode clerk|memberstack|stripe, a fake of that vendor's API
+    /// instead, which can also send the vendor's signed webhooks.
     FakeService {
         /// Port on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 8080)]
         port: u16,
         /// Name of the environment variable holding the webhook signing
-        /// secret (whsec_...) or, with --mode memberstack|stripe, the API key
-        /// the fake accepts. Without it, one is generated and printed.
+        /// secret (whsec_...) or, with --mode clerk|memberstack|stripe, the
+        /// API key the fake accepts. Without it, one is generated and printed.
         #[arg(long)]
         secret_env: Option<String>,
         /// Added latency per request, in milliseconds.
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
         /// Which service to imitate: a webhook receiver, the Memberstack
-        /// admin API, or Stripe's customers API.
-        #[arg(long, value_enum, default_value_t = SinkArg::Webhook)]
-        mode: SinkArg,
+        /// admin API, Stripe's customers API, or Clerk's Backend API users.
+        #[arg(long, value_enum, default_value_t = FakeModeArg::Webhook)]
+        mode: FakeModeArg,
+        /// With --mode clerk|memberstack|stripe: POST the vendor's signed
+        /// webhooks (Svix-signed user.* / member.*, Stripe-signed
+        /// customer.*) for every change to this URL, e.g. usersync's
+        /// http://127.0.0.1:9188/<source>.
+        #[arg(long, requires = "webhook_secret_env")]
+        webhook_url: Option<String>,
+        /// Name of the environment variable holding the whsec_ secret the
+        /// webhooks are signed with.
+        #[arg(long, requires = "webhook_url")]
+        webhook_secret_env: Option<String>,
+        /// Multiplies the vendor's retry schedule (Svix: 5 s, 5 min, 30 min,
+        /// 2 h, 5 h, 10 h, 10 h): 0.001 retries after 5 ms, 300 ms, ….
+        #[arg(long, default_value_t = 1.0)]
+        webhook_retry_scale: f64,
     },
     /// Push the users that already exist in the table, beside a running
     /// daemon.
@@ -367,6 +383,26 @@ impl SinkArg {
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FakeModeArg {
+    Webhook,
+    Memberstack,
+    Stripe,
+    Clerk,
+}
+
+impl FakeModeArg {
+    fn kind(self) -> crate::dev::fake::serve::FakeKind {
+        use crate::dev::fake::serve::FakeKind;
+        match self {
+            FakeModeArg::Webhook => FakeKind::Webhook,
+            FakeModeArg::Memberstack => FakeKind::Memberstack,
+            FakeModeArg::Stripe => FakeKind::Stripe,
+            FakeModeArg::Clerk => FakeKind::Clerk,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum FixArg {
     Push,
 }
@@ -513,7 +549,22 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             secret_env,
             latency_ms,
             mode,
-        } => fake_service(port, secret_env, latency_ms, mode).await,
+            webhook_url,
+            webhook_secret_env,
+            webhook_retry_scale,
+        } => {
+            let webhooks = match (webhook_url, webhook_secret_env) {
+                (Some(url), Some(var)) => Some(crate::dev::fake::serve::SendWebhooks {
+                    url,
+                    secret: std::env::var(&var).map_err(|_| {
+                        Failure::usage(format!("environment variable {var} is not set"))
+                    })?,
+                    compress: webhook_retry_scale,
+                }),
+                _ => None,
+            };
+            fake_service(port, secret_env, latency_ms, mode, webhooks).await
+        }
         Command::Backfill {
             all,
             dry_run,
@@ -536,7 +587,8 @@ async fn fake_service(
     port: u16,
     secret_env: Option<String>,
     latency_ms: u64,
-    mode: SinkArg,
+    mode: FakeModeArg,
+    webhooks: Option<crate::dev::fake::serve::SendWebhooks>,
 ) -> Result<(), Failure> {
     use crate::dev::fake::serve::{start, StartError};
     crate::observe::logging::init_logging("info", false);
@@ -552,10 +604,13 @@ async fn fake_service(
         port,
         given,
         std::time::Duration::from_millis(latency_ms),
+        webhooks,
     )
     .await
     .map_err(|e| match e {
-        StartError::Secret(_) => Failure::usage(e),
+        StartError::Secret(_) | StartError::WebhookSecret(_) | StartError::NoWebhooks => {
+            Failure::usage(e)
+        }
         StartError::Io(_) => Failure::runtime(e),
     })?;
     if let Some(generated) = &running.generated {

@@ -9,55 +9,17 @@
 //! possible, a test says so on stderr and skips.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::{Map, Value};
+
+use crate::common::node_with;
 use usersync::dev::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
 use usersync::dev::fake::stripe::{FakeStripe, FakeStripeOptions};
 
 const SEEDED: usize = 10_000;
 const STRIPE_KEY: &str = "sk_test_51UsersyncListingKey0123";
 const MEMBERSTACK_KEY: &str = "sk_sb_listing_key";
-
-/// A NODE_PATH under which these npm packages load, installed into the
-/// target directory when missing.
-fn node_with(packages: &[&str]) -> Option<Vec<(String, String)>> {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nodedeps");
-    let env = vec![(
-        "NODE_PATH".to_string(),
-        dir.join("node_modules").display().to_string(),
-    )];
-    let works = || {
-        packages.iter().all(|p| {
-            Command::new("node")
-                .args(["-e", &format!("require({p:?})")])
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-    };
-    if works() {
-        return Some(env);
-    }
-    let _ = std::fs::create_dir_all(&dir);
-    let out = Command::new("npm")
-        .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
-        .arg(&dir)
-        .args(packages)
-        .output();
-    match out {
-        Ok(o) if o.status.success() && works() => Some(env),
-        other => {
-            eprintln!(
-                "SKIPPED: npm packages {packages:?} are not installed and cannot be: {other:?}"
-            );
-            None
-        }
-    }
-}
 
 /// Runs a script, feeding nothing, and returns its stdout as JSON.
 fn run_json(program: &str, script: &str, env: &[(String, String)]) -> Value {

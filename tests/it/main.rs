@@ -3,6 +3,7 @@
 //! database per test).
 
 mod backfill;
+mod clerk;
 mod common;
 mod dashboards;
 mod deadletters;

@@ -34,6 +34,7 @@ use rand::Rng;
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
+use super::webhooks::{svix_message_id, Webhooks};
 use super::{Fault, Server};
 
 const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -172,6 +173,10 @@ struct Store {
     faults: VecDeque<Fault>,
     latency: Duration,
     bucket: Bucket,
+    /// Where `member.*` events go (Svix-signed), when configured.
+    webhooks: Webhooks,
+    /// The last event timestamp handed out, in ms: never repeats.
+    clock_ms: i64,
     /// (method, remaining count, delay): answers held after processing.
     delays: Vec<(String, u32, Duration)>,
 }
@@ -216,6 +221,35 @@ impl Store {
             }
             return Some(active);
         }
+    }
+
+    /// Queues the webhook Memberstack sends (through Svix) for a change that
+    /// succeeded: `{event, timestamp, payload}` with the member as the API
+    /// shows it; a no-op without a target.
+    fn emit(&mut self, method: &Method, answer: &Value) {
+        if !self.webhooks.is_configured() {
+            return;
+        }
+        let event = match *method {
+            Method::POST => "member.created",
+            Method::PATCH => "member.updated",
+            Method::DELETE => "member.deleted",
+            _ => return,
+        };
+        let Some(id) = answer.pointer("/data/id").and_then(Value::as_str) else {
+            return;
+        };
+        let Some(member) = self.members.iter().rev().find(|m| m.id == id) else {
+            return;
+        };
+        let payload = member.api_json(true);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        self.clock_ms = now.max(self.clock_ms + 1);
+        let body = json!({ "event": event, "timestamp": self.clock_ms, "payload": payload });
+        self.webhooks
+            .send(svix_message_id(), event, body.to_string().into_bytes());
     }
 
     fn live(&self) -> impl Iterator<Item = &FakeMember> {
@@ -511,12 +545,14 @@ impl Shared {
 pub struct FakeMemberstack {
     shared: Arc<Shared>,
     server: Server,
+    webhooks: Webhooks,
 }
 
 impl FakeMemberstack {
     /// Binds 127.0.0.1 and serves in the background.
     pub async fn start(opts: FakeMemberstackOptions) -> std::io::Result<FakeMemberstack> {
         let bound = Server::bind(opts.port).await?;
+        let webhooks = Webhooks::default();
         let shared = Arc::new(Shared {
             store: Mutex::new(Store {
                 members: Vec::new(),
@@ -524,6 +560,8 @@ impl FakeMemberstack {
                 faults: VecDeque::new(),
                 latency: opts.latency,
                 bucket: Bucket::new(opts.rate_limit_per_sec),
+                webhooks: webhooks.clone(),
+                clock_ms: 0,
                 delays: Vec::new(),
             }),
             api_key: opts.api_key,
@@ -535,7 +573,17 @@ impl FakeMemberstack {
             .fallback(api)
             .with_state(Arc::clone(&shared));
         let server = bound.serve(app, "fake Memberstack")?;
-        Ok(FakeMemberstack { shared, server })
+        Ok(FakeMemberstack {
+            shared,
+            server,
+            webhooks,
+        })
+    }
+
+    /// The Svix-signed `member.created/updated/deleted` webhooks this fake
+    /// sends once given a target ([`Webhooks::set_target`]).
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.webhooks
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -734,6 +782,9 @@ async fn api(State(shared): State<Arc<Shared>>, request: Request) -> Response {
             (&Method::DELETE, _, Some(s)) => store.delete(&s),
             _ => Reply::error(404, "not-found", "Not found."),
         };
+        if (200..300).contains(&reply.status) {
+            store.emit(&parts.method, &reply.body);
+        }
         record.status = reply.status;
         record.response = reply.body.clone();
         store.requests.push(record);

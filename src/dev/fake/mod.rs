@@ -6,6 +6,7 @@
 //! process. This file owns the public API and the server's lifecycle;
 //! `store` owns the state and the event semantics, `http` the wire format.
 
+pub mod clerk;
 mod http;
 pub mod memberstack;
 pub mod serve;
@@ -13,10 +14,12 @@ mod store;
 pub mod stripe;
 #[cfg(test)]
 mod tests;
+pub mod webhooks;
 
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -270,5 +273,70 @@ impl Bound {
             stop: self.stop,
             task,
         })
+    }
+}
+
+/// What the next request of a vendor fake has to suffer, off its queue.
+pub(crate) enum ActiveFault {
+    Status(u16),
+    RateLimit(u64),
+    Timeout,
+}
+
+/// Consumes one request's worth of the oldest queued fault.
+pub(crate) fn take_fault(faults: &mut VecDeque<Fault>) -> Option<ActiveFault> {
+    loop {
+        let front = faults.front_mut()?;
+        let (remaining, active) = match front {
+            Fault::Status { status, count } => (count, ActiveFault::Status(*status)),
+            Fault::RateLimit {
+                retry_after_secs,
+                count,
+            } => (count, ActiveFault::RateLimit(*retry_after_secs)),
+            Fault::Timeout { count } => (count, ActiveFault::Timeout),
+        };
+        if *remaining == 0 {
+            faults.pop_front();
+            continue;
+        }
+        *remaining -= 1;
+        if *remaining == 0 {
+            faults.pop_front();
+        }
+        return Some(active);
+    }
+}
+
+/// A token bucket holding up to one second's worth of requests.
+pub(crate) struct Bucket {
+    per_sec: u32,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    pub(crate) fn new(per_sec: u32) -> Bucket {
+        Bucket {
+            per_sec,
+            tokens: f64::from(per_sec),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token; false when the limit is exceeded (0 = no limit).
+    pub(crate) fn take(&mut self) -> bool {
+        if self.per_sec == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        let cap = f64::from(self.per_sec);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * cap).min(cap);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }

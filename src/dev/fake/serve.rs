@@ -6,6 +6,7 @@ use futures::future::BoxFuture;
 
 use crate::config::SinkKind;
 use crate::core::signature::WebhookSecret;
+use crate::dev::fake::clerk::{FakeClerk, FakeClerkOptions};
 use crate::dev::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
 use crate::dev::fake::stripe::{FakeStripe, FakeStripeOptions};
 use crate::dev::fake::{FakeOptions, FakeService};
@@ -16,6 +17,54 @@ pub enum StartError {
     Secret(#[from] crate::core::signature::SecretError),
     #[error("fake service: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the webhook secret: {0}")]
+    WebhookSecret(#[from] crate::core::inbound::InboundSecretError),
+    #[error("--webhook-url needs --mode clerk, memberstack or stripe: the webhook receiver fake sends no webhooks")]
+    NoWebhooks,
+}
+
+/// Which service a fake imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FakeKind {
+    /// The receiver of usersync's own webhook sink.
+    Webhook,
+    Memberstack,
+    Stripe,
+    /// Clerk's Backend API users endpoints.
+    Clerk,
+}
+
+impl From<SinkKind> for FakeKind {
+    fn from(kind: SinkKind) -> Self {
+        match kind {
+            SinkKind::Webhook => FakeKind::Webhook,
+            SinkKind::Memberstack => FakeKind::Memberstack,
+            SinkKind::Stripe => FakeKind::Stripe,
+        }
+    }
+}
+
+/// Where a vendor fake sends its signed events.
+#[derive(Debug, Clone)]
+pub struct SendWebhooks {
+    pub url: String,
+    /// `whsec_…`: Svix's for Clerk and Memberstack, Stripe's for Stripe.
+    pub secret: String,
+    /// Multiplies the provider's retry schedule (1.0: as the provider).
+    pub compress: f64,
+}
+
+impl SendWebhooks {
+    fn target(&self, kind: FakeKind) -> Result<super::webhooks::WebhookTarget, StartError> {
+        let target = match kind {
+            FakeKind::Stripe => super::webhooks::WebhookTarget::stripe(&self.url, &self.secret)?,
+            FakeKind::Clerk | FakeKind::Memberstack => {
+                super::webhooks::WebhookTarget::svix(&self.url, &self.secret)?
+            }
+            FakeKind::Webhook => return Err(StartError::NoWebhooks),
+        };
+        Ok(target.compressed(self.compress))
+    }
 }
 
 /// A started fake: where it listens, the secret or key it made up when none
@@ -28,14 +77,17 @@ pub struct Running {
 
 /// Starts the fake of `kind`. `given` is the webhook signing secret
 /// (`whsec_…`) or the API key the fake accepts; without one, it makes one up.
+/// `webhooks`: where a vendor fake sends its signed events.
 pub async fn start(
-    kind: SinkKind,
+    kind: FakeKind,
     port: u16,
     given: Option<String>,
     latency: std::time::Duration,
+    webhooks: Option<SendWebhooks>,
 ) -> Result<Running, StartError> {
+    let target = webhooks.as_ref().map(|w| w.target(kind)).transpose()?;
     match kind {
-        SinkKind::Webhook => {
+        FakeKind::Webhook => {
             let (secret, generated) = match given {
                 Some(text) => (WebhookSecret::parse(&text)?, None),
                 None => {
@@ -59,7 +111,7 @@ pub async fn start(
                 stop: Box::new(move || Box::pin(fake.shutdown())),
             })
         }
-        SinkKind::Memberstack | SinkKind::Stripe => {
+        FakeKind::Memberstack | FakeKind::Stripe | FakeKind::Clerk => {
             let (key, generated) = match given {
                 Some(key) => (key, None),
                 None => {
@@ -75,7 +127,21 @@ pub async fn start(
                     (k, Some(line))
                 }
             };
-            if kind == SinkKind::Memberstack {
+            if kind == FakeKind::Clerk {
+                let fake = FakeClerk::start(FakeClerkOptions {
+                    port,
+                    secret_key: key,
+                    latency,
+                    ..FakeClerkOptions::default()
+                })
+                .await?;
+                fake.webhooks().set_target(target);
+                Ok(Running {
+                    url: fake.url(),
+                    generated,
+                    stop: Box::new(move || Box::pin(fake.shutdown())),
+                })
+            } else if kind == FakeKind::Memberstack {
                 let fake = FakeMemberstack::start(FakeMemberstackOptions {
                     port,
                     api_key: key,
@@ -83,6 +149,7 @@ pub async fn start(
                     ..FakeMemberstackOptions::default()
                 })
                 .await?;
+                fake.webhooks().set_target(target);
                 Ok(Running {
                     url: fake.url(),
                     generated,
@@ -96,6 +163,7 @@ pub async fn start(
                     ..FakeStripeOptions::default()
                 })
                 .await?;
+                fake.webhooks().set_target(target);
                 Ok(Running {
                     url: fake.url(),
                     generated,

@@ -46,6 +46,7 @@ use rand::Rng;
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
+use super::webhooks::{random_alnum, Webhooks};
 use super::{Fault, Server};
 
 const TIMEOUT_HOLD: Duration = Duration::from_secs(60);
@@ -266,6 +267,8 @@ struct Store {
     latency: Duration,
     saved: HashMap<String, Saved>,
     bucket: Bucket,
+    /// Where `customer.*` events go (Stripe-signed), when configured.
+    webhooks: Webhooks,
 }
 
 impl Store {
@@ -290,6 +293,84 @@ impl Store {
             }
             return Some(active);
         }
+    }
+
+    /// For a request that may change a customer: the customer as it is
+    /// before (null for a create), to report `previous_attributes` and the
+    /// deleted object.
+    fn event_subject(&self, method: &str, path: &str) -> Option<Value> {
+        if !self.webhooks.is_configured() {
+            return None;
+        }
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        match (method, segments.as_slice()) {
+            ("POST", ["v1", "customers"]) => Some(Value::Null),
+            ("POST", ["v1", "customers", "search"]) => None,
+            ("POST" | "DELETE", ["v1", "customers", id]) => {
+                let id = percent_decode(id);
+                self.customers
+                    .iter()
+                    .find(|c| c.id == id && !c.deleted)
+                    .map(customer_json)
+            }
+            _ => None,
+        }
+    }
+
+    /// Queues the event Stripe sends for a change that took effect, with
+    /// `request.idempotency_key` as the request carried it.
+    fn emit(
+        &mut self,
+        method: &str,
+        path: &str,
+        before: Option<Value>,
+        answer: &Value,
+        idempotency_key: Option<&str>,
+    ) {
+        let Some(before) = before else { return };
+        let (kind, object, previous) = match (method, before) {
+            ("POST", Value::Null) if path.trim_end_matches('/') == "/v1/customers" => {
+                ("customer.created", answer.clone(), None)
+            }
+            ("POST", old) => {
+                let mut previous = Map::new();
+                if let (Some(old), Some(new)) = (old.as_object(), answer.as_object()) {
+                    for (k, v) in old {
+                        if new.get(k) != Some(v) {
+                            previous.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+                if previous.is_empty() {
+                    // Stripe sends no customer.updated for a no-op update.
+                    return;
+                }
+                (
+                    "customer.updated",
+                    answer.clone(),
+                    Some(Value::Object(previous)),
+                )
+            }
+            ("DELETE", old) => ("customer.deleted", old, None),
+            _ => return,
+        };
+        let mut data = json!({ "object": object });
+        if let Some(p) = previous {
+            data["previous_attributes"] = p;
+        }
+        let id = format!("evt_{}", random_alnum(24));
+        let body = json!({
+            "id": id,
+            "object": "event",
+            "api_version": "2024-06-20",
+            "created": now_secs(),
+            "data": data,
+            "livemode": false,
+            "pending_webhooks": 1,
+            "request": { "id": format!("req_{}", random_alnum(14)), "idempotency_key": idempotency_key },
+            "type": kind,
+        });
+        self.webhooks.send(id, kind, body.to_string().into_bytes());
     }
 
     /// Routes one authenticated, admitted request. Synchronous: the whole
@@ -870,12 +951,14 @@ impl Shared {
 pub struct FakeStripe {
     shared: Arc<Shared>,
     server: Server,
+    webhooks: Webhooks,
 }
 
 impl FakeStripe {
     /// Binds 127.0.0.1 and serves in the background.
     pub async fn start(opts: FakeStripeOptions) -> std::io::Result<FakeStripe> {
         let bound = Server::bind(opts.port).await?;
+        let webhooks = Webhooks::default();
         let shared = Arc::new(Shared {
             store: Mutex::new(Store {
                 customers: Vec::new(),
@@ -884,6 +967,7 @@ impl FakeStripe {
                 latency: opts.latency,
                 saved: HashMap::new(),
                 bucket: Bucket::new(opts.rate_limit_per_sec),
+                webhooks: webhooks.clone(),
             }),
             api_key: opts.api_key,
             stopping: bound.stopping(),
@@ -895,7 +979,17 @@ impl FakeStripe {
             .fallback(api)
             .with_state(Arc::clone(&shared));
         let server = bound.serve(app, "fake Stripe")?;
-        Ok(FakeStripe { shared, server })
+        Ok(FakeStripe {
+            shared,
+            server,
+            webhooks,
+        })
+    }
+
+    /// The Stripe-signed `customer.created/updated/deleted` events this fake
+    /// sends once given a target ([`Webhooks::set_target`]).
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.webhooks
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -1057,7 +1151,17 @@ async fn api(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let reply = {
         let mut store = shared.store();
         let params = record.form.clone();
+        let before = store.event_subject(&method, &path);
         let reply = store.handle(&method, &path, &params, idempotency_key.as_deref());
+        if reply.status == 200 && !reply.replayed {
+            store.emit(
+                &method,
+                &path,
+                before,
+                &reply.body,
+                idempotency_key.as_deref(),
+            );
+        }
         let mut record = record;
         record.status = reply.status;
         record.replayed = reply.replayed;

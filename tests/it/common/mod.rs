@@ -453,6 +453,45 @@ pub fn python_with_standardwebhooks() -> (String, Vec<(String, String)>) {
     ("python3".into(), env)
 }
 
+/// A NODE_PATH under which these npm packages load, installed into the
+/// target directory when missing.
+pub fn node_with(packages: &[&str]) -> Option<Vec<(String, String)>> {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nodedeps");
+    let env = vec![(
+        "NODE_PATH".to_string(),
+        dir.join("node_modules").display().to_string(),
+    )];
+    let works = || {
+        packages.iter().all(|p| {
+            Command::new("node")
+                .args(["-e", &format!("require({p:?})")])
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    };
+    if works() {
+        return Some(env);
+    }
+    let _ = std::fs::create_dir_all(&dir);
+    let out = Command::new("npm")
+        .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
+        .arg(&dir)
+        .args(packages)
+        .output();
+    match out {
+        Ok(o) if o.status.success() && works() => Some(env),
+        other => {
+            eprintln!(
+                "SKIPPED: npm packages {packages:?} are not installed and cannot be: {other:?}"
+            );
+            None
+        }
+    }
+}
+
 /// What a finished run of the binary printed.
 pub struct CliOutcome {
     pub code: Option<i32>,
