@@ -1722,6 +1722,7 @@ impl Bench<'_> {
             let cfg = Config::from_parts(Some(&toml), "bench", &env).ctx("config")?;
             let opts = usersync::app::reconcile::Options {
                 fix: None,
+                from: None,
                 quiet: true,
             };
             let started = Instant::now();

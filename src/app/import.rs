@@ -379,6 +379,81 @@ pub async fn run(
     opts: &Options,
     cancel: CancellationToken,
 ) -> Result<Report, ImportError> {
+    walk(cfg, opts, cancel, false).await
+}
+
+/// Lists every record of `from` and plans each against the table without
+/// writing: what `reconcile --from` compares (`plans` holds every record,
+/// unchanged ones included).
+pub async fn survey(
+    cfg: &Config,
+    from: &str,
+    cancel: CancellationToken,
+    quiet: bool,
+) -> Result<Report, ImportError> {
+    let opts = Options {
+        from: from.to_string(),
+        dry_run: true,
+        restart: false,
+        quiet,
+    };
+    walk(cfg, &opts, cancel, true).await
+}
+
+/// The version stream a source's user objects are ordered in (as its
+/// webhooks name it).
+fn stream_of(kind: SourceKind) -> &'static str {
+    match kind {
+        SourceKind::Memberstack => "member",
+        SourceKind::Stripe => "customer",
+        SourceKind::Clerk | SourceKind::Standard => "user",
+    }
+}
+
+/// `reconcile --fix pull` for rows linked to records the service no longer
+/// has: each gets the delete its webhook would have brought (the source's
+/// `on_delete`), through the write path and tagged like an import. Returns
+/// how many were applied.
+pub async fn pull_deletes(
+    cfg: &Config,
+    source: &InboundSource,
+    shape: &crate::core::table::TableShape,
+    stale_ids: &[String],
+) -> Result<u64, ImportError> {
+    if stale_ids.is_empty() {
+        return Ok(0);
+    }
+    let mut applier = Applier::connect(&import_config(cfg), source, shape, ORIGIN_WAIT).await?;
+    // Missing now: a delete at this moment, which a later re-creation
+    // (a newer version) undoes and an older update does not.
+    let version = now_ms();
+    let mut applied = 0;
+    for id in stale_ids {
+        let record = InboundRecord {
+            event_id: format!("reconcile-delete-{id}-{version}"),
+            event_type: format!("{}.missing", source.kind.name()),
+            action: crate::core::inbound_event::Action::Delete,
+            stream: stream_of(source.kind),
+            subject: id.clone(),
+            back_ref: None,
+            email: None,
+            version,
+            values: serde_json::Map::new(),
+            idempotency_key: None,
+        };
+        if let Applied::Applied(_) = applier.apply(&record).await? {
+            applied += 1;
+        }
+    }
+    Ok(applied)
+}
+
+async fn walk(
+    cfg: &Config,
+    opts: &Options,
+    cancel: CancellationToken,
+    all_plans: bool,
+) -> Result<Report, ImportError> {
     let source = resolve_source(cfg, &opts.from).map_err(ImportError::Config)?;
     let lister = lister_for(cfg, source).map_err(ImportError::Config)?;
     let client = connect(&cfg.database, "usersync-import").await?;
@@ -457,7 +532,7 @@ pub async fn run(
                 }
             } else {
                 count(&mut report, &plan);
-                if opts.dry_run && plan.writes() {
+                if opts.dry_run && (plan.writes() || all_plans) {
                     report.plans.push(Planned {
                         external_id: record.subject.clone(),
                         plan,

@@ -131,6 +131,9 @@ pub async fn run_with_switch(
     // stream on its own sessions, for the whole run.
     crate::app::inbound::start(cfg, &shape, cancel.clone()).await?;
     crate::store::requests::spawn_pruner(cfg.database.clone(), cancel.clone());
+    if let Some(every) = cfg.reconcile.every {
+        crate::app::reconcile::spawn_periodic(cfg.clone(), every, cancel.clone());
+    }
     let (_fixed, fixed_rx) = watch::channel(cfg.sync.enabled);
     let switch = switch.unwrap_or(fixed_rx);
     if cfg.backfill.on_start {

@@ -276,9 +276,15 @@ pub enum Command {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
-        /// Make the service match the table: `push`.
+        /// `push`: make the service match the table; `pull`: make the
+        /// table match the service.
         #[arg(long, value_name = "DIRECTION")]
         fix: Option<FixArg>,
+        /// Compare with an inbound source (its name or kind under
+        /// [inbound.sources]; clerk too) through its mapping, instead of
+        /// with the sink's service.
+        #[arg(long, value_name = "SOURCE")]
+        from: Option<String>,
     },
     /// Push one user now, from its current row, and print the result
     /// (external id, status, latency) or the error.
@@ -405,6 +411,7 @@ impl FakeModeArg {
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum FixArg {
     Push,
+    Pull,
 }
 
 /// An error at the edge: the message to print and the exit code.
@@ -570,7 +577,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             dry_run,
             chunk_size,
         } => backfill(&path, explicit, all, dry_run, chunk_size).await,
-        Command::Reconcile { json, fix } => reconcile(&path, explicit, json, fix).await,
+        Command::Reconcile { json, fix, from } => reconcile(&path, explicit, json, fix, from).await,
         Command::Import {
             from,
             dry_run,
@@ -776,18 +783,27 @@ async fn import(
     Ok(())
 }
 
+fn report_is_pull(fix: Option<FixArg>) -> bool {
+    matches!(fix, Some(FixArg::Pull))
+}
+
 /// `usersync reconcile`: the report on stdout, exit 1 on drift.
 async fn reconcile(
     path: &std::path::Path,
     explicit: bool,
     json: bool,
     fix: Option<FixArg>,
+    from: Option<String>,
 ) -> Result<(), Failure> {
     use crate::app::reconcile::{Fix, Options};
     let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
     crate::observe::logging::init_logging(&cfg.log.level, cfg.log.format == "json");
     let opts = Options {
-        fix: fix.map(|FixArg::Push| Fix::Push),
+        fix: fix.map(|f| match f {
+            FixArg::Push => Fix::Push,
+            FixArg::Pull => Fix::Pull,
+        }),
+        from,
         quiet: false,
     };
     let cancel = CancellationToken::new();
@@ -814,11 +830,15 @@ async fn reconcile(
         }
         if let Some(fixed) = &report.fixed {
             let parts: Vec<String> = fixed.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            println!(
-                "fix push: {} queued ({})",
-                fixed.values().sum::<u64>(),
-                parts.join(", ")
-            );
+            if report_is_pull(fix) {
+                println!("fix pull: {}", parts.join(", "));
+            } else {
+                println!(
+                    "fix push: {} queued ({})",
+                    fixed.values().sum::<u64>(),
+                    parts.join(", ")
+                );
+            }
         }
         println!("{}", report.summary_line());
     }

@@ -192,6 +192,45 @@ pub async fn candidates(
         .collect()
 }
 
+/// A row as `reconcile --from <source>` sees it: its key, the source's id
+/// it holds, and whether `on_delete = soft(…)` marked it deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkState {
+    pub key: String,
+    pub id: Option<String>,
+    pub soft_deleted: bool,
+}
+
+/// Every row's key, id column and soft-delete mark, in key order.
+pub async fn link_states(
+    client: &Client,
+    shape: &TableShape,
+    cols: &MatchColumns<'_>,
+) -> Result<Vec<LinkState>, DbError> {
+    let soft = match cols.soft_column {
+        Some(c) => format!("u.{} IS NOT NULL", quote_ident(c)),
+        None => "false".into(),
+    };
+    let key = quote_ident(&shape.key_column);
+    // `u.` so the order is the key's own, not its text's.
+    let sql = format!(
+        "SELECT u.{key}::text, u.{}::text, {soft} FROM {} AS u ORDER BY u.{key}",
+        quote_ident(cols.id_column),
+        shape.table.quoted()
+    );
+    let read = db_err("reading the users table for reconcile");
+    let rows = client.query(&sql, &[]).await.map_err(&read)?;
+    rows.iter()
+        .map(|r| {
+            Ok(LinkState {
+                key: r.try_get(0).map_err(&read)?,
+                id: r.try_get(1).map_err(&read)?,
+                soft_deleted: r.try_get(2).map_err(&read)?,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -376,6 +376,7 @@ async fn a_killed_memberstack_import_resumes_from_its_cursor_without_duplicates(
         &cfg,
         &usersync::app::reconcile::Options {
             fix: None,
+            from: None,
             quiet: true,
         },
         CancellationToken::new(),
@@ -443,4 +444,217 @@ async fn an_import_beside_the_running_daemon_is_not_pushed_back() {
     );
     daemon.stop().await;
     ms.shutdown().await;
+}
+
+/// Clerk is not the sink's service: its source names its own id column and
+/// API key. 150 users (two pages by offset, Clerk's documented rate limit
+/// on in the fake) into a table where one user is already linked by
+/// `clerk_id` and one is named by Clerk's `external_id`; a re-run writes
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clerk_users_are_imported_by_offset_with_their_own_key_and_id_column() {
+    use usersync::dev::fake::clerk::{FakeClerk, FakeClerkOptions};
+    install_crypto();
+    let db = TestDb::new(&format!(
+        "{}; SELECT setval('users_id_seq', 100)",
+        crate::inbound::USERS_CLERK
+    ))
+    .await;
+    let clerk_key = "sk_test_usersyncImportClerk000000000000";
+    let clerk = FakeClerk::start(FakeClerkOptions {
+        secret_key: clerk_key.into(),
+        // Seeded at full speed; Clerk's limit is switched on for the import.
+        rate_limit_per_sec: 0,
+        ..FakeClerkOptions::default()
+    })
+    .await
+    .expect("fake clerk");
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..150 {
+        let mut body = json!({
+            "email_address": [format!("k{i}@example.com")],
+            "first_name": format!("K{i}"),
+            "skip_password_checks": true,
+        });
+        if i == 0 {
+            body["external_id"] = json!("1");
+        }
+        let user: Value = http
+            .post(format!("{}/v1/users", clerk.url()))
+            .bearer_auth(clerk_key)
+            .json(&body)
+            .send()
+            .await
+            .expect("create user")
+            .json()
+            .await
+            .expect("user JSON");
+        ids.push(
+            user["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no user id in {user}"))
+                .to_string(),
+        );
+    }
+    clerk.set_rate_limit(100);
+    db.exec(&format!(
+        "INSERT INTO users (id, email, name, clerk_id) VALUES \
+         (1, 'someone@example.com', 'Someone', NULL), (2, 'k1@example.com', 'K1', '{}'), \
+         (3, 'app-only@example.com', 'App', NULL)",
+        ids[1]
+    ))
+    .await;
+    let toml = format!(
+        "{}\n[inbound]\nlisten = \"127.0.0.1:0\"\n[inbound.sources.clerk]\nkind = \"clerk\"\nsecret_env = \"WHSEC\"\n\
+         id_column = \"clerk_id\"\napi_key_env = \"CLERK_KEY\"\napi_url = \"{}\"\n\
+         [inbound.sources.clerk.mapping]\nemail = \"primary_email\"\nname = \"/first_name\"\n",
+        db.toml(),
+        clerk.url()
+    );
+    let mut env = db.env();
+    env.insert("WHSEC".into(), WHSEC.into());
+    env.insert("CLERK_KEY".into(), clerk_key.into());
+    let cfg = Config::from_parts(Some(&toml), "test", &env).unwrap_or_else(|e| panic!("{e}"));
+
+    let report = import(&cfg, "clerk", false).await;
+    assert_eq!(
+        (
+            report.listed,
+            report.inserted,
+            report.linked,
+            report.unchanged
+        ),
+        (150, 148, 1, 1),
+        "{report:?}"
+    );
+    let listed: Vec<String> = clerk
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET")
+        .map(|r| r.query.unwrap_or_default())
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "limit=100&offset=0&order_by=%2Bcreated_at",
+            "limit=100&offset=100&order_by=%2Bcreated_at"
+        ]
+    );
+    assert_eq!(db.count("SELECT count(*) FROM users").await, 151);
+    assert_eq!(
+        db.count("SELECT count(DISTINCT clerk_id) FROM users").await,
+        150
+    );
+    let one: (Option<String>, String) = db
+        .client
+        .query_one("SELECT clerk_id, email FROM users WHERE id = 1", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("row 1");
+    assert_eq!(one, (Some(ids[0].clone()), "k0@example.com".to_string()));
+
+    let before = snapshot(&db).await;
+    let report = import(&cfg, "clerk", false).await;
+    assert_eq!((report.unchanged, report.inserted), (150, 0), "{report:?}");
+    assert_eq!(snapshot(&db).await, before, "a re-run changed rows");
+
+    // Behind usersync's back: a rename, a delete and a new user in Clerk.
+    // `reconcile --from clerk` reports each through the source's mapping,
+    // `--fix pull` writes them, and then only the app's own row differs.
+    let send = |req: reqwest::RequestBuilder| async move {
+        let status = req
+            .bearer_auth(clerk_key)
+            .send()
+            .await
+            .expect("clerk request")
+            .status();
+        assert!(status.is_success(), "{status}");
+    };
+    send(
+        http.patch(format!("{}/v1/users/{}", clerk.url(), ids[5]))
+            .json(&json!({"first_name": "Changed"})),
+    )
+    .await;
+    send(http.delete(format!("{}/v1/users/{}", clerk.url(), ids[6]))).await;
+    send(
+        http.post(format!("{}/v1/users", clerk.url()))
+            .json(&json!({"email_address": ["late@example.com"], "skip_password_checks": true})),
+    )
+    .await;
+    let reconcile = |fix| {
+        let cfg = cfg.clone();
+        async move {
+            usersync::app::reconcile::run(
+                &cfg,
+                &usersync::app::reconcile::Options {
+                    fix,
+                    from: Some("clerk".into()),
+                    quiet: true,
+                },
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("reconcile: {e}"))
+        }
+    };
+    let key_of = |i: usize| {
+        let id = ids[i].clone();
+        let client = &db.client;
+        async move {
+            client
+                .query_one("SELECT id::text FROM users WHERE clerk_id = $1", &[&id])
+                .await
+                .expect("row")
+                .get::<_, String>(0)
+        }
+    };
+    let (five, six) = (key_of(5).await, key_of(6).await);
+    let report = reconcile(None).await;
+    let kinds: Vec<(&str, Vec<String>, Vec<String>)> = report
+        .drifts
+        .iter()
+        .map(|d| (d.kind.as_str(), d.user_keys.clone(), d.fields.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("only_in_table", vec!["3".to_string()], vec![]),
+            ("linked_missing", vec![six.clone()], vec![]),
+            (
+                "fields_differ",
+                vec![five.clone()],
+                vec!["name".to_string()]
+            ),
+            ("only_in_service", vec![], vec![]),
+        ],
+        "{:#?}",
+        report.drifts
+    );
+    let report = reconcile(Some(usersync::app::reconcile::Fix::Pull)).await;
+    let fixed = report.fixed.expect("fixed");
+    assert_eq!(
+        (fixed["inserted"], fixed["updated"], fixed["deleted"]),
+        (1, 1, 1),
+        "{fixed:?}"
+    );
+    let report = reconcile(None).await;
+    assert_eq!(report.drifts.len(), 1, "{:#?}", report.drifts);
+    assert_eq!(report.drifts[0].user_keys, ["3"]);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM users WHERE id = {six} AND deleted_at IS NOT NULL"
+        ))
+        .await,
+        1,
+        "on_delete = soft(deleted_at)"
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM users WHERE id = {five} AND name = 'Changed'"
+        ))
+        .await,
+        1
+    );
+    clerk.shutdown().await;
 }
