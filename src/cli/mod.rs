@@ -272,6 +272,13 @@ pub enum Command {
     /// running daemon pushes them in the users' own lanes, ordered with live
     /// changes, dead-lettering failures as usual. Records only in the
     /// service and double claims are reported, not changed.
+    ///
+    /// --from SOURCE compares with an [inbound] source (Clerk too) through
+    /// its mapping and matching. --fix pull makes the table match the
+    /// service through the inbound write path (as `usersync import`, tagged
+    /// so nothing is pushed back) and applies the source's on_delete to rows
+    /// linked to records that are gone; rows only in the table are left
+    /// alone. Without --from it uses the source of the sink's own service.
     Reconcile {
         /// Print the report as one JSON object.
         #[arg(long)]
