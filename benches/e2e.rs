@@ -1774,7 +1774,7 @@ impl Bench<'_> {
         let toml = format!(
             "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
              [sink]\nkind = \"stripe\"\nurl = \"{}\"\napi_key_env = \"BENCH_STRIPE_KEY\"\nrate_limit_per_sec = 0\n\
-             [inbound]\nlisten = \"127.0.0.1:0\"\n[inbound.sources.stripe]\nkind = \"stripe\"\nsecret_env = \"BENCH_WHSEC\"\n\
+             [inbound]\nlisten = \"127.0.0.1:0\"\n[inbound.sources.stripe]\nkind = \"stripe\"\nsecret_env = \"BENCH_WHSEC\"\non_delete = \"unlink\"\n\
              [inbound.sources.stripe.mapping]\nemail = \"/email\"\nname = \"/name\"\nplan = \"/metadata/plan\"\n\
              [log]\nlevel = \"{}\"\n",
             db.url,
