@@ -1768,7 +1768,12 @@ impl Bench<'_> {
         // off, then again (every record agrees: nothing is written).
         fake.set_rate_limit(0);
         db.client
-            .batch_execute("TRUNCATE users")
+            // Keys past the customers' usersync_key back-references, which
+            // would otherwise link them to the new rows of other customers.
+            .batch_execute(&format!(
+                "TRUNCATE users; ALTER TABLE users ALTER COLUMN id RESTART WITH {}",
+                n + 1
+            ))
             .await
             .ctx("truncate")?;
         let toml = format!(
