@@ -2193,6 +2193,7 @@ impl Bench<'_> {
             let cfg = Config::from_parts(Some(&toml), "bench", &env).ctx("config")?;
             let opts = usersync::app::reconcile::Options {
                 fix: None,
+                from: None,
                 quiet: true,
             };
             let started = Instant::now();
@@ -2233,6 +2234,76 @@ impl Bench<'_> {
                     (0.8..=1.0).contains(&ratio),
                 ));
             }
+        }
+        // Import: the same customers into the emptied table, rate limits
+        // off, then again (every record agrees: nothing is written).
+        fake.set_rate_limit(0);
+        db.client
+            // Keys past the customers' usersync_key back-references, which
+            // would otherwise link them to the new rows of other customers.
+            .batch_execute(&format!(
+                "TRUNCATE users; ALTER TABLE users ALTER COLUMN id RESTART WITH {}",
+                n + 1
+            ))
+            .await
+            .ctx("truncate")?;
+        let toml = format!(
+            "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
+             [sink]\nkind = \"stripe\"\nurl = \"{}\"\napi_key_env = \"BENCH_STRIPE_KEY\"\nrate_limit_per_sec = 0\n\
+             [inbound]\nlisten = \"127.0.0.1:0\"\n[inbound.sources.stripe]\nkind = \"stripe\"\nsecret_env = \"BENCH_WHSEC\"\non_delete = \"unlink\"\n\
+             [inbound.sources.stripe.mapping]\nemail = \"/email\"\nname = \"/name\"\nplan = \"/metadata/plan\"\n\
+             [log]\nlevel = \"{}\"\n",
+            db.url,
+            db.name,
+            db.name,
+            fake.url(),
+            self.sizes.log_level
+        );
+        let env: std::collections::BTreeMap<String, String> = [
+            ("BENCH_STRIPE_KEY".to_string(), key.to_string()),
+            (
+                "BENCH_WHSEC".to_string(),
+                "whsec_plJ3nmyCDGBKInavdOK15jsl".to_string(),
+            ),
+        ]
+        .into();
+        let cfg = Config::from_parts(Some(&toml), "bench", &env).ctx("config")?;
+        for again in [false, true] {
+            let opts = usersync::app::import::Options {
+                from: "stripe".into(),
+                dry_run: false,
+                restart: false,
+                quiet: true,
+            };
+            let started = Instant::now();
+            let report = usersync::app::import::run(&cfg, &opts, CancellationToken::new())
+                .await
+                .ctx("import")?;
+            let took = started.elapsed();
+            let (what, ok) = if again {
+                ("again (all agree)", report.unchanged == n)
+            } else {
+                ("into an empty table", report.inserted == n)
+            };
+            rows.push(target(
+                row(
+                    s,
+                    format!("import {n} customers {what}, rate limits off: records/s"),
+                    format!(
+                        "{:.0} records/s ({} inserted, {} unchanged in {:.2} s)",
+                        rate(n, took),
+                        report.inserted,
+                        report.unchanged,
+                        took.as_secs_f64()
+                    ),
+                ),
+                if again {
+                    "nothing written"
+                } else {
+                    "all inserted"
+                },
+                ok,
+            ));
         }
         let _ = self.fake_rt.spawn(fake.shutdown()).await;
         self.drop_db(db).await;

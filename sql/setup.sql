@@ -165,3 +165,14 @@ CREATE TABLE IF NOT EXISTS usersync.inbound_versions (
     deleted boolean NOT NULL DEFAULT false,
     PRIMARY KEY (source, stream, subject)
 );
+
+-- Where an unfinished `usersync import` of each source stopped (the list cursor after the last page applied), so a crashed import resumes there.
+CREATE TABLE IF NOT EXISTS usersync.import_cursors (
+    source text PRIMARY KEY,
+    cursor text,
+    pages bigint NOT NULL DEFAULT 0,
+    records bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+);

@@ -1,10 +1,11 @@
 //! One composition root per command: each wires configuration, store, sink
-//! and pipeline for `run`, `backfill`, `reconcile`, `sync-user`, `dlq`, `setup`, `check`,
-//! `status`, `recover` and `teardown`.
+//! and pipeline for `run`, `backfill`, `import`, `reconcile`, `sync-user`, `dlq`, `setup`,
+//! `check`, `status`, `recover` and `teardown`.
 
 pub mod backfill;
 pub mod check;
 pub mod dlq;
+pub mod import;
 pub mod inbound;
 pub mod leader;
 pub mod page;

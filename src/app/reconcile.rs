@@ -50,6 +50,8 @@ pub enum ReconcileError {
     FixTimeout(usize),
     #[error("interrupted")]
     Interrupted,
+    #[error(transparent)]
+    Import(#[from] crate::app::import::ImportError),
 }
 
 impl crate::core::error::Classify for ReconcileError {
@@ -61,6 +63,7 @@ impl crate::core::error::Classify for ReconcileError {
             ReconcileError::Rows(e) => e.kind(),
             ReconcileError::Requests(e) => e.kind(),
             ReconcileError::Config(_) => ErrorKind::Config,
+            ReconcileError::Import(e) => e.kind(),
             ReconcileError::List(_)
             | ReconcileError::NoDaemon(_)
             | ReconcileError::FixTimeout(_)
@@ -162,11 +165,16 @@ impl Report {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fix {
     Push,
+    Pull,
 }
 
 #[derive(Debug, Clone)]
 pub struct Options {
     pub fix: Option<Fix>,
+    /// Compare with an inbound source (its name or kind) through its
+    /// `[inbound]` mapping instead of the sink's service. `--fix pull`
+    /// without it uses the source of the sink's own service.
+    pub from: Option<String>,
     /// Log lines instead of a bar even on a terminal.
     pub quiet: bool,
 }
@@ -283,6 +291,9 @@ pub async fn run(
     opts: &Options,
     cancel: CancellationToken,
 ) -> Result<Report, ReconcileError> {
+    if opts.from.is_some() || opts.fix == Some(Fix::Pull) {
+        return run_source(cfg, opts, cancel).await;
+    }
     let lister = Lister::new(&cfg.sink).map_err(ReconcileError::Config)?;
     let client = connect(&cfg.database, "usersync-reconcile").await?;
     client
@@ -358,6 +369,207 @@ pub async fn run(
         report.fixed = Some(push_fixes(&client, &reader, &report.drifts, &cancel).await?);
     }
     Ok(report)
+}
+
+/// The drifts between the table and an inbound source, from the import's
+/// plan of every listed record (`import::survey`) and every row's link:
+/// a record no row matches is only in the service; one that matches a row
+/// not linked to it yet differs in the id column; one whose linked row
+/// holds other values differs in those columns; a row linked to an id the
+/// list no longer has is linked to a missing record (unless `on_delete =
+/// soft(…)` marked it deleted); a row linked to nothing is only in the
+/// table; one id in two rows is claimed twice.
+pub fn compare_source(
+    id_column: &str,
+    plans: &[crate::app::import::Planned],
+    rows: &[crate::store::import::LinkState],
+) -> Vec<Drift> {
+    use crate::app::import::Plan;
+    let mut drifts = Vec::new();
+    let mut claims: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for r in rows {
+        if let Some(id) = &r.id {
+            claims.entry(id.as_str()).or_default().push(r.key.clone());
+        }
+    }
+    for (id, keys) in &claims {
+        if keys.len() > 1 {
+            drifts.push(Drift {
+                kind: DriftKind::ClaimedTwice,
+                user_keys: keys.clone(),
+                external_id: Some(id.to_string()),
+                fields: Vec::new(),
+            });
+        }
+    }
+    let listed: HashSet<&str> = plans.iter().map(|p| p.external_id.as_str()).collect();
+    let mut matched: HashSet<&str> = HashSet::new();
+    let mut service = Vec::new();
+    for p in plans {
+        let (kind, keys, fields) = match &p.plan {
+            Plan::Unchanged { .. } => continue,
+            Plan::Insert | Plan::Unmatched => (DriftKind::OnlyInService, Vec::new(), Vec::new()),
+            Plan::Link { key } => {
+                matched.insert(key.as_str());
+                (
+                    DriftKind::FieldsDiffer,
+                    vec![key.clone()],
+                    vec![id_column.to_string()],
+                )
+            }
+            Plan::Update { key, columns } => {
+                (DriftKind::FieldsDiffer, vec![key.clone()], columns.clone())
+            }
+        };
+        service.push(Drift {
+            kind,
+            user_keys: keys,
+            external_id: Some(p.external_id.clone()),
+            fields,
+        });
+    }
+    for r in rows {
+        match &r.id {
+            Some(id) if claims.get(id.as_str()).is_some_and(|k| k.len() > 1) => {}
+            Some(id) if !listed.contains(id.as_str()) && !r.soft_deleted => drifts.push(Drift {
+                kind: DriftKind::LinkedMissing,
+                user_keys: vec![r.key.clone()],
+                external_id: Some(id.clone()),
+                fields: Vec::new(),
+            }),
+            Some(_) => {}
+            None if matched.contains(r.key.as_str()) => {}
+            None => drifts.push(Drift {
+                kind: DriftKind::OnlyInTable,
+                user_keys: vec![r.key.clone()],
+                external_id: None,
+                fields: Vec::new(),
+            }),
+        }
+    }
+    drifts.extend(service);
+    drifts
+}
+
+/// `reconcile --from <source>` and `--fix pull`: compares the table with
+/// an inbound source through its mapping; pulling writes every record that
+/// differs (import's write path: tagged with the import origin, so the
+/// stream never pushes it back to its own service) and applies the
+/// source's `on_delete` to rows linked to records that are gone. Rows only
+/// in the table and double claims need a decision pulling cannot make.
+async fn run_source(
+    cfg: &Config,
+    opts: &Options,
+    cancel: CancellationToken,
+) -> Result<Report, ReconcileError> {
+    use crate::app::import;
+    if opts.fix == Some(Fix::Push) {
+        return Err(ReconcileError::Config(
+            "--fix push makes the sink's service match the table; with --from, use --fix pull"
+                .into(),
+        ));
+    }
+    let from = match &opts.from {
+        Some(f) => f.clone(),
+        None => cfg.sink.kind.name().to_string(),
+    };
+    let source = import::resolve_source(cfg, &from).map_err(ReconcileError::Config)?;
+    let client = connect(&cfg.database, "usersync-reconcile").await?;
+    let shape = schema::inspect_table(&client, &cfg.database.table).await?;
+    schema::check_table_ready(&shape)?;
+    let soft = match &source.on_delete {
+        crate::config::inbound::InboundOnDelete::Soft(c) => Some(c.as_str()),
+        _ => None,
+    };
+    let cols = crate::store::import::MatchColumns {
+        id_column: &source.id_column,
+        email_column: None,
+        soft_column: soft,
+    };
+    let rows = crate::store::import::link_states(&client, &shape, &cols)
+        .await
+        .map_err(import::ImportError::Db)?;
+    let survey = import::survey(cfg, &source.name, cancel.clone(), opts.quiet).await?;
+    let drifts = compare_source(&source.id_column, &survey.plans, &rows);
+    let mut report = Report {
+        rows: rows.len() as u64,
+        records: survey.plans.len() as u64,
+        ..Report::default()
+    };
+    for k in DriftKind::ALL {
+        report.counts.insert(k.as_str(), 0);
+    }
+    for d in &drifts {
+        *report.counts.entry(d.kind.as_str()).or_default() += 1;
+    }
+    report.drifts = drifts;
+    if opts.fix == Some(Fix::Pull) {
+        let pulled = import::run(
+            cfg,
+            &import::Options {
+                from: source.name.clone(),
+                dry_run: false,
+                restart: true,
+                quiet: opts.quiet,
+            },
+            cancel,
+        )
+        .await?;
+        let stale: Vec<String> = report
+            .drifts
+            .iter()
+            .filter(|d| d.kind == DriftKind::LinkedMissing)
+            .filter_map(|d| d.external_id.clone())
+            .collect();
+        let deleted = import::pull_deletes(cfg, source, &shape, &stale).await?;
+        let mut fixed = BTreeMap::new();
+        fixed.insert("inserted".to_string(), pulled.inserted);
+        fixed.insert("linked".to_string(), pulled.linked);
+        fixed.insert("updated".to_string(), pulled.updated);
+        fixed.insert("deleted".to_string(), deleted);
+        fixed.insert("failed".to_string(), pulled.failed);
+        report.fixed = Some(fixed);
+    }
+    Ok(report)
+}
+
+/// `[reconcile] every`: a read-only reconcile at start and then once per
+/// interval, for the whole run; each result sets `usersync_drift_records`
+/// by kind and is logged as its summary line (keys and values never). A
+/// failed run is logged and the gauges keep their last values.
+pub fn spawn_periodic(cfg: Config, every: Duration, cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let opts = Options {
+            fix: None,
+            from: cfg.reconcile.from.clone(),
+            quiet: true,
+        };
+        loop {
+            match run(&cfg, &opts, cancel.child_token()).await {
+                Ok(report) => {
+                    for kind in DriftKind::ALL {
+                        crate::observe::metrics::set_drift(
+                            kind.as_str(),
+                            report.counts.get(kind.as_str()).copied().unwrap_or(0),
+                        );
+                    }
+                    tracing::info!(
+                        drifts = report.drifts.len(),
+                        "periodic reconcile: {}",
+                        report.summary_line()
+                    );
+                }
+                Err(ReconcileError::Interrupted) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "periodic reconcile failed; next in {every:?}")
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    });
 }
 
 /// Queues one sync request per row the table can fix by pushing (only in

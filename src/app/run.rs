@@ -136,6 +136,9 @@ pub async fn run_with_switch(
     // stream on its own sessions, for the whole run.
     crate::app::inbound::start(cfg, &shape, cancel.clone()).await?;
     crate::store::requests::spawn_pruner(cfg.database.clone(), cancel.clone());
+    if let Some(every) = cfg.reconcile.every {
+        crate::app::reconcile::spawn_periodic(cfg.clone(), every, cancel.clone());
+    }
     let (_fixed, fixed_rx) = watch::channel(cfg.sync.enabled);
     let switch = switch.unwrap_or(fixed_rx);
     if cfg.backfill.on_start {
@@ -308,7 +311,10 @@ async fn session(
         .with_types(types)
         .with_not_streamed(not_streamed),
         origin: cfg.database.origin.clone(),
-        echo_origins: crate::app::inbound::echo_origins(cfg),
+        echo_origins: crate::app::inbound::echo_origins(cfg)
+            .into_iter()
+            .chain(crate::app::import::echo_origins(cfg))
+            .collect(),
         target: target.describe(),
     };
     let (source_tx, source_rx) = mpsc::channel(1024);

@@ -264,6 +264,33 @@ pub enum Command {
         #[arg(long, value_name = "ROWS")]
         chunk_size: Option<usize>,
     },
+    /// Bring the users of an inbound source (clerk, memberstack or stripe; read
+    /// through its list API) into the users table, with the source's
+    /// [inbound] mapping and matching: a user with a row (by the source's id
+    /// column, usersync's back-reference, or the email with match_email) is
+    /// linked and updated, not duplicated; the others are inserted
+    /// (on_create). Writes go through the inbound write path, tagged so the
+    /// daemon never pushes them back to the source. Records that already
+    /// agree are not written, so a second import changes nothing.
+    ///
+    /// The list cursor is kept in usersync.import_cursors after every page:
+    /// after Ctrl-C or a crash the next `usersync import` resumes there
+    /// (--restart starts at the first page). The provider's rate limit is
+    /// honoured (sink.rate_limit_per_sec, and a 429's Retry-After).
+    Import {
+        /// The source: its name under [inbound.sources], or its kind.
+        #[arg(long, value_name = "SOURCE")]
+        from: String,
+        /// Print what would be inserted, linked and updated; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Ignore an unfinished import's cursor and start at the first page.
+        #[arg(long)]
+        restart: bool,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare the users table with the sink's service (memberstack or
     /// stripe, read through its list API) and report per user what differs:
     /// only in the table, only in the service, linked to a record that no
@@ -277,13 +304,26 @@ pub enum Command {
     /// running daemon pushes them in the users' own lanes, ordered with live
     /// changes, dead-lettering failures as usual. Records only in the
     /// service and double claims are reported, not changed.
+    ///
+    /// --from SOURCE compares with an [inbound] source (Clerk too) through
+    /// its mapping and matching. --fix pull makes the table match the
+    /// service through the inbound write path (as `usersync import`, tagged
+    /// so nothing is pushed back) and applies the source's on_delete to rows
+    /// linked to records that are gone; rows only in the table are left
+    /// alone. Without --from it uses the source of the sink's own service.
     Reconcile {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
-        /// Make the service match the table: `push`.
+        /// `push`: make the service match the table; `pull`: make the
+        /// table match the service.
         #[arg(long, value_name = "DIRECTION")]
         fix: Option<FixArg>,
+        /// Compare with an inbound source (its name or kind under
+        /// [inbound.sources]; clerk too) through its mapping, instead of
+        /// with the sink's service.
+        #[arg(long, value_name = "SOURCE")]
+        from: Option<String>,
     },
     /// Push one user now, from its current row, and print the result
     /// (external id, status, latency) or the error.
@@ -416,6 +456,7 @@ impl FakeModeArg {
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum FixArg {
     Push,
+    Pull,
 }
 
 /// An error at the edge: the message to print and the exit code.
@@ -586,12 +627,18 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             dry_run,
             chunk_size,
         } => backfill(&path, explicit, all, dry_run, chunk_size).await,
-        Command::Reconcile { json, fix } => reconcile(&path, explicit, json, fix).await,
         Command::Recover {
             dry_run,
             json,
             chunk_size,
         } => recover(&path, explicit, dry_run, json, chunk_size).await,
+        Command::Reconcile { json, fix, from } => reconcile(&path, explicit, json, fix, from).await,
+        Command::Import {
+            from,
+            dry_run,
+            restart,
+            json,
+        } => import(&path, explicit, from, dry_run, restart, json).await,
         Command::SyncUser { key, json, timeout } => {
             sync_user(&path, explicit, &key, json, timeout).await
         }
@@ -743,18 +790,75 @@ async fn teardown(
 }
 
 /// `usersync backfill`.
+/// `usersync import`: the report on stdout (with --dry-run, one line per
+/// record that would be written).
+async fn import(
+    path: &std::path::Path,
+    explicit: bool,
+    from: String,
+    dry_run: bool,
+    restart: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    use crate::app::import::{Options, Plan};
+    let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+    crate::observe::logging::init_logging(&cfg.log.level, cfg.log.format == "json");
+    let opts = Options {
+        from,
+        dry_run,
+        restart,
+        quiet: false,
+    };
+    let cancel = CancellationToken::new();
+    crate::app::signals::spawn_signal_handler(cancel.clone());
+    let report = crate::app::import::run(&cfg, &opts, cancel)
+        .await
+        .map_err(Failure::of)?;
+    if json {
+        let text = serde_json::to_string_pretty(&report).map_err(Failure::runtime)?;
+        println!("{text}");
+        return Ok(());
+    }
+    for p in &report.plans {
+        match &p.plan {
+            Plan::Insert => println!("insert  external {}", p.external_id),
+            Plan::Link { key } => println!("link    external {} user {key}", p.external_id),
+            Plan::Update { key, columns } => println!(
+                "update  external {} user {key} columns {}",
+                p.external_id,
+                columns.join(", ")
+            ),
+            Plan::Unchanged { .. } | Plan::Unmatched => {}
+        }
+    }
+    if let Some(pages) = report.resumed_after_pages {
+        println!("resumed after page {pages}");
+    }
+    println!("{}", report.summary_line());
+    Ok(())
+}
+
+fn report_is_pull(fix: Option<FixArg>) -> bool {
+    matches!(fix, Some(FixArg::Pull))
+}
+
 /// `usersync reconcile`: the report on stdout, exit 1 on drift.
 async fn reconcile(
     path: &std::path::Path,
     explicit: bool,
     json: bool,
     fix: Option<FixArg>,
+    from: Option<String>,
 ) -> Result<(), Failure> {
     use crate::app::reconcile::{Fix, Options};
     let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
     crate::observe::logging::init_logging(&cfg.log.level, cfg.log.format == "json");
     let opts = Options {
-        fix: fix.map(|FixArg::Push| Fix::Push),
+        fix: fix.map(|f| match f {
+            FixArg::Push => Fix::Push,
+            FixArg::Pull => Fix::Pull,
+        }),
+        from,
         quiet: false,
     };
     let cancel = CancellationToken::new();
@@ -781,11 +885,15 @@ async fn reconcile(
         }
         if let Some(fixed) = &report.fixed {
             let parts: Vec<String> = fixed.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            println!(
-                "fix push: {} queued ({})",
-                fixed.values().sum::<u64>(),
-                parts.join(", ")
-            );
+            if report_is_pull(fix) {
+                println!("fix pull: {}", parts.join(", "));
+            } else {
+                println!(
+                    "fix push: {} queued ({})",
+                    fixed.values().sum::<u64>(),
+                    parts.join(", ")
+                );
+            }
         }
         println!("{}", report.summary_line());
     }

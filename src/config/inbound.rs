@@ -63,6 +63,10 @@ pub(crate) struct RawSource {
     on_create: Option<String>,
     on_delete: Option<String>,
     mapping: BTreeMap<String, String>,
+    /// The provider's API, for `usersync import` and `reconcile --from`.
+    api_key_env: Option<String>,
+    api_url: Option<String>,
+    api_rate_limit_per_sec: Option<u32>,
 }
 
 /// What an event for a user not in the table does.
@@ -98,6 +102,31 @@ pub struct InboundSource {
     pub on_delete: InboundOnDelete,
     /// Column → field, in column order.
     pub mapping: Vec<(String, Field)>,
+    /// The provider's list API (`api_key_env`), for import and reconcile.
+    pub api: Option<SourceApi>,
+}
+
+/// Where and how fast a source's records can be listed.
+#[derive(Debug, Clone)]
+pub struct SourceApi {
+    /// The API's base URL without the version.
+    pub url: String,
+    pub key: crate::config::Secret,
+    /// Client-side requests per second; 0 for none.
+    pub rate_limit_per_sec: u32,
+}
+
+/// The provider's API base URL and documented rate limit, where usersync
+/// lists the kind: Clerk allows 1,000 requests per 10 s per instance
+/// (100 for a development instance); Memberstack 25/s; Stripe 25/s in test
+/// mode.
+fn api_defaults(kind: SourceKind) -> (&'static str, u32) {
+    match kind {
+        SourceKind::Clerk => ("https://api.clerk.com", 10),
+        SourceKind::Memberstack => ("https://admin.memberstack.com", 25),
+        SourceKind::Stripe => ("https://api.stripe.com", 25),
+        SourceKind::Standard => ("", 0),
+    }
 }
 
 impl InboundSource {
@@ -397,7 +426,32 @@ fn validate_source(
                 ),
             )
         })?;
+    let api = match &raw.api_key_env {
+        None => None,
+        Some(var) => {
+            let key = env.get(var).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).ok_or_else(|| {
+                invalid(
+                    "inbound.sources.<name>.api_key_env",
+                    format!("source {name}: environment variable {var} is not set (the provider's API key, for import and reconcile)"),
+                )
+            })?;
+            let (url, rate) = api_defaults(kind);
+            let url = raw.api_url.clone().unwrap_or_else(|| url.to_string());
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(invalid(
+                    "inbound.sources.<name>.api_url",
+                    format!("source {name}: api_url {url:?} is not an http(s) URL"),
+                ));
+            }
+            Some(SourceApi {
+                url,
+                key: crate::config::Secret::new(key),
+                rate_limit_per_sec: raw.api_rate_limit_per_sec.unwrap_or(rate),
+            })
+        }
+    };
     Ok(InboundSource {
+        api,
         name: name.to_string(),
         kind,
         verifier,

@@ -103,6 +103,8 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("sync", "enabled", KeyKind::Bool),
     ("backfill", "on_start", KeyKind::Bool),
     ("backfill", "chunk_size", KeyKind::Int),
+    ("reconcile", "every", KeyKind::Str),
+    ("reconcile", "from", KeyKind::Str),
     ("inbound", "listen", KeyKind::Str),
     ("inbound", "max_body_bytes", KeyKind::Int),
     ("inbound", "request_timeout_ms", KeyKind::Int),
@@ -121,7 +123,39 @@ struct RawConfig {
     sync_log: SyncLogConfig,
     sync: SyncConfig,
     backfill: BackfillConfig,
+    reconcile: RawReconcile,
     inbound: inbound::RawInbound,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawReconcile {
+    every: String,
+    from: String,
+}
+
+/// `[reconcile]`: the read-only reconcile `run` repeats.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReconcileConfig {
+    /// How often; `None` (the default, `every = ""`): never.
+    pub every: Option<std::time::Duration>,
+    /// Compare with this inbound source instead of the sink's service.
+    pub from: Option<String>,
+}
+
+/// `"90s"`, `"15m"`, `"6h"`, `"1d"` (a bare number is seconds).
+pub fn parse_interval(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().ok()?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -486,6 +520,7 @@ pub struct Config {
     pub sync_log: SyncLogConfig,
     pub sync: SyncConfig,
     pub backfill: BackfillConfig,
+    pub reconcile: ReconcileConfig,
     /// `[inbound]`: the webhook receiver, when any source is configured.
     pub inbound: Option<inbound::InboundConfig>,
 }
@@ -1134,7 +1169,33 @@ impl RawConfig {
         let inbound = self
             .inbound
             .validate(env, sink.kind.name(), &self.metrics.listen)?;
+        let every = match self.reconcile.every.trim() {
+            "" => None,
+            s => Some(parse_interval(s).ok_or_else(|| ConfigError::Invalid {
+                key: "reconcile.every",
+                message: format!("{s:?} is not an interval: use e.g. \"90s\", \"15m\", \"6h\" or \"1d\", or \"\" for never"),
+            })?),
+        };
+        let from = Some(self.reconcile.from.trim().to_string()).filter(|s| !s.is_empty());
+        if let Some(f) = &from {
+            let known = inbound
+                .as_ref()
+                .is_some_and(|i| i.sources.iter().any(|s| &s.name == f || s.kind.name() == f));
+            if !known {
+                return Err(ConfigError::Invalid {
+                    key: "reconcile.from",
+                    message: format!("{f:?} names no source under [inbound.sources]"),
+                });
+            }
+        }
+        if every.is_some() && from.is_none() && sink.kind == SinkKind::Webhook {
+            return Err(ConfigError::Invalid {
+                key: "reconcile.every",
+                message: "the webhook sink has no list API to reconcile with; set reconcile.from to an inbound source, or every = \"\"".into(),
+            });
+        }
         Ok(Config {
+            reconcile: ReconcileConfig { every, from },
             inbound,
             database,
             sink,
@@ -1153,6 +1214,33 @@ impl RawConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconcile_intervals() {
+        assert_eq!(
+            parse_interval("90s"),
+            Some(std::time::Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_interval("15m"),
+            Some(std::time::Duration::from_secs(900))
+        );
+        assert_eq!(
+            parse_interval("6h"),
+            Some(std::time::Duration::from_secs(21_600))
+        );
+        assert_eq!(
+            parse_interval("1d"),
+            Some(std::time::Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            parse_interval("30"),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(parse_interval("0s"), None);
+        assert_eq!(parse_interval("5 weeks"), None);
+        assert_eq!(parse_interval("m"), None);
+    }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

@@ -409,6 +409,60 @@ fn standard(
     })
 }
 
+/// One object read from a provider's list API (`usersync import`, `reconcile
+/// --fix pull`) as the record its webhook would have carried: the same
+/// subject, back-reference, email and mapped values. The list gives no event,
+/// so the caller names the event id and the version: Clerk's `updated_at`
+/// where the object has one, else the time of the listing.
+pub fn from_listed(
+    kind: SourceKind,
+    object: &Value,
+    mapping: &[(String, Field)],
+    event_id: String,
+    listed_at_ms: i64,
+) -> Result<InboundRecord, EventError> {
+    let subject = required(str_at(object, "/id"), "id")?;
+    let (stream, back_ref, email, version) = match kind {
+        SourceKind::Clerk => (
+            "user",
+            str_at(object, "/external_id"),
+            clerk_primary_email(object).and_then(|v| v.as_str().map(str::to_string)),
+            as_ms(object.get("updated_at")).unwrap_or(listed_at_ms),
+        ),
+        SourceKind::Memberstack => (
+            "member",
+            str_at(object, "/metaData/usersync_key")
+                .or_else(|| str_at(object, "/metadata/usersync_key")),
+            str_at(object, "/auth/email").map(str::to_string),
+            listed_at_ms,
+        ),
+        SourceKind::Stripe => (
+            "customer",
+            str_at(object, "/metadata/usersync_key"),
+            str_at(object, "/email").map(str::to_string),
+            listed_at_ms,
+        ),
+        SourceKind::Standard => (
+            "user",
+            str_at(object, "/usersync_key"),
+            str_at(object, "/email").map(str::to_string),
+            as_ms(object.get("updated_at")).unwrap_or(listed_at_ms),
+        ),
+    };
+    Ok(InboundRecord {
+        event_id,
+        event_type: format!("{}.listed", kind.name()),
+        action: Action::Upsert,
+        stream,
+        subject,
+        back_ref: bounded(back_ref, "usersync_key")?,
+        email: bounded(email.as_deref(), "email")?,
+        version,
+        values: map_values(object, mapping),
+        idempotency_key: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

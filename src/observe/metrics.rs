@@ -83,6 +83,8 @@ struct Metrics {
     sync_log_pruned: Counter,
     /// Inbound webhook events by source (configured names) and outcome.
     inbound: Family<Vec<(String, String)>, Counter>,
+    /// The periodic reconcile's last counts, by drift kind.
+    drift: Family<Vec<(String, String)>, Gauge>,
 }
 
 /// `insert`, `update`, `delete`: the `operation` label's values, in order.
@@ -204,7 +206,14 @@ fn metrics() -> &'static Metrics {
             "Inbound webhook deliveries by source and outcome (applied, duplicate, stale, echo, unmatched, ignored, failed, rejected, unavailable)",
             inbound.clone(),
         );
+        let drift: Family<Vec<(String, String)>, Gauge> = Family::default();
+        registry.register(
+            "drift_records",
+            "Differences between the users table and the service found by the last periodic reconcile ([reconcile] every), by kind (only_in_table, only_in_service, linked_missing, fields_differ, claimed_twice)",
+            drift.clone(),
+        );
         Metrics {
+            drift,
             inbound,
             changes_seen: OPERATIONS.map(|op| changes.get_or_create_owned(&[("operation", op)])),
             synced: OPERATIONS.map(|op| synced.get_or_create_owned(&[("operation", op)])),
@@ -304,6 +313,14 @@ pub fn inbound(source: &str, outcome: &str) {
             ("outcome".to_string(), outcome.to_string()),
         ])
         .inc();
+}
+
+/// The periodic reconcile's count of one drift kind.
+pub fn set_drift(kind: &str, records: u64) {
+    metrics()
+        .drift
+        .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+        .set(i64::try_from(records).unwrap_or(i64::MAX));
 }
 
 /// Rows removed from the sync log by retention.

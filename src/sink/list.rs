@@ -1,8 +1,11 @@
 //! Reading the external service's side: the vendor list APIs (Stripe
 //! `GET /v1/customers` paged by `starting_after`, Memberstack `GET /members`
-//! paged by `after` = the last `endCursor`), each record reduced to what
+//! paged by `after` = the last `endCursor`, Clerk `GET /v1/users` paged by
+//! `offset`, oldest first so users created meanwhile come last), each
+//! record reduced to what
 //! reconcile compares: its id, usersync's back-reference
-//! (`metadata.usersync_key` / `metaData.usersync_key`) and the values at the
+//! (`metadata.usersync_key` / `metaData.usersync_key` / Clerk's
+//! `external_id`) and the values at the
 //! mapped field paths. Pages go through the sink's HTTP policy (rate limit,
 //! timeout, size cap); a 429 or 5xx is waited out (`Retry-After`) and
 //! retried a bounded number of times. The webhook sink has no list API.
@@ -42,29 +45,72 @@ pub struct Page {
     pub next: Option<String>,
 }
 
+/// A service whose records can be listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Memberstack,
+    Stripe,
+    Clerk,
+}
+
+impl Service {
+    /// The service a sink of `kind` pushes to, if it has a list API.
+    pub fn of_sink(kind: SinkKind) -> Option<Service> {
+        match kind {
+            SinkKind::Memberstack => Some(Service::Memberstack),
+            SinkKind::Stripe => Some(Service::Stripe),
+            SinkKind::Webhook => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Memberstack => "memberstack",
+            Service::Stripe => "stripe",
+            Service::Clerk => "clerk",
+        }
+    }
+}
+
 pub struct Lister {
-    kind: SinkKind,
+    kind: Service,
     http: Http,
     base: String,
     key: Secret,
 }
 
 impl Lister {
+    /// The sink's own service, with the sink's URL, key and HTTP policy.
     pub fn new(cfg: &SinkConfig) -> Result<Lister, String> {
-        if cfg.kind == SinkKind::Webhook {
+        let Some(service) = Service::of_sink(cfg.kind) else {
             return Err("the webhook sink has no list API to read the other side from; reconcile and import work with sink.type = \"memberstack\" or \"stripe\"".into());
-        }
+        };
         let key = cfg
             .api_key
             .clone()
             .filter(|k| !k.expose().is_empty())
             .ok_or_else(|| format!("the {} sink needs an API key", cfg.kind.name()))?;
+        Lister::with(service, cfg, &cfg.url, key)
+    }
+
+    /// `service` at `base` with `key`, through an HTTP policy made from
+    /// `policy` (rate limit, timeout, response cap).
+    pub fn with(
+        service: Service,
+        policy: &SinkConfig,
+        base: &str,
+        key: Secret,
+    ) -> Result<Lister, String> {
         Ok(Lister {
-            kind: cfg.kind,
-            http: Http::new(cfg)?,
-            base: cfg.url.trim_end_matches('/').to_string(),
+            kind: service,
+            http: Http::new(policy)?,
+            base: base.trim_end_matches('/').to_string(),
             key,
         })
+    }
+
+    pub fn service(&self) -> Service {
+        self.kind
     }
 
     /// The mapped field's value in `record`, as text (absent, null and empty
@@ -76,14 +122,19 @@ impl Lister {
     /// One page after `cursor` (`None`: the first).
     pub async fn page(&self, cursor: Option<&str>) -> Result<Page, SinkError> {
         let url = match (self.kind, cursor) {
-            (SinkKind::Stripe, None) => format!("{}/v1/customers?limit={PAGE_SIZE}", self.base),
-            (SinkKind::Stripe, Some(c)) => format!(
+            (Service::Stripe, None) => format!("{}/v1/customers?limit={PAGE_SIZE}", self.base),
+            (Service::Stripe, Some(c)) => format!(
                 "{}/v1/customers?limit={PAGE_SIZE}&starting_after={}",
                 self.base,
                 super::stripe::encode(c)
             ),
-            (_, None) => format!("{}/members?limit={PAGE_SIZE}", self.base),
-            (_, Some(c)) => format!(
+            (Service::Clerk, c) => format!(
+                "{}/v1/users?limit={PAGE_SIZE}&offset={}&order_by=%2Bcreated_at",
+                self.base,
+                c.and_then(|c| c.parse::<u64>().ok()).unwrap_or(0)
+            ),
+            (Service::Memberstack, None) => format!("{}/members?limit={PAGE_SIZE}", self.base),
+            (Service::Memberstack, Some(c)) => format!(
                 "{}/members?limit={PAGE_SIZE}&after={}",
                 self.base,
                 super::stripe::encode(c)
@@ -91,8 +142,12 @@ impl Lister {
         };
         let body = self.get(&url).await?;
         match self.kind {
-            SinkKind::Stripe => stripe_page(&body),
-            _ => memberstack_page(&body),
+            Service::Stripe => stripe_page(&body),
+            Service::Memberstack => memberstack_page(&body),
+            Service::Clerk => clerk_page(
+                &body,
+                cursor.and_then(|c| c.parse::<u64>().ok()).unwrap_or(0),
+            ),
         }
     }
 
@@ -106,8 +161,8 @@ impl Lister {
                 .get(url)
                 .header("accept", "application/json");
             req = match self.kind {
-                SinkKind::Stripe => req.bearer_auth(self.key.expose()),
-                _ => req.header("x-api-key", self.key.expose()),
+                Service::Stripe | Service::Clerk => req.bearer_auth(self.key.expose()),
+                Service::Memberstack => req.header("x-api-key", self.key.expose()),
             };
             let key = self.key.expose().to_string();
             let result = self.http.send(req, |t| t.replace(&key, "[redacted]")).await;
@@ -201,11 +256,30 @@ fn memberstack_page(body: &Value) -> Result<Page, SinkError> {
     Ok(Page { records, next })
 }
 
+/// Clerk answers a bare array; a full page means there may be more, at the
+/// next offset.
+fn clerk_page(body: &Value, offset: u64) -> Result<Page, SinkError> {
+    let data = body
+        .as_array()
+        .ok_or_else(|| SinkError::Malformed("user list is not an array".into()))?;
+    let mut records = Vec::with_capacity(data.len());
+    for u in data {
+        records.push(ExternalRecord {
+            id: record_id(u)?,
+            key: u.get("external_id").and_then(as_text),
+            marked_deleted: false,
+            raw: u.clone(),
+        });
+    }
+    let next = (records.len() >= PAGE_SIZE).then(|| (offset + records.len() as u64).to_string());
+    Ok(Page { records, next })
+}
+
 /// Where a mapping path lives in the listed record: Memberstack keeps the
 /// email under `auth`; everything else is at its own dotted path.
-pub fn field_text(kind: SinkKind, raw: &Value, path: &str) -> Option<String> {
+pub fn field_text(kind: Service, raw: &Value, path: &str) -> Option<String> {
     let pointer = match (kind, path) {
-        (SinkKind::Memberstack, "email") => "/auth/email".to_string(),
+        (Service::Memberstack, "email") => "/auth/email".to_string(),
         _ => format!(
             "/{}",
             path.replace('~', "~0").replace('/', "~1").replace('.', "/")
@@ -232,7 +306,7 @@ mod tests {
         assert_eq!(page.records[0].key.as_deref(), Some("7"));
         assert!(page.records[1].marked_deleted);
         assert_eq!(
-            field_text(SinkKind::Stripe, &page.records[0].raw, "metadata.plan").as_deref(),
+            field_text(Service::Stripe, &page.records[0].raw, "metadata.plan").as_deref(),
             Some("pro")
         );
         let ms = json!({"hasNextPage": false, "endCursor": 9, "data": [
@@ -242,10 +316,19 @@ mod tests {
         assert_eq!(page.next, None);
         assert_eq!(page.records[0].key.as_deref(), Some("3"));
         assert_eq!(
-            field_text(SinkKind::Memberstack, &page.records[0].raw, "email").as_deref(),
+            field_text(Service::Memberstack, &page.records[0].raw, "email").as_deref(),
             Some("b@x")
         );
         assert!(stripe_page(&json!({"data": [{"id": ""}]})).is_err());
         assert!(memberstack_page(&json!({"hasNextPage": true, "data": []})).is_err());
+        let full: Vec<Value> = (0..PAGE_SIZE)
+            .map(|i| json!({"id": format!("user_{i}"), "external_id": "9"}))
+            .collect();
+        let page = clerk_page(&Value::Array(full), 200).unwrap();
+        assert_eq!(page.next.as_deref(), Some("300"));
+        assert_eq!(page.records[0].key.as_deref(), Some("9"));
+        let page = clerk_page(&json!([{"id": "user_1"}]), 300).unwrap();
+        assert_eq!(page.next, None);
+        assert!(clerk_page(&json!({"data": []}), 0).is_err());
     }
 }

@@ -6,6 +6,7 @@ pub mod backfill;
 pub mod catalog;
 pub mod db;
 pub mod deadletter;
+pub mod import;
 pub mod inbound;
 pub mod lag;
 pub mod lanes;

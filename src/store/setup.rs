@@ -123,6 +123,10 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
             comment: "The newest provider version applied per inbound object (deletes leave a tombstone), so older deliveries change nothing.",
             sql: crate::store::inbound::VERSIONS_DDL.to_string(),
         },
+        Step {
+            comment: "Where an unfinished `usersync import` of each source stopped (the list cursor after the last page applied), so a crashed import resumes there.",
+            sql: crate::store::import::CURSORS_DDL.to_string(),
+        },
     ]
 }
 

@@ -15,6 +15,7 @@ mod exactly_once;
 mod failover;
 mod fake_webhooks;
 mod faults;
+mod import;
 mod inbound;
 mod layers;
 mod listing;

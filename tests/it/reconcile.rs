@@ -390,6 +390,7 @@ async fn memberstack_members_are_read_across_pages_and_compared_at_their_own_pat
 
     let opts = Options {
         fix: None,
+        from: None,
         quiet: true,
     };
     let report = run(&cfg, &opts, CancellationToken::new())
@@ -418,4 +419,75 @@ async fn memberstack_members_are_read_across_pages_and_compared_at_their_own_pat
     assert_eq!(twelve.len(), 1, "{:#?}", report.drifts);
     assert_eq!(twelve[0].fields, vec!["email".to_string()]);
     ms.shutdown().await;
+}
+
+/// `[reconcile] every`: the daemon reconciles by itself and exports the
+/// counts; a dashboard edit and a customer made outside usersync show up as
+/// `usersync_drift_records{kind=…}` without anyone running a command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_reconcile_exports_drift_made_behind_usersyncs_back() {
+    use crate::observability::{http_get, metrics_url, sample};
+    let h = Harness::new(USERS_BIGINT).await;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(h.db.log_path())
+        .expect("log file");
+    let log2 = log.try_clone().expect("log file");
+    let mut child = h
+        .command(&["run"])
+        .env("USERSYNC_RECONCILE_EVERY", "1s")
+        .env("USERSYNC_METRICS_LISTEN", "127.0.0.1:0")
+        .env("USERSYNC_LOG_LEVEL", "info")
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .expect("spawn usersync run");
+    h.db.exec("INSERT INTO users (id, email, name, plan) VALUES (1, 'a@example.com', 'A', 'pro')")
+        .await;
+    let ext = h.wait_linked(1).await;
+    let base = metrics_url(&h.db).await;
+    let drift = |text: &str, kind: &str| {
+        sample(text, &format!("usersync_drift_records{{kind=\"{kind}\"}}"))
+    };
+    let wait_drift = |want: [(&'static str, f64); 3]| {
+        let base = base.clone();
+        async move {
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                let (_, text) = http_get(&format!("{base}/metrics")).await;
+                if want.iter().all(|(k, v)| drift(&text, k) == Some(*v)) {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "drift never became {want:?}:\n{}",
+                    text.lines()
+                        .filter(|l| l.contains("drift"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_drift([
+        ("only_in_table", 0.0),
+        ("fields_differ", 0.0),
+        ("only_in_service", 0.0),
+    ])
+    .await;
+    assert!(h.stripe.edit_customer(&ext, |c| {
+        c.metadata.insert("plan".into(), "team".into());
+    }));
+    h.stripe
+        .insert_customer(Some("stray@example.com"), None, BTreeMap::new());
+    wait_drift([
+        ("only_in_table", 0.0),
+        ("fields_differ", 1.0),
+        ("only_in_service", 1.0),
+    ])
+    .await;
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
 }
