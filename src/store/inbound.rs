@@ -855,13 +855,9 @@ impl Applier {
             Some(r) => r.try_get(0)?,
             None => None,
         };
-        let Some(_pushed) = pushed else {
+        let Some(pushed) = pushed else {
             return Ok(false);
         };
-        let pushed = String::new();
-        if pushed.is_empty() {
-            return Ok(false);
-        }
         Ok(self
             .values_hash(key)
             .await?
