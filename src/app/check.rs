@@ -205,7 +205,12 @@ pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
                 .as_ref()
                 .map(|c| c.sink.columns.clone())
                 .unwrap_or_default();
-            database_checks(db, &sink_columns, &mut out).await
+            let inbound = full.as_ref().ok().and_then(|c| {
+                c.inbound
+                    .as_ref()
+                    .map(|i| crate::store::role::InboundWrites::of(i, &c.database.origin))
+            });
+            database_checks(db, &sink_columns, inbound.as_ref(), &mut out).await
         }
         None => out.push(Finding::skipped(
             "database",
@@ -225,7 +230,12 @@ pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
     Report::new(out)
 }
 
-async fn database_checks(db: &DatabaseConfig, sink_columns: &[String], out: &mut Vec<Finding>) {
+async fn database_checks(
+    db: &DatabaseConfig,
+    sink_columns: &[String],
+    inbound: Option<&crate::store::role::InboundWrites>,
+    out: &mut Vec<Finding>,
+) {
     let client = match crate::store::db::connect(db, "usersync-check").await {
         Ok(c) => {
             out.push(Finding::ok(
@@ -385,6 +395,16 @@ async fn database_checks(db: &DatabaseConfig, sink_columns: &[String], out: &mut
             format!("cannot check privileges: {}", error_text(&e)),
             None,
         )),
+    }
+    if let (Some(writes), Some(_)) = (inbound, shape.as_ref()) {
+        match inbound_checks(&client, db, writes).await {
+            Ok(found) => out.extend(found),
+            Err(e) => out.push(Finding::fail(
+                "inbound",
+                format!("cannot check the inbound privileges: {}", error_text(&e)),
+                None,
+            )),
+        }
     }
 }
 
@@ -733,6 +753,97 @@ async fn privileges(
             ),
         )
     });
+    Ok(out)
+}
+
+/// What the inbound sources write: the privileges for it (INSERT and
+/// UPDATE of the written columns, DELETE for `on_delete = "delete"`), and
+/// NOT NULL columns an inbound insert would leave empty.
+async fn inbound_checks(
+    client: &Client,
+    db: &DatabaseConfig,
+    writes: &crate::store::role::InboundWrites,
+) -> Result<Vec<Finding>, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    let table = db.table.quoted();
+    let user = catalog::current_role(client).await?.name;
+    let role = quote_ident(&user);
+    let columns: Vec<&String> = writes.columns.iter().collect();
+    let mut wanted: Vec<(&str, bool)> = vec![("UPDATE", true), ("INSERT", writes.insert)];
+    wanted.retain(|(_, needed)| *needed);
+    for (privilege, _) in wanted {
+        let mut missing = Vec::new();
+        for column in &columns {
+            if !catalog::has_column_privilege(client, &table, column, privilege).await? {
+                missing.push(column.as_str());
+            }
+        }
+        let name = if privilege == "INSERT" {
+            "privilege.inbound_insert"
+        } else {
+            "privilege.inbound_update"
+        };
+        out.push(if missing.is_empty() {
+            Finding::ok(
+                name,
+                format!("role {user} may {privilege} the columns inbound webhooks write"),
+            )
+        } else {
+            Finding::fail(
+                name,
+                format!(
+                    "role {user} lacks {privilege} on {}.({}), so inbound webhooks cannot be applied (they are answered 503 and retried by the provider)",
+                    db.table,
+                    missing.join(", ")
+                ),
+                Some(format!(
+                    "GRANT {privilege} ({}) ON {table} TO {role}; (or `usersync setup --role {user}` with this configuration)",
+                    writes.column_list()
+                )),
+            )
+        });
+    }
+    if writes.delete {
+        let ok = catalog::has_table_privilege(client, &table, "DELETE").await?;
+        out.push(if ok {
+            Finding::ok(
+                "privilege.inbound_delete",
+                format!("role {user} may delete users (on_delete = \"delete\")"),
+            )
+        } else {
+            Finding::fail(
+                "privilege.inbound_delete",
+                format!(
+                    "role {user} lacks DELETE on {}, which on_delete = \"delete\" needs",
+                    db.table
+                ),
+                Some(format!("GRANT DELETE ON {table} TO {role};")),
+            )
+        });
+    }
+    if writes.insert {
+        let unfilled: Vec<String> = catalog::required_columns(client, &table)
+            .await?
+            .into_iter()
+            .filter(|c| !writes.columns.contains(c))
+            .collect();
+        out.push(if unfilled.is_empty() {
+            Finding::ok(
+                "inbound.insert_columns",
+                "every NOT NULL column of a user created by a webhook is mapped or has a default",
+            )
+        } else {
+            Finding::warn(
+                "inbound.insert_columns",
+                format!(
+                    "{} ({}) NOT NULL without a default or a mapping: users created by inbound webhooks (on_create = \"insert\") will fail and become inbound dead letters",
+                    db.table,
+                    unfilled.join(", ")
+                ),
+                Some("map the column in [inbound.sources.<name>.mapping], give it a DEFAULT, or set on_create = \"ignore\"".to_string()),
+            )
+        });
+    }
     Ok(out)
 }
 

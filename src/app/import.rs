@@ -32,6 +32,11 @@ use crate::store::import::{self as cursor, Candidate, MatchColumns};
 use crate::store::inbound::{Applied, Applier, ApplyError};
 use crate::store::schema::{self, SchemaError};
 
+/// How often, and how long apart, a record whose user has an outbound
+/// change in flight is tried again before the import leaves it.
+const DEFERRED_RETRIES: u32 = 40;
+const DEFERRED_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// How long the import waits for its origin (a previous import's session
 /// may linger for a moment after a crash).
 const ORIGIN_WAIT: Duration = Duration::from_secs(10);
@@ -518,8 +523,24 @@ async fn walk(
         for record in &records {
             let plan = plan(record, source, &rows);
             if let Some(applier) = applier.as_mut().filter(|_| plan.writes()) {
-                match applier.apply(record).await? {
+                // An outbound change of this user is not written back yet:
+                // wait for it a little (the write-back takes milliseconds),
+                // then leave the record to the next import rather than
+                // revert the app's newer value.
+                let mut applied = applier.apply(record).await?;
+                for _ in 0..DEFERRED_RETRIES {
+                    if applied != Applied::Deferred || cancel.is_cancelled() {
+                        break;
+                    }
+                    tokio::time::sleep(DEFERRED_WAIT).await;
+                    applied = applier.apply(record).await?;
+                }
+                match applied {
                     Applied::Applied(_) => count(&mut report, &plan),
+                    Applied::Deferred => {
+                        tracing::warn!(external_id = %record.subject, "the user's own change is still being pushed; not imported now, run the import again");
+                        report.skipped += 1;
+                    }
                     Applied::Stale => report.stale += 1,
                     Applied::Failed(reason) => {
                         tracing::warn!(external_id = %record.subject, %reason, "the table refused a listed record");

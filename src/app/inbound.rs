@@ -1,11 +1,14 @@
 //! The inbound webhook receiver: `POST /<source>` on `inbound.listen`,
 //! verified on the raw body before anything parses it or touches the
 //! database, then applied through the source's `store::inbound::Applier`.
-//! Answers: 200 (applied, duplicate, stale, echo, unmatched, ignored or
-//! recorded as failed), 400 (not a delivery), 401 (signature or timestamp),
-//! 404 (no such source), 408 (body too slow), 413 (body too large), 503
-//! (database unavailable: the provider retries). Runs beside the stream on
-//! its own connections, so an outage here never holds the stream up.
+//! Answers: 200 (applied, duplicate, stale, echo, unmatched, ignored,
+//! deferred, or kept as an inbound dead letter), 400 (not a delivery), 401
+//! (signature or timestamp), 404 (no such source), 408 (body too slow), 413
+//! (body too large), 503 (database unavailable: the provider retries). Runs
+//! beside the stream on its own connections, so an outage here never holds
+//! the stream up. Deferred events (their user's outbound change was not
+//! written back yet) are re-applied here, by one task per source, once it
+//! is; `usersync dlq replay` of an inbound dead letter comes here too.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +26,7 @@ use crate::config::inbound::InboundSource;
 use crate::config::Config;
 use crate::core::inbound_event::parse;
 use crate::core::table::TableShape;
-use crate::store::inbound::{Applied, Applier, ApplyError};
+use crate::store::inbound::{Applied, Applier, ApplyError, Claim, Delivery};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen for inbound webhooks on {addr}: {source}")]
@@ -61,6 +64,8 @@ struct SourceState {
     /// record is applied and put back only when the apply finished, so a
     /// timed-out request can never leave a half-open transaction behind.
     applier: tokio::sync::Mutex<Option<Applier>>,
+    /// Something was deferred: wakes the source's re-evaluation task.
+    deferred: tokio::sync::Notify,
 }
 
 struct Shared {
@@ -104,12 +109,16 @@ pub async fn start(
                 Arc::new(SourceState {
                     source: s.clone(),
                     applier: tokio::sync::Mutex::new(None),
+                    deferred: tokio::sync::Notify::new(),
                 })
             })
             .collect(),
         max_body: inbound.max_body_bytes,
         request_timeout: inbound.request_timeout,
     });
+    for state in &shared.sources {
+        tokio::spawn(reevaluate(shared.clone(), state.clone(), cancel.clone()));
+    }
     let app = Router::new()
         .route("/{source}", post(receive))
         .with_state(shared);
@@ -202,27 +211,22 @@ async fn receive(
             return answer(status, "rejected");
         }
     };
-    let record = match parse(
-        state.source.kind,
-        &body,
-        verified.message_id.as_deref(),
-        verified.timestamp,
-        &state.source.mapping,
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(source = %source, error = %e, "verified inbound event cannot be read");
-            crate::observe::metrics::inbound(source, "failed");
-            return answer(StatusCode::BAD_REQUEST, "unreadable");
-        }
+    let delivery = Delivery {
+        body: body.to_vec(),
+        message_id: verified.message_id.clone(),
+        delivered_at: verified.timestamp,
     };
-    let applied = tokio::time::timeout(APPLY_TIMEOUT, apply(&shared, &state, &record)).await;
+    let applied = tokio::time::timeout(APPLY_TIMEOUT, apply(&shared, &state, &delivery)).await;
     match applied {
-        Ok(Ok(outcome)) => {
+        Ok(Ok((event_id, outcome))) => {
             crate::observe::metrics::inbound(source, outcome.outcome());
-            tracing::debug!(source = %source, event_id = %record.event_id, event_type = %record.event_type, outcome = outcome.outcome(), "inbound event");
-            if let Applied::Failed(reason) = &outcome {
-                tracing::warn!(source = %source, event_id = %record.event_id, reason = %reason, "inbound event cannot be applied; recorded as failed");
+            tracing::debug!(source = %source, event_id = %event_id, outcome = outcome.outcome(), "inbound event");
+            match &outcome {
+                Applied::Failed(reason) => {
+                    tracing::warn!(source = %source, event_id = %event_id, reason = %reason, "inbound event cannot be applied; kept as a dead letter (usersync dlq list --inbound)");
+                }
+                Applied::Deferred => state.deferred.notify_one(),
+                _ => {}
             }
             answer(StatusCode::OK, outcome.outcome())
         }
@@ -250,13 +254,15 @@ fn verify(
     )
 }
 
-async fn apply(
+/// The source's session (opened on first use), taken out of its slot;
+/// the caller puts it back only when its work succeeded: after a database
+/// error the session may be broken, and the next use opens a new one.
+async fn session<'s>(
     shared: &Shared,
-    state: &SourceState,
-    record: &crate::core::inbound_event::InboundRecord,
-) -> Result<Applied, ApplyError> {
+    state: &'s SourceState,
+) -> Result<(tokio::sync::MutexGuard<'s, Option<Applier>>, Applier), ApplyError> {
     let mut slot = state.applier.lock().await;
-    let mut applier = match slot.take() {
+    let applier = match slot.take() {
         Some(a) => a,
         None => {
             Applier::connect(
@@ -268,11 +274,224 @@ async fn apply(
             .await?
         }
     };
-    let result = applier.apply(record).await;
-    // After a database error the session may be broken: open a new one on
-    // the next delivery.
+    Ok((slot, applier))
+}
+
+/// Parses and applies one verified delivery: its event id and outcome. A
+/// body that does not read as an event is kept as a dead letter.
+async fn apply(
+    shared: &Shared,
+    state: &SourceState,
+    delivery: &Delivery,
+) -> Result<(String, Applied), ApplyError> {
+    let source = &state.source;
+    let parsed = parse(
+        source.kind,
+        &delivery.body,
+        delivery.message_id.as_deref(),
+        delivery.delivered_at,
+        &source.mapping,
+    );
+    let (mut slot, mut a) = session(shared, state).await?;
+    let result = match parsed {
+        Ok(record) => a
+            .receive(&record, delivery)
+            .await
+            .map(|outcome| (record.event_id, outcome)),
+        Err(e) => a
+            .dead_letter_unreadable(None, delivery, &e.to_string())
+            .await
+            .map(|outcome| (delivery.message_id.clone().unwrap_or_default(), outcome)),
+    };
     if result.is_ok() {
-        *slot = Some(applier);
+        *slot = Some(a);
     }
     result
+}
+
+/// How often a source with deferred events looks at them again.
+const REEVALUATE_EVERY: Duration = Duration::from_millis(250);
+/// How often an idle source checks for events handed to it (`usersync dlq
+/// replay` while this daemon holds the source's session).
+const HANDED_EVERY: u32 = 16;
+
+/// The source's deferred events, applied once their users' outbound
+/// changes are written back (the apply path decides, by the values hash).
+/// Polls while something is deferred; otherwise only a cheap check every
+/// few seconds on a connection of its own (not the source's session, which
+/// holds the origin and opens on the first delivery).
+async fn reevaluate(shared: Arc<Shared>, state: Arc<SourceState>, cancel: CancellationToken) {
+    let mut checker: Option<tokio_postgres::Client> = None;
+    let mut pending = false;
+    let mut idle_ticks = HANDED_EVERY;
+    loop {
+        if !pending && idle_ticks >= HANDED_EVERY {
+            idle_ticks = 0;
+            if checker.as_ref().is_none_or(|c| c.is_closed()) {
+                checker = crate::store::db::connect(&shared.cfg.database, "usersync-inbound")
+                    .await
+                    .ok();
+            }
+            if let Some(c) = &checker {
+                pending = crate::store::inbound::deferred_waiting(c, &state.source.name)
+                    .await
+                    .unwrap_or(false);
+            }
+        }
+        if pending {
+            match reevaluate_once(&shared, &state).await {
+                Ok(left) => pending = left,
+                Err(e) => {
+                    tracing::warn!(source = %state.source.name, error = %e, "cannot re-apply deferred inbound events yet");
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = state.deferred.notified() => pending = true,
+            _ = tokio::time::sleep(REEVALUATE_EVERY) => idle_ticks += 1,
+        }
+    }
+}
+
+/// One pass over the deferred events; whether any is still deferred.
+async fn reevaluate_once(shared: &Shared, state: &SourceState) -> Result<bool, ApplyError> {
+    let (mut slot, mut a) = session(shared, state).await?;
+    let result = reevaluate_with(&mut a, &state.source).await;
+    if result.is_ok() {
+        *slot = Some(a);
+    }
+    result
+}
+
+async fn reevaluate_with(a: &mut Applier, source: &InboundSource) -> Result<bool, ApplyError> {
+    let due = a.deferred(50).await?;
+    let mut left = false;
+    for stored in &due {
+        let d = &stored.delivery;
+        let outcome = match parse(
+            source.kind,
+            &d.body,
+            d.message_id.as_deref(),
+            d.delivered_at,
+            &source.mapping,
+        ) {
+            Ok(record) => {
+                a.reapply(
+                    &record,
+                    d,
+                    Claim::Deferred {
+                        overdue: stored.overdue,
+                    },
+                )
+                .await?
+            }
+            Err(e) => {
+                a.dead_letter_unreadable(Some(&stored.event_id), d, &e.to_string())
+                    .await?
+            }
+        };
+        match outcome {
+            Applied::Deferred => left = true,
+            Applied::Duplicate => {}
+            other => {
+                crate::observe::metrics::inbound(&source.name, other.outcome());
+                tracing::debug!(source = %source.name, event_id = %stored.event_id, outcome = other.outcome(), "deferred inbound event re-applied");
+            }
+        }
+    }
+    Ok(left || due.len() == 50)
+}
+
+/// What `usersync dlq replay SOURCE/EVENT` came to.
+#[derive(Debug)]
+pub enum Replayed {
+    /// Applied here (no receiver was running): the apply's outcome.
+    Applied(Applied),
+    /// A running receiver holds the source's session: handed to it.
+    Handed,
+    NotFound,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InboundReplayError {
+    #[error("no inbound source {0} in the configuration")]
+    UnknownSource(String),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Db(#[from] crate::store::db::DbError),
+    #[error(transparent)]
+    Schema(#[from] crate::store::schema::SchemaError),
+    #[error(transparent)]
+    Connect(#[from] crate::store::db::ConnectError),
+}
+
+impl crate::core::error::Classify for InboundReplayError {
+    fn kind(&self) -> crate::core::error::ErrorKind {
+        match self {
+            InboundReplayError::UnknownSource(_) => crate::core::error::ErrorKind::Config,
+            InboundReplayError::Apply(e) => e.kind(),
+            InboundReplayError::Db(e) => e.kind(),
+            InboundReplayError::Schema(e) => e.kind(),
+            InboundReplayError::Connect(e) => e.kind(),
+        }
+    }
+}
+
+/// `usersync dlq replay SOURCE/EVENT`: parses the kept delivery with the
+/// mapping as configured now and applies it through the source's write
+/// path (its origin, so never echoed to its own service). When a daemon is
+/// receiving for the source, it holds the source's session: the dead
+/// letter is handed to it and applied like a deferred event.
+pub async fn replay(
+    cfg: &Config,
+    source_name: &str,
+    event_id: &str,
+) -> Result<Replayed, InboundReplayError> {
+    let source = cfg
+        .inbound
+        .as_ref()
+        .and_then(|i| i.source(source_name))
+        .ok_or_else(|| InboundReplayError::UnknownSource(source_name.to_string()))?;
+    let client = crate::store::db::connect(&cfg.database, "usersync-dlq").await?;
+    let Some(delivery) =
+        crate::store::inbound::dead_letter_delivery(&client, source_name, event_id).await?
+    else {
+        return Ok(Replayed::NotFound);
+    };
+    let shape = crate::store::schema::inspect_table(&client, &cfg.database.table).await?;
+    let mut applier = match Applier::connect(cfg, source, &shape, Duration::ZERO).await {
+        Ok(a) => a,
+        Err(ApplyError::OriginBusy { .. }) => {
+            return Ok(
+                if crate::store::inbound::requeue(&client, source_name, event_id).await? {
+                    Replayed::Handed
+                } else {
+                    Replayed::NotFound
+                },
+            )
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let outcome = match parse(
+        source.kind,
+        &delivery.body,
+        delivery.message_id.as_deref(),
+        delivery.delivered_at,
+        &source.mapping,
+    ) {
+        Ok(record) => {
+            applier
+                .reapply(&record, &delivery, Claim::DeadLetter)
+                .await?
+        }
+        Err(e) => {
+            applier
+                .dead_letter_unreadable(Some(event_id), &delivery, &e.to_string())
+                .await?
+        }
+    };
+    crate::observe::metrics::inbound(source_name, outcome.outcome());
+    Ok(Replayed::Applied(outcome))
 }

@@ -1,12 +1,15 @@
 //! `usersync setup --role NAME`: the usual setup (unless --role-only, since
 //! the grants name usersync's tables), then the least-privilege role whose
-//! SQL is in `store::role`.
+//! SQL is in `store::role`, with the grants for the inbound sources' writes
+//! when `[inbound]` is configured.
 
 use tokio_postgres::Client;
 
 use crate::app::setup::{self, SetupError};
 use crate::config::DatabaseConfig;
-pub use crate::store::role::{render, steps, valid_role_name, ORIGIN_FUNCTIONS};
+pub use crate::store::role::{
+    render, render_with, steps, valid_role_name, InboundWrites, ORIGIN_FUNCTIONS,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoleError {
@@ -35,11 +38,12 @@ pub async fn apply(
     db: &DatabaseConfig,
     role: &str,
     role_only: bool,
+    inbound: Option<&InboundWrites>,
 ) -> Result<(), RoleError> {
     if !role_only {
         setup::apply(client, db).await?;
     }
-    crate::store::role::run_steps(client, db, role)
+    crate::store::role::run_steps(client, db, role, inbound)
         .await
         .map_err(|source| RoleError::Step {
             role: role.to_string(),

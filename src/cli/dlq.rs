@@ -18,7 +18,16 @@ pub(super) async fn run(
              nothing was deleted: add --yes to confirm, or use `usersync dlq replay` to push the users' current rows instead",
         ));
     }
-    if let DlqCommand::Replay { id, user, all } = command {
+    if let DlqCommand::Replay {
+        inbound: Some(target),
+        ..
+    } = &command
+    {
+        let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
+        crate::observe::logging::init_logging("warn", cfg.log.format == "json");
+        return replay_inbound(&cfg, target).await;
+    }
+    if let DlqCommand::Replay { id, user, all, .. } = command {
         let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
         // One line per user goes to stdout; logs only for retries and
         // problems (RUST_LOG still overrides).
@@ -29,7 +38,25 @@ pub(super) async fn run(
     crate::observe::logging::init_logging("warn", false);
     let client = app::open(&db).await.map_err(Failure::of)?;
     match command {
-        DlqCommand::List { json, user } => {
+        DlqCommand::List {
+            json,
+            inbound: true,
+            ..
+        } => {
+            let entries = crate::store::inbound::dead_letters(&client, None)
+                .await
+                .map_err(Failure::of)?;
+            if json {
+                let text = serde_json::to_string_pretty(&entries).map_err(Failure::runtime)?;
+                println!("{text}");
+            } else if entries.is_empty() {
+                println!("no inbound dead letters");
+            } else {
+                print!("{}", render_inbound(&entries));
+            }
+            Ok(())
+        }
+        DlqCommand::List { json, user, .. } => {
             let entries = app::list(&client, user.as_deref())
                 .await
                 .map_err(Failure::of)?;
@@ -37,16 +64,45 @@ pub(super) async fn run(
                 let text = serde_json::to_string_pretty(&entries).map_err(Failure::runtime)?;
                 println!("{text}");
             } else if entries.is_empty() {
-                match user {
+                match &user {
                     Some(user) => println!("no dead letters for user {user}"),
                     None => println!("no dead letters"),
                 }
             } else {
                 print!("{}", render_table(&entries));
             }
+            if !json && user.is_none() {
+                // Inbound dead letters have no user (yet): pointed at, not mixed in.
+                let inbound = crate::store::inbound::dead_letters(&client, None)
+                    .await
+                    .map_err(Failure::of)?;
+                if !inbound.is_empty() {
+                    println!(
+                        "{} inbound dead letter{}: see `usersync dlq list --inbound`",
+                        inbound.len(),
+                        if inbound.len() == 1 { "" } else { "s" }
+                    );
+                }
+            }
             Ok(())
         }
-        DlqCommand::Show { id } => {
+        DlqCommand::Show {
+            inbound: Some(target),
+            ..
+        } => {
+            let (source, event) = split_target(&target)?;
+            let entry = crate::store::inbound::dead_letter(&client, source, event)
+                .await
+                .map_err(Failure::of)?
+                .ok_or_else(|| {
+                    Failure::runtime(format!("no inbound dead letter {source}/{event}"))
+                })?;
+            let text = serde_json::to_string_pretty(&entry).map_err(Failure::runtime)?;
+            println!("{text}");
+            Ok(())
+        }
+        DlqCommand::Show { id, .. } => {
+            let id = id.unwrap_or_default();
             let entry = app::show(&client, id).await.map_err(Failure::of)?;
             let text = serde_json::to_string_pretty(&entry).map_err(Failure::runtime)?;
             println!("{text}");
@@ -82,6 +138,59 @@ pub(super) async fn run(
         // Handled above, before any table query.
         DlqCommand::Replay { .. } => Ok(()),
     }
+}
+
+/// `SOURCE/EVENT_ID`: event ids (`msg_…`, `evt_…`) and source names hold
+/// no `/`.
+fn split_target(target: &str) -> Result<(&str, &str), Failure> {
+    match target.split_once('/') {
+        Some((s, e)) if !s.is_empty() && !e.is_empty() => Ok((s, e)),
+        _ => Err(Failure::usage(format!(
+            "{target:?}: name an inbound dead letter as SOURCE/EVENT_ID (see `usersync dlq list --inbound`)"
+        ))),
+    }
+}
+
+async fn replay_inbound(cfg: &Config, target: &str) -> Result<(), Failure> {
+    use crate::app::inbound::Replayed;
+    use crate::store::inbound::Applied;
+    let (source, event) = split_target(target)?;
+    match crate::app::inbound::replay(cfg, source, event)
+        .await
+        .map_err(Failure::of)?
+    {
+        Replayed::NotFound => Err(Failure::runtime(format!(
+            "no inbound dead letter {source}/{event} (see `usersync dlq list --inbound`)"
+        ))),
+        Replayed::Handed => {
+            println!("{source}/{event}: handed to the running daemon's receiver, which applies it");
+            Ok(())
+        }
+        Replayed::Applied(Applied::Failed(reason)) => Err(Failure::runtime(format!(
+            "{source}/{event} still cannot be applied: {reason}; it stays a dead letter"
+        ))),
+        Replayed::Applied(outcome) => {
+            println!("{source}/{event}: {}", outcome.outcome());
+            Ok(())
+        }
+    }
+}
+
+/// The readable table of `dlq list --inbound`.
+pub fn render_inbound(entries: &[crate::store::inbound::InboundEntry]) -> String {
+    let mut out = String::from("SOURCE/EVENT  TYPE  SUBJECT  RECEIVED  ERROR\n");
+    for e in entries {
+        out.push_str(&format!(
+            "{}/{}  {}  {}  {}  {}\n",
+            e.source,
+            e.event_id,
+            excerpt(&e.event_type, 40),
+            excerpt(&e.subject, 40),
+            e.received_at,
+            excerpt(&e.error, 80)
+        ));
+    }
+    out
 }
 
 async fn replay(

@@ -360,12 +360,21 @@ pub enum DlqCommand {
         /// Only this user's entries (the primary key as text).
         #[arg(long, value_name = "KEY")]
         user: Option<String>,
+        /// List the inbound dead letters instead: webhook events that could
+        /// not be read or applied, by source (`[inbound.sources]`).
+        #[arg(long, conflicts_with = "user")]
+        inbound: bool,
     },
     /// Print one dead letter in full, as JSON, including the envelope that
     /// was (or would have been) pushed. The envelope holds row data.
+    #[command(group(ArgGroup::new("entry").required(true).args(["id", "inbound"])))]
     Show {
         /// The entry's id (first column of `usersync dlq list`).
-        id: i64,
+        id: Option<i64>,
+        /// An inbound dead letter, as SOURCE/EVENT_ID (`usersync dlq list
+        /// --inbound`), with the delivery's body.
+        #[arg(long, value_name = "SOURCE/EVENT_ID")]
+        inbound: Option<String>,
     },
     /// Re-sync users with dead letters from their CURRENT rows.
     ///
@@ -382,7 +391,13 @@ pub enum DlqCommand {
     /// the user>, the same if the replay is repeated.
     ///
     /// Exit code 1 if any user failed.
-    #[command(group(ArgGroup::new("target").required(true).args(["id", "user", "all"])))]
+    ///
+    /// `--inbound SOURCE/EVENT_ID` re-applies an inbound dead letter
+    /// instead: its kept delivery is read with the mapping as configured
+    /// now and written through the source's own path (tagged with the
+    /// source's origin, so never pushed back to that service). A running
+    /// daemon receiving for the source applies it for you.
+    #[command(group(ArgGroup::new("target").required(true).args(["id", "user", "all", "inbound"])))]
     Replay {
         /// Replay the user of this entry (all of the user's dead letters:
         /// they are one ordered backlog).
@@ -393,6 +408,9 @@ pub enum DlqCommand {
         /// Replay every user with dead letters.
         #[arg(long)]
         all: bool,
+        /// Re-apply this inbound dead letter (SOURCE/EVENT_ID).
+        #[arg(long, value_name = "SOURCE/EVENT_ID")]
+        inbound: Option<String>,
     },
     /// Delete dead letters without pushing them: the changes are given up
     /// for good. A user whose dead letters are all gone is no longer parked;
@@ -555,6 +573,17 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             if let Some(role) = &role {
                 crate::app::role::valid_role_name(role).map_err(Failure::usage)?;
             }
+            // The inbound sources' writes need grants of their own; they
+            // come from the whole configuration (its secrets too).
+            let inbound = role.as_ref().and_then(|_| {
+                Config::load(&path, explicit, &ProcessEnv)
+                    .ok()
+                    .and_then(|c| {
+                        c.inbound
+                            .as_ref()
+                            .map(|i| crate::app::role::InboundWrites::of(i, &c.database.origin))
+                    })
+            });
             if print_sql {
                 if !role_only {
                     print!("{}", crate::app::setup::render(&db));
@@ -563,12 +592,15 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                     if !role_only {
                         println!();
                     }
-                    print!("{}", crate::app::role::render(&db, role));
+                    print!(
+                        "{}",
+                        crate::app::role::render_with(&db, role, inbound.as_ref())
+                    );
                 }
                 return Ok(());
             }
             if let Some(role) = role {
-                return setup_role(&db, &role, role_only).await;
+                return setup_role(&db, &role, role_only, inbound.as_ref()).await;
             }
             crate::observe::logging::init_logging("info", false);
             let client = crate::store::db::connect(&db, "usersync-setup")
@@ -691,12 +723,13 @@ async fn setup_role(
     db: &config::DatabaseConfig,
     role: &str,
     role_only: bool,
+    inbound: Option<&crate::app::role::InboundWrites>,
 ) -> Result<(), Failure> {
     crate::observe::logging::init_logging("info", false);
     let client = crate::store::db::connect(db, "usersync-setup")
         .await
         .map_err(Failure::runtime)?;
-    crate::app::role::apply(&client, db, role, role_only)
+    crate::app::role::apply(&client, db, role, role_only, inbound)
         .await
         .map_err(Failure::of)?;
     println!(

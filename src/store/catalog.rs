@@ -89,6 +89,53 @@ pub async fn can_update_column(
         .try_get(0)
 }
 
+/// `has_column_privilege(table, column, privilege)` for the current role.
+pub async fn has_column_privilege(
+    client: &Client,
+    quoted_table: &str,
+    column: &str,
+    privilege: &str,
+) -> Result<bool, Error> {
+    client
+        .query_one(
+            "SELECT has_column_privilege($1, $2, $3)",
+            &[&quoted_table, &column, &privilege],
+        )
+        .await?
+        .try_get(0)
+}
+
+/// `has_table_privilege(table, privilege)` for the current role.
+pub async fn has_table_privilege(
+    client: &Client,
+    quoted_table: &str,
+    privilege: &str,
+) -> Result<bool, Error> {
+    client
+        .query_one(
+            "SELECT has_table_privilege($1, $2)",
+            &[&quoted_table, &privilege],
+        )
+        .await?
+        .try_get(0)
+}
+
+/// Columns an INSERT must name: NOT NULL, no default, not identity or
+/// generated.
+pub async fn required_columns(client: &Client, quoted_table: &str) -> Result<Vec<String>, Error> {
+    client
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass \
+             AND attnum > 0 AND NOT attisdropped AND attnotnull AND NOT atthasdef \
+             AND attidentity = '' AND attgenerated = '' ORDER BY attnum",
+            &[&quoted_table],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect()
+}
+
 /// usersync's tables this role may not read and write, by name.
 pub async fn usersync_tables_not_writable(client: &Client) -> Result<Vec<String>, Error> {
     client

@@ -5,24 +5,34 @@
 //! `usersync.inbound_events` (a replay finds it and writes nothing), compares
 //! the provider's version with the one kept per provider object in
 //! `usersync.inbound_versions` (older events, and creates older than a
-//! delete's tombstone, change nothing), finds the user's row, writes it, and,
-//! when the source is the service the sink pushes to, records the values
-//! hash in `usersync.user_progress` so `backfill` does not push them back.
+//! delete's tombstone, change nothing; a Stripe customer that ties or comes
+//! out of order is fetched from Stripe as it is now), finds the user's row,
+//! defers the event while the user has an outbound change not yet written
+//! back (its values differ from `user_progress.values_hash`), writes it, logs
+//! it in `usersync.sync_log`, and, when the source is the service the sink
+//! pushes to, records the values hash in `usersync.user_progress` so
+//! `backfill` does not push them back. Deferred events and inbound dead
+//! letters keep their verified delivery in `usersync.inbound_events`, so they
+//! can be parsed and applied again.
 //!
-//! The entry point for other commands (import, reconcile) is
-//! [`Applier::apply`]: a source and one [`InboundRecord`].
+//! The entry points: [`Applier::receive`] (a verified delivery),
+//! [`Applier::reapply`] (a deferred event or a dead letter) and
+//! [`Applier::apply`] for other commands (import, reconcile): a source and
+//! one [`InboundRecord`].
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
 use crate::config::inbound::{InboundOnDelete, InboundSource, OnCreate};
 use crate::config::{quote_ident, Config};
-use crate::core::inbound_event::{supersedes, Action, InboundRecord};
+use crate::core::error::{Classify, ErrorKind};
+use crate::core::inbound_event::{parse, supersedes, Action, InboundRecord, SourceKind};
 use crate::core::table::TableShape;
-use crate::store::db::{connect, error_text, ConnectError};
+use crate::sink::stripe::StripeSink;
+use crate::sink::SinkError;
+use crate::store::db::{connect, error_text, ConnectError, DbError};
 use crate::store::origin::{self, OriginError};
 use crate::store::rows::RowReader;
 
@@ -35,9 +45,15 @@ pub const EVENTS_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.inbound_events
     user_key text,
     error text,
     received_at timestamptz NOT NULL DEFAULT now(),
+    body bytea,
+    message_id text,
+    delivered_at bigint,
     PRIMARY KEY (source, event_id)
 );
-CREATE INDEX IF NOT EXISTS inbound_events_failed ON usersync.inbound_events (received_at) WHERE outcome = 'failed';";
+ALTER TABLE usersync.inbound_events ADD COLUMN IF NOT EXISTS body bytea,
+    ADD COLUMN IF NOT EXISTS message_id text, ADD COLUMN IF NOT EXISTS delivered_at bigint;
+CREATE INDEX IF NOT EXISTS inbound_events_failed ON usersync.inbound_events (received_at) WHERE outcome = 'failed';
+CREATE INDEX IF NOT EXISTS inbound_events_deferred ON usersync.inbound_events (received_at) WHERE outcome = 'deferred';";
 
 pub const VERSIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.inbound_versions (
     source text NOT NULL,
@@ -47,6 +63,27 @@ pub const VERSIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.inbound_vers
     deleted boolean NOT NULL DEFAULT false,
     PRIMARY KEY (source, stream, subject)
 );";
+
+/// How long an inbound apply waits for a row or version lock before it
+/// gives up and the provider is asked to retry (503).
+const LOCK_TIMEOUT: &str = "2s";
+
+/// A deferred event older than this is applied even though its user still
+/// differs from what was last pushed (a `sink.columns` change, a user whose
+/// pushes keep failing): deferral must not hold an event forever.
+const MAX_DEFERRAL: &str = "10 minutes";
+
+/// The delivery as it was verified: kept with a deferred or failed event so
+/// that it can be parsed again (with the mapping of that later day) and
+/// re-applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub body: Vec<u8>,
+    /// The Standard Webhooks `webhook-id` / `svix-id` header.
+    pub message_id: Option<String>,
+    /// The delivery's signed timestamp, seconds.
+    pub delivered_at: i64,
+}
 
 /// What one record came to; each is answered 200 to the provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,8 +101,12 @@ pub enum Applied {
     Unmatched,
     /// An event type usersync does not map.
     Ignored,
+    /// The user has an outbound change that is not written back yet: the
+    /// event is kept (with its delivery) and applied once it is.
+    Deferred,
     /// The record cannot be applied, ever (a value the column refuses, two
-    /// rows with the email): recorded as failed with the reason.
+    /// rows with the email, a body that does not read): an inbound dead
+    /// letter, kept with its delivery for `usersync dlq replay`.
     Failed(String),
 }
 
@@ -78,32 +119,148 @@ impl Applied {
             Applied::Echo => "echo",
             Applied::Unmatched => "unmatched",
             Applied::Ignored => "ignored",
+            Applied::Deferred => "deferred",
             Applied::Failed(_) => "failed",
         }
     }
 }
 
+/// Why an apply did not come to an outcome; the provider retries (503).
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("replication origin {origin} is in use by another session (is another usersync receiving for this source?)")]
-    OriginBusy { origin: String },
-    #[error("cannot prepare the inbound apply for source {source_name}: {reason}")]
-    Setup { source_name: String, reason: String },
-    /// The database did not answer or refused for a passing reason: the
-    /// provider should retry (503).
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
+    #[error("replication origin {origin} is in use by another session (is another usersync receiving for this source?): {}", crate::store::db::error_text(.source))]
+    OriginBusy {
+        origin: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "inbound source {source_name}: {what} names column {column}, which {table} does not have"
+    )]
+    UnknownColumn {
+        source_name: String,
+        what: &'static str,
+        column: String,
+        table: String,
+    },
+    #[error("cannot prepare the inbound apply for source {source_name}: {source}")]
+    Prepare {
+        source_name: String,
+        #[source]
+        source: DbError,
+    },
+    #[error("cannot prepare the inbound apply for source {source_name}: {source}")]
+    Reader {
+        source_name: String,
+        #[source]
+        source: crate::store::rows::RowError,
+    },
+    /// The database did not answer or refused for a reason that is not the
+    /// record's own (lock timeout, connection lost, missing privilege).
+    #[error("inbound source {source_name}: database unavailable: {source}")]
+    Database {
+        source_name: String,
+        #[source]
+        source: DbError,
+    },
+    /// Fetching the provider's current object (Stripe, on a tie) failed.
+    #[error(
+        "inbound source {source_name}: cannot fetch the current object from the provider: {source}"
+    )]
+    Fetch {
+        source_name: String,
+        #[source]
+        source: SinkError,
+    },
 }
 
-/// A failure of this record's own values (class 22 data exception, 23
-/// integrity violation) as opposed to a passing database problem.
-fn is_permanent(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|c| {
-        let code = c.code();
-        code.starts_with("22") || code.starts_with("23") || *c == SqlState::UNDEFINED_COLUMN
-    })
+impl Classify for ApplyError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ApplyError::Connect(e) => e.kind(),
+            ApplyError::OriginBusy { .. } => ErrorKind::Transient,
+            ApplyError::UnknownColumn { .. } => ErrorKind::Config,
+            ApplyError::Prepare { source, .. } | ApplyError::Database { source, .. } => {
+                source.kind()
+            }
+            ApplyError::Reader { source, .. } => source.kind(),
+            ApplyError::Fetch { source, .. } => match source.status() {
+                Some(401 | 403) => ErrorKind::Config,
+                _ if source.is_retryable() => ErrorKind::Transient,
+                _ => ErrorKind::Permanent,
+            },
+        }
+    }
+}
+
+/// What went wrong inside one apply transaction.
+#[derive(Debug)]
+enum Fault {
+    Db(tokio_postgres::Error),
+    Fetch(SinkError),
+}
+
+impl From<tokio_postgres::Error> for Fault {
+    fn from(e: tokio_postgres::Error) -> Fault {
+        Fault::Db(e)
+    }
+}
+
+/// A failure of this record's own values, decided by SQLSTATE: class 22
+/// (data exception: a value the column's type refuses) and class 23
+/// (integrity: NOT NULL, UNIQUE, CHECK). Anything else is the database's
+/// passing trouble or the operator's to fix, and the provider retries.
+fn is_record_fault(e: &tokio_postgres::Error) -> bool {
+    e.code()
+        .is_some_and(|c| matches!(c.code().get(..2), Some("22" | "23")))
+}
+
+/// How an apply claims its event id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// A delivery: a known event id is a duplicate.
+    New,
+    /// Re-evaluating a deferred event; `overdue` applies it even if its
+    /// user is still in flight.
+    Deferred { overdue: bool },
+    /// `usersync dlq replay` of an inbound dead letter.
+    DeadLetter,
+}
+
+impl Claim {
+    fn stored_outcome(self) -> Option<&'static str> {
+        match self {
+            Claim::New => None,
+            Claim::Deferred { .. } => Some("deferred"),
+            Claim::DeadLetter => Some("failed"),
+        }
+    }
+}
+
+/// A deferred event due for another look.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub event_id: String,
+    pub delivery: Delivery,
+    /// Deferred for longer than the cap: apply it regardless.
+    pub overdue: bool,
+}
+
+/// An inbound dead letter as `usersync dlq list` shows it; `body` only
+/// where asked for (`dlq show`): it holds personal data.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InboundEntry {
+    pub source: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub subject: String,
+    pub error: String,
+    /// RFC 3339, UTC.
+    pub received_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
 }
 
 /// One source's apply session.
@@ -114,10 +271,17 @@ pub struct Applier {
     /// Record the values hash (the source's service is the sink's).
     record_hash: bool,
     reader: RowReader,
+    /// Stripe's API for fetching the current customer on a tie (the sink's
+    /// key, when the sink is Stripe).
+    stripe: Option<StripeSink>,
     claim: Statement,
+    reclaim: Statement,
     version: Statement,
     set_version: Statement,
     finish: Statement,
+    fail: Statement,
+    pushed_hash: Statement,
+    sync_log: Option<Statement>,
     by_id: Statement,
     by_key: Statement,
     by_email: Option<Statement>,
@@ -134,56 +298,76 @@ impl Applier {
         shape: &TableShape,
         wait: Duration,
     ) -> Result<Applier, ApplyError> {
-        let setup_err = |reason: String| ApplyError::Setup {
-            source_name: source.name.clone(),
-            reason,
+        let name = source.name.clone();
+        let prep = |context: &'static str| {
+            let name = name.clone();
+            move |e: tokio_postgres::Error| ApplyError::Prepare {
+                source_name: name.clone(),
+                source: DbError { context, source: e },
+            }
         };
-        let sql_err = |e: tokio_postgres::Error| setup_err(error_text(&e));
         let client = connect(&cfg.database, &format!("usersync-inbound-{}", source.name)).await?;
         let origin_name = source.origin(&cfg.database.origin);
         ensure_origin(&client, &origin_name)
             .await
-            .map_err(sql_err)?;
+            .map_err(prep("creating the source's replication origin"))?;
         match origin::take(&client, &origin_name, wait).await {
             Ok(()) => {}
-            Err(OriginError::Busy(_)) => {
+            Err(OriginError::Busy(e)) => {
                 return Err(ApplyError::OriginBusy {
                     origin: origin_name,
+                    source: e,
                 })
             }
-            Err(OriginError::Failed(e)) => return Err(sql_err(e)),
-        }
-        for column in source
-            .mapping
-            .iter()
-            .map(|(c, _)| c)
-            .chain([&source.id_column])
-        {
-            if !shape.has_column(column) {
-                return Err(setup_err(format!(
-                    "the mapping or id_column names column {column}, which {} does not have",
-                    shape.table
-                )));
+            Err(OriginError::Failed(e)) => {
+                return Err(prep("taking the source's replication origin")(e))
             }
+        }
+        // A row or version held by someone else makes the provider retry
+        // later instead of holding the request until it gives up.
+        client
+            .batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'"))
+            .await
+            .map_err(prep("setting lock_timeout"))?;
+        let unknown = |what: &'static str, column: &str| ApplyError::UnknownColumn {
+            source_name: source.name.clone(),
+            what,
+            column: column.to_string(),
+            table: shape.table.to_string(),
+        };
+        for (column, _) in &source.mapping {
+            if !shape.has_column(column) {
+                return Err(unknown("the mapping", column));
+            }
+        }
+        if !shape.has_column(&source.id_column) {
+            return Err(unknown("id_column", &source.id_column));
         }
         if let InboundOnDelete::Soft(c) = &source.on_delete {
             if !shape.has_column(c) {
-                return Err(setup_err(format!(
-                    "on_delete = soft({c}) but {} has no column {c}",
-                    shape.table
-                )));
+                return Err(unknown("on_delete = soft(…)", c));
             }
         }
         let table = shape.table.quoted();
         let key = quote_ident(&shape.key_column);
         let id = quote_ident(&source.id_column);
+        let p = prep("preparing the inbound statements");
         let claim = client
             .prepare(
                 "INSERT INTO usersync.inbound_events (source, event_id, event_type, subject) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
             )
             .await
-            .map_err(sql_err)?;
+            .map_err(p.clone())?;
+        // A deferred or dead-lettered event is taken back by the one that
+        // re-applies it; a second one finds it taken and does nothing.
+        let reclaim = client
+            .prepare(
+                "UPDATE usersync.inbound_events SET outcome = 'received' \
+                 WHERE source = $1 AND event_id = $2 AND outcome = $3",
+            )
+            .await
+            .map_err(p.clone())?;
         // Inserting or touching the row locks it: deliveries of one object
         // take turns from here to commit.
         let version = client
@@ -194,34 +378,64 @@ impl Applier {
                  RETURNING version, deleted",
             )
             .await
-            .map_err(sql_err)?;
+            .map_err(p.clone())?;
         let set_version = client
             .prepare(
                 "UPDATE usersync.inbound_versions SET version = $4, deleted = $5 \
                  WHERE source = $1 AND stream = $2 AND subject = $3",
             )
             .await
-            .map_err(sql_err)?;
+            .map_err(p.clone())?;
+        // The delivery is kept only while the event may still be applied
+        // (deferred, dead letter); an applied event keeps no body.
         let finish = client
             .prepare(
-                "UPDATE usersync.inbound_events SET outcome = $3, user_key = $4, error = $5 \
+                "UPDATE usersync.inbound_events SET outcome = $3, user_key = $4, error = $5, \
+                 body = CASE WHEN $3 IN ('deferred', 'failed') THEN $6::bytea END, \
+                 message_id = $7, delivered_at = $8 \
                  WHERE source = $1 AND event_id = $2",
             )
             .await
-            .map_err(sql_err)?;
+            .map_err(p.clone())?;
+        // A dead letter after a rolled-back attempt: recorded on its own,
+        // never over an event another delivery applied meanwhile.
+        let fail = client
+            .prepare(
+                "INSERT INTO usersync.inbound_events AS e \
+                 (source, event_id, event_type, subject, outcome, error, body, message_id, delivered_at) \
+                 VALUES ($1, $2, $3, $4, 'failed', $5, $6, $7, $8) \
+                 ON CONFLICT (source, event_id) DO UPDATE SET outcome = 'failed', error = $5, \
+                 body = $6, message_id = $7, delivered_at = $8 \
+                 WHERE e.outcome IN ('received', 'deferred', 'failed')",
+            )
+            .await
+            .map_err(p.clone())?;
+        let pushed_hash = client
+            .prepare("SELECT values_hash FROM usersync.user_progress WHERE user_key = $1")
+            .await
+            .map_err(p.clone())?;
+        let sync_log = if cfg.sync_log.enabled {
+            Some(
+                crate::store::synclog::prepare_inbound(&client)
+                    .await
+                    .map_err(p.clone())?,
+            )
+        } else {
+            None
+        };
         let by_id = client
             .prepare(&format!(
                 "SELECT {key}::text FROM {table} WHERE {id} = $1 LIMIT 2 FOR UPDATE"
             ))
             .await
-            .map_err(sql_err)?;
+            .map_err(p.clone())?;
         let by_key = client
             .prepare(&format!(
                 "SELECT {key}::text FROM {table} WHERE {key} = $1::text::{} FOR UPDATE",
                 shape.key_type
             ))
             .await
-            .map_err(sql_err)?;
+            .map_err(p.clone())?;
         let by_email = match (&source.email_column, source.match_email) {
             (Some(c), true) => Some(
                 client
@@ -230,7 +444,7 @@ impl Applier {
                         quote_ident(c)
                     ))
                     .await
-                    .map_err(sql_err)?,
+                    .map_err(p.clone())?,
             ),
             _ => None,
         };
@@ -240,7 +454,7 @@ impl Applier {
                  VALUES ($1, '0/0', 0, $2) ON CONFLICT (user_key) DO UPDATE SET values_hash = EXCLUDED.values_hash",
             )
             .await
-            .map_err(sql_err)?;
+            .map_err(p)?;
         let reader = RowReader::new(
             &client,
             shape.clone(),
@@ -248,17 +462,30 @@ impl Applier {
             &cfg.database.publication,
         )
         .await
-        .map_err(|e| setup_err(e.to_string()))?;
+        .map_err(|e| ApplyError::Reader {
+            source_name: source.name.clone(),
+            source: e,
+        })?;
+        // Only a Stripe source can fetch, and only with the sink's key.
+        let stripe = match (source.kind, cfg.sink.kind.name()) {
+            (SourceKind::Stripe, "stripe") => StripeSink::new(&cfg.sink).ok(),
+            _ => None,
+        };
         Ok(Applier {
             client,
             source: source.clone(),
             shape: shape.clone(),
             record_hash: source.same_service_as(cfg.sink.kind.name()),
             reader,
+            stripe,
             claim,
+            reclaim,
             version,
             set_version,
             finish,
+            fail,
+            pushed_hash,
+            sync_log,
             by_id,
             by_key,
             by_email,
@@ -271,66 +498,174 @@ impl Applier {
         &self.source
     }
 
-    /// Applies one record in one transaction. `Err` only for passing
-    /// problems (the provider retries); a record that can never apply comes
-    /// back as [`Applied::Failed`], recorded under its event id.
+    /// Applies one record in one transaction, without a delivery to keep
+    /// (an import): a user whose outbound change is in flight comes back as
+    /// [`Applied::Deferred`] with nothing recorded, for the caller to try
+    /// again. `Err` only for passing problems; a record that can never
+    /// apply comes back as [`Applied::Failed`], recorded under its event id.
     pub async fn apply(&mut self, record: &InboundRecord) -> Result<Applied, ApplyError> {
-        match self.try_apply(record).await {
+        self.apply_with(record, None, Claim::New).await
+    }
+
+    /// Applies a verified delivery's record. A deferred or failed event is
+    /// kept with `delivery`, so the receiver re-applies it when its user's
+    /// outbound change is written back, and `usersync dlq replay` after a
+    /// fix.
+    pub async fn receive(
+        &mut self,
+        record: &InboundRecord,
+        delivery: &Delivery,
+    ) -> Result<Applied, ApplyError> {
+        self.apply_with(record, Some(delivery), Claim::New).await
+    }
+
+    /// Applies a stored event again (`claim`: deferred or a dead letter).
+    pub async fn reapply(
+        &mut self,
+        record: &InboundRecord,
+        delivery: &Delivery,
+        claim: Claim,
+    ) -> Result<Applied, ApplyError> {
+        self.apply_with(record, Some(delivery), claim).await
+    }
+
+    async fn apply_with(
+        &mut self,
+        record: &InboundRecord,
+        delivery: Option<&Delivery>,
+        claim: Claim,
+    ) -> Result<Applied, ApplyError> {
+        match self.try_apply(record, delivery, claim).await {
             Ok(a) => Ok(a),
-            Err(e) if is_permanent(&e) => {
+            Err(Fault::Db(e)) if is_record_fault(&e) => {
                 let reason = error_text(&e);
-                self.record_failure(record, &reason).await?;
+                self.record_failure(
+                    &record.event_id,
+                    &record.event_type,
+                    &record.subject,
+                    delivery,
+                    &reason,
+                )
+                .await?;
                 Ok(Applied::Failed(reason))
             }
-            Err(e) => Err(ApplyError::Unavailable(error_text(&e))),
+            Err(Fault::Db(e)) => Err(self.unavailable("applying an inbound event")(e)),
+            Err(Fault::Fetch(e)) => Err(ApplyError::Fetch {
+                source_name: self.source.name.clone(),
+                source: e,
+            }),
         }
+    }
+
+    fn unavailable(
+        &self,
+        context: &'static str,
+    ) -> impl Fn(tokio_postgres::Error) -> ApplyError + '_ {
+        move |e| ApplyError::Database {
+            source_name: self.source.name.clone(),
+            source: DbError { context, source: e },
+        }
+    }
+
+    /// Records a delivery whose body cannot be read as an event (the same
+    /// bytes would come again) as an inbound dead letter. Its id is the
+    /// delivery's message id, else a digest of the body.
+    pub async fn dead_letter_unreadable(
+        &mut self,
+        event_id: Option<&str>,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<Applied, ApplyError> {
+        use sha2::Digest;
+        let event_id = match event_id.or(delivery.message_id.as_deref()) {
+            Some(id) if id.len() <= 255 => id.to_string(),
+            _ => {
+                let digest = sha2::Sha256::digest(&delivery.body);
+                let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+                format!("body_{hex}")
+            }
+        };
+        self.record_failure(&event_id, "unreadable", "", Some(delivery), reason)
+            .await?;
+        Ok(Applied::Failed(reason.to_string()))
     }
 
     async fn record_failure(
         &mut self,
-        record: &InboundRecord,
+        event_id: &str,
+        event_type: &str,
+        subject: &str,
+        delivery: Option<&Delivery>,
         reason: &str,
     ) -> Result<(), ApplyError> {
-        let unavailable = |e: tokio_postgres::Error| ApplyError::Unavailable(error_text(&e));
-        let tx = self.client.transaction().await.map_err(unavailable)?;
-        let claimed = tx
+        self.client
             .execute(
-                &self.claim,
+                &self.fail,
                 &[
                     &self.source.name,
-                    &record.event_id,
-                    &record.event_type,
-                    &record.subject,
+                    &event_id,
+                    &event_type,
+                    &subject,
+                    &reason,
+                    &delivery.map(|d| d.body.as_slice()),
+                    &delivery.and_then(|d| d.message_id.as_deref()),
+                    &delivery.map(|d| d.delivered_at),
                 ],
             )
             .await
-            .map_err(unavailable)?;
-        if claimed == 1 {
-            tx.execute(
-                &self.finish,
-                &[
-                    &self.source.name,
-                    &record.event_id,
-                    &"failed",
-                    &None::<String>,
-                    &Some(reason),
-                ],
+            .map_err(self.unavailable("recording an inbound dead letter"))?;
+        Ok(())
+    }
+
+    /// Deferred events of this source, oldest first, at most `limit`.
+    pub async fn deferred(&self, limit: i64) -> Result<Vec<Stored>, ApplyError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT event_id, body, message_id, coalesce(delivered_at, 0), \
+                     received_at < now() - interval '{MAX_DEFERRAL}' \
+                     FROM usersync.inbound_events \
+                     WHERE source = $1 AND outcome = 'deferred' AND body IS NOT NULL \
+                     ORDER BY received_at LIMIT $2"
+                ),
+                &[&self.source.name, &limit],
             )
             .await
-            .map_err(unavailable)?;
-        }
-        tx.commit().await.map_err(unavailable)
+            .map_err(self.unavailable("reading deferred inbound events"))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Stored {
+                    event_id: r.try_get(0)?,
+                    delivery: Delivery {
+                        body: r.try_get(1)?,
+                        message_id: r.try_get(2)?,
+                        delivered_at: r.try_get(3)?,
+                    },
+                    overdue: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(self.unavailable("reading deferred inbound events"))
     }
 
     async fn try_apply(
         &mut self,
         record: &InboundRecord,
-    ) -> Result<Applied, tokio_postgres::Error> {
+        delivery: Option<&Delivery>,
+        claim: Claim,
+    ) -> Result<Applied, Fault> {
         // BEGIN/COMMIT by hand: a `Transaction` would borrow the client for
         // its whole life, and the write statements are cached on `self`.
         self.client.batch_execute("BEGIN").await?;
-        let result = self.in_transaction(record).await;
+        let result = self.in_transaction(record, delivery, claim).await;
         match result {
+            // Deferred without a delivery to keep: nothing is recorded, the
+            // caller tries again.
+            Ok(Some(Applied::Deferred)) if delivery.is_none() => {
+                self.client.batch_execute("ROLLBACK").await?;
+                Ok(Applied::Deferred)
+            }
             Ok(Some(outcome)) => {
                 self.client.batch_execute("COMMIT").await?;
                 Ok(outcome)
@@ -351,24 +686,36 @@ impl Applier {
     async fn in_transaction(
         &mut self,
         record: &InboundRecord,
-    ) -> Result<Option<Applied>, tokio_postgres::Error> {
+        delivery: Option<&Delivery>,
+        claim: Claim,
+    ) -> Result<Option<Applied>, Fault> {
         let source = self.source.name.clone();
-        let claimed = self
-            .client
-            .execute(
-                &self.claim,
-                &[
-                    &source,
-                    &record.event_id,
-                    &record.event_type,
-                    &record.subject,
-                ],
-            )
-            .await?;
+        let claimed = match claim.stored_outcome() {
+            None => {
+                self.client
+                    .execute(
+                        &self.claim,
+                        &[
+                            &source,
+                            &record.event_id,
+                            &record.event_type,
+                            &record.subject,
+                        ],
+                    )
+                    .await?
+            }
+            Some(stored) => {
+                self.client
+                    .execute(&self.reclaim, &[&source, &record.event_id, &stored])
+                    .await?
+            }
+        };
         if claimed == 0 {
             return Ok(None);
         }
-        let outcome = self.decide_and_write(record).await?;
+        let overdue = matches!(claim, Claim::Deferred { overdue: true });
+        let reevaluate = matches!(claim, Claim::Deferred { .. });
+        let outcome = self.decide_and_write(record, reevaluate, overdue).await?;
         let user_key = match &outcome {
             Applied::Applied(k) => Some(k.clone()),
             _ => None,
@@ -382,50 +729,78 @@ impl Applier {
                     &outcome.outcome(),
                     &user_key,
                     &None::<String>,
+                    &delivery.map(|d| d.body.as_slice()),
+                    &delivery.and_then(|d| d.message_id.as_deref()),
+                    &delivery.map(|d| d.delivered_at),
                 ],
             )
             .await?;
+        if let (Some(log), Some(key)) = (&self.sync_log, &user_key) {
+            let operation = format!("{source}:{}", record.event_type);
+            self.client
+                .execute(log, &[&record.event_id, &operation, key, &record.subject])
+                .await?;
+        }
         Ok(Some(outcome))
     }
 
+    /// `reevaluate`: a deferred event's second look, after its user's
+    /// outbound change was written back. For a Stripe customer that means
+    /// Stripe's current object, which has the pushed change: the event's
+    /// own values are older than it.
     async fn decide_and_write(
         &mut self,
         record: &InboundRecord,
-    ) -> Result<Applied, tokio_postgres::Error> {
+        reevaluate: bool,
+        overdue: bool,
+    ) -> Result<Applied, Fault> {
         if record.action == Action::Ignore {
             return Ok(Applied::Ignored);
         }
         let source = self.source.name.clone();
         let stream = record.stream.to_string();
-        let tx = &self.client;
-        let row = tx
+        let row = self
+            .client
             .query_one(&self.version, &[&source, &stream, &record.subject])
             .await?;
         let stored: i64 = row.try_get(0)?;
         let deleted: bool = row.try_get(1)?;
+        let echo = record
+            .idempotency_key
+            .as_deref()
+            .is_some_and(|k| k.starts_with("usersync-"));
+        // Stripe's `created` has a one-second resolution and no order: on a
+        // tie, on an event older than one applied, and on a deferred
+        // event's second look, what counts is the customer as it is now.
+        let tied = stored != i64::MIN && record.version <= stored;
+        let current;
+        let record = match &self.stripe {
+            Some(stripe) if record.stream == "customer" && !echo && (tied || reevaluate) => {
+                match self.current_customer(stripe, record, stored).await? {
+                    Some(r) => {
+                        current = r;
+                        &current
+                    }
+                    None => return Ok(Applied::Stale),
+                }
+            }
+            _ => record,
+        };
         let is_delete = record.action == Action::Delete;
         if !supersedes((record.version, is_delete), (stored, deleted)) {
             return Ok(Applied::Stale);
         }
-        tx.execute(
-            &self.set_version,
-            &[
-                &source,
-                &stream,
-                &record.subject,
-                &record.version,
-                &is_delete,
-            ],
-        )
-        .await?;
-        if record
-            .idempotency_key
-            .as_deref()
-            .is_some_and(|k| k.starts_with("usersync-"))
-        {
+        if echo {
+            self.set_version(record, is_delete).await?;
             return Ok(Applied::Echo);
         }
         let found = self.find(record).await?;
+        if let Some(key) = &found {
+            if !overdue && self.in_flight(key).await? {
+                return Ok(Applied::Deferred);
+            }
+        }
+        self.set_version(record, is_delete).await?;
         let key = match (record.action, found) {
             (Action::Delete, None) => return Ok(Applied::Unmatched),
             (Action::Delete, Some(key)) => {
@@ -451,6 +826,94 @@ impl Applier {
             }
         }
         Ok(Applied::Applied(key))
+    }
+
+    async fn set_version(
+        &self,
+        record: &InboundRecord,
+        is_delete: bool,
+    ) -> Result<(), tokio_postgres::Error> {
+        self.client
+            .execute(
+                &self.set_version,
+                &[
+                    &self.source.name,
+                    &record.stream,
+                    &record.subject,
+                    &record.version,
+                    &is_delete,
+                ],
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether the user has an outbound change that is not written back:
+    /// the synced columns as they are now differ from the values last
+    /// pushed (`user_progress.values_hash`, written with each write-back,
+    /// and by this apply for the sink's own service). Also covers a change
+    /// the stream has not decoded yet. A user never pushed, dead-lettered
+    /// or with sync off has no hash and is not held.
+    async fn in_flight(&self, key: &str) -> Result<bool, tokio_postgres::Error> {
+        let row = self.client.query_opt(&self.pushed_hash, &[&key]).await?;
+        let pushed: Option<String> = match row {
+            Some(r) => r.try_get(0)?,
+            None => None,
+        };
+        let Some(pushed) = pushed else {
+            return Ok(false);
+        };
+        Ok(self
+            .values_hash(key)
+            .await?
+            .is_some_and(|now| now != pushed))
+    }
+
+    /// Stripe's current customer as a record of the same event (its id and
+    /// type), at the newer of the two versions; `None` when Stripe has no
+    /// such customer.
+    async fn current_customer(
+        &self,
+        stripe: &StripeSink,
+        record: &InboundRecord,
+        stored: i64,
+    ) -> Result<Option<InboundRecord>, Fault> {
+        let Some(object) = stripe
+            .customer(&record.subject)
+            .await
+            .map_err(Fault::Fetch)?
+        else {
+            return Ok(None);
+        };
+        let deleted = object.get("deleted").and_then(serde_json::Value::as_bool) == Some(true);
+        let created = record.version.max(stored).div_euclid(1000);
+        let envelope = serde_json::json!({
+            "id": record.event_id,
+            "type": if deleted { "customer.deleted" } else { "customer.updated" },
+            "created": created,
+            "data": {"object": object},
+        });
+        let mut current = parse(
+            SourceKind::Stripe,
+            envelope.to_string().as_bytes(),
+            None,
+            0,
+            &self.source.mapping,
+        )
+        .map_err(|e| {
+            Fault::Fetch(SinkError::Malformed(format!(
+                "Stripe's customer {} does not read as a customer: {e}",
+                record.subject
+            )))
+        })?;
+        if current.subject != record.subject {
+            return Err(Fault::Fetch(SinkError::Malformed(format!(
+                "asked Stripe for customer {}, got another",
+                record.subject
+            ))));
+        }
+        current.event_type = record.event_type.clone();
+        Ok(Some(current))
     }
 
     /// The row's key: by the provider's id, then the back-reference
@@ -630,4 +1093,149 @@ async fn ensure_origin(client: &Client, name: &str) -> Result<(), tokio_postgres
         )
         .await
         .map(|_| ())
+}
+
+/// Whether `source` has deferred events waiting (left by an earlier run).
+pub async fn deferred_waiting(client: &Client, source: &str) -> Result<bool, DbError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM usersync.inbound_events \
+             WHERE source = $1 AND outcome = 'deferred')",
+            &[&source],
+        )
+        .await
+        .map_err(DbError::ctx("reading deferred inbound events"))?;
+    row.try_get(0)
+        .map_err(DbError::ctx("reading deferred inbound events"))
+}
+
+const ENTRY_COLUMNS: &str =
+    "source, event_id, event_type, subject, coalesce(error, ''), received_at";
+
+fn entry(
+    row: &tokio_postgres::Row,
+    with_body: bool,
+) -> Result<InboundEntry, tokio_postgres::Error> {
+    let received: std::time::SystemTime = row.try_get(5)?;
+    let us = received
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let body = if with_body {
+        let bytes: Option<Vec<u8>> = row.try_get(6)?;
+        // Shown as JSON when it is JSON, else as text.
+        bytes.map(|b| {
+            serde_json::from_slice(&b).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&b).into_owned())
+            })
+        })
+    } else {
+        None
+    };
+    Ok(InboundEntry {
+        source: row.try_get(0)?,
+        event_id: row.try_get(1)?,
+        event_type: row.try_get(2)?,
+        subject: row.try_get(3)?,
+        error: row.try_get(4)?,
+        received_at: crate::core::change::format_time_us(us),
+        body,
+    })
+}
+
+/// Inbound dead letters (of one source, if given), oldest first, without
+/// bodies. Empty when the table does not exist (an older setup).
+pub async fn dead_letters(
+    client: &Client,
+    source: Option<&str>,
+) -> Result<Vec<InboundEntry>, DbError> {
+    let ctx = DbError::ctx("reading inbound dead letters");
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('usersync.inbound_events') IS NOT NULL",
+            &[],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(ctx)?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {ENTRY_COLUMNS} FROM usersync.inbound_events \
+                 WHERE outcome = 'failed' AND ($1::text IS NULL OR source = $1) \
+                 ORDER BY received_at, source, event_id"
+            ),
+            &[&source],
+        )
+        .await
+        .map_err(ctx)?;
+    rows.iter()
+        .map(|r| entry(r, false))
+        .collect::<Result<_, _>>()
+        .map_err(ctx)
+}
+
+/// One inbound dead letter with its body.
+pub async fn dead_letter(
+    client: &Client,
+    source: &str,
+    event_id: &str,
+) -> Result<Option<InboundEntry>, DbError> {
+    let ctx = DbError::ctx("reading an inbound dead letter");
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT {ENTRY_COLUMNS}, body FROM usersync.inbound_events \
+                 WHERE outcome = 'failed' AND source = $1 AND event_id = $2"
+            ),
+            &[&source, &event_id],
+        )
+        .await
+        .map_err(ctx)?;
+    row.map(|r| entry(&r, true)).transpose().map_err(ctx)
+}
+
+/// A dead letter's stored delivery, for a replay.
+pub async fn dead_letter_delivery(
+    client: &Client,
+    source: &str,
+    event_id: &str,
+) -> Result<Option<Delivery>, DbError> {
+    let ctx = DbError::ctx("reading an inbound dead letter");
+    let row = client
+        .query_opt(
+            "SELECT body, message_id, coalesce(delivered_at, 0) FROM usersync.inbound_events \
+             WHERE outcome = 'failed' AND source = $1 AND event_id = $2 AND body IS NOT NULL",
+            &[&source, &event_id],
+        )
+        .await
+        .map_err(ctx)?;
+    row.map(|r| {
+        Ok(Delivery {
+            body: r.try_get(0)?,
+            message_id: r.try_get(1)?,
+            delivered_at: r.try_get(2)?,
+        })
+    })
+    .transpose()
+    .map_err(ctx)
+}
+
+/// Hands a dead letter to the running receiver, which re-applies it like
+/// a deferred event; false when there is no such dead letter.
+pub async fn requeue(client: &Client, source: &str, event_id: &str) -> Result<bool, DbError> {
+    client
+        .execute(
+            "UPDATE usersync.inbound_events SET outcome = 'deferred', received_at = now() \
+             WHERE outcome = 'failed' AND source = $1 AND event_id = $2 AND body IS NOT NULL",
+            &[&source, &event_id],
+        )
+        .await
+        .map(|n| n == 1)
+        .map_err(DbError::ctx(
+            "handing an inbound dead letter to the receiver",
+        ))
 }

@@ -81,15 +81,112 @@ pub fn steps(cfg: &DatabaseConfig, role: &str) -> Vec<Step> {
     ]
 }
 
+/// What the inbound sources (`[inbound]`) write to the users table, which
+/// the role must then be allowed: INSERT of the written columns when a
+/// source creates users, UPDATE of them, DELETE only for `on_delete =
+/// delete`, and the sources' replication origins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InboundWrites {
+    pub insert: bool,
+    /// Mapped columns, id columns and soft-delete columns.
+    pub columns: std::collections::BTreeSet<String>,
+    pub delete: bool,
+    /// `<origin>_in_<source>` of every source.
+    pub origins: Vec<String>,
+}
+
+impl InboundWrites {
+    pub fn of(inbound: &crate::config::inbound::InboundConfig, own_origin: &str) -> InboundWrites {
+        use crate::config::inbound::{InboundOnDelete, OnCreate};
+        let mut w = InboundWrites::default();
+        for s in &inbound.sources {
+            w.insert |= s.on_create == OnCreate::Insert;
+            w.columns.insert(s.id_column.clone());
+            w.columns.extend(s.mapping.iter().map(|(c, _)| c.clone()));
+            match &s.on_delete {
+                InboundOnDelete::Soft(c) => {
+                    w.columns.insert(c.clone());
+                }
+                InboundOnDelete::Delete => w.delete = true,
+                InboundOnDelete::Unlink | InboundOnDelete::Ignore => {}
+            }
+            w.origins.push(s.origin(own_origin));
+        }
+        w
+    }
+
+    /// The columns an inbound insert may name (the soft-delete column is
+    /// only ever updated, but granting it costs nothing).
+    pub fn column_list(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The statements for the inbound sources' writes. Idempotent.
+pub fn inbound_steps(cfg: &DatabaseConfig, writes: &InboundWrites, role: &str) -> Vec<Step> {
+    let r = quote_ident(role);
+    let table = cfg.table.quoted();
+    let columns = writes.column_list();
+    let mut steps = vec![Step {
+        comment: "Inbound webhooks update the users they match: UPDATE of the mapped, id and soft-delete columns only.",
+        sql: format!("GRANT UPDATE ({columns}) ON {table} TO {r};"),
+    }];
+    if writes.insert {
+        steps.push(Step {
+            comment: "Inbound webhooks create users (on_create = \"insert\"): INSERT of the same columns, and the key's sequence for its default.",
+            sql: format!(
+                "GRANT INSERT ({columns}) ON {table} TO {r};\n\
+                 DO $$\nDECLARE s text;\nBEGIN\n    FOR s IN SELECT pg_get_serial_sequence({lit}, attname) FROM pg_attribute\n        WHERE attrelid = {lit}::regclass AND attnum > 0 AND NOT attisdropped\n        AND pg_get_serial_sequence({lit}, attname) IS NOT NULL\n    LOOP\n        EXECUTE format('GRANT USAGE ON SEQUENCE %s TO %I', s, {role_lit});\n    END LOOP;\nEND\n$$;",
+                lit = quote_literal(&table),
+                role_lit = quote_literal(role)
+            ),
+        });
+    }
+    if writes.delete {
+        steps.push(Step {
+            comment: "A source with on_delete = \"delete\" deletes the user's row.",
+            sql: format!("GRANT DELETE ON {table} TO {r};"),
+        });
+    }
+    if !writes.origins.is_empty() {
+        steps.push(Step {
+            comment: "Each inbound source tags its writes with a replication origin of its own (created here, so the role needs no right to create origins).",
+            sql: writes
+                .origins
+                .iter()
+                .map(|o| {
+                    let lit = quote_literal(o);
+                    format!("SELECT pg_replication_origin_create({lit}) WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {lit});")
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        });
+    }
+    steps
+}
+
 /// The role section a DBA can run with `psql -f` after the setup script.
 pub fn render(cfg: &DatabaseConfig, role: &str) -> String {
+    render_with(cfg, role, None)
+}
+
+/// [`render`] plus the grants for the inbound sources' writes.
+pub fn render_with(cfg: &DatabaseConfig, role: &str, inbound: Option<&InboundWrites>) -> String {
     let mut out = format!(
         "-- usersync least-privilege role {role} for table {}.\n\
          -- Run as a superuser after the setup script (CREATE ROLE ... REPLICATION and\n\
          -- GRANT on the replication origin functions need one). Idempotent.\n",
         cfg.table
     );
-    for step in steps(cfg, role) {
+    let mut all = steps(cfg, role);
+    if let Some(w) = inbound {
+        all.extend(inbound_steps(cfg, w, role));
+    }
+    for step in all {
         out.push_str("\n-- ");
         out.push_str(step.comment);
         out.push('\n');
@@ -104,8 +201,13 @@ pub async fn run_steps(
     client: &tokio_postgres::Client,
     cfg: &DatabaseConfig,
     role: &str,
+    inbound: Option<&InboundWrites>,
 ) -> Result<(), crate::store::setup::StepError> {
-    for step in steps(cfg, role) {
+    let mut all = steps(cfg, role);
+    if let Some(w) = inbound {
+        all.extend(inbound_steps(cfg, w, role));
+    }
+    for step in all {
         client
             .batch_execute(&step.sql)
             .await

@@ -194,6 +194,19 @@ pub async fn insert(
     Ok(())
 }
 
+/// An inbound write (`store::inbound`), logged in its transaction:
+/// operation `<source>:<event type>`, outcome `inbound`, the provider's id
+/// of the user as the external id.
+const INBOUND_SQL: &str = "INSERT INTO usersync.sync_log \
+     (event_id, operation, user_key, external_id, outcome, attempts) \
+     VALUES ($1, $2, $3, $4, 'inbound', 1)";
+
+/// The prepared insert of [`INBOUND_SQL`]: event id, operation, user key,
+/// external id.
+pub async fn prepare_inbound(client: &Client) -> Result<Statement, tokio_postgres::Error> {
+    client.prepare(INBOUND_SQL).await
+}
+
 /// Deletes rows older than `days`, in bounded batches. Returns rows deleted.
 pub async fn prune(client: &Client, days: i32) -> Result<u64, tokio_postgres::Error> {
     let mut total = 0;

@@ -857,3 +857,464 @@ async fn sigkill_between_verify_and_commit_applies_once() {
     child.kill().expect("kill");
     let _ = child.wait();
 }
+
+// ---- the apply path's second half: ties, deferral, dead letters, outages ----
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A Stripe `customer.updated` event body.
+fn stripe_customer_event(
+    evt: &str,
+    customer: &str,
+    name: &str,
+    created: i64,
+    idempotency_key: &str,
+) -> Vec<u8> {
+    json!({"id": evt, "object": "event", "type": "customer.updated", "created": created,
+        "data": {"object": {"id": customer, "object": "customer", "email": "a@x.io", "name": name,
+                             "metadata": {}}},
+        "request": {"id": "req_1", "idempotency_key": idempotency_key}})
+    .to_string()
+    .into_bytes()
+}
+
+fn stripe_record(cfg: &Config, body: &[u8]) -> InboundRecord {
+    let src = cfg
+        .inbound
+        .as_ref()
+        .and_then(|i| i.source("stripe"))
+        .expect("stripe source");
+    parse(SourceKind::Stripe, body, None, 0, &src.mapping).expect("parse")
+}
+
+async fn wait_for(what: &str, db: &TestDb, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {}",
+            db.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_sql(what: &str, db: &TestDb, sql: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while db.count(sql).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {}",
+            db.log_tail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Two Stripe events for one customer with the same `created` second: the
+/// second to arrive does not win by arrival; the customer is fetched from
+/// Stripe (`GET /v1/customers/{id}`) and applied as Stripe has it. Each
+/// write leaves a sync log row (outcome `inbound`) in its transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stripe_tie_applies_the_customer_as_stripe_has_it() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 100,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let cfg = clerk_and_stripe_config(&db, &stripe);
+    // Stripe's newest state is "Second"; the tied event "First" arrives last.
+    let customer = stripe.insert_customer(Some("a@x.io"), Some("Second"), Default::default());
+    db.client
+        .execute(
+            "INSERT INTO users (email, name, external_user_id) VALUES ('a@x.io', 'Zero', $1)",
+            &[&customer],
+        )
+        .await
+        .expect("insert");
+    let mut a = applier_for(&db, &cfg, "stripe").await;
+    let t = 1_900_000_000;
+    let second = stripe_customer_event("evt_b", &customer, "Second", t, "dashboard-b");
+    let first = stripe_customer_event("evt_a", &customer, "First", t, "dashboard-a");
+    for (body, what) in [(second, "second"), (first, "first, tied")] {
+        let got = a.apply(&stripe_record(&cfg, &body)).await.expect("apply");
+        assert!(matches!(got, Applied::Applied(_)), "{what}: {got:?}");
+    }
+    let name: Option<String> = db
+        .client
+        .query_one("SELECT name FROM users", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(name.as_deref(), Some("Second"), "the tie went by arrival");
+    assert!(
+        stripe
+            .requests()
+            .iter()
+            .any(|r| r.method == "GET" && r.path == format!("/v1/customers/{customer}")),
+        "the current customer was never fetched"
+    );
+    // An older event after them: Stripe's current state again, not its own.
+    let older = stripe_customer_event("evt_0", &customer, "Older", t - 5, "dashboard-0");
+    a.apply(&stripe_record(&cfg, &older)).await.expect("apply");
+    let name: Option<String> = db
+        .client
+        .query_one("SELECT name FROM users", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(name.as_deref(), Some("Second"));
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.sync_log WHERE outcome = 'inbound' AND operation = 'stripe:customer.updated' AND external_id IS NOT NULL")
+            .await,
+        3
+    );
+}
+
+async fn user_name(db: &TestDb) -> Option<String> {
+    db.client
+        .query_one("SELECT name FROM users", &[])
+        .await
+        .expect("row")
+        .get(0)
+}
+
+/// A sink that holds every push while its gate is closed.
+struct GatedSink {
+    inner: usersync::sink::stripe::StripeSink,
+    open: tokio::sync::watch::Receiver<bool>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl usersync::sink::Sink for GatedSink {
+    fn name(&self) -> &'static str {
+        "stripe"
+    }
+
+    fn push<'a>(
+        &'a self,
+        change: &'a usersync::core::change::Change,
+        external_id: Option<&'a str>,
+    ) -> futures::future::BoxFuture<'a, Result<Option<String>, usersync::sink::SinkError>> {
+        Box::pin(async move {
+            let mut open = self.open.clone();
+            if !*open.borrow() {
+                self.waiting
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = open.wait_for(|o| *o).await;
+            }
+            self.inner.push(change, external_id).await
+        })
+    }
+
+    fn check(&self) -> futures::future::BoxFuture<'_, Result<(), usersync::sink::SinkError>> {
+        self.inner.check()
+    }
+}
+
+async fn post_stripe(port: u16, body: Vec<u8>) -> (u16, String) {
+    let header = sign_stripe(STRIPE_WH, now(), &body);
+    post(
+        &format!("http://127.0.0.1:{port}/stripe"),
+        &[
+            ("stripe-signature", header),
+            ("content-type", "application/json".into()),
+        ],
+        body,
+    )
+    .await
+}
+
+/// The conflict rule: a Stripe event for a user whose own change is still
+/// being pushed to Stripe (the sink holds it) is deferred, so the app's
+/// newer value is not reverted by Stripe's older state; once the push is
+/// written back, the event is looked at again against Stripe's current
+/// customer, and table and Stripe agree on the app's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_for_a_user_whose_push_is_in_flight_waits_for_its_write_back() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 100,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let mut cfg = clerk_and_stripe_config(&db, &stripe);
+    let port = free_port();
+    if let Some(i) = cfg.inbound.as_mut() {
+        i.listen = format!("127.0.0.1:{port}");
+    }
+    let (gate, open) = tokio::sync::watch::channel(true);
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sink = Arc::new(GatedSink {
+        inner: usersync::sink::stripe::StripeSink::new(&cfg.sink).expect("sink"),
+        open,
+        waiting: waiting.clone(),
+    });
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let daemon = {
+        let cfg = cfg.clone();
+        let c = cancel.clone();
+        tokio::spawn(async move { usersync::app::run::run_with_sink(&cfg, sink, c, None).await })
+    };
+    db.exec("INSERT INTO users (email, name) VALUES ('a@x.io', 'Ada')")
+        .await;
+    wait_sql(
+        "the user never reached Stripe",
+        &db,
+        "SELECT count(*) FROM users u JOIN usersync.user_progress p ON p.user_key = u.id::text \
+         WHERE u.external_user_id IS NOT NULL AND p.values_hash IS NOT NULL",
+    )
+    .await;
+    let customer: String = db
+        .client
+        .query_one("SELECT external_user_id FROM users", &[])
+        .await
+        .expect("row")
+        .get(0);
+
+    gate.send_replace(false);
+    db.exec("UPDATE users SET name = 'AppNew'").await;
+    wait_for("the push never reached the sink", &db, || {
+        waiting.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    // Stripe tells of a state older than the app's change, with a newer
+    // `created` than anything applied before.
+    let (status, text) = post_stripe(
+        port,
+        stripe_customer_event("evt_old", &customer, "Old", now(), "dashboard-edit"),
+    )
+    .await;
+    assert_eq!((status, text.contains("deferred")), (200, true), "{text}");
+    assert_eq!(user_name(&db).await.as_deref(), Some("AppNew"), "reverted");
+
+    gate.send_replace(true);
+    wait_sql(
+        "the deferred event was never looked at again",
+        &db,
+        "SELECT count(*) FROM usersync.inbound_events WHERE event_id = 'evt_old' AND outcome <> 'deferred'",
+    )
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.inbound_events WHERE event_id = 'evt_old' AND outcome = 'applied' AND body IS NULL")
+            .await,
+        1
+    );
+    assert_eq!(user_name(&db).await.as_deref(), Some("AppNew"));
+    assert_eq!(
+        stripe
+            .customers()
+            .iter()
+            .find(|c| c.id == customer)
+            .and_then(|c| c.name.clone())
+            .as_deref(),
+        Some("AppNew")
+    );
+    cancel.cancel();
+    let _ = daemon.await;
+}
+
+/// A config file for the binary: the test database's environment plus a
+/// Clerk source.
+fn clerk_source_file(db: &TestDb, port: u16) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}-inbound-dlq.toml", db.dbname));
+    std::fs::write(
+        &path,
+        format!(
+            "[inbound]\nlisten = \"127.0.0.1:{port}\"\n[inbound.sources.clerk]\nkind = \"clerk\"\nsecret_env = \"CLERK_SECRET\"\nid_column = \"clerk_id\"\n[inbound.sources.clerk.mapping]\nemail = \"primary_email\"\nname = \"/first_name\"\n"
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+fn dlq(db: &TestDb, path: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["--config", path.to_str().expect("path"), "dlq"];
+    all.extend_from_slice(args);
+    let out = db
+        .binary_command(&all)
+        .env("CLERK_SECRET", CLERK_SECRET)
+        .output()
+        .expect("usersync dlq");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// An event the table refuses (a NOT NULL column without a value) and a
+/// verified body that is no event are inbound dead letters with their
+/// source, answered 200 so the provider stops retrying; `dlq list
+/// --inbound` and `dlq show --inbound` show them; after the table is fixed,
+/// `dlq replay --inbound` re-applies the kept delivery through the
+/// receiver's write path (handed to the running receiver), and a body that
+/// still does not read stays a dead letter (applied by the command itself
+/// when no receiver holds the source).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_unreadable_events_are_dead_letters_that_replay() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    let cfg = clerk_config(&db, "");
+    let (base, cancel) = start_receiver(&db, &cfg).await;
+    let url = format!("{base}/clerk");
+    let mut no_email: serde_json::Value =
+        serde_json::from_slice(&clerk_user("user.created", "user_1", "", "Ada", 1000))
+            .expect("json");
+    no_email["data"]["email_addresses"] = json!([]);
+    let no_email = no_email.to_string().into_bytes();
+    let (status, text) = post(&url, &svix_headers("m_bad", now(), &no_email), no_email).await;
+    assert_eq!((status, text.contains("failed")), (200, true), "{text}");
+    let junk = br#"{"type":"user.created"}"#.to_vec();
+    let (status, text) = post(&url, &svix_headers("m_junk", now(), &junk), junk).await;
+    assert_eq!((status, text.contains("failed")), (200, true), "{text}");
+
+    let path = clerk_source_file(&db, free_port());
+    let (ok, out) = dlq(&db, &path, &["list", "--inbound", "--json"]);
+    assert!(ok, "{out}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("json list");
+    let ids: Vec<(&str, &str)> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| {
+            (
+                e["source"].as_str().unwrap_or_default(),
+                e["event_id"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(ids, vec![("clerk", "m_bad"), ("clerk", "m_junk")]);
+    let (ok, out) = dlq(&db, &path, &["show", "--inbound", "clerk/m_bad"]);
+    assert!(
+        ok && out.contains("user_1") && out.contains("null value"),
+        "{out}"
+    );
+
+    // Fixed: a default for the column. The receiver holds the source's
+    // session, so the replay is handed to it.
+    db.exec("ALTER TABLE users ALTER COLUMN email SET DEFAULT 'unknown@x.io'")
+        .await;
+    let (ok, out) = dlq(&db, &path, &["replay", "--inbound", "clerk/m_bad"]);
+    assert!(ok && out.contains("handed"), "{out}");
+    wait_sql(
+        "the handed dead letter was never applied",
+        &db,
+        "SELECT count(*) FROM users WHERE clerk_id = 'user_1' AND email = 'unknown@x.io'",
+    )
+    .await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.inbound_events WHERE event_id = 'm_bad' AND outcome = 'applied'")
+            .await,
+        1
+    );
+
+    // No receiver: the command applies it itself; an unreadable body stays.
+    cancel.cancel();
+    wait_sql(
+        "the receiver's session never ended",
+        &db,
+        "SELECT CASE WHEN count(*) = 0 THEN 1::bigint ELSE 0 END FROM pg_stat_activity WHERE application_name = 'usersync-inbound-clerk' AND datname = current_database()",
+    )
+    .await;
+    let (ok, out) = dlq(&db, &path, &["replay", "--inbound", "clerk/m_junk"]);
+    assert!(!ok && out.contains("still cannot be applied"), "{out}");
+    let (ok, out) = dlq(&db, &path, &["list", "--inbound", "--json"]);
+    assert!(
+        ok && out.contains("m_junk") && !out.contains("m_bad"),
+        "{out}"
+    );
+}
+
+/// The database refusing the inbound write for a server-side reason (the
+/// version table locked past `lock_timeout`) answers 503, so the provider
+/// retries, while the outbound stream goes on pushing and writing back;
+/// the retry after the lock is gone applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_outage_answers_503_while_outbound_keeps_flowing() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 100,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let mut cfg = clerk_and_stripe_config(&db, &stripe);
+    let port = free_port();
+    if let Some(i) = cfg.inbound.as_mut() {
+        i.listen = format!("127.0.0.1:{port}");
+    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let daemon = {
+        let cfg = cfg.clone();
+        let c = cancel.clone();
+        tokio::spawn(async move { usersync::app::run::run(&cfg, c, None).await })
+    };
+    wait_listening(port, &db).await;
+    let url = format!("http://127.0.0.1:{port}/clerk");
+    // The source's session is open and its statements prepared before the
+    // outage, so the failure below comes from the apply itself.
+    let warm = clerk_user("user.created", "user_0", "z@x.io", "Zed", 1000);
+    let (status, text) = post(&url, &svix_headers("m0", now(), &warm), warm).await;
+    assert_eq!(status, 200, "{text}");
+    let (locker, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE usersync.inbound_versions IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let body = clerk_user("user.created", "user_1", "c@x.io", "Cleo", 1000);
+    let headers = svix_headers("m1", now(), &body);
+    for n in 0..2 {
+        db.exec(&format!(
+            "INSERT INTO users (email, name) VALUES ('app{n}@x.io', 'App {n}')"
+        ))
+        .await;
+        let (status, text) = post(&url, &headers, body.clone()).await;
+        assert_eq!(status, 503, "{text}");
+        wait_sql(
+            "the outbound stream stopped while inbound failed",
+            &db,
+            &format!("SELECT count(*) FROM users WHERE email = 'app{n}@x.io' AND external_user_id IS NOT NULL"),
+        )
+        .await;
+    }
+    // user_0 (from Clerk) and the two app users.
+    wait_sql(
+        "the Clerk user never reached Stripe",
+        &db,
+        "SELECT count(*) FROM users WHERE clerk_id = 'user_0' AND external_user_id IS NOT NULL",
+    )
+    .await;
+    assert_eq!(stripe.customers().len(), 3);
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    let (status, text) = post(&url, &headers, body.clone()).await;
+    assert_eq!((status, text.contains("applied")), (200, true), "{text}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM users WHERE clerk_id = 'user_1'")
+            .await,
+        1
+    );
+    cancel.cancel();
+    let _ = daemon.await;
+}

@@ -146,3 +146,111 @@ async fn print_sql_with_role_appends_the_role_section() {
     .await;
     assert_eq!(out.code, Some(2), "{}", out.all());
 }
+
+/// A config file with a Clerk source (`on_delete` as given), for the binary.
+fn inbound_file(db: &TestDb, name: &str, on_delete: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}-{name}.toml", db.dbname));
+    std::fs::write(
+        &path,
+        format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\n[inbound.sources.clerk]\nkind = \"clerk\"\nsecret_env = \"CLERK_SECRET\"\nid_column = \"clerk_id\"\non_delete = \"{on_delete}\"\n[inbound.sources.clerk.mapping]\nemail = \"primary_email\"\nname = \"/first_name\"\n"
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+fn with_inbound(db: &TestDb, path: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut all = vec!["--config", path.to_str().expect("path")];
+    all.extend_from_slice(args);
+    let mut cmd = db.binary_command(&all);
+    cmd.env("CLERK_SECRET", crate::inbound::CLERK_SECRET);
+    cmd
+}
+
+async fn refused(client: &tokio_postgres::Client, sql: &str) {
+    let err = client
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("{sql} must be refused"));
+    let db_err = err.as_db_error().expect("a server error");
+    assert_eq!(db_err.code().code(), "42501", "{sql}: {db_err}");
+}
+
+/// With `[inbound]`, `setup --role` grants what the sources write: INSERT
+/// and UPDATE of the mapped, id and soft-delete columns (no other column),
+/// DELETE only for `on_delete = "delete"`; `check` as the role finds it
+/// all, fails on a revoked INSERT, and warns about a NOT NULL column an
+/// inbound insert would leave empty.
+#[tokio::test]
+async fn inbound_writes_are_granted_and_checked() {
+    let db = TestDb::new(crate::inbound::USERS_CLERK).await;
+    let deleting = format!("d_{}", db.dbname);
+    let soft = format!("s_{}", db.dbname);
+    let hard_cfg = inbound_file(&db, "hard", "delete");
+    let soft_cfg = inbound_file(&db, "soft", "soft(deleted_at)");
+    for (role, path) in [(&deleting, &hard_cfg), (&soft, &soft_cfg)] {
+        let out = run_cli(with_inbound(&db, path, &["setup", "--role", role]), LIMIT).await;
+        assert_eq!(out.code, Some(0), "{}", out.all());
+    }
+    let url_of = |role: &str| db.url.replace("://postgres@", &format!("://{role}@"));
+    let mut cmd = with_inbound(&db, &hard_cfg, &["check"]);
+    cmd.env("USERSYNC_DATABASE_URL", url_of(&deleting));
+    let out = run_cli(cmd, LIMIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+
+    let connect = |role: String| {
+        let url = url_of(&role);
+        async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect as the role");
+            tokio::spawn(conn);
+            client
+        }
+    };
+    let hard = connect(deleting.clone()).await;
+    hard.batch_execute(
+        "INSERT INTO users (email, name, clerk_id) VALUES ('a@x.io', 'Ada', 'user_1');
+         UPDATE users SET name = 'Bea', clerk_id = 'user_1' WHERE clerk_id = 'user_1'",
+    )
+    .await
+    .expect("the role may insert and update what the source writes");
+    refused(&hard, "UPDATE users SET plan = 'pro'").await;
+    refused(&hard, "UPDATE users SET deleted_at = now()").await;
+    hard.batch_execute("DELETE FROM users WHERE clerk_id = 'user_1'")
+        .await
+        .expect("on_delete = delete may delete");
+    db.exec("INSERT INTO users (email, clerk_id) VALUES ('b@x.io', 'user_2')")
+        .await;
+    let soft_client = connect(soft.clone()).await;
+    soft_client
+        .batch_execute("UPDATE users SET deleted_at = now() WHERE clerk_id = 'user_2'")
+        .await
+        .expect("on_delete = soft(deleted_at) may set deleted_at");
+    refused(&soft_client, "DELETE FROM users").await;
+
+    // A revoked INSERT fails the check; a NOT NULL column without a
+    // default or mapping is a warning.
+    db.exec(&format!("REVOKE INSERT (email) ON users FROM {deleting}"))
+        .await;
+    let mut cmd = with_inbound(&db, &hard_cfg, &["check"]);
+    cmd.env("USERSYNC_DATABASE_URL", url_of(&deleting));
+    let out = run_cli(cmd, LIMIT).await;
+    assert_ne!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.all().contains("privilege.inbound_insert"),
+        "{}",
+        out.all()
+    );
+    db.exec("ALTER TABLE users ADD COLUMN tenant text NOT NULL DEFAULT 't'; ALTER TABLE users ALTER COLUMN tenant DROP DEFAULT")
+        .await;
+    let out = run_cli(with_inbound(&db, &soft_cfg, &["check"]), LIMIT).await;
+    assert_ne!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.all().contains("inbound.insert_columns") && out.all().contains("tenant"),
+        "{}",
+        out.all()
+    );
+}

@@ -388,6 +388,19 @@ impl StripeSink {
     fn redact(&self, text: &str) -> String {
         redact(text, self.key.expose())
     }
+
+    /// `GET /v1/customers/{id}`: the customer as it is now (a deleted one
+    /// is Stripe's `{"id", "deleted": true}` stub); `None` when Stripe has
+    /// no such customer. The inbound apply asks when two events tie on
+    /// `created` or arrive out of order.
+    pub async fn customer(&self, id: &str) -> Result<Option<Value>, SinkError> {
+        let path = format!("/v1/customers/{}", encode(id));
+        match self.request(Method::GET, &path, None, None).await {
+            Ok(body) => Ok(Some(body)),
+            Err(f) if f.code.as_deref() == Some("resource_missing") => Ok(None),
+            Err(f) => Err(f.error),
+        }
+    }
 }
 
 impl Sink for StripeSink {
