@@ -149,9 +149,15 @@ CREATE TABLE IF NOT EXISTS usersync.inbound_events (
     user_key text,
     error text,
     received_at timestamptz NOT NULL DEFAULT now(),
+    body bytea,
+    message_id text,
+    delivered_at bigint,
     PRIMARY KEY (source, event_id)
 );
+ALTER TABLE usersync.inbound_events ADD COLUMN IF NOT EXISTS body bytea,
+    ADD COLUMN IF NOT EXISTS message_id text, ADD COLUMN IF NOT EXISTS delivered_at bigint;
 CREATE INDEX IF NOT EXISTS inbound_events_failed ON usersync.inbound_events (received_at) WHERE outcome = 'failed';
+CREATE INDEX IF NOT EXISTS inbound_events_deferred ON usersync.inbound_events (received_at) WHERE outcome = 'deferred';
 
 -- Each inbound source's newest event, for `usersync status` and the status page, without scanning the table.
 CREATE INDEX IF NOT EXISTS inbound_events_recent ON usersync.inbound_events (source, received_at)
