@@ -108,6 +108,22 @@ pub(super) async fn run(
             println!("{text}");
             Ok(())
         }
+        DlqCommand::Discard {
+            inbound: Some(target),
+            ..
+        } => {
+            let (source, event) = split_target(&target)?;
+            let gone = crate::store::inbound::discard_dead_letter(&client, source, event)
+                .await
+                .map_err(Failure::of)?;
+            if !gone {
+                return Err(Failure::runtime(format!(
+                    "no inbound dead letter {source}/{event} (see `usersync dlq list --inbound`)"
+                )));
+            }
+            println!("discarded inbound dead letter {source}/{event}; a redelivery of it changes nothing");
+            Ok(())
+        }
         DlqCommand::Discard { id: Some(id), .. } => {
             let (e, parked) = app::discard_one(&client, id).await.map_err(Failure::of)?;
             println!(

@@ -415,7 +415,11 @@ pub enum DlqCommand {
     /// Delete dead letters without pushing them: the changes are given up
     /// for good. A user whose dead letters are all gone is no longer parked;
     /// `usersync dlq replay` is usually what you want instead.
-    #[command(group(ArgGroup::new("target").required(true).args(["id", "user"])))]
+    ///
+    /// `--inbound SOURCE/EVENT_ID` gives up an inbound dead letter instead:
+    /// its kept body is dropped; the event stays recorded, so the provider
+    /// redelivering it changes nothing.
+    #[command(group(ArgGroup::new("target").required(true).args(["id", "user", "inbound"])))]
     Discard {
         /// Discard this entry only.
         id: Option<i64>,
@@ -425,6 +429,9 @@ pub enum DlqCommand {
         /// Confirm: without it, nothing is deleted.
         #[arg(long)]
         yes: bool,
+        /// Give up this inbound dead letter (SOURCE/EVENT_ID).
+        #[arg(long, value_name = "SOURCE/EVENT_ID")]
+        inbound: Option<String>,
     },
 }
 

@@ -539,15 +539,20 @@ impl Applier {
             Ok(a) => Ok(a),
             Err(Fault::Db(e)) if is_record_fault(&e) => {
                 let reason = error_text(&e);
-                self.record_failure(
-                    &record.event_id,
-                    &record.event_type,
-                    &record.subject,
-                    delivery,
-                    &reason,
-                )
-                .await?;
-                Ok(Applied::Failed(reason))
+                let recorded = self
+                    .record_failure(
+                        &record.event_id,
+                        &record.event_type,
+                        &record.subject,
+                        delivery,
+                        &reason,
+                    )
+                    .await?;
+                Ok(if recorded {
+                    Applied::Failed(reason)
+                } else {
+                    Applied::Duplicate
+                })
             }
             Err(Fault::Db(e)) => Err(self.unavailable("applying an inbound event")(e)),
             Err(Fault::Fetch(e)) => Err(ApplyError::Fetch {
@@ -585,9 +590,14 @@ impl Applier {
                 format!("body_{hex}")
             }
         };
-        self.record_failure(&event_id, "unreadable", "", Some(delivery), reason)
+        let recorded = self
+            .record_failure(&event_id, "unreadable", "", Some(delivery), reason)
             .await?;
-        Ok(Applied::Failed(reason.to_string()))
+        Ok(if recorded {
+            Applied::Failed(reason.to_string())
+        } else {
+            Applied::Duplicate
+        })
     }
 
     async fn record_failure(
@@ -597,8 +607,12 @@ impl Applier {
         subject: &str,
         delivery: Option<&Delivery>,
         reason: &str,
-    ) -> Result<(), ApplyError> {
-        self.client
+    ) -> Result<bool, ApplyError> {
+        // No row written: this event already ended otherwise (applied by
+        // another delivery, or discarded by `dlq discard`), so this
+        // delivery is a duplicate.
+        let written = self
+            .client
             .execute(
                 &self.fail,
                 &[
@@ -614,7 +628,7 @@ impl Applier {
             )
             .await
             .map_err(self.unavailable("recording an inbound dead letter"))?;
-        Ok(())
+        Ok(written > 0)
     }
 
     /// Deferred events of this source, oldest first, at most `limit`.
@@ -1196,6 +1210,26 @@ pub async fn dead_letter(
         .await
         .map_err(ctx)?;
     row.map(|r| entry(&r, true)).transpose().map_err(ctx)
+}
+
+/// Gives an inbound dead letter up: its kept body is dropped and its
+/// outcome becomes `discarded`. The row stays, so a redelivery of the same
+/// event by the provider is still a duplicate and is not applied. `false`
+/// when there is no such dead letter.
+pub async fn discard_dead_letter(
+    client: &Client,
+    source: &str,
+    event_id: &str,
+) -> Result<bool, DbError> {
+    let n = client
+        .execute(
+            "UPDATE usersync.inbound_events SET outcome = 'discarded', body = NULL \
+             WHERE outcome = 'failed' AND source = $1 AND event_id = $2",
+            &[&source, &event_id],
+        )
+        .await
+        .map_err(DbError::ctx("discarding an inbound dead letter"))?;
+    Ok(n > 0)
 }
 
 /// A dead letter's stored delivery, for a replay.

@@ -1240,6 +1240,40 @@ async fn failed_and_unreadable_events_are_dead_letters_that_replay() {
         ok && out.contains("m_junk") && !out.contains("m_bad"),
         "{out}"
     );
+
+    // Given up: not without --yes; then gone from the list, and the
+    // provider redelivering it is a duplicate, not applied again.
+    let (ok, out) = dlq(&db, &path, &["discard", "--inbound", "clerk/m_junk"]);
+    assert!(!ok && out.contains("--yes"), "{out}");
+    let (ok, out) = dlq(
+        &db,
+        &path,
+        &["discard", "--inbound", "clerk/m_junk", "--yes"],
+    );
+    assert!(ok && out.contains("discarded"), "{out}");
+    let (ok, out) = dlq(&db, &path, &["list", "--inbound"]);
+    assert!(ok && out.contains("no inbound dead letters"), "{out}");
+    let (ok, out) = dlq(
+        &db,
+        &path,
+        &["discard", "--inbound", "clerk/m_junk", "--yes"],
+    );
+    assert!(!ok && out.contains("no inbound dead letter"), "{out}");
+    let (base, cancel) = start_receiver(&db, &cfg).await;
+    let junk = br#"{"type":"user.created"}"#.to_vec();
+    let (status, text) = post(
+        &format!("{base}/clerk"),
+        &svix_headers("m_junk", now(), &junk),
+        junk,
+    )
+    .await;
+    assert_eq!((status, text.contains("duplicate")), (200, true), "{text}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.inbound_events WHERE event_id = 'm_junk' AND outcome = 'discarded' AND body IS NULL")
+            .await,
+        1
+    );
+    cancel.cancel();
 }
 
 /// The database refusing the inbound write for a server-side reason (the
