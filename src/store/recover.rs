@@ -21,8 +21,11 @@ pub async fn replace_slot(client: &Client, cfg: &DatabaseConfig) -> Result<Strin
         )
         .await
         .map_err(DbError::ctx("dropping the unusable replication slot"))?;
+    let create = crate::store::setup::create_slot_sql_for(client, &cfg.slot)
+        .await
+        .map_err(DbError::ctx("creating the replication slot"))?;
     client
-        .batch_execute(&crate::store::setup::create_slot_sql(&cfg.slot))
+        .batch_execute(&create)
         .await
         .map_err(DbError::ctx("creating the replication slot"))?;
     let e = DbError::ctx("reading the new replication slot");

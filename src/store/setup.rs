@@ -130,6 +130,28 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
     ]
 }
 
+/// The slot statement `setup` runs on this server: the DO block of the
+/// printed script on 17+, and before 17 the plain statement, because
+/// PostgreSQL 14 can fail a slot created inside PL/pgSQL with "snapshot
+/// reference … is not owned by resource owner TopTransaction" (seen in CI).
+pub async fn create_slot_sql_for(
+    client: &Client,
+    slot: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .try_get(0)?;
+    Ok(if version >= 170_000 {
+        create_slot_sql(slot)
+    } else {
+        format!(
+            "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput')\n    WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot});",
+            slot = quote_literal(slot)
+        )
+    })
+}
+
 /// Creates the logical slot when it does not exist, as a failover slot
 /// where the server has them (17+). One DO block: a slot cannot be created
 /// in a transaction that wrote, and the block writes nothing before it.
@@ -194,9 +216,20 @@ async fn run_steps_locked(client: &Client, cfg: &DatabaseConfig) -> Result<(), S
             step: "quiet notices".to_string(),
             source,
         })?;
+    let slot_sql = create_slot_sql(&cfg.slot);
     for step in steps(cfg) {
+        let sql = if step.sql == slot_sql {
+            create_slot_sql_for(client, &cfg.slot)
+                .await
+                .map_err(|source| StepError {
+                    step: step.comment.to_string(),
+                    source,
+                })?
+        } else {
+            step.sql.clone()
+        };
         client
-            .batch_execute(&step.sql)
+            .batch_execute(&sql)
             .await
             .map_err(|source| StepError {
                 step: step.comment.to_string(),
