@@ -56,7 +56,7 @@ fi
 
 status=0
 cargo mutants --in-place --no-shuffle \
-  --profile release \
+  --profile "${MUTANTS_PROFILE:-mutants}" \
   --output target \
   --timeout "${MUTANTS_TIMEOUT:-900}" --build-timeout "${MUTANTS_BUILD_TIMEOUT:-1200}" \
   ${MUTANTS_ARGS:-} "${args[@]}" "${test_args[@]}" || status=$?
