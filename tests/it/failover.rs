@@ -129,13 +129,49 @@ async fn the_daemon_continues_on_a_promoted_standby_from_the_synchronized_slot()
                 &[
                     format!("primary_slot_name = '{STANDBY_SLOT}'"),
                     "hot_standby_feedback = on".into(),
-                    "sync_replication_slots = on".into(),
                 ],
             )
             .unwrap_or_else(|e| panic!("standby: {e}")),
     ));
 
     let mut db = TestDb::new_on(primary, USERS_BIGINT).await;
+    // Slot synchronization starts only once the standby has replayed the
+    // test database's creation: a sync worker that sees the slot before its
+    // database exists on the standby fails ("database ... does not exist")
+    // and is restarted only a minute later, which made this test time out
+    // in two runs of seven.
+    let primary_lsn: String = db
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("primary lsn")
+        .get(0);
+    let standby_postgres = connect(&standby.url("postgres")).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let replayed: bool = standby_postgres
+            .query_one(
+                "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                &[&primary_lsn],
+            )
+            .await
+            .expect("standby replay lsn")
+            .get(0);
+        if replayed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the standby did not replay to {primary_lsn}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One statement each: ALTER SYSTEM refuses the implicit transaction
+    // of a multi-statement query.
+    for sql in ["ALTER SYSTEM SET sync_replication_slots = on", "SELECT pg_reload_conf()"] {
+        standby_postgres
+            .batch_execute(sql)
+            .await
+            .expect("start slot synchronization");
+    }
+    drop(standby_postgres);
     let failover: bool = db
         .client
         .query_one(
