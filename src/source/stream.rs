@@ -389,3 +389,74 @@ impl Reader {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwire_replication::PgWireError as W;
+
+    fn server(text: &str) -> W {
+        W::Server(text.to_string())
+    }
+
+    #[test]
+    fn the_sqlstate_is_read_from_the_end_of_a_server_error_only() {
+        let slot_gone =
+            server("ERROR: replication slot \"usersync\" does not exist (SQLSTATE 42704)");
+        assert_eq!(wire_sqlstate(&slot_gone), Some("42704"));
+        assert_eq!(
+            wire_sqlstate(&server("FATAL: terminating connection (SQLSTATE 57P01) \n")),
+            Some("57P01")
+        );
+        // Not a server error, no code, a cut-off code, a code not introduced
+        // as one: nothing to decide by.
+        assert_eq!(wire_sqlstate(&W::Protocol("(SQLSTATE 42704)".into())), None);
+        assert_eq!(wire_sqlstate(&server("something failed")), None);
+        assert_eq!(wire_sqlstate(&server("ERROR: x (SQLSTATE 4270)")), None);
+        assert_eq!(wire_sqlstate(&server("ERROR: x (SQLSTATE 42704")), None);
+        assert_eq!(wire_sqlstate(&server("ERROR: order 12345)")), None);
+        assert_eq!(wire_sqlstate(&server("ERROR: x (SQLSTATE 42-04)")), None);
+        assert_eq!(wire_sqlstate(&server("42704)")), None);
+    }
+
+    #[test]
+    fn replication_errors_are_classified_by_code_and_name_the_fix() {
+        let io = W::Io(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(wire_kind(&io), ErrorKind::Transient);
+        assert_eq!(wire_kind(&W::Protocol("cut".into())), ErrorKind::Transient);
+        assert_eq!(wire_kind(&W::Task("gone".into())), ErrorKind::Transient);
+        assert_eq!(
+            wire_kind(&server(
+                "FATAL: the database system is shutting down (SQLSTATE 57P01)"
+            )),
+            ErrorKind::Transient
+        );
+        let missing =
+            server("ERROR: replication slot \"usersync\" does not exist (SQLSTATE 42704)");
+        assert_eq!(wire_kind(&missing), ErrorKind::Config);
+        assert_eq!(wire_kind(&server("no code at all")), ErrorKind::Permanent);
+        assert_eq!(
+            wire_kind(&W::Auth("bad password".into())),
+            ErrorKind::Permanent
+        );
+
+        let err = SourceError::Stream {
+            target: "db:5432/app as usersync".into(),
+            reason: "server error".into(),
+            source: missing,
+        };
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains("usersync setup"), "{err}");
+        let err = SourceError::Stream {
+            target: "db:5432/app as usersync".into(),
+            reason: "server error".into(),
+            source: server("ERROR: odd (SQLSTATE 99999)"),
+        };
+        assert!(
+            !err.to_string().contains('('),
+            "no fix for an unknown code: {err}"
+        );
+    }
+}

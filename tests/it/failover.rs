@@ -160,12 +160,18 @@ async fn the_daemon_continues_on_a_promoted_standby_from_the_synchronized_slot()
         if replayed {
             break;
         }
-        assert!(Instant::now() < deadline, "the standby did not replay to {primary_lsn}");
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not replay to {primary_lsn}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // One statement each: ALTER SYSTEM refuses the implicit transaction
     // of a multi-statement query.
-    for sql in ["ALTER SYSTEM SET sync_replication_slots = on", "SELECT pg_reload_conf()"] {
+    for sql in [
+        "ALTER SYSTEM SET sync_replication_slots = on",
+        "SELECT pg_reload_conf()",
+    ] {
         standby_postgres
             .batch_execute(sql)
             .await
