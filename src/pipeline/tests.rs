@@ -29,6 +29,7 @@ use crate::source::stream::SourceEvent;
 struct Seen {
     key: String,
     lsn: Lsn,
+    op: Operation,
     external_id: Option<String>,
 }
 
@@ -73,6 +74,7 @@ impl Sink for ScriptedSink {
             lock(&self.seen).push(Seen {
                 key: change.key.text.clone(),
                 lsn: change.commit_lsn,
+                op: change.op,
                 external_id: external_id.map(str::to_string),
             });
             if self.throttle.load(Ordering::SeqCst) {
@@ -591,4 +593,115 @@ async fn a_push_after_the_lease_ran_out_sends_nothing_and_writes_no_dead_letter(
             "nothing is written for the fenced change: {item:?}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_more_than_max_in_flight_pushes_run_at_once() {
+    let sink = Arc::new(ScriptedSink::default());
+    sink.hold.store(true, Ordering::SeqCst);
+    let mut p = pipeline(sink.clone(), Arc::default());
+    p.max_in_flight = 2;
+    let h = start(p, 64);
+    let (h, items) = auto_writer(h);
+    for i in 0..5u64 {
+        h.txn(&format!("u{i}"), Operation::Insert, 100 + 10 * i)
+            .await;
+    }
+    // The paused clock moves only when every task waits: the pipeline has
+    // started every push it was going to.
+    let _ = tokio::time::timeout(Duration::from_secs(60), std::future::pending::<()>()).await;
+    assert_eq!(
+        sink.started.load(Ordering::SeqCst),
+        2,
+        "pushes started at once"
+    );
+    sink.hold.store(false, Ordering::SeqCst);
+    sink.release.notify_waiters();
+    let _ = tokio::time::timeout(Duration::from_secs(60), std::future::pending::<()>()).await;
+    assert_eq!(
+        lock(&items)
+            .iter()
+            .filter(|i| matches!(i.outcome, Outcome::Synced { .. }))
+            .count(),
+        5
+    );
+    h.stop().await;
+}
+
+/// `sync-user` (run while no daemon was) linked the row before the stream
+/// reached its insert: the insert is pushed as an update of that record,
+/// never as a second create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_of_a_row_already_linked_is_pushed_as_an_update_of_its_record() {
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    lock(&store.external_ids).insert("a".into(), "ext_linked".into());
+    let mut h = start(pipeline(sink.clone(), store.clone()), 64);
+    h.txn("a", Operation::Insert, 100).await;
+    let item = h.item().await;
+    assert!(matches!(item.outcome, Outcome::Synced { .. }), "{item:?}");
+    let seen = sink.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].op, Operation::Update, "a second create");
+    assert_eq!(seen[0].external_id.as_deref(), Some("ext_linked"));
+    // A row not linked yet is created.
+    h.txn("b", Operation::Insert, 200).await;
+    let _ = h.item().await;
+    let seen = sink.seen();
+    assert_eq!(
+        (seen[1].op, seen[1].external_id.as_deref()),
+        (Operation::Insert, None)
+    );
+    h.stop().await;
+}
+
+/// A change decoded without the external id (the row was linked after the
+/// change was made) finds it in the table: a delete stays a delete of that
+/// record, an update updates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_decoded_without_the_id_is_pushed_with_the_id_the_table_holds() {
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    lock(&store.external_ids).insert("a".into(), "ext_a".into());
+    lock(&store.external_ids).insert("b".into(), "ext_b".into());
+    let mut h = start(pipeline(sink.clone(), store.clone()), 64);
+    h.txn("a", Operation::Update, 100).await;
+    let _ = h.item().await;
+    h.txn("b", Operation::Delete, 200).await;
+    let _ = h.item().await;
+    let seen = sink.seen();
+    let of = |key: &str| {
+        let s = seen.iter().find(|s| s.key == key).expect("pushed");
+        (s.op, s.external_id.clone())
+    };
+    assert_eq!(of("a"), (Operation::Update, Some("ext_a".into())));
+    assert_eq!(of("b"), (Operation::Delete, Some("ext_b".into())));
+    h.stop().await;
+}
+
+/// A clean stop waits for the writer to make every item durable, dead
+/// letters included, and then ends.
+#[tokio::test(start_paused = true)]
+async fn a_stop_waits_for_a_dead_letter_to_become_durable() {
+    let sink = Arc::new(ScriptedSink::default());
+    lock(&sink.refuse).insert("a".into());
+    let mut h = start(pipeline(sink.clone(), Arc::default()), 64);
+    h.txn("a", Operation::Insert, 100).await;
+    let failed = h.item().await;
+    assert!(
+        matches!(failed.outcome, Outcome::DeadLetter(_)),
+        "{failed:?}"
+    );
+    h.cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(60), std::future::pending::<()>()).await;
+    assert!(
+        !h.task.is_finished(),
+        "the loop ended while its dead letter was not durable"
+    );
+    h.make_durable(&[&failed]);
+    let ended = tokio::time::timeout(Duration::from_secs(60), h.task)
+        .await
+        .expect("the loop ends once the dead letter is durable")
+        .expect("join");
+    assert!(ended.is_ok(), "{ended:?}");
 }
