@@ -147,6 +147,16 @@ struct OpenTxn {
     position: u32,
 }
 
+/// A keepalive's `wal_end` says the server has sent everything before it,
+/// which is true of a transaction only once its Commit has arrived: the
+/// walsender also sends keepalives in the middle of a large transaction
+/// while it waits for the socket. Passed on there, `wal_end` (past the
+/// transaction's commit) would let the ack confirm past the transaction's
+/// rows not received yet, and a crash would lose them.
+fn idle_at(wal_end: Lsn, txn: &Option<OpenTxn>) -> Option<SourceEvent> {
+    txn.is_none().then_some(SourceEvent::Idle { wal_end })
+}
+
 pub struct Reader {
     pub client: ReplicationClient,
     pub rows: RowBuilder,
@@ -210,11 +220,7 @@ impl Reader {
                         end_lsn: end_lsn.as_u64(),
                     })
                 }
-                ReplicationEvent::KeepAlive { wal_end, .. } if txn.is_none() => {
-                    Some(SourceEvent::Idle {
-                        wal_end: wal_end.as_u64(),
-                    })
-                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => idle_at(wal_end.as_u64(), &txn),
                 ReplicationEvent::XLogData {
                     wal_start, data, ..
                 } => {
@@ -228,9 +234,7 @@ impl Reader {
                             source,
                         })?
                 }
-                ReplicationEvent::KeepAlive { .. }
-                | ReplicationEvent::Message { .. }
-                | ReplicationEvent::StoppedAt { .. } => None,
+                ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => None,
             };
             let Some(forward) = forward else { continue };
             // Wait for room in the pipeline, still passing acknowledgements on.
@@ -417,6 +421,22 @@ mod tests {
         assert_eq!(wire_sqlstate(&server("ERROR: order 12345)")), None);
         assert_eq!(wire_sqlstate(&server("ERROR: x (SQLSTATE 42-04)")), None);
         assert_eq!(wire_sqlstate(&server("42704)")), None);
+    }
+
+    #[test]
+    fn a_keepalive_is_an_idle_position_only_between_transactions() {
+        assert!(matches!(
+            idle_at(500, &None),
+            Some(SourceEvent::Idle { wal_end: 500 })
+        ));
+        let open = OpenTxn {
+            commit_lsn: 400,
+            xid: 7,
+            commit_time_us: 0,
+            ours: false,
+            position: 3,
+        };
+        assert!(idle_at(500, &Some(open)).is_none());
     }
 
     #[test]
