@@ -724,3 +724,61 @@ async fn the_webhook_sink_honours_rate_limit_per_sec() {
         "{busiest} requests in one second (limit {RATE})"
     );
 }
+
+/// A clean stop reports the last acknowledged position to the server before
+/// it closes the stream (the replication client's own stop sends no final
+/// status update), so the next start does not decode again what was
+/// written back. The changes come in a burst so that status updates go out
+/// every interval and the last acknowledgement is still waiting for its
+/// turn when the stop comes: without the final report the slot is left at
+/// an earlier position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_confirms_everything_written_back() {
+    let db = TestDb::new(USERS_BIGINT).await;
+    for round in 0..3i64 {
+        let daemon = db.start_daemon();
+        let mut last_lsn = String::new();
+        for i in 0..40i64 {
+            let id = round * 100 + i + 1;
+            last_lsn = db
+                .client
+                .query_one(
+                    "INSERT INTO users (id, email) VALUES ($1, $2) RETURNING pg_current_wal_insert_lsn()::text",
+                    &[&id, &format!("u{id}@example.com")],
+                )
+                .await
+                .expect("insert")
+                .get(0);
+        }
+        let last = round * 100 + 40;
+        let deadline = std::time::Instant::now() + WAIT;
+        while db
+            .count(&format!(
+                "SELECT count(*) FROM users WHERE id = {last} AND external_user_id IS NOT NULL"
+            ))
+            .await
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "user {last} not written back"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        daemon.stop().await;
+        let past: bool = db
+            .client
+            .query_one(
+                "SELECT confirmed_flush_lsn > $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+                &[&last_lsn, &db.dbname],
+            )
+            .await
+            .expect("slot")
+            .get(0);
+        assert!(
+            past,
+            "round {round}: stopped cleanly after user {last} was written back, but the slot is confirmed only to {:?} (insert at {last_lsn})",
+            db.confirmed_flush_lsn().await
+        );
+    }
+}
