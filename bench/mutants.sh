@@ -62,6 +62,11 @@ elif [ -n "${MUTANTS_FILTER:-}" ]; then
   test_args=(-- --lib --test it -- ${MUTANTS_FILTER})
 fi
 
+# Unoptimised frames are several times larger: the JSON depth tests
+# (source::value::tests::deep_json_*) overflow the test threads' default
+# 2 MiB stack in this profile, though not in release.
+export RUST_MIN_STACK="${RUST_MIN_STACK:-16777216}"
+
 status=0
 cargo mutants --in-place --no-shuffle \
   --profile "${MUTANTS_PROFILE:-mutants}" \
