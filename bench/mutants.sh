@@ -59,13 +59,10 @@ if [ "${MUTANTS_TESTS:-all}" = lib ]; then
   test_args=(-- --lib)
 elif [ -n "${MUTANTS_FILTER:-}" ]; then
   # shellcheck disable=SC2206 # the words are the filters
-  test_args=(-- --lib --test it -- ${MUTANTS_FILTER})
+  # deep_json_is_stack_safe measures release-sized stack frames on a
+  # 512 KiB thread; unoptimised frames overflow it.
+  test_args=(-- --lib --test it -- ${MUTANTS_FILTER} --skip deep_json_is_stack_safe)
 fi
-
-# Unoptimised frames are several times larger: the JSON depth tests
-# (source::value::tests::deep_json_*) overflow the test threads' default
-# 2 MiB stack in this profile, though not in release.
-export RUST_MIN_STACK="${RUST_MIN_STACK:-16777216}"
 
 status=0
 cargo mutants --in-place --no-shuffle \
