@@ -385,9 +385,26 @@ fn validate_source(
         let f = Field::parse(field).ok_or_else(|| {
             invalid(
                 "inbound.sources.<name>.mapping",
-                format!("source {name}, column {column}: {field:?} is neither a JSON pointer (\"/first_name\") nor a built-in (\"primary_email\", \"auth_email\")"),
+                format!("source {name}, column {column}: {field:?} is neither a JSON pointer (\"/first_name\"), another object's pointer (\"subscription:/status\") nor a built-in (\"primary_email\", \"auth_email\")"),
             )
         })?;
+        if let Some(stream) = f.stream() {
+            if !kind.object_streams().contains(&stream) {
+                let known = kind.object_streams();
+                return Err(invalid(
+                    "inbound.sources.<name>.mapping",
+                    format!(
+                        "source {name}, column {column}: {} events carry no {stream:?} object; {}",
+                        kind.name(),
+                        if known.is_empty() {
+                            "map the user object's fields with a plain pointer".to_string()
+                        } else {
+                            format!("the prefixes it knows: {}", known.join(", "))
+                        }
+                    ),
+                ));
+            }
+        }
         mapping.push((column.clone(), f));
     }
     let email_column = match &raw.email_column {
