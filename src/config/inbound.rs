@@ -37,6 +37,7 @@ pub(crate) struct RawInbound {
     listen: String,
     max_body_bytes: usize,
     request_timeout_ms: u64,
+    batch_max: usize,
     sources: BTreeMap<String, RawSource>,
 }
 
@@ -46,6 +47,7 @@ impl Default for RawInbound {
             listen: "127.0.0.1:9188".into(),
             max_body_bytes: 256 * 1024,
             request_timeout_ms: 10_000,
+            batch_max: 64,
             sources: BTreeMap::new(),
         }
     }
@@ -153,6 +155,10 @@ pub struct InboundConfig {
     pub listen: String,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    /// At most this many deliveries of one source that arrived while its
+    /// session was busy are applied in one transaction; 1 applies each in
+    /// its own.
+    pub batch_max: usize,
     pub sources: Vec<InboundSource>,
 }
 
@@ -304,6 +310,12 @@ impl RawInbound {
                 "max_body_bytes and request_timeout_ms must be at least 1".into(),
             ));
         }
+        if !(1..=1000).contains(&self.batch_max) {
+            return Err(invalid(
+                "inbound.batch_max",
+                format!("{} is not between 1 and 1000", self.batch_max),
+            ));
+        }
         let mut sources = Vec::new();
         for (name, raw) in &self.sources {
             sources.push(validate_source(env, name, raw, sink_kind)?);
@@ -312,6 +324,7 @@ impl RawInbound {
             listen: self.listen.clone(),
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            batch_max: self.batch_max,
             sources,
         }))
     }

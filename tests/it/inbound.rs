@@ -1901,3 +1901,93 @@ async fn every_inbound_outcome_is_counted_on_metrics() {
         );
     }
 }
+
+// ---- several deliveries in one transaction (inbound.batch_max) ----
+
+/// A batch keeps each delivery's own outcome and the dedupe, in one
+/// transaction: a created user, the same event again (duplicate), an older
+/// update (stale) and another user are answered as they would be one by
+/// one, and both rows carry the one transaction's id. A batch with a record
+/// the table refuses commits nothing and says so, for the caller to apply
+/// its deliveries one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_each_outcome_in_one_transaction() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    let cfg = clerk_config(&db, "");
+    let mut a = applier_for(&db, &cfg, "clerk").await;
+    let item = |msg: &str, body: Vec<u8>| {
+        (
+            record(&cfg, msg, &body),
+            usersync::store::inbound::Delivery {
+                body,
+                message_id: Some(msg.to_string()),
+                delivered_at: now(),
+            },
+        )
+    };
+    let batch = vec![
+        item(
+            "msg_a",
+            clerk_user("user.created", "user_1", "a@x.io", "Ada", 1000),
+        ),
+        item(
+            "msg_a",
+            clerk_user("user.created", "user_1", "a@x.io", "Ada", 1000),
+        ),
+        item(
+            "msg_old",
+            clerk_user("user.updated", "user_1", "a@x.io", "Old", 500),
+        ),
+        item(
+            "msg_b",
+            clerk_user("user.created", "user_2", "b@x.io", "Bea", 1000),
+        ),
+    ];
+    let outcomes = a.receive_batch(&batch).await.expect("the batch commits");
+    let names: Vec<&str> = outcomes.iter().map(Applied::outcome).collect();
+    assert_eq!(names, ["applied", "duplicate", "stale", "applied"]);
+    assert_eq!(
+        xmin(&db, "user_1").await,
+        xmin(&db, "user_2").await,
+        "not one transaction"
+    );
+    assert_eq!(
+        row(&db, "user_1").await.map(|r| r.1),
+        Some(Some("Ada".to_string()))
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.inbound_events")
+            .await,
+        3
+    );
+
+    let no_email = json!({"type": "user.created", "timestamp": 1,
+        "data": {"id": "user_3", "email_addresses": [], "primary_email_address_id": null,
+                 "first_name": "Nomail", "updated_at": 1000}});
+    let failing = vec![
+        item(
+            "msg_c",
+            clerk_user("user.created", "user_4", "d@x.io", "Dee", 1000),
+        ),
+        item("msg_d", no_email.to_string().into_bytes()),
+    ];
+    assert!(
+        a.receive_batch(&failing).await.is_none(),
+        "a refused record must fail the batch"
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM usersync.inbound_events WHERE event_id IN ('msg_c', 'msg_d')"
+        )
+        .await,
+        0,
+        "part of a failed batch was committed"
+    );
+    assert!(row(&db, "user_4").await.is_none());
+    // The session is still good: the same deliveries one by one.
+    for (r, d) in &failing {
+        a.receive(r, d).await.expect("apply");
+    }
+    assert!(row(&db, "user_4").await.is_some());
+}
