@@ -2323,7 +2323,7 @@ impl Bench<'_> {
     ///
     /// Run four times on one machine state, alternating
     /// `inbound.batch_max = 1` (one transaction per event, the path before
-    /// batching) and the default 64 (deliveries queued while the session
+    /// batching, and the default) and 64 (deliveries queued while the session
     /// was busy applied in one transaction): the machine is shared and
     /// noisy, so the ratio of the two is what counts.
     async fn inbound(&self) -> R<Vec<Row>> {
