@@ -825,7 +825,7 @@ async fn inbound_checks(
         let unfilled: Vec<String> = catalog::required_columns(client, &table)
             .await?
             .into_iter()
-            .filter(|c| !writes.columns.contains(c))
+            .filter(|c| !writes.insert_columns.contains(c))
             .collect();
         out.push(if unfilled.is_empty() {
             Finding::ok(

@@ -66,6 +66,14 @@ struct SourceState {
     applier: tokio::sync::Mutex<Option<Applier>>,
     /// Something was deferred: wakes the source's re-evaluation task.
     deferred: tokio::sync::Notify,
+    /// Verified deliveries waiting for the source's batch worker.
+    queue: tokio::sync::mpsc::UnboundedSender<Queued>,
+}
+
+/// A verified delivery and where its outcome goes.
+struct Queued {
+    delivery: Delivery,
+    reply: tokio::sync::oneshot::Sender<Result<(String, Applied), ApplyError>>,
 }
 
 struct Shared {
@@ -74,6 +82,7 @@ struct Shared {
     sources: Vec<Arc<SourceState>>,
     max_body: usize,
     request_timeout: Duration,
+    batch_max: usize,
 }
 
 /// A running receiver.
@@ -99,6 +108,7 @@ pub async fn start(
         .await
         .map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
+    let mut queues = Vec::new();
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         shape: shape.clone(),
@@ -106,18 +116,28 @@ pub async fn start(
             .sources
             .iter()
             .map(|s| {
+                let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
+                queues.push(queued);
                 Arc::new(SourceState {
                     source: s.clone(),
                     applier: tokio::sync::Mutex::new(None),
                     deferred: tokio::sync::Notify::new(),
+                    queue,
                 })
             })
             .collect(),
         max_body: inbound.max_body_bytes,
         request_timeout: inbound.request_timeout,
+        batch_max: inbound.batch_max,
     });
-    for state in &shared.sources {
+    for (state, queued) in shared.sources.iter().zip(queues) {
         tokio::spawn(reevaluate(shared.clone(), state.clone(), cancel.clone()));
+        tokio::spawn(batches(
+            shared.clone(),
+            state.clone(),
+            queued,
+            cancel.clone(),
+        ));
     }
     let app = Router::new()
         .route("/{source}", post(receive))
@@ -216,7 +236,7 @@ async fn receive(
         message_id: verified.message_id.clone(),
         delivered_at: verified.timestamp,
     };
-    let applied = tokio::time::timeout(APPLY_TIMEOUT, apply(&shared, &state, &delivery)).await;
+    let applied = tokio::time::timeout(APPLY_TIMEOUT, apply(&shared, &state, delivery)).await;
     match applied {
         Ok(Ok((event_id, outcome))) => {
             crate::observe::metrics::inbound(source, outcome.outcome());
@@ -277,9 +297,127 @@ async fn session<'s>(
     Ok((slot, applier))
 }
 
-/// Parses and applies one verified delivery: its event id and outcome. A
-/// body that does not read as an event is kept as a dead letter.
+/// Applies one verified delivery through the source's batch worker: its
+/// event id and outcome, once the transaction that recorded it committed.
+/// A request that times out meanwhile stays queued and is applied later;
+/// the provider's retry then finds it a duplicate.
 async fn apply(
+    shared: &Shared,
+    state: &SourceState,
+    delivery: Delivery,
+) -> Result<(String, Applied), ApplyError> {
+    if shared.batch_max <= 1 {
+        return apply_one(shared, state, &delivery).await;
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if let Err(unsent) = state.queue.send(Queued { delivery, reply }) {
+        // The worker has stopped (the receiver is shutting down).
+        return apply_one(shared, state, &unsent.0.delivery).await;
+    }
+    match answer.await {
+        Ok(result) => result,
+        Err(_) => Err(ApplyError::Stopped {
+            source_name: state.source.name.clone(),
+        }),
+    }
+}
+
+/// The source's batch worker: takes whatever deliveries queued up while the
+/// last batch was applied (at most `inbound.batch_max`) and applies them in
+/// one transaction, so under load the per-event BEGIN/COMMIT round trips
+/// and WAL flushes are paid once per batch; a lone delivery is applied as
+/// before. Each delivery keeps its own claim, version check and outcome.
+async fn batches(
+    shared: Arc<Shared>,
+    state: Arc<SourceState>,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<Queued>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            q = queued.recv() => match q {
+                Some(q) => q,
+                None => return,
+            },
+            () = cancel.cancelled() => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < shared.batch_max {
+            match queued.try_recv() {
+                Ok(q) => batch.push(q),
+                Err(_) => break,
+            }
+        }
+        apply_batch(&shared, &state, batch).await;
+    }
+}
+
+async fn apply_batch(shared: &Shared, state: &SourceState, batch: Vec<Queued>) {
+    let source = &state.source;
+    let mut items = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut readable = true;
+    for q in batch {
+        let d = &q.delivery;
+        match parse(
+            source.kind,
+            &d.body,
+            d.message_id.as_deref(),
+            d.delivered_at,
+            &source.mapping,
+        ) {
+            Ok(record) => items.push((Some(record), q.delivery)),
+            Err(_) => {
+                readable = false;
+                items.push((None, q.delivery));
+            }
+        }
+        replies.push(q.reply);
+    }
+    // Together only when every body reads (an unreadable one is a dead
+    // letter of its own) and there is more than one.
+    if readable && items.len() > 1 {
+        let together: Vec<_> = items
+            .into_iter()
+            .filter_map(|(r, d)| r.map(|r| (r, d)))
+            .collect();
+        let outcomes = match session(shared, state).await {
+            Ok((mut slot, mut a)) => {
+                let out = a.receive_batch(&together).await;
+                if !a.is_closed() {
+                    *slot = Some(a);
+                }
+                out
+            }
+            Err(_) => None,
+        };
+        match outcomes {
+            Some(outcomes) => {
+                for (((record, _), outcome), reply) in
+                    together.into_iter().zip(outcomes).zip(replies)
+                {
+                    let _ = reply.send(Ok((record.event_id, outcome)));
+                }
+            }
+            // Nothing committed: one by one, each with its own outcome or
+            // error.
+            None => {
+                for ((_, delivery), reply) in together.into_iter().zip(replies) {
+                    let _ = reply.send(apply_one(shared, state, &delivery).await);
+                }
+            }
+        }
+        return;
+    }
+    for ((_, delivery), reply) in items.into_iter().zip(replies) {
+        let _ = reply.send(apply_one(shared, state, &delivery).await);
+    }
+}
+
+/// Parses and applies one verified delivery in its own transaction: its
+/// event id and outcome. A body that does not read as an event is kept as
+/// a dead letter.
+async fn apply_one(
     shared: &Shared,
     state: &SourceState,
     delivery: &Delivery,

@@ -37,6 +37,7 @@ pub(crate) struct RawInbound {
     listen: String,
     max_body_bytes: usize,
     request_timeout_ms: u64,
+    batch_max: usize,
     sources: BTreeMap<String, RawSource>,
 }
 
@@ -46,6 +47,11 @@ impl Default for RawInbound {
             listen: "127.0.0.1:9188".into(),
             max_body_bytes: 256 * 1024,
             request_timeout_ms: 10_000,
+            // Opt-in: on the shared benchmark machine (fsync off) batching
+            // measured no faster than one transaction per event
+            // (BENCHMARKS.md, scenario 10); where each commit waits for a
+            // WAL flush it saves one flush per event.
+            batch_max: 1,
             sources: BTreeMap::new(),
         }
     }
@@ -153,6 +159,10 @@ pub struct InboundConfig {
     pub listen: String,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    /// At most this many deliveries of one source that arrived while its
+    /// session was busy are applied in one transaction; 1 applies each in
+    /// its own.
+    pub batch_max: usize,
     pub sources: Vec<InboundSource>,
 }
 
@@ -304,6 +314,12 @@ impl RawInbound {
                 "max_body_bytes and request_timeout_ms must be at least 1".into(),
             ));
         }
+        if !(1..=1000).contains(&self.batch_max) {
+            return Err(invalid(
+                "inbound.batch_max",
+                format!("{} is not between 1 and 1000", self.batch_max),
+            ));
+        }
         let mut sources = Vec::new();
         for (name, raw) in &self.sources {
             sources.push(validate_source(env, name, raw, sink_kind)?);
@@ -312,6 +328,7 @@ impl RawInbound {
             listen: self.listen.clone(),
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            batch_max: self.batch_max,
             sources,
         }))
     }
@@ -385,9 +402,26 @@ fn validate_source(
         let f = Field::parse(field).ok_or_else(|| {
             invalid(
                 "inbound.sources.<name>.mapping",
-                format!("source {name}, column {column}: {field:?} is neither a JSON pointer (\"/first_name\") nor a built-in (\"primary_email\", \"auth_email\")"),
+                format!("source {name}, column {column}: {field:?} is neither a JSON pointer (\"/first_name\"), another object's pointer (\"subscription:/status\") nor a built-in (\"primary_email\", \"auth_email\")"),
             )
         })?;
+        if let Some(stream) = f.stream() {
+            if !kind.object_streams().contains(&stream) {
+                let known = kind.object_streams();
+                return Err(invalid(
+                    "inbound.sources.<name>.mapping",
+                    format!(
+                        "source {name}, column {column}: {} events carry no {stream:?} object; {}",
+                        kind.name(),
+                        if known.is_empty() {
+                            "map the user object's fields with a plain pointer".to_string()
+                        } else {
+                            format!("the prefixes it knows: {}", known.join(", "))
+                        }
+                    ),
+                ));
+            }
+        }
         mapping.push((column.clone(), f));
     }
     let email_column = match &raw.email_column {

@@ -108,6 +108,7 @@ pub const KEYS: &[(&str, &str, KeyKind)] = &[
     ("inbound", "listen", KeyKind::Str),
     ("inbound", "max_body_bytes", KeyKind::Int),
     ("inbound", "request_timeout_ms", KeyKind::Int),
+    ("inbound", "batch_max", KeyKind::Int),
 ];
 
 #[derive(Debug, Clone, Deserialize, Default)]

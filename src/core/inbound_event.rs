@@ -37,6 +37,26 @@ impl SourceKind {
         }
     }
 
+    /// The version stream of the user object itself (what `upsert` and
+    /// `delete` events are about, and what an import lists).
+    pub fn user_stream(self) -> &'static str {
+        match self {
+            SourceKind::Clerk | SourceKind::Standard => "user",
+            SourceKind::Memberstack => "member",
+            SourceKind::Stripe => "customer",
+        }
+    }
+
+    /// The other objects whose events update a user (never create one),
+    /// each its own version stream and mapping prefix (`subscription:/…`).
+    pub fn object_streams(self) -> &'static [&'static str] {
+        match self {
+            SourceKind::Stripe => &["subscription", "checkout"],
+            SourceKind::Memberstack => &["plan"],
+            SourceKind::Clerk | SourceKind::Standard => &[],
+        }
+    }
+
     pub fn scheme(self) -> crate::core::inbound::Scheme {
         match self {
             SourceKind::Stripe => crate::core::inbound::Scheme::Stripe,
@@ -67,15 +87,39 @@ pub enum Field {
     PrimaryEmail,
     /// Memberstack: `auth.email`.
     AuthEmail,
+    /// `<stream>:<pointer>`: a pointer into another object of the same
+    /// provider that events carry (a Stripe subscription or checkout
+    /// session, a Memberstack plan connection's payload). The plain forms
+    /// read only the user object (customer, member, Clerk user): a Stripe
+    /// subscription and checkout session have `status`, `description`,
+    /// `metadata` too, and must not overwrite the customer's columns.
+    Object { stream: String, pointer: String },
 }
 
 impl Field {
-    /// `primary_email`, `auth_email` or a pointer starting with `/`.
+    /// `primary_email`, `auth_email`, a pointer starting with `/`, or
+    /// `<stream>:<pointer>` (the stream a lower-case word; the config checks
+    /// that the source's kind has it).
     pub fn parse(s: &str) -> Option<Field> {
         match s {
             "primary_email" => Some(Field::PrimaryEmail),
             "auth_email" => Some(Field::AuthEmail),
             p if p.starts_with('/') => Some(Field::Pointer(p.to_string())),
+            other => {
+                let (stream, pointer) = other.split_once(':')?;
+                let word = !stream.is_empty() && stream.chars().all(|c| c.is_ascii_lowercase());
+                (word && pointer.starts_with('/')).then(|| Field::Object {
+                    stream: stream.to_string(),
+                    pointer: pointer.to_string(),
+                })
+            }
+        }
+    }
+
+    /// The stream this field reads, `None` for the user object.
+    pub fn stream(&self) -> Option<&str> {
+        match self {
+            Field::Object { stream, .. } => Some(stream),
             _ => None,
         }
     }
@@ -118,6 +162,10 @@ pub struct InboundRecord {
     pub stream: &'static str,
     /// The provider's id of the user (Clerk `user_…`, `mem_…`, `cus_…`).
     pub subject: String,
+    /// The id of the object the event is about when it is not the user
+    /// (`sub_…`, `cs_…`, a plan connection's `con_…`): what a fetch of the
+    /// current state asks for.
+    pub object_id: Option<String>,
     /// The user's key in this table as usersync's own sinks stored it
     /// (`usersync_key` metadata, Clerk `external_id`).
     pub back_ref: Option<String>,
@@ -129,6 +177,19 @@ pub struct InboundRecord {
     pub values: Map<String, Value>,
     /// Stripe `request.idempotency_key`: the request that caused the event.
     pub idempotency_key: Option<String>,
+}
+
+impl InboundRecord {
+    /// An event of another object than the user (subscription, checkout,
+    /// plan) with no field mapped for that object has nothing to write:
+    /// it is ignored, rather than touching the row (and its version) for
+    /// nothing.
+    fn nothing_mapped_is_ignored(mut self) -> InboundRecord {
+        if self.action == Action::Update && self.values.is_empty() {
+            self.action = Action::Ignore;
+        }
+        self
+    }
 }
 
 /// A verified body that cannot be turned into a record: a permanent failure
@@ -184,11 +245,20 @@ fn clerk_primary_email(user: &Value) -> Option<Value> {
         .and_then(|e| e.get("email_address").cloned())
 }
 
-fn map_values(object: &Value, mapping: &[(String, Field)]) -> Map<String, Value> {
+/// The mapped values of `object`, which is the user object when `stream`
+/// is `None`, else that stream's object: each field reads only its own.
+fn map_values(
+    object: &Value,
+    mapping: &[(String, Field)],
+    stream: Option<&str>,
+) -> Map<String, Value> {
     let mut out = Map::new();
     for (column, field) in mapping {
+        if field.stream() != stream {
+            continue;
+        }
         let value = match field {
-            Field::Pointer(p) => object.pointer(p).cloned(),
+            Field::Pointer(p) | Field::Object { pointer: p, .. } => object.pointer(p).cloned(),
             Field::PrimaryEmail => clerk_primary_email(object),
             Field::AuthEmail => object.pointer("/auth/email").cloned(),
         };
@@ -249,7 +319,7 @@ fn clerk(
         _ => (Action::Ignore, 0),
     };
     let values = match action {
-        Action::Upsert => map_values(data, mapping),
+        Action::Upsert => map_values(data, mapping, None),
         _ => Map::new(),
     };
     Ok(InboundRecord {
@@ -258,6 +328,7 @@ fn clerk(
         action,
         stream: "user",
         subject,
+        object_id: None,
         back_ref: bounded(str_at(data, "/external_id"), "external_id")?,
         email: clerk_primary_email(data).and_then(|v| v.as_str().map(str::to_string)),
         version,
@@ -278,33 +349,41 @@ fn memberstack(
         str_at(root, "/event").or_else(|| str_at(root, "/type")),
         "event",
     )?;
-    let member = root
+    let payload = root
         .get("payload")
         .or_else(|| root.get("data"))
         .ok_or(EventError::Missing("payload"))?;
-    let member = member.get("member").unwrap_or(member);
+    let member = payload.get("member").unwrap_or(payload);
     let subject = required(str_at(member, "/id"), "payload.id")?;
     let version = as_ms(root.get("timestamp")).unwrap_or(delivered_at.saturating_mul(1000));
+    // Plan events are named `member.plan.added` in one place of the docs
+    // and `member.plan.created` in another; both (and `updated`,
+    // `canceled`, …) update the user. They carry the member's id and one
+    // plan connection, not the member: they are their own stream, and
+    // their fields (`plan:/planConnection/status`) read the payload.
     let action = match event_type.as_str() {
         "member.created" | "member.updated" => Action::Upsert,
         "member.deleted" => Action::Delete,
-        t if t.starts_with("member.plan") => Action::Update,
+        t if t.starts_with("member.plan.") => Action::Update,
         _ => Action::Ignore,
     };
     let values = match action {
-        Action::Upsert | Action::Update => map_values(member, mapping),
+        Action::Upsert => map_values(member, mapping, None),
+        Action::Update => map_values(payload, mapping, Some("plan")),
         _ => Map::new(),
     };
+    let plan = action == Action::Update;
     Ok(InboundRecord {
         event_id,
         event_type,
         action,
-        stream: if action == Action::Update {
-            "plan"
-        } else {
-            "member"
-        },
+        stream: if plan { "plan" } else { "member" },
         subject,
+        object_id: if plan {
+            bounded(str_at(payload, "/planConnection/id"), "planConnection.id")?
+        } else {
+            None
+        },
         back_ref: bounded(
             str_at(member, "/metaData/usersync_key")
                 .or_else(|| str_at(member, "/metadata/usersync_key")),
@@ -314,7 +393,8 @@ fn memberstack(
         version,
         values,
         idempotency_key: None,
-    })
+    }
+    .nothing_mapped_is_ignored())
 }
 
 fn stripe(root: &Value, mapping: &[(String, Field)]) -> Result<InboundRecord, EventError> {
@@ -327,46 +407,64 @@ fn stripe(root: &Value, mapping: &[(String, Field)]) -> Result<InboundRecord, Ev
         .get("created")
         .and_then(Value::as_i64)
         .ok_or(EventError::Missing("created"))?;
-    let (action, stream, subject) = match event_type.as_str() {
+    // A subscription's or session's `customer` is an id, or the customer
+    // itself where a request expanded it.
+    let customer = str_at(object, "/customer").or_else(|| str_at(object, "/customer/id"));
+    let (mut action, stream, subject) = match event_type.as_str() {
         "customer.created" | "customer.updated" => {
             (Action::Upsert, "customer", str_at(object, "/id"))
         }
         "customer.deleted" => (Action::Delete, "customer", str_at(object, "/id")),
-        t if t.starts_with("customer.subscription.") => {
-            (Action::Update, "subscription", str_at(object, "/customer"))
-        }
-        "checkout.session.completed" => (Action::Update, "checkout", str_at(object, "/customer")),
+        t if t.starts_with("customer.subscription.") => (Action::Update, "subscription", customer),
+        "checkout.session.completed" => (Action::Update, "checkout", customer),
         _ => (Action::Ignore, "other", str_at(object, "/id")),
     };
+    // A one-time payment's session may have made no customer: nothing
+    // links it to a user.
+    if stream == "checkout" && customer.is_none() {
+        action = Action::Ignore;
+    }
     let subject = match action {
         Action::Ignore => bounded(subject, "data.object.id")?.unwrap_or_default(),
         _ => required(subject, "the customer id")?,
     };
     let values = match action {
-        Action::Upsert | Action::Update => map_values(object, mapping),
+        Action::Upsert => map_values(object, mapping, None),
+        Action::Update => map_values(object, mapping, Some(stream)),
         _ => Map::new(),
     };
-    let customer = matches!(stream, "customer");
+    // What else can find the user: the customer's `usersync_key` metadata
+    // and email; a checkout session's `client_reference_id` (the app's own
+    // user id, which is what Stripe's docs tell apps to put there) and the
+    // email the buyer typed.
+    let (back_ref, email) = match stream {
+        "customer" => (
+            str_at(object, "/metadata/usersync_key"),
+            str_at(object, "/email"),
+        ),
+        "checkout" => (
+            str_at(object, "/client_reference_id"),
+            str_at(object, "/customer_details/email"),
+        ),
+        _ => (None, None),
+    };
     Ok(InboundRecord {
         event_id,
         event_type,
         action,
         stream,
         subject,
-        back_ref: if customer {
-            bounded(str_at(object, "/metadata/usersync_key"), "usersync_key")?
-        } else {
-            None
+        object_id: match stream {
+            "subscription" | "checkout" => bounded(str_at(object, "/id"), "data.object.id")?,
+            _ => None,
         },
-        email: if customer {
-            str_at(object, "/email").map(str::to_string)
-        } else {
-            None
-        },
+        back_ref: bounded(back_ref, "usersync_key")?,
+        email: email.map(str::to_string),
         version: created.saturating_mul(1000),
         values,
         idempotency_key: bounded(str_at(root, "/request/idempotency_key"), "idempotency_key")?,
-    })
+    }
+    .nothing_mapped_is_ignored())
 }
 
 fn standard(
@@ -398,11 +496,12 @@ fn standard(
         action,
         stream: "user",
         subject,
+        object_id: None,
         back_ref: bounded(str_at(data, "/usersync_key"), "usersync_key")?,
         email: str_at(data, "/email").map(str::to_string),
         version,
         values: match action {
-            Action::Upsert => map_values(data, mapping),
+            Action::Upsert => map_values(data, mapping, None),
             _ => Map::new(),
         },
         idempotency_key: None,
@@ -455,10 +554,11 @@ pub fn from_listed(
         action: Action::Upsert,
         stream,
         subject,
+        object_id: None,
         back_ref: bounded(back_ref, "usersync_key")?,
         email: bounded(email.as_deref(), "email")?,
         version,
-        values: map_values(object, mapping),
+        values: map_values(object, mapping, None),
         idempotency_key: None,
     })
 }
@@ -536,15 +636,130 @@ mod tests {
         let body = json!({"id": "evt_1", "type": "customer.subscription.updated", "created": 10,
             "data": {"object": {"id": "sub_1", "customer": "cus_9", "status": "active"}},
             "request": {"idempotency_key": "k1"}});
-        let m = vec![("plan".to_string(), Field::Pointer("/status".into()))];
+        let m = vec![
+            (
+                "plan".to_string(),
+                Field::parse("subscription:/status").expect("field"),
+            ),
+            ("note".to_string(), Field::Pointer("/description".into())),
+        ];
         let r =
             parse(SourceKind::Stripe, body.to_string().as_bytes(), None, 0, &m).expect("parses");
         assert_eq!(
             (r.action, r.stream, r.subject.as_str()),
             (Action::Update, "subscription", "cus_9")
         );
+        assert_eq!(r.object_id.as_deref(), Some("sub_1"));
         assert_eq!(r.version, 10_000);
         assert_eq!(r.idempotency_key.as_deref(), Some("k1"));
+        assert_eq!(r.values.get("plan"), Some(&json!("active")));
+        assert!(
+            !r.values.contains_key("note"),
+            "a customer field read a subscription"
+        );
+        // The customer's fields read customers only.
+        let customer = json!({"id": "evt_2", "type": "customer.updated", "created": 11,
+            "data": {"object": {"id": "cus_9", "status": "x", "description": "vip"}}});
+        let r = parse(
+            SourceKind::Stripe,
+            customer.to_string().as_bytes(),
+            None,
+            0,
+            &m,
+        )
+        .expect("parses");
+        assert_eq!(r.values.get("note"), Some(&json!("vip")));
+        assert!(!r.values.contains_key("plan"));
+        // Nothing mapped for checkout sessions: ignored, not written.
+        let checkout = json!({"id": "evt_3", "type": "checkout.session.completed", "created": 12,
+            "data": {"object": {"id": "cs_1", "customer": "cus_9", "status": "complete",
+                                "client_reference_id": "42"}}});
+        let r = parse(
+            SourceKind::Stripe,
+            checkout.to_string().as_bytes(),
+            None,
+            0,
+            &m,
+        )
+        .expect("parses");
+        assert_eq!(r.action, Action::Ignore);
+        let m = vec![(
+            "paid".to_string(),
+            Field::parse("checkout:/payment_status").expect("field"),
+        )];
+        let paid = json!({"id": "evt_4", "type": "checkout.session.completed", "created": 12,
+            "data": {"object": {"id": "cs_1", "customer": "cus_9", "payment_status": "paid",
+                                "client_reference_id": "42",
+                                "customer_details": {"email": "b@x.io"}}}});
+        let r =
+            parse(SourceKind::Stripe, paid.to_string().as_bytes(), None, 0, &m).expect("parses");
+        assert_eq!(
+            (
+                r.action,
+                r.stream,
+                r.subject.as_str(),
+                r.object_id.as_deref()
+            ),
+            (Action::Update, "checkout", "cus_9", Some("cs_1"))
+        );
+        assert_eq!(r.back_ref.as_deref(), Some("42"));
+        assert_eq!(r.email.as_deref(), Some("b@x.io"));
+        assert_eq!(r.values.get("paid"), Some(&json!("paid")));
+    }
+
+    #[test]
+    fn memberstack_plan_events_read_either_name_and_envelope() {
+        let m = vec![
+            (
+                "plan".to_string(),
+                Field::parse("plan:/planConnection/planId").expect("field"),
+            ),
+            ("email".to_string(), Field::AuthEmail),
+        ];
+        for (name, envelope) in [
+            ("member.plan.added", "payload"),
+            ("member.plan.created", "data"),
+            ("member.plan.updated", "payload"),
+            ("member.plan.canceled", "data"),
+        ] {
+            let body = json!({"event": name, "timestamp": 7,
+                envelope: {"id": "mem_1", "planConnection": {"id": "con_1", "planId": "pln_gold",
+                                                           "status": "ACTIVE"}}});
+            let r = parse(
+                SourceKind::Memberstack,
+                body.to_string().as_bytes(),
+                Some("m"),
+                0,
+                &m,
+            )
+            .expect("parses");
+            assert_eq!(
+                (
+                    r.action,
+                    r.stream,
+                    r.subject.as_str(),
+                    r.object_id.as_deref()
+                ),
+                (Action::Update, "plan", "mem_1", Some("con_1")),
+                "{name}"
+            );
+            assert_eq!(r.values.get("plan"), Some(&json!("pln_gold")), "{name}");
+            assert!(!r.values.contains_key("email"));
+        }
+    }
+
+    #[test]
+    fn object_fields_parse() {
+        assert_eq!(
+            Field::parse("subscription:/items/data/0/price/id"),
+            Some(Field::Object {
+                stream: "subscription".into(),
+                pointer: "/items/data/0/price/id".into()
+            })
+        );
+        assert_eq!(Field::parse("Sub:/x"), None);
+        assert_eq!(Field::parse("plan:x"), None);
+        assert_eq!(Field::parse(":/x"), None);
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::config::{quote_ident, Config};
 use crate::core::error::{Classify, ErrorKind};
 use crate::core::inbound_event::{parse, supersedes, Action, InboundRecord, SourceKind};
 use crate::core::table::TableShape;
+use crate::sink::memberstack::MemberstackSink;
 use crate::sink::stripe::StripeSink;
 use crate::sink::SinkError;
 use crate::store::db::{connect, error_text, ConnectError, DbError};
@@ -165,6 +166,9 @@ pub enum ApplyError {
         #[source]
         source: DbError,
     },
+    /// The receiver stopped before the delivery's batch was applied.
+    #[error("inbound source {source_name}: the receiver stopped before applying the event")]
+    Stopped { source_name: String },
     /// Fetching the provider's current object (Stripe, on a tie) failed.
     #[error(
         "inbound source {source_name}: cannot fetch the current object from the provider: {source}"
@@ -180,7 +184,7 @@ impl Classify for ApplyError {
     fn kind(&self) -> ErrorKind {
         match self {
             ApplyError::Connect(e) => e.kind(),
-            ApplyError::OriginBusy { .. } => ErrorKind::Transient,
+            ApplyError::OriginBusy { .. } | ApplyError::Stopped { .. } => ErrorKind::Transient,
             ApplyError::UnknownColumn { .. } => ErrorKind::Config,
             ApplyError::Prepare { source, .. } | ApplyError::Database { source, .. } => {
                 source.kind()
@@ -271,9 +275,10 @@ pub struct Applier {
     /// Record the values hash (the source's service is the sink's).
     record_hash: bool,
     reader: RowReader,
-    /// Stripe's API for fetching the current customer on a tie (the sink's
-    /// key, when the sink is Stripe).
-    stripe: Option<StripeSink>,
+    /// The provider's API for fetching an object as it is now, on a tie or
+    /// an out-of-order event (the sink's key, when the sink is the source's
+    /// service).
+    fetcher: Option<Fetcher>,
     claim: Statement,
     reclaim: Statement,
     version: Statement,
@@ -286,7 +291,18 @@ pub struct Applier {
     by_key: Statement,
     by_email: Option<Statement>,
     progress: Statement,
-    writes: HashMap<(bool, Vec<String>), Statement>,
+    /// (insert, brings a soft-deleted user back, columns) → statement.
+    writes: HashMap<(bool, bool, Vec<String>), Statement>,
+}
+
+/// Where the current state of a provider's object is read.
+enum Fetcher {
+    /// `GET /v1/customers/{id}`, `/v1/subscriptions/{id}`,
+    /// `/v1/checkout/sessions/{id}`.
+    Stripe(StripeSink),
+    /// `GET /members/{id}` (a plan connection is read from the member's
+    /// `planConnections`).
+    Memberstack(MemberstackSink),
 }
 
 impl Applier {
@@ -466,9 +482,13 @@ impl Applier {
             source_name: source.name.clone(),
             source: e,
         })?;
-        // Only a Stripe source can fetch, and only with the sink's key.
-        let stripe = match (source.kind, cfg.sink.kind.name()) {
-            (SourceKind::Stripe, "stripe") => StripeSink::new(&cfg.sink).ok(),
+        // Only a source of the sink's service can fetch, with the sink's
+        // key.
+        let fetcher = match (source.kind, cfg.sink.kind.name()) {
+            (SourceKind::Stripe, "stripe") => StripeSink::new(&cfg.sink).ok().map(Fetcher::Stripe),
+            (SourceKind::Memberstack, "memberstack") => MemberstackSink::new(&cfg.sink)
+                .ok()
+                .map(Fetcher::Memberstack),
             _ => None,
         };
         Ok(Applier {
@@ -477,7 +497,7 @@ impl Applier {
             shape: shape.clone(),
             record_hash: source.same_service_as(cfg.sink.kind.name()),
             reader,
-            stripe,
+            fetcher,
             claim,
             reclaim,
             version,
@@ -517,6 +537,49 @@ impl Applier {
         delivery: &Delivery,
     ) -> Result<Applied, ApplyError> {
         self.apply_with(record, Some(delivery), Claim::New).await
+    }
+
+    /// Applies several verified deliveries in one transaction, in order,
+    /// each with its own claim, version check and outcome, as
+    /// [`Applier::receive`] would one by one; the commit makes them all
+    /// durable at once, so the per-event BEGIN/COMMIT round trips and WAL
+    /// flushes become per-batch ones. `None` when any of them failed (a
+    /// value the table refuses, a fetch, the database): nothing was
+    /// committed, and the caller applies them one by one, which gives each
+    /// its own outcome or error. Events of one provider object in the batch
+    /// see each other's writes, as consecutive transactions would.
+    pub async fn receive_batch(
+        &mut self,
+        items: &[(InboundRecord, Delivery)],
+    ) -> Option<Vec<Applied>> {
+        if self.client.batch_execute("BEGIN").await.is_err() {
+            return None;
+        }
+        let mut outcomes = Vec::with_capacity(items.len());
+        for (record, delivery) in items {
+            match self
+                .in_transaction(record, Some(delivery), Claim::New)
+                .await
+            {
+                Ok(Some(outcome)) => outcomes.push(outcome),
+                // Claimed already: nothing of this event was written.
+                Ok(None) => outcomes.push(Applied::Duplicate),
+                Err(_) => {
+                    let _ = self.client.batch_execute("ROLLBACK").await;
+                    return None;
+                }
+            }
+        }
+        match self.client.batch_execute("COMMIT").await {
+            Ok(()) => Some(outcomes),
+            Err(_) => None,
+        }
+    }
+
+    /// Whether the session is still connected (a failed batch may have lost
+    /// it; then the next apply opens a new one).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
     }
 
     /// Applies a stored event again (`claim`: deferred or a dead letter).
@@ -759,9 +822,9 @@ impl Applier {
     }
 
     /// `reevaluate`: a deferred event's second look, after its user's
-    /// outbound change was written back. For a Stripe customer that means
-    /// Stripe's current object, which has the pushed change: the event's
-    /// own values are older than it.
+    /// outbound change was written back. Where the source's service is the
+    /// sink's, that means the provider's current object, which has the
+    /// pushed change: the event's own values are older than it.
     async fn decide_and_write(
         &mut self,
         record: &InboundRecord,
@@ -783,19 +846,22 @@ impl Applier {
             .idempotency_key
             .as_deref()
             .is_some_and(|k| k.starts_with("usersync-"));
-        // Stripe's `created` has a one-second resolution and no order: on a
-        // tie, on an event older than one applied, and on a deferred
-        // event's second look, what counts is the customer as it is now.
+        // Stripe's `created` has a one-second resolution, and neither
+        // provider promises an order: on a tie, on an event older than one
+        // applied, and on a deferred event's second look, what counts is
+        // the object (customer, subscription, checkout session, member,
+        // plan connection) as it is now.
         let tied = stored != i64::MIN && record.version <= stored;
         let current;
-        let record = match &self.stripe {
-            Some(stripe) if record.stream == "customer" && !echo && (tied || reevaluate) => {
-                match self.current_customer(stripe, record, stored).await? {
-                    Some(r) => {
+        let record = match &self.fetcher {
+            Some(fetcher) if !echo && (tied || reevaluate) => {
+                match self.current(fetcher, record, stored).await? {
+                    Some(r) if r.action != Action::Ignore => {
                         current = r;
                         &current
                     }
-                    None => return Ok(Applied::Stale),
+                    // Gone, or nothing mapped reads from it any more.
+                    _ => return Ok(Applied::Stale),
                 }
             }
             _ => record,
@@ -883,46 +949,103 @@ impl Applier {
             .is_some_and(|now| now != pushed))
     }
 
-    /// Stripe's current customer as a record of the same event (its id and
-    /// type), at the newer of the two versions; `None` when Stripe has no
-    /// such customer.
-    async fn current_customer(
+    /// The provider's current object as a record of the same event (its
+    /// id and type), at the newer of the two versions; `None` when the
+    /// provider has no such object (a Memberstack member that is gone: its
+    /// delete event carries the tombstone). A Memberstack delete, and a
+    /// plan connection the member no longer lists, are taken as they are:
+    /// there is nothing newer to read.
+    async fn current(
         &self,
-        stripe: &StripeSink,
+        fetcher: &Fetcher,
         record: &InboundRecord,
         stored: i64,
     ) -> Result<Option<InboundRecord>, Fault> {
-        let Some(object) = stripe
-            .customer(&record.subject)
-            .await
-            .map_err(Fault::Fetch)?
-        else {
-            return Ok(None);
+        let version = record.version.max(stored);
+        let fetch = Fault::Fetch;
+        let (kind, envelope, message_id) = match fetcher {
+            Fetcher::Stripe(stripe) => {
+                let (collection, id) = match (record.stream, record.object_id.as_deref()) {
+                    ("customer", _) => ("customers", record.subject.as_str()),
+                    ("subscription", Some(id)) => ("subscriptions", id),
+                    ("checkout", Some(id)) => ("checkout/sessions", id),
+                    _ => return Ok(Some(record.clone())),
+                };
+                let Some(object) = stripe.retrieve(collection, id).await.map_err(fetch)? else {
+                    return Ok(None);
+                };
+                let deleted =
+                    object.get("deleted").and_then(serde_json::Value::as_bool) == Some(true);
+                let event_type = match record.stream {
+                    "customer" if deleted => "customer.deleted",
+                    "customer" => "customer.updated",
+                    _ => record.event_type.as_str(),
+                };
+                let envelope = serde_json::json!({
+                    "id": record.event_id,
+                    "type": event_type,
+                    "created": version.div_euclid(1000),
+                    "data": {"object": object},
+                });
+                (SourceKind::Stripe, envelope, None)
+            }
+            Fetcher::Memberstack(memberstack) => {
+                if record.action == Action::Delete {
+                    return Ok(Some(record.clone()));
+                }
+                let Some(member) = memberstack.member(&record.subject).await.map_err(fetch)? else {
+                    return Ok(None);
+                };
+                let (event_type, payload) = match record.stream {
+                    "plan" => {
+                        let connection = member
+                            .get("planConnections")
+                            .and_then(serde_json::Value::as_array)
+                            .and_then(|all| {
+                                all.iter().find(|c| {
+                                    c.get("id").and_then(serde_json::Value::as_str)
+                                        == record.object_id.as_deref()
+                                })
+                            });
+                        let Some(connection) = connection else {
+                            return Ok(Some(record.clone()));
+                        };
+                        (
+                            record.event_type.as_str(),
+                            serde_json::json!({"id": record.subject, "planConnection": connection}),
+                        )
+                    }
+                    _ => ("member.updated", member),
+                };
+                let envelope = serde_json::json!({
+                    "event": event_type,
+                    "timestamp": version,
+                    "payload": payload,
+                });
+                (
+                    SourceKind::Memberstack,
+                    envelope,
+                    Some(record.event_id.as_str()),
+                )
+            }
         };
-        let deleted = object.get("deleted").and_then(serde_json::Value::as_bool) == Some(true);
-        let created = record.version.max(stored).div_euclid(1000);
-        let envelope = serde_json::json!({
-            "id": record.event_id,
-            "type": if deleted { "customer.deleted" } else { "customer.updated" },
-            "created": created,
-            "data": {"object": object},
-        });
+        let what = record.stream;
         let mut current = parse(
-            SourceKind::Stripe,
+            kind,
             envelope.to_string().as_bytes(),
-            None,
+            message_id,
             0,
             &self.source.mapping,
         )
         .map_err(|e| {
             Fault::Fetch(SinkError::Malformed(format!(
-                "Stripe's customer {} does not read as a customer: {e}",
+                "the provider's current {what} of {} does not read as one: {e}",
                 record.subject
             )))
         })?;
-        if current.subject != record.subject {
+        if current.subject != record.subject || current.stream != record.stream {
             return Err(Fault::Fetch(SinkError::Malformed(format!(
-                "asked Stripe for customer {}, got another",
+                "asked the provider for the {what} of {}, got another",
                 record.subject
             ))));
         }
@@ -993,12 +1116,15 @@ impl Applier {
         let mut columns: Vec<String> = record.values.keys().cloned().collect();
         columns.sort();
         let insert = key.is_none();
-        let stmt = match self.writes.get(&(insert, columns.clone())) {
+        // Subscription and plan state of a soft-deleted user does not
+        // bring the user back; only the user object's own events do.
+        let revive = record.action == Action::Upsert;
+        let stmt = match self.writes.get(&(insert, revive, columns.clone())) {
             Some(s) => s.clone(),
             None => {
-                let sql = self.write_sql(insert, &columns);
+                let sql = self.write_sql(insert, revive, &columns);
                 let s = self.client.prepare(&sql).await?;
-                self.writes.insert((insert, columns), s.clone());
+                self.writes.insert((insert, revive, columns), s.clone());
                 s
             }
         };
@@ -1020,7 +1146,7 @@ impl Applier {
         }
     }
 
-    fn write_sql(&self, insert: bool, columns: &[String]) -> String {
+    fn write_sql(&self, insert: bool, revive: bool, columns: &[String]) -> String {
         let table = self.shape.table.quoted();
         let key = quote_ident(&self.shape.key_column);
         let id = quote_ident(&self.source.id_column);
@@ -1029,7 +1155,7 @@ impl Applier {
         // PostgreSQL, and a value the type refuses fails this record only.
         let from = format!("jsonb_populate_record(NULL::{table}, $1::jsonb) AS r");
         let soft = match &self.source.on_delete {
-            InboundOnDelete::Soft(c) if !columns.contains(c) => Some(quote_ident(c)),
+            InboundOnDelete::Soft(c) if revive && !columns.contains(c) => Some(quote_ident(c)),
             _ => None,
         };
         if insert {

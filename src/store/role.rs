@@ -90,6 +90,10 @@ pub struct InboundWrites {
     pub insert: bool,
     /// Mapped columns, id columns and soft-delete columns.
     pub columns: std::collections::BTreeSet<String>,
+    /// What a row created by a source (`on_create = "insert"`) can carry:
+    /// its id column and the user object's mapped columns. Fields of other
+    /// objects (`subscription:/…`, `plan:/…`) only ever update a row.
+    pub insert_columns: std::collections::BTreeSet<String>,
     pub delete: bool,
     /// `<origin>_in_<source>` of every source.
     pub origins: Vec<String>,
@@ -103,6 +107,15 @@ impl InboundWrites {
             w.insert |= s.on_create == OnCreate::Insert;
             w.columns.insert(s.id_column.clone());
             w.columns.extend(s.mapping.iter().map(|(c, _)| c.clone()));
+            if s.on_create == OnCreate::Insert {
+                w.insert_columns.insert(s.id_column.clone());
+                w.insert_columns.extend(
+                    s.mapping
+                        .iter()
+                        .filter(|(_, f)| f.stream().is_none())
+                        .map(|(c, _)| c.clone()),
+                );
+            }
             match &s.on_delete {
                 InboundOnDelete::Soft(c) => {
                     w.columns.insert(c.clone());

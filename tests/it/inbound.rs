@@ -730,6 +730,15 @@ async fn no_echo_to_the_same_service_and_exactly_one_push_to_another() {
 /// The binary, receiving for a Clerk source on a free port; the rest of
 /// its configuration comes from the test database's environment.
 fn spawn_receiving_binary(db: &TestDb, port: u16) -> std::process::Child {
+    spawn_receiving_binary_with(db, port, &[])
+}
+
+/// [`spawn_receiving_binary`] with more environment (`extra`).
+fn spawn_receiving_binary_with(
+    db: &TestDb,
+    port: u16,
+    extra: &[(&str, String)],
+) -> std::process::Child {
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("{}-inbound.toml", db.dbname));
     std::fs::write(
@@ -745,8 +754,11 @@ fn spawn_receiving_binary(db: &TestDb, port: u16) -> std::process::Child {
         .open(db.log_path())
         .expect("log file");
     let log2 = log.try_clone().expect("log file");
-    db.binary_command(&["--config", &path.display().to_string(), "run"])
-        .env("CLERK_SECRET", CLERK_SECRET)
+    let mut cmd = db.binary_command(&["--config", &path.display().to_string(), "run"]);
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.env("CLERK_SECRET", CLERK_SECRET)
         .stdout(log)
         .stderr(log2)
         .spawn()
@@ -1351,4 +1363,631 @@ async fn an_inbound_outage_answers_503_while_outbound_keeps_flowing() {
     );
     cancel.cancel();
     let _ = daemon.await;
+}
+
+// ---- subscription and checkout state from Stripe, plans from Memberstack ----
+
+use usersync::dev::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
+use usersync::dev::fake::webhooks::{Release, WebhookTarget};
+
+/// The users table with columns for the billing state the sources map.
+const BILLING_COLUMNS: &str = "ALTER TABLE users ADD COLUMN subscription_status text, \
+     ADD COLUMN price text, ADD COLUMN paid text, ADD COLUMN plan_status text";
+
+/// A Stripe source (sink Stripe, so it can fetch) mapping the customer's
+/// name, the subscription's status and price, and the checkout's payment
+/// status; the receiver on `port`.
+fn stripe_billing_config(db: &TestDb, stripe: &FakeStripe, port: u16) -> Config {
+    let toml = format!(
+        "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
+         [sink]\nkind = \"stripe\"\nurl = \"{}\"\napi_key_env = \"STRIPE_KEY\"\n\
+         [sink.mapping]\nemail = \"email\"\nname = \"name\"\n\
+         [metrics]\nlisten = \"\"\n\
+         [inbound]\nlisten = \"127.0.0.1:{port}\"\n\
+         [inbound.sources.stripe]\nkind = \"stripe\"\nsecret_env = \"STRIPE_WH\"\n\
+         [inbound.sources.stripe.mapping]\nname = \"/name\"\n\
+         subscription_status = \"subscription:/status\"\n\
+         price = \"subscription:/items/data/0/price/id\"\n\
+         paid = \"checkout:/payment_status\"\n",
+        db.url,
+        db.dbname,
+        db.dbname,
+        stripe.url()
+    );
+    let env: std::collections::BTreeMap<String, String> = [
+        ("STRIPE_KEY".to_string(), STRIPE_KEY.to_string()),
+        ("STRIPE_WH".to_string(), STRIPE_WH.to_string()),
+    ]
+    .into();
+    Config::from_parts(Some(&toml), "test", &env).unwrap_or_else(|e| panic!("config: {e}"))
+}
+
+async fn billing_row(db: &TestDb, email: &str) -> Vec<Option<String>> {
+    let r = db
+        .client
+        .query_one(
+            "SELECT name, external_user_id, subscription_status, price, paid, plan_status \
+             FROM users WHERE email = $1",
+            &[&email],
+        )
+        .await
+        .expect("row");
+    (0..6).map(|i| r.get(i)).collect()
+}
+
+/// `POST`/`DELETE` to the fake Stripe's API as a dashboard or app would.
+async fn stripe_call(
+    stripe: &FakeStripe,
+    method: reqwest::Method,
+    path: &str,
+    form: &[(&str, &str)],
+) -> serde_json::Value {
+    let resp = reqwest::Client::new()
+        .request(method, format!("{}{path}", stripe.url()))
+        .bearer_auth(STRIPE_KEY)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(
+            form.iter()
+                .map(|(k, v)| format!("{}={v}", k.replace('[', "%5B").replace(']', "%5D")))
+                .collect::<Vec<_>>()
+                .join("&"),
+        )
+        .send()
+        .await
+        .expect("stripe call");
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    resp.json().await.expect("json")
+}
+
+/// What the fake Stripe sends for a Checkout and a subscription's life
+/// (`customer.subscription.created/updated/deleted`,
+/// `checkout.session.completed`, Stripe-signed) reaches the row: matched
+/// through the event's customer id, or through the session's
+/// `client_reference_id` for a row not linked yet (which the session then
+/// links); each object's fields read only that object, so the customer's
+/// `name` is never taken from a subscription or a session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_subscription_and_checkout_events_reach_the_row() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    db.exec(BILLING_COLUMNS).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 0,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let cfg = stripe_billing_config(&db, &stripe, 0);
+    let (url, cancel) = start_receiver(&db, &cfg).await;
+    stripe.webhooks().set_target(Some(
+        WebhookTarget::stripe(&format!("{url}/stripe"), STRIPE_WH)
+            .expect("target")
+            .compressed(0.0001),
+    ));
+    let ada = stripe.insert_customer(Some("a@x.io"), Some("Ada"), Default::default());
+    db.client
+        .execute(
+            "INSERT INTO users (email, name, external_user_id) VALUES ('a@x.io', 'Ada', $1)",
+            &[&ada],
+        )
+        .await
+        .expect("insert");
+    let (_, sub) = stripe
+        .complete_checkout(&ada, "price_basic", None)
+        .expect("checkout");
+    stripe.webhooks().settled().await;
+    assert_eq!(
+        billing_row(&db, "a@x.io").await,
+        vec![
+            Some("Ada".into()),
+            Some(ada.clone()),
+            Some("active".into()),
+            Some("price_basic".into()),
+            Some("paid".into()),
+            None
+        ]
+    );
+    stripe_call(
+        &stripe,
+        reqwest::Method::POST,
+        &format!("/v1/subscriptions/{sub}"),
+        &[("items[0][price]", "price_pro")],
+    )
+    .await;
+    stripe.webhooks().settled().await;
+    assert_eq!(
+        billing_row(&db, "a@x.io").await[3].as_deref(),
+        Some("price_pro")
+    );
+    stripe_call(
+        &stripe,
+        reqwest::Method::DELETE,
+        &format!("/v1/subscriptions/{sub}"),
+        &[],
+    )
+    .await;
+    stripe.webhooks().settled().await;
+    let row = billing_row(&db, "a@x.io").await;
+    assert_eq!(
+        (row[0].as_deref(), row[2].as_deref(), row[3].as_deref()),
+        (Some("Ada"), Some("canceled"), Some("price_pro"))
+    );
+
+    // A row not linked to its customer yet: the session's
+    // client_reference_id (the app's user id) finds it and links it.
+    let bob = stripe.insert_customer(Some("b@x.io"), Some("Bob"), Default::default());
+    let key: i64 = db
+        .client
+        .query_one(
+            "INSERT INTO users (email, name) VALUES ('b@x.io', 'Robert') RETURNING id",
+            &[],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    stripe
+        .complete_checkout(&bob, "price_basic", Some(&key.to_string()))
+        .expect("checkout");
+    stripe.webhooks().settled().await;
+    let row = billing_row(&db, "b@x.io").await;
+    assert_eq!(
+        (row[0].as_deref(), row[1].as_deref(), row[4].as_deref()),
+        (Some("Robert"), Some(bob.as_str()), Some("paid"))
+    );
+    let attempts = stripe.webhooks().attempts();
+    assert!(
+        attempts.iter().all(|a| a.status == Some(200)),
+        "{attempts:?}"
+    );
+    for kind in [
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "checkout.session.completed",
+    ] {
+        assert!(
+            attempts.iter().any(|a| a.event_type == kind),
+            "{kind} never sent"
+        );
+    }
+    cancel.cancel();
+}
+
+/// Two subscription events stamped with the same second arrive newest
+/// first: the older one does not win by arriving last; the subscription is
+/// fetched (`GET /v1/subscriptions/{id}`) and applied as Stripe has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_tie_applies_the_subscription_as_stripe_has_it() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    db.exec(BILLING_COLUMNS).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 0,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let cfg = stripe_billing_config(&db, &stripe, 0);
+    let (url, cancel) = start_receiver(&db, &cfg).await;
+    stripe.webhooks().set_target(Some(
+        WebhookTarget::stripe(&format!("{url}/stripe"), STRIPE_WH)
+            .expect("target")
+            .compressed(0.0001),
+    ));
+    let ada = stripe.insert_customer(Some("a@x.io"), Some("Ada"), Default::default());
+    db.client
+        .execute(
+            "INSERT INTO users (email, name, external_user_id) VALUES ('a@x.io', 'Ada', $1)",
+            &[&ada],
+        )
+        .await
+        .expect("insert");
+    stripe.pin_event_time(Some(now() + 60));
+    stripe.webhooks().hold();
+    let sub = stripe_call(
+        &stripe,
+        reqwest::Method::POST,
+        "/v1/subscriptions",
+        &[("customer", &ada), ("items[0][price]", "price_basic")],
+    )
+    .await;
+    let sub = sub["id"].as_str().expect("id").to_string();
+    stripe_call(
+        &stripe,
+        reqwest::Method::POST,
+        &format!("/v1/subscriptions/{sub}"),
+        &[("items[0][price]", "price_pro")],
+    )
+    .await;
+    stripe.webhooks().release(Release::Reversed);
+    stripe.webhooks().settled().await;
+    let sent: Vec<String> = stripe
+        .webhooks()
+        .attempts()
+        .iter()
+        .map(|a| a.event_type.clone())
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            "customer.subscription.updated",
+            "customer.subscription.created"
+        ],
+        "not delivered newest first"
+    );
+    assert_eq!(
+        billing_row(&db, "a@x.io").await[3].as_deref(),
+        Some("price_pro"),
+        "the tie went by arrival"
+    );
+    assert!(
+        stripe
+            .requests()
+            .iter()
+            .any(|r| r.method == "GET" && r.path == format!("/v1/subscriptions/{sub}")),
+        "the current subscription was never fetched"
+    );
+    cancel.cancel();
+}
+
+const MS_KEY: &str = "sk_sb_inbound_plans";
+
+/// Memberstack `member.plan.*` events from the fake Memberstack (Svix-signed,
+/// `{id, planConnection}`) reach the row through `plan:` fields; and a tie
+/// (two events of one millisecond, newest first) reads the member from the
+/// admin API (`GET /members/{id}`), for a plan connection and for the
+/// member itself, instead of re-applying the event's own values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memberstack_plan_events_apply_and_a_tie_reads_the_member() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    db.exec(BILLING_COLUMNS).await;
+    let ms = FakeMemberstack::start(FakeMemberstackOptions {
+        api_key: MS_KEY.into(),
+        rate_limit_per_sec: 0,
+        ..FakeMemberstackOptions::default()
+    })
+    .await
+    .expect("fake memberstack");
+    let toml = format!(
+        "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
+         [sink]\nkind = \"memberstack\"\nurl = \"{}\"\napi_key_env = \"MS_KEY\"\nrate_limit_per_sec = 0\n\
+         [sink.mapping]\nemail = \"email\"\n\
+         [metrics]\nlisten = \"\"\n\
+         [inbound]\nlisten = \"127.0.0.1:0\"\n\
+         [inbound.sources.memberstack]\nkind = \"memberstack\"\nsecret_env = \"WHSEC\"\n\
+         [inbound.sources.memberstack.mapping]\nemail = \"auth_email\"\n\
+         price = \"plan:/planConnection/planId\"\nplan_status = \"plan:/planConnection/status\"\n",
+        db.url,
+        db.dbname,
+        db.dbname,
+        ms.url()
+    );
+    let env: std::collections::BTreeMap<String, String> = [
+        ("MS_KEY".to_string(), MS_KEY.to_string()),
+        ("WHSEC".to_string(), CLERK_SECRET.to_string()),
+    ]
+    .into();
+    let cfg =
+        Config::from_parts(Some(&toml), "test", &env).unwrap_or_else(|e| panic!("config: {e}"));
+    let (url, cancel) = start_receiver(&db, &cfg).await;
+    ms.webhooks().set_target(Some(
+        WebhookTarget::svix(&format!("{url}/memberstack"), CLERK_SECRET)
+            .expect("target")
+            .compressed(0.0001),
+    ));
+    let member = ms.insert_member("a@x.io", Default::default(), Default::default());
+    db.client
+        .execute(
+            "INSERT INTO users (email, name, external_user_id) VALUES ('a@x.io', 'Ada', $1)",
+            &[&member.id],
+        )
+        .await
+        .expect("insert");
+    let added: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/members/{}/add-plan", ms.url(), member.id))
+        .header("x-api-key", MS_KEY)
+        .json(&json!({"planId": "pln_gold"}))
+        .send()
+        .await
+        .expect("add-plan")
+        .json()
+        .await
+        .expect("json");
+    let connection = added
+        .pointer("/data/planConnections/0/id")
+        .and_then(serde_json::Value::as_str)
+        .expect("connection")
+        .to_string();
+    ms.webhooks().settled().await;
+    let row = billing_row(&db, "a@x.io").await;
+    assert_eq!(
+        (row[3].as_deref(), row[5].as_deref()),
+        (Some("pln_gold"), Some("ACTIVE"))
+    );
+
+    // A plan tie: PAST_DUE then ACTIVE again in one millisecond, delivered
+    // newest first.
+    let t = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms")
+        + 60_000;
+    ms.pin_event_time(Some(t));
+    ms.webhooks().hold();
+    assert!(ms.set_plan_status(&member.id, &connection, "PAST_DUE"));
+    assert!(ms.set_plan_status(&member.id, &connection, "ACTIVE"));
+    ms.webhooks().release(Release::Reversed);
+    ms.webhooks().settled().await;
+    assert_eq!(
+        billing_row(&db, "a@x.io").await[5].as_deref(),
+        Some("ACTIVE"),
+        "the plan tie went by arrival"
+    );
+    let member_gets = |ms: &FakeMemberstack| {
+        ms.requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == format!("/members/{}", member.id))
+            .count()
+    };
+    assert!(
+        member_gets(&ms) >= 1,
+        "the member was never fetched for the plan tie"
+    );
+
+    // A member tie: two email changes in one millisecond, newest first.
+    let before = member_gets(&ms);
+    ms.pin_event_time(Some(t + 1));
+    ms.webhooks().hold();
+    for email in ["b@x.io", "c@x.io"] {
+        let status = reqwest::Client::new()
+            .patch(format!("{}/members/{}", ms.url(), member.id))
+            .header("x-api-key", MS_KEY)
+            .json(&json!({"email": email}))
+            .send()
+            .await
+            .expect("patch")
+            .status();
+        assert!(status.is_success());
+    }
+    ms.webhooks().release(Release::Reversed);
+    ms.webhooks().settled().await;
+    let email: String = db
+        .client
+        .query_one("SELECT email FROM users", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(email, "c@x.io", "the member tie went by arrival");
+    assert!(
+        member_gets(&ms) > before,
+        "the member was never fetched for the member tie"
+    );
+    assert!(ms
+        .webhooks()
+        .attempts()
+        .iter()
+        .all(|a| a.status == Some(200)));
+    cancel.cancel();
+}
+
+// ---- metrics: every outcome counted under its own label ----
+
+/// `usersync_inbound_events{source, outcome}` as the binary exports it.
+async fn inbound_counts(metrics_port: u16) -> std::collections::BTreeMap<String, f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .filter(|l| l.starts_with("usersync_inbound_events") && l.contains("source=\"clerk\""))
+        .filter_map(|l| {
+            let outcome = l.split("outcome=\"").nth(1)?.split('"').next()?.to_string();
+            let value = l.rsplit(' ').next()?.parse().ok()?;
+            Some((outcome, value))
+        })
+        .collect()
+}
+
+/// Each outcome a delivery can come to is counted once, under its own
+/// label, in the binary's `/metrics`: applied, duplicate (the same svix-id
+/// again), stale (an older `updated_at`), ignored (an unmapped event type),
+/// unmatched (a delete of an unknown user), failed (a NOT NULL column
+/// left empty), rejected (a bad signature), deferred (the user's own push
+/// is held by the sink) and unavailable (a locked version row: 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_inbound_outcome_is_counted_on_metrics() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut child = spawn_receiving_binary_with(
+        &db,
+        port,
+        &[(
+            "USERSYNC_METRICS_LISTEN",
+            format!("127.0.0.1:{metrics_port}"),
+        )],
+    );
+    wait_listening(port, &db).await;
+    wait_listening(metrics_port, &db).await;
+    let url = format!("http://127.0.0.1:{port}/clerk");
+    let send = |msg: &'static str, body: Vec<u8>| {
+        let url = url.clone();
+        async move {
+            let headers = svix_headers(msg, now(), &body);
+            post(&url, &headers, body).await.0
+        }
+    };
+    let created = clerk_user("user.created", "user_1", "a@x.io", "Ada", 1000);
+    assert_eq!(send("msg_applied", created.clone()).await, 200);
+    assert_eq!(send("msg_applied", created).await, 200);
+    let older = clerk_user("user.updated", "user_1", "a@x.io", "Old", 500);
+    assert_eq!(send("msg_stale", older).await, 200);
+    let other = json!({"type": "session.created", "timestamp": 1, "data": {"id": "sess_1"}});
+    assert_eq!(
+        send("msg_ignored", other.to_string().into_bytes()).await,
+        200
+    );
+    let gone = clerk_user("user.deleted", "user_nobody", "", "", 1000);
+    assert_eq!(send("msg_unmatched", gone).await, 200);
+    let no_email = json!({"type": "user.created", "timestamp": 1,
+        "data": {"id": "user_2", "email_addresses": [], "primary_email_address_id": null,
+                 "first_name": "Nomail", "updated_at": 1000}});
+    assert_eq!(
+        send("msg_failed", no_email.to_string().into_bytes()).await,
+        200
+    );
+    let body = clerk_user("user.updated", "user_1", "a@x.io", "Ada", 1100);
+    let mut headers = svix_headers("msg_rejected", now(), &body);
+    headers[2].1 = "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into();
+    assert_eq!(post(&url, &headers, body).await.0, 401);
+
+    // Deferred: a user pushed once, then changed by the app while the sink
+    // holds its push.
+    db.exec("INSERT INTO users (email, name, clerk_id) VALUES ('d@x.io', 'Dee', 'user_d')")
+        .await;
+    wait_sql(
+        "the app's user was never pushed",
+        &db,
+        "SELECT count(*) FROM users u JOIN usersync.user_progress p ON p.user_key = u.id::text \
+         WHERE u.clerk_id = 'user_d' AND p.values_hash IS NOT NULL",
+    )
+    .await;
+    db.fake
+        .inject(usersync::dev::fake::Fault::Timeout { count: 1000 });
+    db.exec("UPDATE users SET name = 'Dee2' WHERE clerk_id = 'user_d'")
+        .await;
+    let dee = clerk_user("user.updated", "user_d", "d@x.io", "Clerk", 2000);
+    assert_eq!(send("msg_deferred", dee).await, 200);
+
+    // Unavailable: the version row is locked past lock_timeout.
+    let (locker, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE usersync.inbound_versions IN EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let later = clerk_user("user.updated", "user_1", "a@x.io", "Later", 1200);
+    assert_eq!(send("msg_unavailable", later).await, 503);
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+
+    let counts = inbound_counts(metrics_port).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    for outcome in [
+        "applied",
+        "duplicate",
+        "stale",
+        "ignored",
+        "unmatched",
+        "failed",
+        "rejected",
+        "deferred",
+        "unavailable",
+    ] {
+        assert_eq!(
+            counts.get(outcome).copied(),
+            Some(1.0),
+            "{outcome}: {counts:?}"
+        );
+    }
+}
+
+// ---- several deliveries in one transaction (inbound.batch_max) ----
+
+/// A batch keeps each delivery's own outcome and the dedupe, in one
+/// transaction: a created user, the same event again (duplicate), an older
+/// update (stale) and another user are answered as they would be one by
+/// one, and both rows carry the one transaction's id. A batch with a record
+/// the table refuses commits nothing and says so, for the caller to apply
+/// its deliveries one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_each_outcome_in_one_transaction() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    let cfg = clerk_config(&db, "");
+    let mut a = applier_for(&db, &cfg, "clerk").await;
+    let item = |msg: &str, body: Vec<u8>| {
+        (
+            record(&cfg, msg, &body),
+            usersync::store::inbound::Delivery {
+                body,
+                message_id: Some(msg.to_string()),
+                delivered_at: now(),
+            },
+        )
+    };
+    let batch = vec![
+        item(
+            "msg_a",
+            clerk_user("user.created", "user_1", "a@x.io", "Ada", 1000),
+        ),
+        item(
+            "msg_a",
+            clerk_user("user.created", "user_1", "a@x.io", "Ada", 1000),
+        ),
+        item(
+            "msg_old",
+            clerk_user("user.updated", "user_1", "a@x.io", "Old", 500),
+        ),
+        item(
+            "msg_b",
+            clerk_user("user.created", "user_2", "b@x.io", "Bea", 1000),
+        ),
+    ];
+    let outcomes = a.receive_batch(&batch).await.expect("the batch commits");
+    let names: Vec<&str> = outcomes.iter().map(Applied::outcome).collect();
+    assert_eq!(names, ["applied", "duplicate", "stale", "applied"]);
+    assert_eq!(
+        xmin(&db, "user_1").await,
+        xmin(&db, "user_2").await,
+        "not one transaction"
+    );
+    assert_eq!(
+        row(&db, "user_1").await.map(|r| r.1),
+        Some(Some("Ada".to_string()))
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.inbound_events")
+            .await,
+        3
+    );
+
+    let no_email = json!({"type": "user.created", "timestamp": 1,
+        "data": {"id": "user_3", "email_addresses": [], "primary_email_address_id": null,
+                 "first_name": "Nomail", "updated_at": 1000}});
+    let failing = vec![
+        item(
+            "msg_c",
+            clerk_user("user.created", "user_4", "d@x.io", "Dee", 1000),
+        ),
+        item("msg_d", no_email.to_string().into_bytes()),
+    ];
+    assert!(
+        a.receive_batch(&failing).await.is_none(),
+        "a refused record must fail the batch"
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM usersync.inbound_events WHERE event_id IN ('msg_c', 'msg_d')"
+        )
+        .await,
+        0,
+        "part of a failed batch was committed"
+    );
+    assert!(row(&db, "user_4").await.is_none());
+    // The session is still good: the same deliveries one by one.
+    for (r, d) in &failing {
+        a.receive(r, d).await.expect("apply");
+    }
+    assert!(row(&db, "user_4").await.is_some());
 }

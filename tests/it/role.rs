@@ -254,3 +254,59 @@ async fn inbound_writes_are_granted_and_checked() {
         out.all()
     );
 }
+
+/// `check`'s warning about NOT NULL columns: it names each column without a
+/// default that a row created by an inbound source would leave empty, and
+/// only those. A column the user object maps (`region`) or with a default
+/// (`plan`) is not named; one only a subscription maps (`status`, from a
+/// source that never inserts) is, because a subscription event never
+/// creates the row. Once the columns get defaults the check is ok.
+#[tokio::test]
+async fn check_warns_about_not_null_columns_an_inbound_insert_cannot_fill() {
+    let db = TestDb::new(crate::inbound::USERS_CLERK).await;
+    db.exec(
+        "ALTER TABLE users ADD COLUMN stripe_id text, ADD COLUMN region text NOT NULL, \
+         ADD COLUMN tenant text NOT NULL, ADD COLUMN status text NOT NULL",
+    )
+    .await;
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{}-notnull.toml", db.dbname));
+    std::fs::write(
+        &path,
+        "[inbound]\nlisten = \"127.0.0.1:0\"\n\
+         [inbound.sources.clerk]\nkind = \"clerk\"\nsecret_env = \"CLERK_SECRET\"\nid_column = \"clerk_id\"\n\
+         [inbound.sources.clerk.mapping]\nemail = \"primary_email\"\nname = \"/first_name\"\nregion = \"/public_metadata/region\"\n\
+         [inbound.sources.stripe]\nkind = \"stripe\"\nsecret_env = \"STRIPE_WH\"\nid_column = \"stripe_id\"\non_create = \"ignore\"\n\
+         [inbound.sources.stripe.mapping]\nstatus = \"subscription:/status\"\n",
+    )
+    .expect("write config");
+    let finding = || async {
+        let mut cmd = with_inbound(&db, &path, &["check", "--json"]);
+        cmd.env("STRIPE_WH", "whsec_test_secret_for_usersync");
+        let out = run_cli(cmd, LIMIT).await;
+        let report: serde_json::Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("check --json: {e}: {}", out.all()));
+        report["checks"]
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|c| c["check"] == "inbound.insert_columns")
+                    .cloned()
+            })
+            .unwrap_or_else(|| panic!("no inbound.insert_columns finding: {}", out.all()))
+    };
+    let f = finding().await;
+    let message = f["message"].as_str().unwrap_or_default();
+    assert_eq!(f["level"], "warn", "{f}");
+    assert!(
+        message.contains("(tenant, status)"),
+        "the unfillable columns are not named: {message}"
+    );
+    for filled in ["region", "email", "plan", "clerk_id"] {
+        assert!(!message.contains(filled), "{filled} is filled: {message}");
+    }
+    db.exec("ALTER TABLE users ALTER COLUMN tenant SET DEFAULT 't', ALTER COLUMN status SET DEFAULT 'none'")
+        .await;
+    let f = finding().await;
+    assert_eq!(f["level"], "ok", "{f}");
+}

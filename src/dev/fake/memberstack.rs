@@ -11,6 +11,17 @@
 //!   email}` answers `{"data": member}` or `{"data": null}`, `PATCH
 //!   /members/{id}` merges `customFields`/`metaData` (null deletes a key) and
 //!   replaces `json`, `DELETE /members/{id}`; unknown ids get 404;
+//! - plans: `POST /members/{id}/add-plan` and `/remove-plan` with
+//!   `{"planId": "pln_…"}` (free plans, as the admin API offers them) add
+//!   and remove a plan connection (`con_…`) in the member's
+//!   `planConnections`; [`FakeMemberstack::set_plan_status`] stands in for
+//!   a paid plan's state changing through Stripe;
+//! - Svix-signed events once given a webhook target: `member.created`,
+//!   `member.updated`, `member.deleted` with the member, and
+//!   `member.plan.created`, `member.plan.updated`, `member.plan.canceled`
+//!   with `{id, planConnection}` (the names of Memberstack's webhook docs;
+//!   another page says `member.plan.added`), stamped in milliseconds that
+//!   never repeat unless [`FakeMemberstack::pin_event_time`] fixes them;
 //! - answers are wrapped in `{"data": …}`, ids are `mem_…`, errors are
 //!   `{"code": "…", "message": "…"}`; there are no idempotency keys;
 //! - faults ([`Fault`]), a standing latency and late answers
@@ -85,6 +96,8 @@ pub struct FakeMember {
     /// Length of the password it was created with (the password itself is
     /// only in the recorded POST body).
     pub password_len: usize,
+    /// `{id, active, status, planId, type, payment}` as the API shows them.
+    pub plan_connections: Vec<Value>,
 }
 
 impl FakeMember {
@@ -106,7 +119,7 @@ impl FakeMember {
             "metaData": self.meta_data,
             "loginRedirect": null,
             "permissions": [],
-            "planConnections": [],
+            "planConnections": self.plan_connections,
             "stripeCustomerId": null,
             "profileImage": null,
         });
@@ -177,6 +190,8 @@ struct Store {
     webhooks: Webhooks,
     /// The last event timestamp handed out, in ms: never repeats.
     clock_ms: i64,
+    /// Events are stamped with this instead (ties on purpose).
+    pinned_ms: Option<i64>,
     /// (method, remaining count, delay): answers held after processing.
     delays: Vec<(String, u32, Duration)>,
 }
@@ -243,13 +258,80 @@ impl Store {
             return;
         };
         let payload = member.api_json(true);
+        self.send_event(event, payload);
+    }
+
+    fn send_event(&mut self, event: &str, payload: Value) {
+        if !self.webhooks.is_configured() {
+            return;
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         self.clock_ms = now.max(self.clock_ms + 1);
-        let body = json!({ "event": event, "timestamp": self.clock_ms, "payload": payload });
+        let at = self.pinned_ms.unwrap_or(self.clock_ms);
+        let body = json!({ "event": event, "timestamp": at, "payload": payload });
         self.webhooks
             .send(svix_message_id(), event, body.to_string().into_bytes());
+    }
+
+    /// `POST /members/{id}/add-plan`: a FREE plan connection, active.
+    fn add_plan(&mut self, id: &str, body: &Value) -> Reply {
+        let Some(plan) = body
+            .get("planId")
+            .and_then(Value::as_str)
+            .filter(|p| p.starts_with("pln_"))
+            .map(str::to_string)
+        else {
+            return Reply::error(400, "invalid-request", "planId is required.");
+        };
+        let Some(member) = self.by_id_mut(id) else {
+            return member_not_found();
+        };
+        let connection = json!({
+            "id": format!("con_{}", super::webhooks::random_alnum(25).to_lowercase()),
+            "active": true,
+            "status": "ACTIVE",
+            "planId": plan,
+            "type": "FREE",
+            "payment": null,
+        });
+        member.plan_connections.push(connection.clone());
+        let (member_id, answer) = (member.id.clone(), member.api_json(true));
+        self.send_event(
+            "member.plan.created",
+            json!({"id": member_id, "planConnection": connection}),
+        );
+        Reply::ok(json!({ "data": answer }))
+    }
+
+    /// `POST /members/{id}/remove-plan`: the connection goes; its last
+    /// state (`CANCELED`) is what the event carries.
+    fn remove_plan(&mut self, id: &str, body: &Value) -> Reply {
+        let plan = body
+            .get("planId")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let Some(member) = self.by_id_mut(id) else {
+            return member_not_found();
+        };
+        let Some(i) = member
+            .plan_connections
+            .iter()
+            .position(|c| c.get("planId").and_then(Value::as_str) == Some(plan.as_str()))
+        else {
+            return Reply::error(404, "not-found", "The member does not have this plan.");
+        };
+        let mut connection = member.plan_connections.remove(i);
+        connection["status"] = json!("CANCELED");
+        connection["active"] = json!(false);
+        let (member_id, answer) = (member.id.clone(), member.api_json(true));
+        self.send_event(
+            "member.plan.canceled",
+            json!({"id": member_id, "planConnection": connection}),
+        );
+        Reply::ok(json!({ "data": answer }))
     }
 
     fn live(&self) -> impl Iterator<Item = &FakeMember> {
@@ -368,6 +450,7 @@ impl Store {
             created_by_request: request_index,
             updates: 0,
             password_len: password.chars().count(),
+            plan_connections: Vec::new(),
         };
         let reply = Reply::new(201, json!({ "data": member.api_json(true) }));
         self.members.push(member);
@@ -562,6 +645,7 @@ impl FakeMemberstack {
                 bucket: Bucket::new(opts.rate_limit_per_sec),
                 webhooks: webhooks.clone(),
                 clock_ms: 0,
+                pinned_ms: None,
                 delays: Vec::new(),
             }),
             api_key: opts.api_key,
@@ -627,6 +711,7 @@ impl FakeMemberstack {
             created_by_request: usize::MAX,
             updates: 0,
             password_len: 0,
+            plan_connections: Vec::new(),
         };
         self.shared.store().members.push(member.clone());
         member
@@ -652,6 +737,35 @@ impl FakeMemberstack {
             }
             None => false,
         }
+    }
+
+    /// Stamps every later event with this millisecond (`None`: the
+    /// clock's), so a test can make events tie.
+    pub fn pin_event_time(&self, ms: Option<i64>) {
+        self.shared.store().pinned_ms = ms;
+    }
+
+    /// A paid plan's connection changing state (as Stripe billing makes
+    /// it, outside the admin API): sets `status` (and `active` for
+    /// `ACTIVE`/`TRIALING`) and sends `member.plan.updated`. False when the
+    /// member has no such connection.
+    pub fn set_plan_status(&self, member: &str, connection: &str, status: &str) -> bool {
+        let mut store = self.shared.store();
+        let Some(m) = store.by_id_mut(member) else {
+            return false;
+        };
+        let Some(c) = m
+            .plan_connections
+            .iter_mut()
+            .find(|c| c.get("id").and_then(Value::as_str) == Some(connection))
+        else {
+            return false;
+        };
+        c["status"] = json!(status);
+        c["active"] = json!(matches!(status, "ACTIVE" | "TRIALING"));
+        let payload = json!({"id": member, "planConnection": c.clone()});
+        store.send_event("member.plan.updated", payload);
+        true
     }
 
     /// Switches the rate limit: requests per second, 0 for none.
@@ -770,16 +884,37 @@ async fn api(State(shared): State<Arc<Shared>>, request: Request) -> Response {
         .strip_prefix("/members/")
         .filter(|s| !s.is_empty() && !s.contains('/'))
         .map(percent_decode);
+    // `/members/{id}/add-plan`, `/members/{id}/remove-plan`.
+    let action = path
+        .strip_prefix("/members/")
+        .and_then(|s| s.split_once('/'))
+        .map(|(id, what)| (percent_decode(id), what.to_string()));
     // One critical section per request: lookup, effect and record.
     let (reply, delay) = {
         let mut store = shared.store();
         let index = store.requests.len();
-        let reply = match (&parts.method, path, segment) {
-            (&Method::GET, "/members", _) => store.list(parts.uri.query()),
-            (&Method::POST, "/members", _) => store.create(&body, index),
-            (&Method::GET, _, Some(s)) => store.get(&s),
-            (&Method::PATCH, _, Some(s)) => store.update(&s, &body),
-            (&Method::DELETE, _, Some(s)) => store.delete(&s),
+        let reply = match (&parts.method, path, segment, action) {
+            (&Method::GET, "/members", _, _) => store.list(parts.uri.query()),
+            (&Method::POST, "/members", _, _) => store.create(&body, index),
+            (&Method::GET, _, Some(s), _) => store.get(&s),
+            (&Method::PATCH, _, Some(s), _) => store.update(&s, &body),
+            (&Method::DELETE, _, Some(s), _) => store.delete(&s),
+            (&Method::POST, _, None, Some((id, what))) if what == "add-plan" => {
+                let reply = store.add_plan(&id, &body);
+                record.status = reply.status;
+                record.response = reply.body.clone();
+                store.requests.push(record);
+                drop(store);
+                return respond(reply);
+            }
+            (&Method::POST, _, None, Some((id, what))) if what == "remove-plan" => {
+                let reply = store.remove_plan(&id, &body);
+                record.status = reply.status;
+                record.response = reply.body.clone();
+                store.requests.push(record);
+                drop(store);
+                return respond(reply);
+            }
             _ => Reply::error(404, "not-found", "Not found."),
         };
         if (200..300).contains(&reply.status) {

@@ -18,6 +18,19 @@
 //!   (`metadata['k']:'v'`, `email:'…'`, … joined by AND or OR),
 //!   `DELETE /v1/customers/{id}`; an unknown id is a 404 `resource_missing`;
 //!   an email without '@' is a 400 `email_invalid` (`param: email`);
+//! - subscriptions: `POST /v1/subscriptions` (`customer`, `items[0][price]`,
+//!   `metadata[k]`; active at once, as with a default payment method),
+//!   `POST /v1/subscriptions/{id}` (`items[0][price]`,
+//!   `cancel_at_period_end`, `metadata[k]`), `DELETE /v1/subscriptions/{id}`
+//!   (cancels now: `status: canceled`), `GET /v1/subscriptions/{id}`; and
+//!   `GET /v1/checkout/sessions/{id}`. A Checkout payment happens in a
+//!   browser, so [`FakeStripe::complete_checkout`] stands in for it: a
+//!   completed session, its subscription, and their events;
+//! - events once given a webhook target: `customer.created/updated/deleted`,
+//!   `customer.subscription.created/updated/deleted` (with
+//!   `previous_attributes`) and `checkout.session.completed`, stamped with
+//!   the second they happen (or the one [`FakeStripe::pin_event_time`]
+//!   fixes, to make ties at will);
 //! - idempotency on POST: the same `Idempotency-Key` with the same method,
 //!   path and parameters gets the first answer again with
 //!   `Idempotent-Replayed: true`; with other parameters a 400
@@ -260,8 +273,40 @@ enum ActiveFault {
     Timeout,
 }
 
+/// A subscription as the fake stores it (one item, one price).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FakeSubscription {
+    /// `sub_` + 14 alphanumerics.
+    pub id: String,
+    pub customer: String,
+    /// `active`, `canceled`, or whatever a test set.
+    pub status: String,
+    pub price: String,
+    pub cancel_at_period_end: bool,
+    pub metadata: BTreeMap<String, String>,
+    /// Unix seconds.
+    pub created: i64,
+    pub canceled_at: Option<i64>,
+}
+
+/// A completed Checkout Session.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FakeCheckoutSession {
+    /// `cs_test_` + alphanumerics.
+    pub id: String,
+    pub customer: String,
+    pub subscription: String,
+    pub client_reference_id: Option<String>,
+    pub email: Option<String>,
+    pub created: i64,
+}
+
 struct Store {
     customers: Vec<FakeCustomer>,
+    subscriptions: Vec<FakeSubscription>,
+    sessions: Vec<FakeCheckoutSession>,
+    /// Events are stamped with this second instead of the clock's.
+    event_time: Option<i64>,
     requests: Vec<StripeRequest>,
     faults: VecDeque<Fault>,
     latency: Duration,
@@ -354,6 +399,21 @@ impl Store {
             ("DELETE", old) => ("customer.deleted", old, None),
             _ => return,
         };
+        self.send_event(kind, object, previous, idempotency_key);
+    }
+
+    /// Queues one event with Stripe's envelope; `idempotency_key` is the
+    /// causing request's (None for a dashboard or Checkout action).
+    fn send_event(
+        &self,
+        kind: &str,
+        object: Value,
+        previous: Option<Value>,
+        idempotency_key: Option<&str>,
+    ) {
+        if !self.webhooks.is_configured() {
+            return;
+        }
         let mut data = json!({ "object": object });
         if let Some(p) = previous {
             data["previous_attributes"] = p;
@@ -363,7 +423,7 @@ impl Store {
             "id": id,
             "object": "event",
             "api_version": "2024-06-20",
-            "created": now_secs(),
+            "created": self.event_time.unwrap_or_else(now_secs),
             "data": data,
             "livemode": false,
             "pending_webhooks": 1,
@@ -371,6 +431,137 @@ impl Store {
             "type": kind,
         });
         self.webhooks.send(id, kind, body.to_string().into_bytes());
+    }
+
+    fn create_subscription(&mut self, params: &[(String, String)], key: Option<&str>) -> Reply {
+        let mut customer = None;
+        let mut price = None;
+        let mut metadata = BTreeMap::new();
+        for (k, v) in params {
+            match k.as_str() {
+                "customer" => customer = Some(v.clone()),
+                "items[0][price]" => price = Some(v.clone()),
+                m if m.starts_with("metadata[") && m.ends_with(']') => {
+                    metadata.insert(m[9..m.len() - 1].to_string(), v.clone());
+                }
+                other => return unknown_parameter(other),
+            }
+        }
+        let Some(customer) = customer else {
+            return Reply::invalid(
+                "customer",
+                "parameter_missing",
+                "Missing required param: customer.".into(),
+            );
+        };
+        if !self
+            .customers
+            .iter()
+            .any(|c| c.id == customer && !c.deleted)
+        {
+            return Reply::invalid(
+                "customer",
+                "resource_missing",
+                format!("No such customer: '{customer}'"),
+            );
+        }
+        let price = match price {
+            Some(p) if p.starts_with("price_") => p,
+            Some(p) => {
+                return Reply::invalid(
+                    "items[0][price]",
+                    "resource_missing",
+                    format!("No such price: '{p}'"),
+                )
+            }
+            None => {
+                return Reply::invalid(
+                    "items",
+                    "parameter_missing",
+                    "Missing required param: items.".into(),
+                )
+            }
+        };
+        let sub = FakeSubscription {
+            id: format!("sub_{}", random_alnum(ID_RANDOM_CHARS)),
+            customer,
+            status: "active".into(),
+            price,
+            cancel_at_period_end: false,
+            metadata,
+            created: now_secs(),
+            canceled_at: None,
+        };
+        let body = subscription_json(&sub);
+        self.subscriptions.push(sub);
+        self.send_event("customer.subscription.created", body.clone(), None, key);
+        Reply::ok(body)
+    }
+
+    fn update_subscription(
+        &mut self,
+        id: &str,
+        params: &[(String, String)],
+        key: Option<&str>,
+    ) -> Reply {
+        let Some(i) = self.subscriptions.iter().position(|s| s.id == id) else {
+            return Reply::missing(id);
+        };
+        let mut sub = self.subscriptions[i].clone();
+        if sub.status == "canceled" {
+            return Reply::invalid("subscription", "resource_missing", format!("A canceled subscription can only update its cancellation_details and metadata: {id}"));
+        }
+        for (k, v) in params {
+            match k.as_str() {
+                "items[0][price]" if v.starts_with("price_") => sub.price = v.clone(),
+                "items[0][price]" => {
+                    return Reply::invalid(
+                        "items[0][price]",
+                        "resource_missing",
+                        format!("No such price: '{v}'"),
+                    )
+                }
+                "cancel_at_period_end" => sub.cancel_at_period_end = v == "true",
+                m if m.starts_with("metadata[") && m.ends_with(']') => {
+                    let name = m[9..m.len() - 1].to_string();
+                    if v.is_empty() {
+                        sub.metadata.remove(&name);
+                    } else {
+                        sub.metadata.insert(name, v.clone());
+                    }
+                }
+                other => return unknown_parameter(other),
+            }
+        }
+        let before = subscription_json(&self.subscriptions[i]);
+        let body = subscription_json(&sub);
+        self.subscriptions[i] = sub;
+        let previous = changed_attributes(&before, &body);
+        if !previous.is_empty() {
+            self.send_event(
+                "customer.subscription.updated",
+                body.clone(),
+                Some(Value::Object(previous)),
+                key,
+            );
+        }
+        Reply::ok(body)
+    }
+
+    fn cancel_subscription(&mut self, id: &str, key: Option<&str>) -> Reply {
+        let event_time = self.event_time;
+        let Some(sub) = self
+            .subscriptions
+            .iter_mut()
+            .find(|s| s.id == id && s.status != "canceled")
+        else {
+            return Reply::missing(id);
+        };
+        sub.status = "canceled".into();
+        sub.canceled_at = Some(event_time.unwrap_or_else(now_secs));
+        let body = subscription_json(sub);
+        self.send_event("customer.subscription.deleted", body.clone(), None, key);
+        Reply::ok(body)
     }
 
     /// Routes one authenticated, admitted request. Synchronous: the whole
@@ -396,6 +587,32 @@ impl Store {
             ("GET", ["v1", "customers", "search"]) => self.search(params),
             ("GET", ["v1", "customers", id]) => self.retrieve(&percent_decode(id)),
             ("DELETE", ["v1", "customers", id]) => self.delete(&percent_decode(id)),
+            ("POST", ["v1", "subscriptions"]) => self.idempotent(key, method, path, params, |s| {
+                s.create_subscription(params, key)
+            }),
+            ("POST", ["v1", "subscriptions", id]) => {
+                let id = percent_decode(id);
+                self.idempotent(key, method, path, params, |s| {
+                    s.update_subscription(&id, params, key)
+                })
+            }
+            ("DELETE", ["v1", "subscriptions", id]) => {
+                self.cancel_subscription(&percent_decode(id), key)
+            }
+            ("GET", ["v1", "subscriptions", id]) => {
+                let id = percent_decode(id);
+                match self.subscriptions.iter().find(|s| s.id == id) {
+                    Some(sub) => Reply::ok(subscription_json(sub)),
+                    None => Reply::missing(&id),
+                }
+            }
+            ("GET", ["v1", "checkout", "sessions", id]) => {
+                let id = percent_decode(id);
+                match self.sessions.iter().find(|s| s.id == id) {
+                    Some(session) => Reply::ok(session_json(session)),
+                    None => Reply::missing(&id),
+                }
+            }
             _ => unrecognized(method, path),
         }
     }
@@ -815,6 +1032,62 @@ fn customer_json(c: &FakeCustomer) -> Value {
     })
 }
 
+fn subscription_json(s: &FakeSubscription) -> Value {
+    json!({
+        "id": s.id,
+        "object": "subscription",
+        "cancel_at_period_end": s.cancel_at_period_end,
+        "canceled_at": s.canceled_at,
+        "collection_method": "charge_automatically",
+        "created": s.created,
+        "currency": "usd",
+        "customer": s.customer,
+        "items": {
+            "object": "list",
+            "data": [{
+                "id": format!("si_{}", &s.id[4..]),
+                "object": "subscription_item",
+                "price": {"id": s.price, "object": "price", "lookup_key": null},
+                "quantity": 1,
+            }],
+            "has_more": false,
+        },
+        "livemode": false,
+        "metadata": s.metadata,
+        "status": s.status,
+    })
+}
+
+fn session_json(s: &FakeCheckoutSession) -> Value {
+    json!({
+        "id": s.id,
+        "object": "checkout.session",
+        "client_reference_id": s.client_reference_id,
+        "created": s.created,
+        "customer": s.customer,
+        "customer_details": {"email": s.email},
+        "livemode": false,
+        "metadata": {},
+        "mode": "subscription",
+        "payment_status": "paid",
+        "status": "complete",
+        "subscription": s.subscription,
+    })
+}
+
+/// `previous_attributes`: the top-level values that changed, as they were.
+fn changed_attributes(before: &Value, after: &Value) -> Map<String, Value> {
+    let mut previous = Map::new();
+    if let (Some(old), Some(new)) = (before.as_object(), after.as_object()) {
+        for (k, v) in old {
+            if new.get(k) != Some(v) {
+                previous.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    previous
+}
+
 fn deleted_json(id: &str) -> Value {
     json!({ "id": id, "object": "customer", "deleted": true })
 }
@@ -962,6 +1235,9 @@ impl FakeStripe {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store {
                 customers: Vec::new(),
+                subscriptions: Vec::new(),
+                sessions: Vec::new(),
+                event_time: None,
                 requests: Vec::new(),
                 faults: VecDeque::new(),
                 latency: opts.latency,
@@ -1063,6 +1339,72 @@ impl FakeStripe {
         self.shared.store().bucket = Bucket::new(per_sec);
     }
 
+    /// Every subscription, canceled ones included, oldest first.
+    pub fn subscriptions(&self) -> Vec<FakeSubscription> {
+        self.shared.store().subscriptions.clone()
+    }
+
+    /// Stamps every later event with this second (`None`: the clock's), so
+    /// a test can make events tie as Stripe's one-second `created` does.
+    pub fn pin_event_time(&self, second: Option<i64>) {
+        self.shared.store().event_time = second;
+    }
+
+    /// A buyer finishing a subscription Checkout for a live customer, as the
+    /// browser would: a completed session and an active subscription to
+    /// `price`, and their events (`customer.subscription.created`, then
+    /// `checkout.session.completed`, neither with an idempotency key).
+    /// Returns (session id, subscription id); `None` without such a
+    /// customer.
+    pub fn complete_checkout(
+        &self,
+        customer: &str,
+        price: &str,
+        client_reference_id: Option<&str>,
+    ) -> Option<(String, String)> {
+        let mut store = self.shared.store();
+        let email = store
+            .customers
+            .iter()
+            .find(|c| c.id == customer && !c.deleted)?
+            .email
+            .clone();
+        let sub = FakeSubscription {
+            id: format!("sub_{}", random_alnum(ID_RANDOM_CHARS)),
+            customer: customer.to_string(),
+            status: "active".into(),
+            price: price.to_string(),
+            cancel_at_period_end: false,
+            metadata: BTreeMap::new(),
+            created: now_secs(),
+            canceled_at: None,
+        };
+        let session = FakeCheckoutSession {
+            id: format!("cs_test_{}", random_alnum(58)),
+            customer: customer.to_string(),
+            subscription: sub.id.clone(),
+            client_reference_id: client_reference_id.map(str::to_string),
+            email,
+            created: now_secs(),
+        };
+        store.send_event(
+            "customer.subscription.created",
+            subscription_json(&sub),
+            None,
+            None,
+        );
+        store.send_event(
+            "checkout.session.completed",
+            session_json(&session),
+            None,
+            None,
+        );
+        let ids = (session.id.clone(), sub.id.clone());
+        store.subscriptions.push(sub);
+        store.sessions.push(session);
+        Some(ids)
+    }
+
     pub fn set_latency(&self, d: Duration) {
         self.shared.store().latency = d;
     }
@@ -1071,6 +1413,8 @@ impl FakeStripe {
     pub fn clear(&self) {
         let mut store = self.shared.store();
         store.customers.clear();
+        store.subscriptions.clear();
+        store.sessions.clear();
         store.requests.clear();
         store.faults.clear();
         store.saved.clear();

@@ -384,6 +384,13 @@ impl MemberstackSink {
         self.get(email).await
     }
 
+    /// `GET /members/{id}`: the member as the API shows it now (the
+    /// inbound apply asks on a tie, an out-of-order event and a deferred
+    /// event's second look); `None` when there is no such member.
+    pub async fn member(&self, id: &str) -> Result<Option<Value>, SinkError> {
+        Ok(self.get(id).await?.map(|m| m.raw))
+    }
+
     /// `GET /members/{id or email}`; absence is `{"data": null}` (or a 404).
     async fn get(&self, id_or_email: &str) -> Result<Option<Member>, SinkError> {
         let path = format!("/members/{}", encode_segment(id_or_email));

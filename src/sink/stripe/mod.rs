@@ -394,7 +394,14 @@ impl StripeSink {
     /// no such customer. The inbound apply asks when two events tie on
     /// `created` or arrive out of order.
     pub async fn customer(&self, id: &str) -> Result<Option<Value>, SinkError> {
-        let path = format!("/v1/customers/{}", encode(id));
+        self.retrieve("customers", id).await
+    }
+
+    /// `GET /v1/{collection}/{id}` (`customers`, `subscriptions`,
+    /// `checkout/sessions`): the object as it is now; `None` when Stripe
+    /// has no such object.
+    pub async fn retrieve(&self, collection: &str, id: &str) -> Result<Option<Value>, SinkError> {
+        let path = format!("/v1/{collection}/{}", encode(id));
         match self.request(Method::GET, &path, None, None).await {
             Ok(body) => Ok(Some(body)),
             Err(f) if f.code.as_deref() == Some("resource_missing") => Ok(None),
