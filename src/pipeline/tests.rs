@@ -30,6 +30,8 @@ struct Seen {
     key: String,
     lsn: Lsn,
     external_id: Option<String>,
+    op: Operation,
+    data: Option<Map<String, Value>>,
 }
 
 #[derive(Default)]
@@ -74,6 +76,8 @@ impl Sink for ScriptedSink {
                 key: change.key.text.clone(),
                 lsn: change.commit_lsn,
                 external_id: external_id.map(str::to_string),
+                op: change.op,
+                data: change.data.clone(),
             });
             if self.throttle.load(Ordering::SeqCst) {
                 return Err(SinkError::Http {
@@ -591,4 +595,55 @@ async fn a_push_after_the_lease_ran_out_sends_nothing_and_writes_no_dead_letter(
             "nothing is written for the fenced change: {item:?}"
         );
     }
+}
+
+/// A row linked behind the lanes' back (an import or a webhook of the
+/// sink's own service, whose write is not pushed) after the user's queued
+/// changes were committed: they carry no id and values the link overwrote.
+/// Each is pushed as an update of the linked record with the row as it is
+/// now, never as a create, also the second one, whose id comes from memory
+/// while the first write-back is not durable yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_from_before_a_link_push_the_row_as_it_is_now() {
+    use crate::core::table::CurrentRow;
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    let mut now = Map::new();
+    now.insert("id".into(), json!("u1"));
+    now.insert("name".into(), json!("as the link wrote it"));
+    lock(&store.rows).insert(
+        "u1".into(),
+        CurrentRow {
+            key: UserKey {
+                text: "u1".into(),
+                json: json!("u1"),
+            },
+            data: now.clone(),
+            external_id: Some("ext_linked".into()),
+            omitted: Vec::new(),
+        },
+    );
+    lock(&store.external_ids).insert("u1".into(), "ext_linked".into());
+    let mut h = start(pipeline(Arc::clone(&sink), store), 16);
+    h.txn("u1", Operation::Update, 10).await;
+    h.txn("u1", Operation::Insert, 20).await;
+    // Neither write-back is made durable: the second push's id is the
+    // first one's, from memory.
+    let first = h.item().await;
+    let second = h.item().await;
+    let seen = sink.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for s in &seen {
+        assert_eq!(s.external_id.as_deref(), Some("ext_linked"), "{s:?}");
+        assert_eq!(s.op, Operation::Update, "{s:?}");
+        assert_eq!(s.data.as_ref(), Some(&now), "{s:?}");
+    }
+    for item in [&first, &second] {
+        assert!(
+            matches!(&item.outcome, Outcome::Synced { external_id: Some(id), .. } if id == "ext_linked"),
+            "{:?}",
+            item.outcome
+        );
+    }
+    h.stop().await;
 }

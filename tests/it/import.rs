@@ -658,3 +658,158 @@ async fn clerk_users_are_imported_by_offset_with_their_own_key_and_id_column() {
     );
     clerk.shutdown().await;
 }
+
+/// The release binary with the test's config file (the fake Stripe as the
+/// sink and the `stripe` source): `usersync ARGS`, to its end.
+async fn stripe_cli(db: &TestDb, toml: &str, args: &[&str]) -> CliOutcome {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sync.toml");
+    std::fs::write(&path, toml).expect("config file");
+    let mut cmd = db.binary_command(args);
+    cmd.env("USERSYNC_CONFIG", &path)
+        .env_remove("USERSYNC_SINK_URL")
+        .env_remove("USERSYNC_SINK_SECRET_ENV")
+        .env("STRIPE_KEY", STRIPE_KEY)
+        .env("WHSEC", WHSEC);
+    let out = run_cli(cmd, Duration::from_secs(120)).await;
+    drop(dir);
+    out
+}
+
+/// How many rows were already in the table (never synced: they predate the
+/// slot) as the same people as some of the Stripe customers, by email.
+const PREEXISTING: usize = 24;
+
+/// The issue's "must hold": `n` Stripe customers (newest first, 100 a page)
+/// imported into a table that already holds some of them by email (rows
+/// from before usersync: no external id, no values hash), while the daemon
+/// runs and the app keeps writing: it inserts new users and keeps updating
+/// the pre-existing rows, so app changes of never-synced rows are committed
+/// and pushed at the moment the import links those rows, and updates
+/// imported rows. Afterwards, with the app quiet and the slot confirmed past
+/// its last write, `usersync reconcile` exits 0: one customer per row, no
+/// customer without a row, every mapped field agreeing.
+async fn import_under_app_writes(n: usize) {
+    install_crypto();
+    let mut table = format!("{}; ", bigserial());
+    let spread: Vec<usize> = (0..PREEXISTING).map(|j| j * n / PREEXISTING + 3).collect();
+    for (j, i) in spread.iter().enumerate() {
+        // Some with another case: email matching ignores it.
+        let email = if j % 3 == 0 {
+            format!("C{i}@Example.com")
+        } else {
+            format!("c{i}@example.com")
+        };
+        table.push_str(&format!(
+            "INSERT INTO users (id, email, name, plan) VALUES ({}, '{email}', 'Before{i}', 'free'); ",
+            j + 1
+        ));
+    }
+    table.push_str("SELECT setval('users_id_seq', 1000)");
+    let db = TestDb::new(&table).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 0,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    for i in 0..n {
+        stripe.insert_customer(
+            Some(&format!("c{i}@example.com")),
+            Some(&format!("C{i}")),
+            meta(&[("plan", "pro")]),
+        );
+    }
+    let toml = stripe_toml(&db, &stripe.url());
+    let cfg = config(&toml);
+    let daemon = {
+        let cfg = cfg.clone();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let task = tokio::spawn(async move { usersync::app::run::run(&cfg, c, None).await });
+        InProcessDaemon { cancel, task }
+    };
+
+    // The app: its own connection, writing until the import is done.
+    let stop = CancellationToken::new();
+    let writer = {
+        let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+            .await
+            .expect("app connection");
+        tokio::spawn(conn);
+        let stop = stop.clone();
+        let spread = spread.clone();
+        tokio::spawn(async move {
+            let mut k: usize = 0;
+            while !stop.is_cancelled() {
+                let pre = k % PREEXISTING + 1;
+                let imported = spread[(k * 7) % PREEXISTING] + 1 + (k % 2);
+                let sql = format!(
+                    "INSERT INTO users (email, name) VALUES ('app{k}@example.com', 'A{k}'); \
+                     UPDATE users SET name = 'app{k}' WHERE id = {pre}; \
+                     UPDATE users SET plan = 'p{k}' WHERE lower(email) = 'c{imported}@example.com'"
+                );
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("app write: {e}"));
+                k += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            k
+        })
+    };
+
+    let report = import(&cfg, "stripe", false).await;
+    stop.cancel();
+    let app_writes = writer.await.expect("app writer");
+    assert!(
+        app_writes > 10,
+        "the app wrote during the import: {app_writes}"
+    );
+    assert_eq!(report.listed as usize, n, "{report:?}");
+    db.wait_confirmed_past_now(WAIT).await;
+
+    let dupes = db
+        .count(
+            "SELECT count(*) FROM (SELECT external_user_id FROM users \
+             WHERE external_user_id IS NOT NULL GROUP BY 1 HAVING count(*) > 1) d",
+        )
+        .await;
+    assert_eq!(dupes, 0, "an external id claimed by two rows");
+    let live = stripe.customers().iter().filter(|c| !c.deleted).count();
+    let rows = db.count("SELECT count(*) FROM users").await as usize;
+    let out = stripe_cli(&db, &toml, &["reconcile"]).await;
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{} rows, {live} customers ({n} seeded, {app_writes} app inserts), import {report:?}:\n{}",
+        rows,
+        out.all()
+    );
+    assert_eq!(
+        live,
+        n + app_writes,
+        "one customer per app insert, none twice"
+    );
+    assert_eq!(rows, n + app_writes, "every customer one row");
+    daemon.stop().await;
+    stripe.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_under_concurrent_app_writes_ends_in_agreement() {
+    // 1,500 customers (15 pages) keeps this under ~20 s and still has the
+    // app's updates of never-synced rows meet the import's links.
+    import_under_app_writes(1_500).await;
+}
+
+/// The issue's full size. Ignored in the default suite for its runtime
+/// (about a minute on two shared cores); run it with
+/// `cargo test --release --test it import::ten_thousand -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full size, about a minute: run with --ignored"]
+async fn ten_thousand_users_imported_under_concurrent_app_writes_end_in_agreement() {
+    import_under_app_writes(10_000).await;
+}
