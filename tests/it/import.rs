@@ -813,3 +813,171 @@ async fn an_import_under_concurrent_app_writes_ends_in_agreement() {
 async fn ten_thousand_users_imported_under_concurrent_app_writes_end_in_agreement() {
     import_under_app_writes(10_000).await;
 }
+
+/// `reconcile --from`, `reconcile --fix pull` and `[reconcile] from`
+/// through the release binary, with the daemon running. Three customers
+/// made by usersync drift behind its back (a plan changed in the
+/// dashboard, a customer deleted, a new one); `usersync reconcile` with
+/// `[reconcile] from = "stripe"` in the config file compares through the
+/// source's mapping (the column `plan`, not the sink's `metadata.plan`),
+/// like `--from stripe`; `--fix pull` brings the table to the service
+/// (`on_delete = "delete"`) and a second reconcile exits 0. No echo: an app
+/// change of the pulled user, travelling the same path, is the only write
+/// Stripe sees after the pull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fix_pull_and_reconcile_from_through_the_binary_converge_without_echo() {
+    install_crypto();
+    let db = TestDb::new(&format!(
+        "{}; SELECT setval('users_id_seq', 100)",
+        bigserial()
+    ))
+    .await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 0,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let plain =
+        stripe_toml(&db, &stripe.url()).replace("on_delete = \"unlink\"", "on_delete = \"delete\"");
+    let toml = format!("{plain}[reconcile]\nfrom = \"stripe\"\n");
+    let cfg = config(&toml);
+    let daemon = {
+        let cfg = cfg.clone();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let task = tokio::spawn(async move { usersync::app::run::run(&cfg, c, None).await });
+        InProcessDaemon { cancel, task }
+    };
+    db.exec(
+        "INSERT INTO users (email, name, plan) VALUES \
+         ('a@example.com', 'A', 'free'), ('b@example.com', 'B', 'free'), ('c@example.com', 'C', 'free')",
+    )
+    .await;
+    wait_for("three customers", WAIT, || stripe.customers().len() == 3).await;
+    db.wait_confirmed_past_now(WAIT).await;
+    let linked = |email: &'static str| {
+        let client = &db.client;
+        async move {
+            let r = client
+                .query_one(
+                    "SELECT id::text, external_user_id FROM users WHERE email = $1",
+                    &[&email],
+                )
+                .await
+                .expect("row");
+            (
+                r.get::<_, String>(0),
+                r.get::<_, Option<String>>(1).expect("linked"),
+            )
+        }
+    };
+    let (a, a_ext) = linked("a@example.com").await;
+    let (b, b_ext) = linked("b@example.com").await;
+    let out = stripe_cli(&db, &toml, &["reconcile"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+
+    // Behind usersync's back.
+    assert!(stripe.edit_customer(&a_ext, |c| {
+        c.metadata.insert("plan".into(), "team".into());
+    }));
+    assert!(stripe.edit_customer(&b_ext, |c| c.deleted = true));
+    let new = stripe.insert_customer(
+        Some("new@example.com"),
+        Some("New"),
+        meta(&[("plan", "pro")]),
+    );
+
+    // The config's `from`: the source's columns.
+    let out = stripe_cli(&db, &toml, &["reconcile"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    for line in [
+        format!("fields_differ    user {a} external {a_ext} fields plan\n"),
+        format!("linked_missing   user {b} external {b_ext}\n"),
+        format!("only_in_service  external {new}\n"),
+        "3 rows, 3 records: 0 only_in_table, 1 only_in_service, 1 linked_missing, 1 fields_differ, 0 claimed_twice; NOT in agreement".to_string(),
+    ] {
+        assert!(out.stdout.contains(&line), "{line:?} in:\n{}", out.all());
+    }
+    // Without it, the sink's service through the sink's mapping.
+    let out = stripe_cli(&db, &plain, &["reconcile"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stdout.contains(&format!(
+            "fields_differ    user {a} external {a_ext} fields metadata.plan\n"
+        )),
+        "{}",
+        out.all()
+    );
+    // `--from` on the command line, as JSON.
+    let out = stripe_cli(&db, &plain, &["reconcile", "--from", "stripe", "--json"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let report: Value = serde_json::from_str(&out.stdout).expect("json report");
+    assert_eq!(
+        report["counts"],
+        json!({"only_in_table": 0, "only_in_service": 1, "linked_missing": 1, "fields_differ": 1, "claimed_twice": 0}),
+        "{}",
+        out.stdout
+    );
+
+    let writes = || {
+        stripe
+            .requests()
+            .into_iter()
+            .filter(|r| r.method != "GET")
+            .collect::<Vec<_>>()
+    };
+    let before = writes().len();
+    let out = stripe_cli(&db, &toml, &["reconcile", "--fix", "pull"]).await;
+    assert_eq!(
+        out.code,
+        Some(1),
+        "the report is of before the fix: {}",
+        out.all()
+    );
+    assert!(
+        out.stdout
+            .contains("fix pull: deleted 1, failed 0, inserted 1, linked 0, updated 1"),
+        "{}",
+        out.all()
+    );
+    let out = stripe_cli(&db, &toml, &["reconcile"]).await;
+    assert_eq!(out.code, Some(0), "converged: {}", out.all());
+    assert_eq!(
+        db.count("SELECT count(*) FROM users WHERE email = 'a@example.com' AND plan = 'team'")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count(&format!("SELECT count(*) FROM users WHERE id = {b}"))
+            .await,
+        0
+    );
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM users WHERE email = 'new@example.com' AND external_user_id = '{new}'"
+        ))
+        .await,
+        1
+    );
+
+    // No echo. The marker commits after every pulled write; once the slot
+    // is confirmed past it, each of them has been decoded and either pushed
+    // or dropped, and only the marker may have reached Stripe.
+    db.exec("UPDATE users SET name = 'marker' WHERE email = 'a@example.com'")
+        .await;
+    wait_for("the marker's push", WAIT, || writes().len() > before).await;
+    db.wait_confirmed_past_now(WAIT).await;
+    let after: Vec<_> = writes().into_iter().skip(before).collect();
+    assert_eq!(after.len(), 1, "only the marker: {after:#?}");
+    assert_eq!(after[0].path, format!("/v1/customers/{a_ext}"));
+    assert_eq!(after[0].field("name"), Some("marker"));
+    assert_eq!(
+        after[0].field("metadata[plan]"),
+        Some("team"),
+        "the pulled plan, as the table has it"
+    );
+    daemon.stop().await;
+    stripe.shutdown().await;
+}
