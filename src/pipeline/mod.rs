@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RetryConfig;
 use crate::core::change::{format_lsn, Change, Lsn, Operation};
-use crate::core::outcome::{DeadLetterState as DeadState, Done, NewDeadLetter, Outcome, WriteItem};
+use crate::core::outcome::{
+    values_hash, DeadLetterState as DeadState, Done, NewDeadLetter, Outcome, WriteItem,
+};
 use crate::sink::retry::{push_with_retry_until, PushFailed};
 use crate::sink::webhook::Envelope;
 use crate::sink::Sink;
@@ -454,19 +456,24 @@ impl Pipeline {
                     None => loop {
                         let wait = change.op != Operation::Insert;
                         match store.link_for_push(&change.key.text, wait).await {
-                            // Linked after this change was committed: by
-                            // `sync-user` without a daemon, or by an import
-                            // or webhook of the sink's service, whose write
-                            // is not pushed (no echo) and is newer than this
-                            // change. The row as it is now is what the
-                            // service must get; creating would duplicate it.
-                            Link::Linked(id) => {
-                                if let Ok(Some(row)) = store.current_row(&change.key.text).await {
-                                    requests::adopt_row(&mut change, row);
+                            // Linked by an inbound write of the sink's
+                            // service (an import, a webhook) after this
+                            // change was committed: that write is newer and
+                            // was not pushed (no echo), so the row as it is
+                            // now is what the service must get. Otherwise
+                            // (a write-back of this user's earlier push,
+                            // `sync-user` without a daemon) the change's own
+                            // values, as an update: creating would duplicate.
+                            Link::Linked { id, hash } => {
+                                if let (Some(hash), Ok(Some(row))) =
+                                    (hash, store.current_row(&change.key.text).await)
+                                {
+                                    if values_hash(&row.data) == hash {
+                                        requests::adopt_row(&mut change, row);
+                                        linked = true;
+                                    }
                                 }
-                                linked = true;
                                 change.op = Operation::Update;
-                                change.external_id = Some(id.clone());
                                 break Some(id);
                             }
                             Link::Unlinked => break None,

@@ -37,9 +37,13 @@ impl Classify for PortError {
 /// What a push without a known external id finds at the row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Link {
-    /// The row holds this id (linked after the change was committed, or by
-    /// a push whose write-back is durable): an update, not a create.
-    Linked(String),
+    /// The row holds this id: an update, not a create. `hash` is the
+    /// user's `values_hash` as recorded now (read after the id): when it is
+    /// the hash of the row as it is now, the row's last write recorded it,
+    /// which a write-back of an older change never does for a row changed
+    /// since, but an inbound write that linked the row does (its values are
+    /// newer than this change's and were not pushed).
+    Linked { id: String, hash: Option<String> },
     /// No id: the sink creates (or finds) the record. Where inbound writes
     /// can link rows, the user is marked as having a push in flight first,
     /// so that they wait for its write-back instead of linking the row to
@@ -70,7 +74,7 @@ pub trait LaneStore: Send + Sync + 'static {
         let _ = wait_for_import;
         Box::pin(async move {
             match self.external_id(key).await {
-                Some(id) => Link::Linked(id),
+                Some(id) => Link::Linked { id, hash: None },
                 None => Link::Unlinked,
             }
         })

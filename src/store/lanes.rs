@@ -49,6 +49,7 @@ const IMPORT_ALIVE: &str = "60 seconds";
 struct LinkGuard {
     client: Client,
     claim: Statement,
+    hash: Statement,
     /// The names of the sources of the sink's service (their import cursors).
     sources: Vec<String>,
 }
@@ -140,9 +141,14 @@ impl LinkGuard {
             key_type = shape.key_type,
         );
         let claim = client.prepare(&sql).await.map_err(err)?;
+        let hash = client
+            .prepare("SELECT values_hash FROM usersync.user_progress WHERE user_key = $1::text")
+            .await
+            .map_err(err)?;
         Ok(LinkGuard {
             client,
             claim,
+            hash,
             sources,
         })
     }
@@ -155,7 +161,19 @@ impl LinkGuard {
         let id: Option<String> = row.try_get(0)?;
         let wait: bool = row.try_get(1)?;
         Ok(match id {
-            Some(id) => Link::Linked(id),
+            // Read after the claim, so a link that the claim waited for is
+            // seen with the hash it recorded (the claim's own snapshot is
+            // older than that commit).
+            Some(id) => Link::Linked {
+                id,
+                hash: self
+                    .client
+                    .query_opt(&self.hash, &[&key])
+                    .await?
+                    .map(|r| r.try_get(0))
+                    .transpose()?
+                    .flatten(),
+            },
             None if wait => Link::Wait,
             None => Link::Unlinked,
         })
@@ -171,7 +189,7 @@ impl LaneStore for PgLaneStore {
         async move {
             let Some(guard) = &self.guard else {
                 return match self.ids.get(key).await {
-                    Some(id) => Link::Linked(id),
+                    Some(id) => Link::Linked { id, hash: None },
                     None => Link::Unlinked,
                 };
             };
@@ -182,7 +200,7 @@ impl LaneStore for PgLaneStore {
                 Err(e) => {
                     tracing::warn!(error = %crate::store::db::error_text(&e), "the create guard failed; pushing unguarded");
                     match self.ids.get(key).await {
-                        Some(id) => Link::Linked(id),
+                        Some(id) => Link::Linked { id, hash: None },
                         None => Link::Unlinked,
                     }
                 }
