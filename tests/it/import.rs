@@ -2,7 +2,10 @@
 //! empty table and into one with rows already (linked, not duplicated), a
 //! re-run that changes nothing (not even a row version), `--dry-run`, a
 //! 429 waited out, a kill -9 in the middle resumed from the stored cursor
-//! without duplicates, and no echo while the outbound daemon runs.
+//! without duplicates, and no echo while the outbound daemon runs; the
+//! issue's "must hold" (an import under concurrent app writes ends with
+//! `usersync reconcile` exiting 0); `reconcile --fix pull`, `--from` and
+//! `[reconcile] from` through the binary; `check`'s index findings.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -979,5 +982,73 @@ async fn fix_pull_and_reconcile_from_through_the_binary_converge_without_echo() 
         "the pulled plan, as the table has it"
     );
     daemon.stop().await;
+    stripe.shutdown().await;
+}
+
+/// The look-ups matching makes per webhook and per imported record have no
+/// index of usersync's making (the table is the app's): `usersync check`
+/// asks the planner and says so, as a warning once the table is large, with
+/// the statement; with the indexes created it finds them used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_indexes_matching_needs_on_a_large_table() {
+    install_crypto();
+    let db = TestDb::new(&bigserial()).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 0,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let toml = stripe_toml(&db, &stripe.url());
+    let finding = |out: &CliOutcome, name: &str| -> Value {
+        let report: Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("check --json: {e}: {}", out.all()));
+        report["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["check"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {}", out.stdout))
+    };
+    // Small: said, with the statement, not a warning.
+    let out = stripe_cli(&db, &toml, &["check", "--json"]).await;
+    let email = finding(&out, "inbound.email_index");
+    assert_eq!(email["level"], "ok", "{email}");
+    assert_eq!(
+        email["fix"],
+        "CREATE INDEX CONCURRENTLY ON \"public\".\"users\" (lower((\"email\")::text));"
+    );
+    assert_eq!(finding(&out, "inbound.id_index")["level"], "ok");
+
+    db.exec(
+        "INSERT INTO users (email, name) SELECT 'u' || g || '@example.com', 'U' FROM generate_series(1, 12000) g; \
+         ANALYZE users",
+    )
+    .await;
+    let out = stripe_cli(&db, &toml, &["check", "--json"]).await;
+    let email = finding(&out, "inbound.email_index");
+    assert_eq!(email["level"], "warn", "{email}");
+    let id = finding(&out, "inbound.id_index");
+    assert_eq!(id["level"], "warn", "{id}");
+    assert_eq!(
+        id["fix"],
+        "CREATE INDEX CONCURRENTLY ON \"public\".\"users\" (\"external_user_id\");"
+    );
+
+    db.exec("CREATE INDEX ON users (lower(email::text)); CREATE INDEX ON users (external_user_id)")
+        .await;
+    let out = stripe_cli(&db, &toml, &["check", "--json"]).await;
+    for name in ["inbound.email_index", "inbound.id_index"] {
+        let f = finding(&out, name);
+        assert_eq!(f["level"], "ok", "{f}");
+        assert!(
+            f["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("uses an index")),
+            "{f}"
+        );
+    }
     stripe.shutdown().await;
 }
