@@ -2247,28 +2247,32 @@ impl Bench<'_> {
             ))
             .await
             .ctx("truncate")?;
-        let toml = format!(
-            "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
-             [sink]\nkind = \"stripe\"\nurl = \"{}\"\napi_key_env = \"BENCH_STRIPE_KEY\"\nrate_limit_per_sec = 0\n\
-             [inbound]\nlisten = \"127.0.0.1:0\"\n[inbound.sources.stripe]\nkind = \"stripe\"\nsecret_env = \"BENCH_WHSEC\"\non_delete = \"unlink\"\n\
-             [inbound.sources.stripe.mapping]\nemail = \"/email\"\nname = \"/name\"\nplan = \"/metadata/plan\"\n\
-             [log]\nlevel = \"{}\"\n",
-            db.url,
-            db.name,
-            db.name,
-            fake.url(),
-            self.sizes.log_level
-        );
-        let env: std::collections::BTreeMap<String, String> = [
-            ("BENCH_STRIPE_KEY".to_string(), key.to_string()),
-            (
-                "BENCH_WHSEC".to_string(),
-                "whsec_plJ3nmyCDGBKInavdOK15jsl".to_string(),
-            ),
-        ]
-        .into();
-        let cfg = Config::from_parts(Some(&toml), "bench", &env).ctx("config")?;
-        for again in [false, true] {
+        // The import's lister is the sink's (same service, same key): its
+        // rate limit is `sink.rate_limit_per_sec`.
+        let import_cfg = |limit: u32, match_email: bool| {
+            let toml = format!(
+                "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
+                 [sink]\nkind = \"stripe\"\nurl = \"{}\"\napi_key_env = \"BENCH_STRIPE_KEY\"\nrate_limit_per_sec = {limit}\n\
+                 [inbound]\nlisten = \"127.0.0.1:0\"\n[inbound.sources.stripe]\nkind = \"stripe\"\nsecret_env = \"BENCH_WHSEC\"\non_delete = \"unlink\"\nmatch_email = {match_email}\n\
+                 [inbound.sources.stripe.mapping]\nemail = \"/email\"\nname = \"/name\"\nplan = \"/metadata/plan\"\n\
+                 [log]\nlevel = \"{}\"\n",
+                db.url,
+                db.name,
+                db.name,
+                fake.url(),
+                self.sizes.log_level
+            );
+            let env: std::collections::BTreeMap<String, String> = [
+                ("BENCH_STRIPE_KEY".to_string(), key.to_string()),
+                (
+                    "BENCH_WHSEC".to_string(),
+                    "whsec_plJ3nmyCDGBKInavdOK15jsl".to_string(),
+                ),
+            ]
+            .into();
+            Config::from_parts(Some(&toml), "bench", &env).ctx("config")
+        };
+        let import = |cfg: Config| async move {
             let opts = usersync::app::import::Options {
                 from: "stripe".into(),
                 dry_run: false,
@@ -2279,7 +2283,11 @@ impl Bench<'_> {
             let report = usersync::app::import::run(&cfg, &opts, CancellationToken::new())
                 .await
                 .ctx("import")?;
-            let took = started.elapsed();
+            R::Ok((report, started.elapsed()))
+        };
+        let cfg = import_cfg(0, false)?;
+        for again in [false, true] {
+            let (report, took) = import(cfg.clone()).await?;
             let (what, ok) = if again {
                 ("again (all agree)", report.unchanged == n)
             } else {
@@ -2303,6 +2311,67 @@ impl Bench<'_> {
                     "all inserted"
                 },
                 ok,
+            ));
+        }
+        // Again with Stripe's 25 requests/s on both sides: every record
+        // agrees, so listing is all the work and the limit must be the bound.
+        let limit = 25u32;
+        fake.set_rate_limit(limit);
+        let (report, took) = import(import_cfg(limit, false)?).await?;
+        fake.set_rate_limit(0);
+        let ratio = (pages - 1) as f64 / took.as_secs_f64() / f64::from(limit);
+        rows.push(target(
+            row(
+                s,
+                format!("import {n} customers again, rate limit {limit} requests/s: list pages/s after the first ÷ limit ({pages} pages)"),
+                format!(
+                    "{ratio:.2} ({:.0} records/s, {} unchanged in {:.2} s)",
+                    rate(n, took),
+                    report.unchanged,
+                    took.as_secs_f64()
+                ),
+            ),
+            "0.8 – 1.0",
+            (0.8..=1.0).contains(&ratio) && report.unchanged == n,
+        ));
+        // Matching by email (`match_email`): each record's look-ups by id
+        // and by lower(email) scan the table unless the DBA made the
+        // indexes `usersync check` names (usersync does not create them).
+        for indexed in [false, true] {
+            db.client
+                .batch_execute(&format!(
+                    "TRUNCATE users; ALTER TABLE users ALTER COLUMN id RESTART WITH {}; {}",
+                    n + 1,
+                    if indexed {
+                        "CREATE INDEX users_lower_email ON users (lower(email::text)); \
+                         CREATE INDEX users_external_id ON users (external_user_id)"
+                    } else {
+                        ""
+                    }
+                ))
+                .await
+                .ctx("truncate")?;
+            let (report, took) = import(import_cfg(0, true)?).await?;
+            rows.push(target(
+                row(
+                    s,
+                    format!(
+                        "import {n} customers into an empty table, match_email, {}: records/s",
+                        if indexed {
+                            "indexes on lower(email) and external_user_id"
+                        } else {
+                            "no index"
+                        }
+                    ),
+                    format!(
+                        "{:.0} records/s ({} inserted in {:.2} s)",
+                        rate(n, took),
+                        report.inserted,
+                        took.as_secs_f64()
+                    ),
+                ),
+                "all inserted",
+                report.inserted == n,
             ));
         }
         let _ = self.fake_rt.spawn(fake.shutdown()).await;

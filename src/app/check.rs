@@ -210,7 +210,13 @@ pub async fn run(path: &Path, explicit: bool, env: &dyn Env) -> Report {
                     .as_ref()
                     .map(|i| crate::store::role::InboundWrites::of(i, &c.database.origin))
             });
-            database_checks(db, &sink_columns, inbound.as_ref(), &mut out).await
+            let lookups: Vec<Lookup> = full
+                .as_ref()
+                .ok()
+                .and_then(|c| c.inbound.as_ref())
+                .map(|i| i.sources.iter().map(Lookup::of).collect())
+                .unwrap_or_default();
+            database_checks(db, &sink_columns, inbound.as_ref(), &lookups, &mut out).await
         }
         None => out.push(Finding::skipped(
             "database",
@@ -234,6 +240,7 @@ async fn database_checks(
     db: &DatabaseConfig,
     sink_columns: &[String],
     inbound: Option<&crate::store::role::InboundWrites>,
+    lookups: &[Lookup],
     out: &mut Vec<Finding>,
 ) {
     let client = match crate::store::db::connect(db, "usersync-check").await {
@@ -406,6 +413,99 @@ async fn database_checks(
             )),
         }
     }
+    if let Some(shape) = &shape {
+        out.extend(lookup_checks(&client, shape, lookups).await);
+    }
+}
+
+/// From about this many rows, a look-up without an index costs enough per
+/// webhook and per imported record to warn about.
+const LOOKUP_WARN_ROWS: i64 = 10_000;
+
+/// The look-ups an inbound source makes per event and per imported record
+/// (`store::inbound::Applier::find`, `store::import::candidates`): by its
+/// id column, and with `match_email` by `lower(email)`.
+pub struct Lookup {
+    source: String,
+    id_column: String,
+    email_column: Option<String>,
+}
+
+impl Lookup {
+    fn of(s: &crate::config::inbound::InboundSource) -> Lookup {
+        Lookup {
+            source: s.name.clone(),
+            id_column: s.id_column.clone(),
+            email_column: s.email_column.clone().filter(|_| s.match_email),
+        }
+    }
+}
+
+/// Whether an index serves each look-up. usersync does not create these
+/// indexes: the users table is the app's, and `setup` adds only the two
+/// sync columns to it (DESIGN.md, "Import and pull"). Without one, each
+/// look-up scans the table, which is fine for a small table and costs a
+/// scan per webhook and per imported record on a large one: warn from
+/// [`LOOKUP_WARN_ROWS`] rows, else say it and give the statement.
+async fn lookup_checks(client: &Client, shape: &TableShape, lookups: &[Lookup]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for l in lookups {
+        let mut wanted = vec![(
+            "inbound.id_index",
+            l.id_column.as_str(),
+            format!("u.{}", quote_ident(&l.id_column)),
+            format!("({})", quote_ident(&l.id_column)),
+            format!("by {}", l.id_column),
+        )];
+        if let Some(c) = &l.email_column {
+            wanted.push((
+                "inbound.email_index",
+                c.as_str(),
+                format!("lower(u.{}::text)", quote_ident(c)),
+                format!("(lower(({})::text))", quote_ident(c)),
+                format!("by lower({c}) (match_email)"),
+            ));
+        }
+        for (check, column, expr, index_expr, what) in wanted {
+            // A missing column is reported by the inbound checks above.
+            if !shape.has_column(column) || !seen.insert(expr.clone()) {
+                continue;
+            }
+            let fix = format!(
+                "CREATE INDEX CONCURRENTLY ON {} {index_expr};",
+                shape.table.quoted()
+            );
+            out.push(match schema::lookup_index(client, &shape.table, &expr).await {
+                Ok(found) if found.indexed => Finding::ok(
+                    check,
+                    format!("source {}: matching {what} uses an index", l.source),
+                ),
+                Ok(found) => {
+                    let message = format!(
+                        "source {}: matching {what} has no index, so each webhook and each imported record scans {} (about {} rows)",
+                        l.source, shape.table, found.rows
+                    );
+                    if found.rows >= LOOKUP_WARN_ROWS {
+                        Finding::warn(check, message, Some(fix))
+                    } else {
+                        Finding {
+                            check,
+                            level: Level::Ok,
+                            message: format!("{message}; fine at this size, create it before the table grows"),
+                            fix: Some(fix),
+                        }
+                    }
+                }
+                Err(e) => Finding::warn(
+                    check,
+                    format!("source {}: cannot tell whether matching {what} has an index: {}", l.source, error_text(&e)),
+                    None,
+                ),
+            });
+        }
+    }
+    out
 }
 
 /// A slot (if none exists yet) and a WAL sender must be free.

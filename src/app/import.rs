@@ -98,7 +98,9 @@ pub enum Plan {
     Update { key: String, columns: Vec<String> },
     /// The linked row already agrees.
     Unchanged { key: String },
-    /// No row matches and `on_create = "ignore"`.
+    /// No row matches and `on_create = "ignore"`; or the one row with the
+    /// record's email is linked to another record (never taken over, and
+    /// no second row is made for the email).
     Unmatched,
 }
 
@@ -275,6 +277,8 @@ pub fn plan(record: &InboundRecord, source: &InboundSource, rows: &[Candidate]) 
             _ => Vec::new(),
         };
         match by_email.as_slice() {
+            // Another record's row (see `store::inbound::Applier::find`).
+            [one] if one.id.is_some() => return Plan::Unmatched,
             [one] => (Some(*one), false),
             _ => (None, false),
         }
@@ -501,6 +505,7 @@ async fn walk(
         applier = Some(Applier::connect(&import_config(cfg), source, &shape, ORIGIN_WAIT).await?);
     }
 
+    let same_service = source.same_service_as(cfg.sink.kind.name());
     let mut progress = Progress::new("import", "records", 0, 0, opts.quiet);
     loop {
         if cancel.is_cancelled() {
@@ -524,12 +529,18 @@ async fn walk(
         for record in &records {
             let plan = plan(record, source, &rows);
             if let Some(applier) = applier.as_mut().filter(|_| plan.writes()) {
-                // An outbound change of this user is not written back yet:
-                // wait for it a little (the write-back takes milliseconds),
-                // then leave the record to the next import rather than
-                // revert the app's newer value.
+                // An outbound change of this user is not written back yet.
+                // From the sink's own service the listed record is older
+                // than that change, which the push is bringing to the
+                // service: applying it afterwards would revert the app's
+                // value in the table (and nothing would push it back), so
+                // it is left, as a stale record is. From another service,
+                // wait for the write-back a little (milliseconds), then
+                // leave the record to the next import rather than revert
+                // the app's newer value.
                 let mut applied = applier.apply(record).await?;
-                for _ in 0..DEFERRED_RETRIES {
+                let retries = if same_service { 0 } else { DEFERRED_RETRIES };
+                for _ in 0..retries {
                     if applied != Applied::Deferred || cancel.is_cancelled() {
                         break;
                     }
@@ -538,6 +549,10 @@ async fn walk(
                 }
                 match applied {
                     Applied::Applied(_) => count(&mut report, &plan),
+                    Applied::Deferred if same_service => {
+                        tracing::debug!(external_id = %record.subject, "the user's own change is being pushed; the listed record is older than it");
+                        report.stale += 1;
+                    }
                     Applied::Deferred => {
                         tracing::warn!(external_id = %record.subject, "the user's own change is still being pushed; not imported now, run the import again");
                         report.skipped += 1;

@@ -878,10 +878,6 @@ async fn import(
     Ok(())
 }
 
-fn report_is_pull(fix: Option<FixArg>) -> bool {
-    matches!(fix, Some(FixArg::Pull))
-}
-
 /// `usersync reconcile`: the report on stdout, exit 1 on drift.
 async fn reconcile(
     path: &std::path::Path,
@@ -893,11 +889,19 @@ async fn reconcile(
     use crate::app::reconcile::{Fix, Options};
     let cfg = Config::load(path, explicit, &ProcessEnv).map_err(Failure::usage)?;
     crate::observe::logging::init_logging(&cfg.log.level, cfg.log.format == "json");
+    let fix = fix.map(|f| match f {
+        FixArg::Push => Fix::Push,
+        FixArg::Pull => Fix::Pull,
+    });
+    // `[reconcile] from` is what the periodic run compares with; the
+    // command agrees with it unless told otherwise (`--fix push` always
+    // compares with the sink's service).
+    let from = match fix {
+        Some(Fix::Push) => from,
+        _ => from.or_else(|| cfg.reconcile.from.clone()),
+    };
     let opts = Options {
-        fix: fix.map(|f| match f {
-            FixArg::Push => Fix::Push,
-            FixArg::Pull => Fix::Pull,
-        }),
+        fix,
         from,
         quiet: false,
     };
@@ -925,7 +929,7 @@ async fn reconcile(
         }
         if let Some(fixed) = &report.fixed {
             let parts: Vec<String> = fixed.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            if report_is_pull(fix) {
+            if opts.fix == Some(Fix::Pull) {
                 println!("fix pull: {}", parts.join(", "));
             } else {
                 println!(

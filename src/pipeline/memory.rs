@@ -8,13 +8,15 @@ use std::sync::Mutex;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::ports::{LaneStore, PortError};
+use super::ports::{LaneStore, Link, PortError};
 use crate::core::table::CurrentRow;
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     pub rows: Mutex<HashMap<String, CurrentRow>>,
     pub external_ids: Mutex<HashMap<String, String>>,
+    /// Users' recorded values hashes (`user_progress.values_hash`).
+    pub hashes: Mutex<HashMap<String, String>>,
     pub parked: Mutex<HashSet<String>>,
 }
 
@@ -37,6 +39,17 @@ impl LaneStore for MemoryStore {
     fn external_id<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<String>> {
         let id = lock(&self.external_ids).get(key).cloned();
         async move { id }.boxed()
+    }
+
+    fn link_for_push<'a>(&'a self, key: &'a str, _wait: bool) -> BoxFuture<'a, Link> {
+        let link = match lock(&self.external_ids).get(key) {
+            Some(id) => Link::Linked {
+                id: id.clone(),
+                hash: lock(&self.hashes).get(key).cloned(),
+            },
+            None => Link::Unlinked,
+        };
+        async move { link }.boxed()
     }
 
     fn current_row<'a>(

@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RetryConfig;
 use crate::core::change::{format_lsn, Change, Lsn, Operation};
-use crate::core::outcome::{DeadLetterState as DeadState, Done, NewDeadLetter, Outcome, WriteItem};
+use crate::core::outcome::{
+    values_hash, DeadLetterState as DeadState, Done, NewDeadLetter, Outcome, WriteItem,
+};
 use crate::sink::retry::{push_with_retry_until, PushFailed};
 use crate::sink::webhook::Envelope;
 use crate::sink::Sink;
@@ -30,7 +32,11 @@ pub mod requests;
 mod tests;
 
 pub use ack::AckTracker;
-use ports::{LaneStore, PortError};
+use ports::{LaneStore, Link, PortError};
+
+/// How long a push that waits for a running import (see [`Link::Wait`])
+/// waits before it looks again.
+const IMPORT_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -66,6 +72,10 @@ struct PushResult {
     /// After a delete nothing is known: a new row with the key is a new user.
     deleted: bool,
     external_id: Option<String>,
+    /// The id was found at the row, linked after the change was committed:
+    /// the user's changes still queued from before the link carry no id and
+    /// values the link overwrote, so each pushes the row as it is now.
+    linked: bool,
     failure: Option<Failure>,
 }
 
@@ -122,7 +132,11 @@ struct State {
     /// push's sequence number: kept until that write-back is durable, also
     /// when the user's lane empties meanwhile, because until then a lookup
     /// of the row finds no id and the update would go out without one.
-    known_ids: HashMap<String, (String, u64)>,
+    /// Per user: the id, the sequence number whose write-back makes it
+    /// durable, and whether it was found linked at the row (by an import or
+    /// webhook after the user's queued changes were committed; see
+    /// `PushResult::linked`).
+    known_ids: HashMap<String, (String, u64, bool)>,
     ack: AckTracker,
 }
 
@@ -313,7 +327,7 @@ impl Pipeline {
                         send(&writer, item, &mut st).await?;
                         let mut last = f.seq;
                         for q in st.lanes.remove(&key).into_iter().flatten() {
-                            let ext = st.known_ids.get(&key).map(|(id, _)| id.clone()).or_else(|| q.change.external_id.clone());
+                            let ext = st.known_ids.get(&key).map(|(id, _, _)| id.clone()).or_else(|| q.change.external_id.clone());
                             let mut item = dead_letter(q.seq, &q.change, ext.as_deref(), None);
                             item.request = requests::parked_mark(q.request);
                             send(&writer, item, &mut st).await?;
@@ -325,7 +339,7 @@ impl Pipeline {
                     }
                     st.unwritten += 1;
                     match result.external_id {
-                        Some(id) if !result.deleted => { st.known_ids.insert(key.clone(), (id, result.seq)); }
+                        Some(id) if !result.deleted => { st.known_ids.insert(key.clone(), (id, result.seq, result.linked)); }
                         _ => { st.known_ids.remove(&key); }
                     }
                     match st.lanes.get(&key) {
@@ -348,7 +362,7 @@ impl Pipeline {
                     if !st.known_ids.is_empty() {
                         // The row now holds the id: later changes find it there.
                         let durable: HashSet<u64> = seqs.iter().copied().collect();
-                        st.known_ids.retain(|_, (_, seq)| !durable.contains(seq));
+                        st.known_ids.retain(|_, (_, seq, _)| !durable.contains(seq));
                     }
                     for seq in seqs {
                         st.ack.complete(seq);
@@ -377,10 +391,14 @@ impl Pipeline {
                 continue;
             };
             st.active.insert(key.clone());
-            let external_id = st
-                .known_ids
-                .get(&key)
-                .map(|(id, _)| id.clone())
+            let known = st.known_ids.get(&key);
+            // Committed before the row was linked (its tuple has no id):
+            // the link's values are newer than this change's.
+            let mut linked = known.is_some_and(|(_, _, linked)| *linked)
+                && queued.change.external_id.is_none()
+                && queued.change.op != Operation::Delete;
+            let external_id = known
+                .map(|(id, _, _)| id.clone())
                 .or_else(|| queued.change.external_id.clone());
             let sink = Arc::clone(&self.sink);
             let retry = self.retry.clone();
@@ -395,6 +413,12 @@ impl Pipeline {
                     request,
                 } = queued;
                 let mut external_id = external_id;
+                if linked && request.is_none() {
+                    if let Ok(Some(row)) = store.current_row(&change.key.text).await {
+                        requests::adopt_row(&mut change, row);
+                    }
+                    change.op = Operation::Update;
+                }
                 if let Some(id) = request {
                     // The row as it is now: never older than a change this
                     // lane pushed before, and a later change queues behind.
@@ -416,26 +440,62 @@ impl Pipeline {
                                 abandoned: false,
                                 deleted: false,
                                 external_id: None,
+                                linked: false,
                                 failure: None,
                             };
                         }
                     }
                 }
                 let external_id = match external_id {
-                    None if change.op != Operation::Insert => {
+                    Some(id) => Some(id),
+                    None if change.op == Operation::Delete => {
                         store.external_id(&change.key.text).await
                     }
-                    // A row already linked when its insert is pushed: it was
-                    // synced by `sync-user` (no daemon running) before the
-                    // stream got here. Creating it again would duplicate it.
-                    None if request.is_none() => {
-                        let id = store.external_id(&change.key.text).await;
-                        if id.is_some() {
-                            change.op = Operation::Update;
+                    // About to create: what the row holds now decides,
+                    // read in order with an inbound write linking it.
+                    None => loop {
+                        let wait = change.op != Operation::Insert;
+                        match store.link_for_push(&change.key.text, wait).await {
+                            // Linked by an inbound write of the sink's
+                            // service (an import, a webhook) after this
+                            // change was committed: that write is newer and
+                            // was not pushed (no echo), so the row as it is
+                            // now is what the service must get. Otherwise
+                            // (a write-back of this user's earlier push,
+                            // `sync-user` without a daemon) the change's own
+                            // values, as an update: creating would duplicate.
+                            Link::Linked { id, hash } => {
+                                if let (Some(hash), Ok(Some(row))) =
+                                    (hash, store.current_row(&change.key.text).await)
+                                {
+                                    if values_hash(&row.data) == hash {
+                                        requests::adopt_row(&mut change, row);
+                                        linked = true;
+                                    }
+                                }
+                                change.op = Operation::Update;
+                                break Some(id);
+                            }
+                            Link::Unlinked => break None,
+                            Link::Wait => {
+                                tracing::debug!(user = %change.key, "an import from the sink's service is running; this never-synced user waits for it before a record is created");
+                                tokio::select! {
+                                    _ = tokio::time::sleep(IMPORT_WAIT) => {}
+                                    _ = stop.cancelled() => {
+                                        return PushResult {
+                                            key,
+                                            seq,
+                                            abandoned: true,
+                                            deleted: false,
+                                            external_id: None,
+                                            linked: false,
+                                            failure: None,
+                                        };
+                                    }
+                                }
+                            }
                         }
-                        id
-                    }
-                    id => id,
+                    },
                 };
                 let started = Instant::now();
                 let first_attempt_at = SystemTime::now();
@@ -454,6 +514,7 @@ impl Pipeline {
                         abandoned: true,
                         deleted: false,
                         external_id: None,
+                        linked: false,
                         failure: None,
                     };
                 };
@@ -494,6 +555,7 @@ impl Pipeline {
                             abandoned: false,
                             deleted: change.op == Operation::Delete,
                             external_id,
+                            linked,
                             failure: None,
                         }
                     }
@@ -503,6 +565,7 @@ impl Pipeline {
                         abandoned: false,
                         deleted: false,
                         external_id: None,
+                        linked: false,
                         failure: Some(Failure {
                             seq,
                             change,

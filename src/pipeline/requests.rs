@@ -51,7 +51,7 @@ pub async fn prepare(
             return Err(NoPush(mark));
         }
     };
-    let external_id = known.or(row.external_id);
+    let external_id = known.or(row.external_id.clone());
     // Stripe links an existing customer only on the update path (search by
     // metadata key, then create); its creates are deduplicated by
     // idempotency keys alone, which a customer made by another tool lacks.
@@ -60,12 +60,18 @@ pub async fn prepare(
     } else {
         Operation::Insert
     };
+    adopt_row(change, row);
+    change.external_id = external_id.clone();
+    Ok(external_id)
+}
+
+/// Makes `change` push `row`, the user's row as it is now: every synced
+/// column, as a request pushes it.
+pub fn adopt_row(change: &mut Change, row: crate::core::table::CurrentRow) {
     change.key = row.key;
     change.changed = row.data.keys().cloned().collect();
     change.data = Some(row.data);
     change.omitted = row.omitted;
-    change.external_id = external_id.clone();
-    Ok(external_id)
 }
 
 /// The hash of the values a successful push sent and, for a request, its mark.

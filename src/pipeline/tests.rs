@@ -29,8 +29,9 @@ use crate::source::stream::SourceEvent;
 struct Seen {
     key: String,
     lsn: Lsn,
-    op: Operation,
     external_id: Option<String>,
+    op: Operation,
+    data: Option<Map<String, Value>>,
 }
 
 #[derive(Default)]
@@ -74,8 +75,9 @@ impl Sink for ScriptedSink {
             lock(&self.seen).push(Seen {
                 key: change.key.text.clone(),
                 lsn: change.commit_lsn,
-                op: change.op,
                 external_id: external_id.map(str::to_string),
+                op: change.op,
+                data: change.data.clone(),
             });
             if self.throttle.load(Ordering::SeqCst) {
                 return Err(SinkError::Http {
@@ -704,4 +706,100 @@ async fn a_stop_waits_for_a_dead_letter_to_become_durable() {
         .expect("the loop ends once the dead letter is durable")
         .expect("join");
     assert!(ended.is_ok(), "{ended:?}");
+}
+
+/// A row linked behind the lanes' back (an import or a webhook of the
+/// sink's own service, whose write is not pushed) after the user's queued
+/// changes were committed: they carry no id and values the link overwrote.
+/// Each is pushed as an update of the linked record with the row as it is
+/// now, never as a create, also the second one, whose id comes from memory
+/// while the first write-back is not durable yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_from_before_a_link_push_the_row_as_it_is_now() {
+    use crate::core::table::CurrentRow;
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    let mut now = Map::new();
+    now.insert("id".into(), json!("u1"));
+    now.insert("name".into(), json!("as the link wrote it"));
+    lock(&store.rows).insert(
+        "u1".into(),
+        CurrentRow {
+            key: UserKey {
+                text: "u1".into(),
+                json: json!("u1"),
+            },
+            data: now.clone(),
+            external_id: Some("ext_linked".into()),
+            omitted: Vec::new(),
+        },
+    );
+    lock(&store.external_ids).insert("u1".into(), "ext_linked".into());
+    // The link recorded the hash of what it wrote, as an inbound write of
+    // the sink's service does.
+    lock(&store.hashes).insert("u1".into(), crate::core::outcome::values_hash(&now));
+    let mut h = start(pipeline(Arc::clone(&sink), Arc::clone(&store)), 16);
+    h.txn("u1", Operation::Update, 10).await;
+    h.txn("u1", Operation::Insert, 20).await;
+    // Neither write-back is made durable: the second push's id is the
+    // first one's, from memory.
+    let first = h.item().await;
+    let second = h.item().await;
+    let seen = sink.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for s in &seen {
+        assert_eq!(s.external_id.as_deref(), Some("ext_linked"), "{s:?}");
+        assert_eq!(s.op, Operation::Update, "{s:?}");
+        assert_eq!(s.data.as_ref(), Some(&now), "{s:?}");
+    }
+    for item in [&first, &second] {
+        assert!(
+            matches!(&item.outcome, Outcome::Synced { external_id: Some(id), .. } if id == "ext_linked"),
+            "{:?}",
+            item.outcome
+        );
+    }
+    h.stop().await;
+}
+
+/// The row's id came from this user's own earlier push (its write-back is
+/// durable, so memory no longer holds it) and the row has changed since:
+/// the recorded hash is not the row's, so a change committed before that
+/// write-back still pushes its own values, in order (found by
+/// `spine::one_transaction_of_many_users_keeps_per_user_order`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_from_before_its_own_write_back_keeps_its_values() {
+    use crate::core::table::CurrentRow;
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    let mut now = Map::new();
+    now.insert("id".into(), json!("u2"));
+    now.insert("name".into(), json!("a later change"));
+    lock(&store.rows).insert(
+        "u2".into(),
+        CurrentRow {
+            key: UserKey {
+                text: "u2".into(),
+                json: json!("u2"),
+            },
+            data: now.clone(),
+            external_id: Some("ext_own".into()),
+            omitted: Vec::new(),
+        },
+    );
+    lock(&store.external_ids).insert("u2".into(), "ext_own".into());
+    lock(&store.hashes).insert("u2".into(), "hash of the created values".into());
+    let mut h = start(pipeline(Arc::clone(&sink), Arc::clone(&store)), 16);
+    h.txn("u2", Operation::Update, 10).await;
+    let _ = h.item().await;
+    let seen = sink.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].external_id.as_deref(), Some("ext_own"));
+    assert_eq!(seen[0].op, Operation::Update);
+    assert_eq!(
+        seen[0].data.as_ref().and_then(|d| d.get("name")),
+        None,
+        "the change's own values, not the row's: {seen:?}"
+    );
+    h.stop().await;
 }

@@ -456,7 +456,7 @@ impl Applier {
             (Some(c), true) => Some(
                 client
                     .prepare(&format!(
-                        "SELECT {key}::text FROM {table} WHERE lower({}::text) = lower($1) LIMIT 2 FOR UPDATE",
+                        "SELECT {key}::text, {id} IS NULL FROM {table} WHERE lower({}::text) = lower($1) LIMIT 2 FOR UPDATE",
                         quote_ident(c)
                     ))
                     .await
@@ -874,7 +874,11 @@ impl Applier {
             self.set_version(record, is_delete).await?;
             return Ok(Applied::Echo);
         }
-        let found = self.find(record).await?;
+        let found = match self.find(record).await? {
+            Found::Row(key) => Some(key),
+            Found::Nothing => None,
+            Found::LinkedElsewhere => return Ok(Applied::Unmatched),
+        };
         if let Some(key) = &found {
             if !overdue && self.in_flight(key).await? {
                 return Ok(Applied::Deferred);
@@ -1056,25 +1060,34 @@ impl Applier {
     /// The row's key: by the provider's id, then the back-reference
     /// usersync's sinks store, then (when enabled) the email. An ambiguous
     /// email matches nothing.
-    async fn find(&self, record: &InboundRecord) -> Result<Option<String>, tokio_postgres::Error> {
+    async fn find(&self, record: &InboundRecord) -> Result<Found, tokio_postgres::Error> {
         let tx = &self.client;
         let rows = tx.query(&self.by_id, &[&record.subject]).await?;
         if let [one] = rows.as_slice() {
-            return Ok(Some(one.try_get(0)?));
+            return Ok(Found::Row(one.try_get(0)?));
         }
         if let Some(back) = record.back_ref.as_deref().filter(|b| self.key_text_fits(b)) {
             let rows = tx.query(&self.by_key, &[&back]).await?;
             if let Some(one) = rows.first() {
-                return Ok(Some(one.try_get(0)?));
+                return Ok(Found::Row(one.try_get(0)?));
             }
         }
         if let (Some(stmt), Some(email)) = (&self.by_email, record.email.as_deref()) {
             let rows = tx.query(stmt, &[&email]).await?;
             if let [one] = rows.as_slice() {
-                return Ok(Some(one.try_get(0)?));
+                // A row linked to another record of this source is that
+                // record's: taking it would leave the other one without a
+                // row (and, for the sink's service, a second record for the
+                // user). Nor is a new row made for the same email.
+                let unlinked: bool = one.try_get(1)?;
+                return Ok(if unlinked {
+                    Found::Row(one.try_get(0)?)
+                } else {
+                    Found::LinkedElsewhere
+                });
             }
         }
-        Ok(None)
+        Ok(Found::Nothing)
     }
 
     /// Whether a back-reference can be the key's text at all, so a hostile
@@ -1221,6 +1234,14 @@ impl Applier {
             Err(crate::store::rows::InTxError::Value) => Ok(None),
         }
     }
+}
+
+/// The row a record matches.
+enum Found {
+    Row(String),
+    Nothing,
+    /// The only row with the record's email holds another record's id.
+    LinkedElsewhere,
 }
 
 /// Creates the origin if it does not exist yet (setup creates it too).

@@ -454,3 +454,47 @@ mod tests {
         assert!(hints[2].contains("ALTER PUBLICATION \"Pub\" ADD TABLE \"public\".\"Users\";"));
     }
 }
+
+/// How the table answers one of the inbound look-ups (`WHERE <expr> =
+/// value`): whether an index serves it, and the table's estimated rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupIndex {
+    pub indexed: bool,
+    /// `pg_class.reltuples`; 0 before the first ANALYZE.
+    pub rows: i64,
+}
+
+/// Asks the planner whether `WHERE <expr> = 'x'` on `table` (aliased `u`)
+/// can use an index, with sequential scans switched off for the question
+/// so the answer does not depend on the table's size today. `expr` is
+/// built by the caller from quoted identifiers.
+pub async fn lookup_index(
+    client: &Client,
+    table: &TableName,
+    expr: &str,
+) -> Result<LookupIndex, tokio_postgres::Error> {
+    client
+        .batch_execute("BEGIN; SET LOCAL enable_seqscan = off")
+        .await?;
+    let plan = client
+        .query_one(
+            &format!(
+                "EXPLAIN (FORMAT JSON) SELECT 1 FROM {} AS u WHERE {expr} = 'x'",
+                table.quoted()
+            ),
+            &[],
+        )
+        .await;
+    let rows = client
+        .query_one(
+            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::text::regclass",
+            &[&table.quoted()],
+        )
+        .await;
+    client.batch_execute("ROLLBACK").await?;
+    let plan: serde_json::Value = plan?.try_get(0)?;
+    Ok(LookupIndex {
+        indexed: !plan.to_string().contains("\"Seq Scan\""),
+        rows: rows?.try_get(0)?,
+    })
+}
