@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -513,13 +513,51 @@ pub async fn run_cli(cmd: Command, limit: Duration) -> CliOutcome {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let out = tokio::time::timeout(limit, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("usersync did not exit within {limit:?}"))
-        .expect("spawn usersync");
+    let mut child = cmd.spawn().expect("spawn usersync");
+    // Read as it comes, so that a run that does not end still shows what
+    // it said in the failure.
+    fn collect<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+        pipe: Option<R>,
+    ) -> (Arc<Mutex<Vec<u8>>>, tokio::task::JoinHandle<()>) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buf);
+        let task = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let Some(mut pipe) = pipe else { return };
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(&chunk[..n]);
+            }
+        });
+        (buf, task)
+    }
+    let (stdout, out_task) = collect(child.stdout.take());
+    let (stderr, err_task) = collect(child.stderr.take());
+    let text = |b: &Arc<Mutex<Vec<u8>>>| {
+        String::from_utf8_lossy(&b.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            .into_owned()
+    };
+    let status = match tokio::time::timeout(limit, child.wait()).await {
+        Ok(status) => status.expect("wait for usersync"),
+        Err(_) => {
+            let _ = child.kill().await;
+            panic!(
+                "usersync did not exit within {limit:?}; it wrote:\n{}{}",
+                text(&stdout),
+                text(&stderr)
+            );
+        }
+    };
+    let _ = out_task.await;
+    let _ = err_task.await;
     CliOutcome {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: status.code(),
+        stdout: text(&stdout),
+        stderr: text(&stderr),
     }
 }
