@@ -342,6 +342,7 @@ async fn session(
         acks: ack_tx,
     };
     let pipeline_cancel = session_cancel.clone();
+    let mut writer_ended = false;
     let outcome: Result<(), RunError> = tokio::select! {
         r = pipeline.run(channels, parked, done, pipeline_cancel) => r.map_err(RunError::from),
         r = &mut reader_task => match r {
@@ -349,11 +350,29 @@ async fn session(
             Ok(Err(e)) => Err(e.into()),
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         },
-        r = &mut writer_task => match r {
-            Ok(Ok(())) => Err(PipelineError::WriterGone.into()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        },
+        r = &mut writer_task => {
+            writer_ended = true;
+            match r {
+                Ok(Ok(())) => Err(PipelineError::WriterGone.into()),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        }
+    };
+    // The pipeline sees a failed writer only as its closed channel, and can
+    // see it before the writer's result is in: the writer's own error says
+    // what failed and whether retrying can fix it (a refused write-back
+    // stops `run`; "the write-back task stopped" alone would be retried
+    // forever).
+    let outcome = match outcome {
+        Err(RunError::Pipeline(PipelineError::WriterGone)) if !writer_ended => {
+            match tokio::time::timeout(Duration::from_secs(5), &mut writer_task).await {
+                Ok(Ok(Err(e))) => Err(e.into()),
+                Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                _ => Err(PipelineError::WriterGone.into()),
+            }
+        }
+        other => other,
     };
     // The pipeline also ends when the reader's channel closes: without a
     // stop request, that is the stream failing, not a clean stop.

@@ -552,6 +552,13 @@ async fn write_back_lands_when_the_commit_becomes_visible_late() {
         .unwrap_or_else(|e| panic!("cannot start a PostgreSQL: {e}"));
     pg.create_database("app").expect("create database");
     pg.psql("app", USERS_BIGINT).expect("create table");
+    // Only the app's commit is to wait for the standby that never comes:
+    // the daemon's sessions commit locally (were its own write-back or
+    // resume commit to wait too, as it did under load on 14, the write-back
+    // would never reach the row at all). The app's session asks for the
+    // wait itself, below.
+    pg.psql("app", "ALTER DATABASE app SET synchronous_commit = local")
+        .expect("synchronous_commit");
     let url = pg.url("app");
     let secret = WebhookSecret::generate();
     let fake = FakeService::start(FakeOptions {
@@ -626,6 +633,9 @@ async fn write_back_lands_when_the_commit_becomes_visible_late() {
         .await
         .expect("reload");
     let app = connect().await;
+    app.batch_execute("SET synchronous_commit = on")
+        .await
+        .expect("synchronous_commit");
     let deadline = Instant::now() + WAIT;
     loop {
         let v: String = app
