@@ -130,10 +130,11 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
     ]
 }
 
-/// The slot statement `setup` runs on this server: the DO block of the
-/// printed script on 17+, and before 17 the plain statement, because
-/// PostgreSQL 14 can fail a slot created inside PL/pgSQL with "snapshot
-/// reference … is not owned by resource owner TopTransaction" (seen in CI).
+/// The slot statement `setup` runs on this server: a plain statement with
+/// the arguments this version takes, never the printed script's DO block,
+/// because PostgreSQL can fail a slot created inside PL/pgSQL with
+/// "snapshot reference … is not owned by resource owner TopTransaction"
+/// (seen in CI on 14 and on 17, in some runs only).
 pub async fn create_slot_sql_for(
     client: &Client,
     slot: &str,
@@ -142,14 +143,16 @@ pub async fn create_slot_sql_for(
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await?
         .try_get(0)?;
-    Ok(if version >= 170_000 {
-        create_slot_sql(slot)
+    // 17+: temporary = false, two_phase = false, failover = true.
+    let failover = if version >= 170_000 {
+        ", false, false, true"
     } else {
-        format!(
-            "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput')\n    WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot});",
-            slot = quote_literal(slot)
-        )
-    })
+        ""
+    };
+    Ok(format!(
+        "SELECT pg_create_logical_replication_slot({slot}, 'pgoutput'{failover})\n    WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot});",
+        slot = quote_literal(slot)
+    ))
 }
 
 /// Creates the logical slot when it does not exist, as a failover slot
