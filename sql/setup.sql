@@ -172,6 +172,15 @@ CREATE TABLE IF NOT EXISTS usersync.inbound_versions (
     PRIMARY KEY (source, stream, subject)
 );
 
+-- Rows an inbound source's delete unlinked (on_delete = "unlink"), so `reconcile --from` that source counts them as agreeing.
+CREATE TABLE IF NOT EXISTS usersync.inbound_unlinked (
+    source text NOT NULL,
+    user_key text NOT NULL,
+    external_id text NOT NULL,
+    unlinked_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, user_key)
+);
+
 -- Where an unfinished `usersync import` of each source stopped (the list cursor after the last page applied), so a crashed import resumes there.
 CREATE TABLE IF NOT EXISTS usersync.import_cursors (
     source text PRIMARY KEY,

@@ -378,7 +378,8 @@ pub async fn run(
 /// holds other values differs in those columns; a row linked to an id the
 /// list no longer has is linked to a missing record (unless `on_delete =
 /// soft(…)` marked it deleted); a row linked to nothing is only in the
-/// table; one id in two rows is claimed twice.
+/// table, unless the source's delete unlinked it; one id in two rows is
+/// claimed twice.
 pub fn compare_source(
     id_column: &str,
     plans: &[crate::app::import::Planned],
@@ -438,7 +439,9 @@ pub fn compare_source(
                 fields: Vec::new(),
             }),
             Some(_) => {}
-            None if matched.contains(r.key.as_str()) => {}
+            // The source deleted its record and its policy is to unlink:
+            // the table agrees with the service.
+            None if r.unlinked || matched.contains(r.key.as_str()) => {}
             None => drifts.push(Drift {
                 kind: DriftKind::OnlyInTable,
                 user_keys: vec![r.key.clone()],
@@ -486,7 +489,7 @@ async fn run_source(
         email_column: None,
         soft_column: soft,
     };
-    let rows = crate::store::import::link_states(&client, &shape, &cols)
+    let rows = crate::store::import::link_states(&client, &shape, &cols, &source.name)
         .await
         .map_err(import::ImportError::Db)?;
     let survey = import::survey(cfg, &source.name, cancel.clone(), opts.quiet).await?;

@@ -193,39 +193,61 @@ pub async fn candidates(
 }
 
 /// A row as `reconcile --from <source>` sees it: its key, the source's id
-/// it holds, and whether `on_delete = soft(…)` marked it deleted.
+/// it holds, whether `on_delete = soft(…)` marked it deleted, and whether
+/// the source's delete unlinked it (`on_delete = "unlink"`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkState {
     pub key: String,
     pub id: Option<String>,
     pub soft_deleted: bool,
+    pub unlinked: bool,
 }
 
-/// Every row's key, id column and soft-delete mark, in key order.
+/// Every row's key, id column, soft-delete mark and unlink mark from
+/// `source`, in key order.
 pub async fn link_states(
     client: &Client,
     shape: &TableShape,
     cols: &MatchColumns<'_>,
+    source: &str,
 ) -> Result<Vec<LinkState>, DbError> {
+    let read = db_err("reading the users table for reconcile");
     let soft = match cols.soft_column {
         Some(c) => format!("u.{} IS NOT NULL", quote_ident(c)),
         None => "false".into(),
     };
     let key = quote_ident(&shape.key_column);
+    // A setup from before the unlink mark has no table: nothing unlinked.
+    let marks: bool = client
+        .query_one(
+            "SELECT to_regclass('usersync.inbound_unlinked') IS NOT NULL",
+            &[],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(&read)?;
+    let unlinked = if marks {
+        format!(
+            "EXISTS (SELECT 1 FROM usersync.inbound_unlinked x \
+             WHERE x.source = $1 AND x.user_key = u.{key}::text)"
+        )
+    } else {
+        "$1::text IS NULL".into()
+    };
     // `u.` so the order is the key's own, not its text's.
     let sql = format!(
-        "SELECT u.{key}::text, u.{}::text, {soft} FROM {} AS u ORDER BY u.{key}",
+        "SELECT u.{key}::text, u.{}::text, {soft}, {unlinked} FROM {} AS u ORDER BY u.{key}",
         quote_ident(cols.id_column),
         shape.table.quoted()
     );
-    let read = db_err("reading the users table for reconcile");
-    let rows = client.query(&sql, &[]).await.map_err(&read)?;
+    let rows = client.query(&sql, &[&source]).await.map_err(&read)?;
     rows.iter()
         .map(|r| {
             Ok(LinkState {
                 key: r.try_get(0).map_err(&read)?,
                 id: r.try_get(1).map_err(&read)?,
                 soft_deleted: r.try_get(2).map_err(&read)?,
+                unlinked: r.try_get(3).map_err(&read)?,
             })
         })
         .collect()

@@ -65,6 +65,19 @@ pub const VERSIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.inbound_vers
     PRIMARY KEY (source, stream, subject)
 );";
 
+/// Rows a source's delete unlinked (`on_delete = "unlink"`): the record is
+/// gone from the service on purpose, so `reconcile --from` that source
+/// counts the row, while its id column stays empty, as agreeing rather than
+/// as only in the table. Kept per (source, row) and written in the delete's
+/// own transaction, so the mark and the unlink commit together.
+pub const UNLINKED_DDL: &str = "CREATE TABLE IF NOT EXISTS usersync.inbound_unlinked (
+    source text NOT NULL,
+    user_key text NOT NULL,
+    external_id text NOT NULL,
+    unlinked_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, user_key)
+);";
+
 /// How long an inbound apply waits for a row or version lock before it
 /// gives up and the provider is asked to retry (503).
 const LOCK_TIMEOUT: &str = "2s";
@@ -358,6 +371,16 @@ impl Applier {
         }
         if !shape.has_column(&source.id_column) {
             return Err(unknown("id_column", &source.id_column));
+        }
+        if source.on_delete == InboundOnDelete::Unlink {
+            // A setup older than the unlink mark: say so at start, not at
+            // the first delete.
+            client
+                .prepare("SELECT 1 FROM usersync.inbound_unlinked LIMIT 0")
+                .await
+                .map_err(prep(
+                    "finding usersync.inbound_unlinked, which on_delete = \"unlink\" needs (run `usersync setup`)",
+                ))?;
         }
         if let InboundOnDelete::Soft(c) = &source.on_delete {
             if !shape.has_column(c) {
@@ -888,7 +911,7 @@ impl Applier {
         let key = match (record.action, found) {
             (Action::Delete, None) => return Ok(Applied::Unmatched),
             (Action::Delete, Some(key)) => {
-                self.delete(&key).await?;
+                self.delete(&key, &record.subject).await?;
                 return Ok(Applied::Applied(key));
             }
             (Action::Update, None) => return Ok(Applied::Unmatched),
@@ -1204,7 +1227,9 @@ impl Applier {
         }
     }
 
-    async fn delete(&self, key: &str) -> Result<(), tokio_postgres::Error> {
+    /// Applies the source's `on_delete` to the row `key`, which the
+    /// record `subject` was linked to.
+    async fn delete(&self, key: &str, subject: &str) -> Result<(), tokio_postgres::Error> {
         let table = self.shape.table.quoted();
         let k = quote_ident(&self.shape.key_column);
         let where_key = format!("WHERE {k} = $1::text::{}", self.shape.key_type);
@@ -1212,10 +1237,20 @@ impl Applier {
             InboundOnDelete::Soft(c) => {
                 format!("UPDATE {table} SET {} = now() {where_key}", quote_ident(c))
             }
-            InboundOnDelete::Unlink => format!(
-                "UPDATE {table} SET {} = NULL {where_key}",
-                quote_ident(&self.source.id_column)
-            ),
+            InboundOnDelete::Unlink => {
+                let sql = format!(
+                    "WITH u AS (UPDATE {table} SET {} = NULL {where_key} RETURNING {k}::text AS k) \
+                     INSERT INTO usersync.inbound_unlinked AS x (source, user_key, external_id) \
+                     SELECT $2, k, $3 FROM u \
+                     ON CONFLICT (source, user_key) DO UPDATE \
+                     SET external_id = EXCLUDED.external_id, unlinked_at = now()",
+                    quote_ident(&self.source.id_column)
+                );
+                self.client
+                    .execute(&sql, &[&key, &self.source.name, &subject])
+                    .await?;
+                return Ok(());
+            }
             InboundOnDelete::Delete => format!("DELETE FROM {table} {where_key}"),
             InboundOnDelete::Ignore => return Ok(()),
         };

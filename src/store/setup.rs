@@ -124,6 +124,10 @@ pub fn steps(cfg: &DatabaseConfig) -> Vec<Step> {
             sql: crate::store::inbound::VERSIONS_DDL.to_string(),
         },
         Step {
+            comment: "Rows an inbound source's delete unlinked (on_delete = \"unlink\"), so `reconcile --from` that source counts them as agreeing.",
+            sql: crate::store::inbound::UNLINKED_DDL.to_string(),
+        },
+        Step {
             comment: "Where an unfinished `usersync import` of each source stopped (the list cursor after the last page applied), so a crashed import resumes there.",
             sql: crate::store::import::CURSORS_DDL.to_string(),
         },

@@ -985,6 +985,134 @@ async fn fix_pull_and_reconcile_from_through_the_binary_converge_without_echo() 
     stripe.shutdown().await;
 }
 
+/// `on_delete = "unlink"`: a record deleted in Stripe, pulled by
+/// `reconcile --fix pull` or delivered as `customer.deleted`, leaves its row
+/// without an id, and the row is what the source's policy asks for, so a
+/// second `reconcile --from stripe` agrees (exit 0) instead of listing it
+/// as only in the table forever. The outbound reconcile, which compares
+/// the sink's service with the table, still lists both rows: a push would
+/// create them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fix_pull_with_on_delete_unlink_converges() {
+    install_crypto();
+    let db = TestDb::new(&bigserial()).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 0,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let toml = stripe_toml(&db, &stripe.url());
+    let mut ids = Vec::new();
+    for (email, name) in [
+        ("a@example.com", "A"),
+        ("b@example.com", "B"),
+        ("c@example.com", "C"),
+    ] {
+        let id = stripe.insert_customer(Some(email), Some(name), meta(&[("plan", "free")]));
+        db.exec(&format!(
+            "INSERT INTO users (email, name, plan, external_user_id) VALUES ('{email}', '{name}', 'free', '{id}')"
+        ))
+        .await;
+        ids.push(id);
+    }
+    let key = |email: &'static str| {
+        let client = &db.client;
+        async move {
+            client
+                .query_one("SELECT id::text FROM users WHERE email = $1", &[&email])
+                .await
+                .expect("row")
+                .get::<_, String>(0)
+        }
+    };
+    let (b, c) = (key("b@example.com").await, key("c@example.com").await);
+    let from = ["reconcile", "--from", "stripe"];
+    let out = stripe_cli(&db, &toml, &from).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+
+    // Deleted behind usersync's back, then pulled.
+    assert!(stripe.edit_customer(&ids[1], |c| c.deleted = true));
+    let out = stripe_cli(
+        &db,
+        &toml,
+        &["reconcile", "--from", "stripe", "--fix", "pull"],
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    assert!(
+        out.stdout
+            .contains(&format!("linked_missing   user {b} external {}\n", ids[1]))
+            && out.stdout.contains("fix pull: deleted 1,"),
+        "{}",
+        out.all()
+    );
+    let out = stripe_cli(&db, &toml, &from).await;
+    assert_eq!(out.code, Some(0), "converged after the pull: {}", out.all());
+
+    // Deleted through Stripe's API: the receiver applies customer.deleted.
+    let cfg = config(&toml);
+    let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
+        .await
+        .expect("table");
+    let cancel = CancellationToken::new();
+    let receiver = usersync::app::inbound::start(&cfg, &shape, cancel.clone())
+        .await
+        .expect("receiver")
+        .expect("configured");
+    stripe.webhooks().set_target(Some(
+        usersync::dev::fake::webhooks::WebhookTarget::stripe(
+            &format!("http://{}/stripe", receiver.addr),
+            WHSEC,
+        )
+        .expect("secret")
+        .compressed(0.001),
+    ));
+    let status = reqwest::Client::new()
+        .delete(format!("{}/v1/customers/{}", stripe.url(), ids[2]))
+        .bearer_auth(STRIPE_KEY)
+        .send()
+        .await
+        .expect("delete")
+        .status();
+    assert!(status.is_success(), "{status}");
+    stripe.webhooks().settled().await;
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM users WHERE id = {c} AND external_user_id IS NULL"
+        ))
+        .await,
+        1,
+        "customer.deleted unlinked the row"
+    );
+    cancel.cancel();
+    let out = stripe_cli(&db, &toml, &from).await;
+    assert_eq!(
+        out.code,
+        Some(0),
+        "converged after the webhook: {}",
+        out.all()
+    );
+    assert!(
+        out.stdout.contains("3 rows, 1 records: 0 only_in_table,"),
+        "{}",
+        out.all()
+    );
+
+    // The sink's side: both rows have no customer.
+    let out = stripe_cli(&db, &toml, &["reconcile"]).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    for k in [&b, &c] {
+        assert!(
+            out.stdout.contains(&format!("only_in_table    user {k}\n")),
+            "{k}: {}",
+            out.all()
+        );
+    }
+    stripe.shutdown().await;
+}
+
 /// The look-ups matching makes per webhook and per imported record have no
 /// index of usersync's making (the table is the app's): `usersync check`
 /// asks the planner and says so, as a warning once the table is large, with
