@@ -765,6 +765,24 @@ async fn a_clean_stop_confirms_everything_written_back() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         daemon.stop().await;
+        // The final status update precedes CopyDone on the connection, but
+        // the walsender reads it after our stop returns: once it has
+        // released the slot it has read everything we sent (seen on 18).
+        let deadline = std::time::Instant::now() + WAIT;
+        while db
+            .count(&format!(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}' AND active",
+                db.dbname
+            ))
+            .await
+            > 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the walsender kept the slot after the stop"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let past: bool = db
             .client
             .query_one(
