@@ -418,12 +418,34 @@ impl std::fmt::Debug for DatabaseConfig {
 }
 
 impl DatabaseConfig {
-    /// `host:port/dbname as user`, for messages.
+    /// `host:port[,host:port…]/dbname as user`, for messages: every host
+    /// of a multi-host URL, since the one answering may be any of them.
     pub fn describe(&self) -> String {
-        format!(
-            "{}:{}/{} as {}",
-            self.host, self.port, self.dbname, self.user
-        )
+        let ports = self.pg.get_ports();
+        let hosts: Vec<String> = self
+            .pg
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                };
+                // One port serves every host; else they pair up.
+                let port = ports
+                    .get(if ports.len() == 1 { 0 } else { i })
+                    .copied()
+                    .unwrap_or(self.port);
+                format!("{host}:{port}")
+            })
+            .collect();
+        let hosts = if hosts.is_empty() {
+            format!("{}:{}", self.host, self.port)
+        } else {
+            hosts.join(",")
+        };
+        format!("{hosts}/{} as {}", self.dbname, self.user)
     }
 }
 
@@ -1241,6 +1263,29 @@ mod tests {
         assert_eq!(parse_interval("0s"), None);
         assert_eq!(parse_interval("5 weeks"), None);
         assert_eq!(parse_interval("m"), None);
+    }
+
+    #[test]
+    fn describe_names_every_host_of_a_multi_host_url() {
+        let one = MINIMAL;
+        let two = MINIMAL.replace(
+            "postgres://app@db.example:5433/app",
+            "postgres://app@db1.example:5433,db2.example:5434/app?target_session_attrs=read-write",
+        );
+        let shared = MINIMAL.replace(
+            "postgres://app@db.example:5433/app",
+            "postgres://app@db1.example,db2.example/app",
+        );
+        let e = env(&[("HOOK_SECRET", SECRET)]);
+        let d = |toml: &str| {
+            Config::from_parts(Some(toml), "test", &e)
+                .expect("config")
+                .database
+                .describe()
+        };
+        assert_eq!(d(one), "db.example:5433/app as app");
+        assert_eq!(d(&two), "db1.example:5433,db2.example:5434/app as app");
+        assert_eq!(d(&shared), "db1.example:5432,db2.example:5432/app as app");
     }
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
