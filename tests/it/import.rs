@@ -985,6 +985,106 @@ async fn fix_pull_and_reconcile_from_through_the_binary_converge_without_echo() 
     stripe.shutdown().await;
 }
 
+/// Issue 17's create race with a webhook doing the link, in its ordered
+/// form: a row from before usersync (never pushed) is changed by the app;
+/// before the stream gets to that change, `customer.created` for a customer
+/// made elsewhere with the row's email links the row (match_email) and
+/// writes the customer's values. The change must then be pushed as an
+/// update of that customer with the row as it is now: no second customer,
+/// and Stripe's name is the table's, so `reconcile` exits 0. Quiescence: the
+/// slot confirmed past the app's change and the link (the write-back
+/// rule), not a sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_link_before_the_push_makes_the_push_an_update() {
+    install_crypto();
+    let db = TestDb::new(&format!(
+        "{}; INSERT INTO users (email, name, plan) VALUES ('old@example.com', 'Old', 'free')",
+        bigserial()
+    ))
+    .await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 0,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let toml = stripe_toml(&db, &stripe.url());
+    let cfg = config(&toml);
+    db.exec("UPDATE users SET name = 'Old B' WHERE email = 'old@example.com'")
+        .await;
+
+    let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
+        .await
+        .expect("table");
+    let cancel = CancellationToken::new();
+    let receiver = usersync::app::inbound::start(&cfg, &shape, cancel.clone())
+        .await
+        .expect("receiver")
+        .expect("configured");
+    stripe.webhooks().set_target(Some(
+        usersync::dev::fake::webhooks::WebhookTarget::stripe(
+            &format!("http://{}/stripe", receiver.addr),
+            WHSEC,
+        )
+        .expect("secret")
+        .compressed(0.001),
+    ));
+    let created: Value = reqwest::Client::new()
+        .post(format!("{}/v1/customers", stripe.url()))
+        .bearer_auth(STRIPE_KEY)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("email=old%40example.com&name=Olga&metadata%5Bplan%5D=free")
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let cus = created["id"].as_str().expect("id").to_string();
+    stripe.webhooks().settled().await;
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM users WHERE external_user_id = '{cus}' AND name = 'Olga'"
+        ))
+        .await,
+        1,
+        "customer.created linked the row by email"
+    );
+    cancel.cancel();
+    let before = stripe.requests().len();
+
+    let daemon = {
+        let cfg = cfg.clone();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let task = tokio::spawn(async move { usersync::app::run::run(&cfg, c, None).await });
+        InProcessDaemon { cancel, task }
+    };
+    db.wait_confirmed_past_now(WAIT).await;
+    daemon.stop().await;
+    let pushed: Vec<_> = stripe
+        .requests()
+        .into_iter()
+        .skip(before)
+        .filter(|r| r.method != "GET")
+        .collect();
+    assert_eq!(
+        stripe.customers().len(),
+        1,
+        "no second customer: {pushed:#?}"
+    );
+    assert!(
+        pushed
+            .iter()
+            .all(|r| r.path == format!("/v1/customers/{cus}")),
+        "only updates of the linked customer: {pushed:#?}"
+    );
+    let out = stripe_cli(&db, &toml, &["reconcile"]).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    stripe.shutdown().await;
+}
+
 /// `on_delete = "unlink"`: a record deleted in Stripe, pulled by
 /// `reconcile --fix pull` or delivered as `customer.deleted`, leaves its row
 /// without an id, and the row is what the source's policy asks for, so a
