@@ -1197,26 +1197,24 @@ impl Applier {
         }
     }
 
-    fn set_version_step<'a>(
-        &'a self,
-        record: &'a InboundRecord,
+    async fn set_version_step(
+        &self,
+        record: &InboundRecord,
         is_delete: bool,
-    ) -> impl std::future::Future<Output = Result<Out, tokio_postgres::Error>> + Send + 'a {
-        async move {
-            self.client
-                .execute(
-                    &self.set_version,
-                    &[
-                        &self.source.name,
-                        &record.stream,
-                        &record.subject,
-                        &record.version,
-                        &is_delete,
-                    ],
-                )
-                .await
-                .map(|_| Out::Done)
-        }
+    ) -> Result<Out, tokio_postgres::Error> {
+        self.client
+            .execute(
+                &self.set_version,
+                &[
+                    &self.source.name,
+                    &record.stream,
+                    &record.subject,
+                    &record.version,
+                    &is_delete,
+                ],
+            )
+            .await
+            .map(|_| Out::Done)
     }
 
     /// Whether the user has an outbound change that is not written back:
