@@ -2537,8 +2537,20 @@ impl Bench<'_> {
                 Ok::<_, String>((started.elapsed(), latencies, refused))
             }
         };
+        let stats = std::env::var_os("BENCH_PG_STATS").is_some();
+        if stats {
+            db.client
+                .batch_execute(
+                    "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()",
+                )
+                .await
+                .ctx("pg_stat_statements")?;
+        }
         let outcome = self.fake_rt.spawn(generator).await.ctx("generator task")?;
         cancel.cancel();
+        if stats {
+            self.statement_profile(&db, n).await?;
+        }
         let (took, latencies, refused) = outcome?;
         if let Some(first) = refused.first() {
             note(format_args!(
@@ -2592,6 +2604,46 @@ impl Bench<'_> {
         ];
         self.drop_db(db).await;
         Ok((rows, rate(n, took)))
+    }
+
+    /// Scenario 10's statements as pg_stat_statements saw them in `db`
+    /// (BENCH_PG_STATS=1): calls per event, server time per event and per
+    /// call, most expensive first.
+    async fn statement_profile(&self, db: &Db, n: u64) -> R<()> {
+        let rows = db
+            .client
+            .query(
+                "SELECT calls, total_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) \
+                 FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+                 WHERE d.datname = current_database() AND query NOT LIKE '%pg_stat_statements%' \
+                 ORDER BY total_exec_time DESC",
+                &[],
+            )
+            .await
+            .ctx("pg_stat_statements")?;
+        let (mut calls, mut ms) = (0i64, 0f64);
+        for r in &rows {
+            let (c, t): (i64, f64) = (r.get(0), r.get(1));
+            calls += c;
+            ms += t;
+        }
+        let n = n.max(1) as f64;
+        note(format_args!(
+            "statements: {:.2} per event, {:.1} µs server time per event ({} distinct)",
+            calls as f64 / n,
+            ms * 1000.0 / n,
+            rows.len()
+        ));
+        for r in rows.iter().take(16) {
+            let (c, t, q): (i64, f64, String) = (r.get(0), r.get(1), r.get(2));
+            note(format_args!(
+                "  {:5.2}/event {:6.1} µs/event {:6.1} µs/call  {q}",
+                c as f64 / n,
+                t * 1000.0 / n,
+                t * 1000.0 / (c.max(1) as f64)
+            ));
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------ 6
@@ -2876,7 +2928,14 @@ fn main() -> std::process::ExitCode {
             // No checkpoint (and its full-page writes) inside a measurement.
             "max_wal_size = '32GB'".into(),
             "checkpoint_timeout = '1h'".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            // Scenario 10's per-statement profile (BENCH_PG_STATS=1).
+            std::env::var_os("BENCH_PG_STATS")
+                .map(|_| "shared_preload_libraries = 'pg_stat_statements'".to_string()),
+        )
+        .collect(),
         ..Default::default()
     }) {
         Ok(c) => c,

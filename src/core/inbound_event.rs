@@ -416,7 +416,11 @@ fn stripe(root: &Value, mapping: &[(String, Field)]) -> Result<InboundRecord, Ev
         }
         "customer.deleted" => (Action::Delete, "customer", str_at(object, "/id")),
         t if t.starts_with("customer.subscription.") => (Action::Update, "subscription", customer),
-        "checkout.session.completed" => (Action::Update, "checkout", customer),
+        // The async events end a delayed payment (bank debits) and carry
+        // the same Checkout Session object as `completed`.
+        "checkout.session.completed"
+        | "checkout.session.async_payment_succeeded"
+        | "checkout.session.async_payment_failed" => (Action::Update, "checkout", customer),
         _ => (Action::Ignore, "other", str_at(object, "/id")),
     };
     // A one-time payment's session may have made no customer: nothing
@@ -705,6 +709,35 @@ mod tests {
         assert_eq!(r.back_ref.as_deref(), Some("42"));
         assert_eq!(r.email.as_deref(), Some("b@x.io"));
         assert_eq!(r.values.get("paid"), Some(&json!("paid")));
+        // A delayed payment method (bank debit) ends in one of the async
+        // events, which carry the same Checkout Session object.
+        for (t, status) in [
+            ("checkout.session.async_payment_succeeded", "paid"),
+            ("checkout.session.async_payment_failed", "unpaid"),
+        ] {
+            let later = json!({"id": "evt_5", "type": t, "created": 13,
+                "data": {"object": {"id": "cs_1", "customer": "cus_9",
+                                    "payment_status": status, "client_reference_id": "42"}}});
+            let r = parse(
+                SourceKind::Stripe,
+                later.to_string().as_bytes(),
+                None,
+                0,
+                &m,
+            )
+            .expect("parses");
+            assert_eq!(
+                (
+                    r.action,
+                    r.stream,
+                    r.subject.as_str(),
+                    r.object_id.as_deref()
+                ),
+                (Action::Update, "checkout", "cus_9", Some("cs_1")),
+                "{t}"
+            );
+            assert_eq!(r.values.get("paid"), Some(&json!(status)), "{t}");
+        }
     }
 
     #[test]

@@ -306,6 +306,79 @@ pub struct Applier {
     progress: Statement,
     /// (insert, brings a soft-deleted user back, columns) → statement.
     writes: HashMap<(bool, bool, Vec<String>), Statement>,
+    /// The `on_delete` statement, once prepared.
+    delete: Option<Statement>,
+}
+
+/// One statement of a pipeline and what it answers.
+type Step<'a> = futures::future::BoxFuture<'a, Result<Out, tokio_postgres::Error>>;
+
+enum Out {
+    Done,
+    Rows(Vec<tokio_postgres::Row>),
+}
+
+impl Out {
+    fn rows(self) -> Vec<tokio_postgres::Row> {
+        match self {
+            Out::Rows(r) => r,
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Runs `steps` as one pipeline on the session: each is polled in order,
+/// and tokio-postgres sends a statement on its future's first poll, so
+/// the statements reach the server in this order and their answers come
+/// back together (one round trip). A failed statement aborts the open
+/// transaction, so the ones after it fail too; the first error in order
+/// is returned.
+async fn pipeline(mut steps: Vec<Step<'_>>) -> Result<Vec<Out>, tokio_postgres::Error> {
+    let mut out: Vec<Option<Out>> = steps.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (step, slot) in steps.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match step.as_mut().poll(cx) {
+                    std::task::Poll::Ready(Ok(o)) => *slot = Some(o),
+                    std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                    std::task::Poll::Pending => {}
+                }
+            }
+        }
+        if out.iter().all(Option::is_some) {
+            std::task::Poll::Ready(Ok(()))
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await?;
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// How an apply's transaction ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The caller ends it (a batch: more records follow in it).
+    Open,
+    /// COMMIT goes with the record's last statements.
+    Commit,
+}
+
+/// What an apply came to, and whether its COMMIT was sent and succeeded.
+struct Ended {
+    /// `None`: a duplicate, nothing written.
+    outcome: Option<Applied>,
+    committed: bool,
+}
+
+/// What an apply decided, before its writes are sent.
+enum Plan {
+    /// Only the event's outcome is recorded; `set_version` also moves the
+    /// object's version (an echo, an unmatched event).
+    Record { outcome: Applied, set_version: bool },
+    /// The row of `key` is written (or, `key` `None`, inserted; `delete`:
+    /// per `on_delete`).
+    Write { key: Option<String>, delete: bool },
 }
 
 /// Where the current state of a provider's object is read.
@@ -391,10 +464,14 @@ impl Applier {
         let key = quote_ident(&shape.key_column);
         let id = quote_ident(&source.id_column);
         let p = prep("preparing the inbound statements");
+        // The claimed row's ctid: the event's outcome is written to it by
+        // that (`finish`), never through an index whose choice a plan cached
+        // on an empty table could get wrong (it took the (source,
+        // received_at) index once, a scan of every event of the source).
         let claim = client
             .prepare(
                 "INSERT INTO usersync.inbound_events (source, event_id, event_type, subject) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING ctid::text",
             )
             .await
             .map_err(p.clone())?;
@@ -403,7 +480,7 @@ impl Applier {
         let reclaim = client
             .prepare(
                 "UPDATE usersync.inbound_events SET outcome = 'received' \
-                 WHERE source = $1 AND event_id = $2 AND outcome = $3",
+                 WHERE source = $1 AND event_id = $2 AND outcome = $3 RETURNING ctid::text",
             )
             .await
             .map_err(p.clone())?;
@@ -432,7 +509,7 @@ impl Applier {
                 "UPDATE usersync.inbound_events SET outcome = $3, user_key = $4, error = $5, \
                  body = CASE WHEN $3 IN ('deferred', 'failed') THEN $6::bytea END, \
                  message_id = $7, delivered_at = $8 \
-                 WHERE source = $1 AND event_id = $2",
+                 WHERE ctid = $9::text::tid AND source = $1 AND event_id = $2",
             )
             .await
             .map_err(p.clone())?;
@@ -462,9 +539,12 @@ impl Applier {
         } else {
             None
         };
+        // With the user's pushed values hash, for the deferral check.
         let by_id = client
             .prepare(&format!(
-                "SELECT {key}::text FROM {table} WHERE {id} = $1 LIMIT 2 FOR UPDATE"
+                "SELECT u.{key}::text, p.values_hash FROM {table} AS u \
+                 LEFT JOIN usersync.user_progress AS p ON p.user_key = u.{key}::text \
+                 WHERE u.{id} = $1 LIMIT 2 FOR UPDATE OF u"
             ))
             .await
             .map_err(p.clone())?;
@@ -505,15 +585,7 @@ impl Applier {
             source_name: source.name.clone(),
             source: e,
         })?;
-        // Only a source of the sink's service can fetch, with the sink's
-        // key.
-        let fetcher = match (source.kind, cfg.sink.kind.name()) {
-            (SourceKind::Stripe, "stripe") => StripeSink::new(&cfg.sink).ok().map(Fetcher::Stripe),
-            (SourceKind::Memberstack, "memberstack") => MemberstackSink::new(&cfg.sink)
-                .ok()
-                .map(Fetcher::Memberstack),
-            _ => None,
-        };
+        let fetcher = fetcher_for(cfg, source);
         Ok(Applier {
             client,
             source: source.clone(),
@@ -534,6 +606,7 @@ impl Applier {
             by_email,
             progress,
             writes: HashMap::new(),
+            delete: None,
         })
     }
 
@@ -575,18 +648,18 @@ impl Applier {
         &mut self,
         items: &[(InboundRecord, Delivery)],
     ) -> Option<Vec<Applied>> {
-        if self.client.batch_execute("BEGIN").await.is_err() {
-            return None;
-        }
         let mut outcomes = Vec::with_capacity(items.len());
-        for (record, delivery) in items {
+        for (i, (record, delivery)) in items.iter().enumerate() {
             match self
-                .in_transaction(record, Some(delivery), Claim::New)
+                .in_transaction(record, Some(delivery), Claim::New, i == 0, End::Open)
                 .await
             {
-                Ok(Some(outcome)) => outcomes.push(outcome),
+                Ok(Ended {
+                    outcome: Some(outcome),
+                    ..
+                }) => outcomes.push(outcome),
                 // Claimed already: nothing of this event was written.
-                Ok(None) => outcomes.push(Applied::Duplicate),
+                Ok(Ended { outcome: None, .. }) => outcomes.push(Applied::Duplicate),
                 Err(_) => {
                     let _ = self.client.batch_execute("ROLLBACK").await;
                     return None;
@@ -757,114 +830,178 @@ impl Applier {
     ) -> Result<Applied, Fault> {
         // BEGIN/COMMIT by hand: a `Transaction` would borrow the client for
         // its whole life, and the write statements are cached on `self`.
-        self.client.batch_execute("BEGIN").await?;
-        let result = self.in_transaction(record, delivery, claim).await;
+        // BEGIN goes with the first statements and COMMIT with the last
+        // (pipelined), so an event costs three round trips, not ten.
+        let result = self
+            .in_transaction(record, delivery, claim, true, End::Commit)
+            .await;
         match result {
+            Ok(Ended {
+                outcome: Some(outcome),
+                committed: true,
+            }) => Ok(outcome),
             // Deferred without a delivery to keep: nothing is recorded, the
             // caller tries again.
-            Ok(Some(Applied::Deferred)) if delivery.is_none() => {
+            Ok(Ended {
+                outcome: Some(Applied::Deferred),
+                committed: false,
+            }) if delivery.is_none() => {
                 self.client.batch_execute("ROLLBACK").await?;
                 Ok(Applied::Deferred)
             }
-            Ok(Some(outcome)) => {
+            Ok(Ended {
+                outcome: Some(outcome),
+                committed: false,
+            }) => {
                 self.client.batch_execute("COMMIT").await?;
                 Ok(outcome)
             }
-            Ok(None) => {
+            Ok(Ended { outcome: None, .. }) => {
                 self.client.batch_execute("ROLLBACK").await?;
                 Ok(Applied::Duplicate)
             }
             Err(e) => {
-                // The session may be gone; the error that matters is `e`.
+                // The session may be gone, or the pipelined COMMIT already
+                // rolled back; the error that matters is `e`.
                 let _ = self.client.batch_execute("ROLLBACK").await;
                 Err(e)
             }
         }
     }
 
-    /// The transaction's statements; `None` for a duplicate.
+    /// The transaction's statements, in three round trips where the row is
+    /// known: (BEGIN,) the claim, the version lock and the row lock by the
+    /// provider's id with the user's pushed values hash, pipelined; then,
+    /// once decided, the version, the write, the event's outcome, the sync
+    /// log row (and COMMIT with `End::Commit`), pipelined. `outcome` is
+    /// `None` for a duplicate.
     async fn in_transaction(
         &mut self,
         record: &InboundRecord,
         delivery: Option<&Delivery>,
         claim: Claim,
-    ) -> Result<Option<Applied>, Fault> {
-        let source = self.source.name.clone();
-        let claimed = match claim.stored_outcome() {
-            None => {
-                self.client
-                    .execute(
-                        &self.claim,
-                        &[
-                            &source,
-                            &record.event_id,
-                            &record.event_type,
-                            &record.subject,
-                        ],
-                    )
-                    .await?
+        begin: bool,
+        end: End,
+    ) -> Result<Ended, Fault> {
+        let lookups = record.action != Action::Ignore;
+        // A source that may fetch the provider's object (on a tie) locks
+        // the user's row only after the fetch, as before: an HTTP request
+        // must not hold the app's writes to the row.
+        let row_early = lookups && self.fetcher.is_none();
+        let stream = record.stream.to_string();
+        let (claimed, version, by_id) = {
+            let this: &Applier = self;
+            let c = &this.client;
+            let name = &this.source.name;
+            let mut steps: Vec<Step<'_>> = Vec::with_capacity(4);
+            if begin {
+                steps.push(Box::pin(async move {
+                    c.batch_execute("BEGIN").await.map(|()| Out::Done)
+                }));
             }
-            Some(stored) => {
-                self.client
-                    .execute(&self.reclaim, &[&source, &record.event_id, &stored])
-                    .await?
+            let claim_step: Step<'_> = match claim.stored_outcome() {
+                None => Box::pin(async move {
+                    c.query(
+                        &this.claim,
+                        &[name, &record.event_id, &record.event_type, &record.subject],
+                    )
+                    .await
+                    .map(Out::Rows)
+                }),
+                Some(stored) => Box::pin(async move {
+                    c.query(&this.reclaim, &[name, &record.event_id, &stored])
+                        .await
+                        .map(Out::Rows)
+                }),
+            };
+            steps.push(claim_step);
+            if lookups {
+                let stream = &stream;
+                steps.push(Box::pin(async move {
+                    c.query(&this.version, &[name, stream, &record.subject])
+                        .await
+                        .map(Out::Rows)
+                }));
+            }
+            if row_early {
+                steps.push(Box::pin(async move {
+                    c.query(&this.by_id, &[&record.subject])
+                        .await
+                        .map(Out::Rows)
+                }));
+            }
+            let mut out = pipeline(steps).await?.into_iter();
+            if begin {
+                out.next();
+            }
+            let claimed = out.next().map(Out::rows).unwrap_or_default();
+            let version = out.next().map(Out::rows);
+            let by_id = out.next().map(Out::rows);
+            (claimed, version, by_id)
+        };
+        let event_row: String = match claimed.as_slice() {
+            [row] => row.try_get(0)?,
+            _ => {
+                return Ok(Ended {
+                    outcome: None,
+                    committed: false,
+                })
             }
         };
-        if claimed == 0 {
-            return Ok(None);
-        }
+        let (stored, deleted) = match version.as_deref() {
+            Some([row]) => (row.try_get(0)?, row.try_get(1)?),
+            _ => (i64::MIN, false),
+        };
+        let by_id = match by_id.as_deref() {
+            None => None,
+            Some([one]) => Some(Some((one.try_get(0)?, one.try_get(1)?))),
+            Some(_) => Some(None),
+        };
         let overdue = matches!(claim, Claim::Deferred { overdue: true });
         let reevaluate = matches!(claim, Claim::Deferred { .. });
-        let outcome = self.decide_and_write(record, reevaluate, overdue).await?;
-        let user_key = match &outcome {
-            Applied::Applied(k) => Some(k.clone()),
-            _ => None,
-        };
-        self.client
-            .execute(
-                &self.finish,
-                &[
-                    &source,
-                    &record.event_id,
-                    &outcome.outcome(),
-                    &user_key,
-                    &None::<String>,
-                    &delivery.map(|d| d.body.as_slice()),
-                    &delivery.and_then(|d| d.message_id.as_deref()),
-                    &delivery.map(|d| d.delivered_at),
-                ],
-            )
+        let (plan, current) = self
+            .decide(record, reevaluate, overdue, (stored, deleted), by_id)
             .await?;
-        if let (Some(log), Some(key)) = (&self.sync_log, &user_key) {
-            let operation = format!("{source}:{}", record.event_type);
-            self.client
-                .execute(log, &[&record.event_id, &operation, key, &record.subject])
-                .await?;
-        }
-        Ok(Some(outcome))
+        let record = current.as_ref().unwrap_or(record);
+        // Deferred without a delivery (an import): rolled back by the caller.
+        let end = match (&plan, delivery) {
+            (
+                Plan::Record {
+                    outcome: Applied::Deferred,
+                    ..
+                },
+                None,
+            ) => End::Open,
+            _ => end,
+        };
+        self.carry_out(record, &event_row, plan, delivery, end)
+            .await
     }
 
     /// `reevaluate`: a deferred event's second look, after its user's
-    /// outbound change was written back. Where the source's service is the
-    /// sink's, that means the provider's current object, which has the
-    /// pushed change: the event's own values are older than it.
-    async fn decide_and_write(
+    /// outbound change was written back. Where the source can fetch (its
+    /// own key, or the sink is its service), that means the provider's
+    /// current object, which has the pushed change: the event's own values
+    /// are older than it. `version`: the stored version and tombstone,
+    /// locked; `by_id`: the row of the provider's id (locked) and its
+    /// pushed values hash when already read (`Some(None)`: not exactly one
+    /// row). Writes nothing; the fetched object comes back to be written.
+    async fn decide(
         &mut self,
         record: &InboundRecord,
         reevaluate: bool,
         overdue: bool,
-    ) -> Result<Applied, Fault> {
+        version: (i64, bool),
+        by_id: Option<Option<(String, Option<String>)>>,
+    ) -> Result<(Plan, Option<InboundRecord>), Fault> {
+        let done = |outcome: Applied, set_version: bool| Plan::Record {
+            outcome,
+            set_version,
+        };
         if record.action == Action::Ignore {
-            return Ok(Applied::Ignored);
+            return Ok((done(Applied::Ignored, false), None));
         }
-        let source = self.source.name.clone();
-        let stream = record.stream.to_string();
-        let row = self
-            .client
-            .query_one(&self.version, &[&source, &stream, &record.subject])
-            .await?;
-        let stored: i64 = row.try_get(0)?;
-        let deleted: bool = row.try_get(1)?;
+        let (stored, deleted) = version;
         let echo = record
             .idempotency_key
             .as_deref()
@@ -875,71 +1012,225 @@ impl Applier {
         // the object (customer, subscription, checkout session, member,
         // plan connection) as it is now.
         let tied = stored != i64::MIN && record.version <= stored;
-        let current;
-        let record = match &self.fetcher {
-            Some(fetcher) if !echo && (tied || reevaluate) => {
+        let mut current = None;
+        if let Some(fetcher) = &self.fetcher {
+            if !echo && (tied || reevaluate) {
                 match self.current(fetcher, record, stored).await? {
-                    Some(r) if r.action != Action::Ignore => {
-                        current = r;
-                        &current
-                    }
+                    Some(r) if r.action != Action::Ignore => current = Some(r),
                     // Gone, or nothing mapped reads from it any more.
-                    _ => return Ok(Applied::Stale),
+                    _ => return Ok((done(Applied::Stale, false), None)),
                 }
             }
-            _ => record,
-        };
-        let is_delete = record.action == Action::Delete;
-        if !supersedes((record.version, is_delete), (stored, deleted)) {
-            return Ok(Applied::Stale);
+        }
+        let r = current.as_ref().unwrap_or(record);
+        let is_delete = r.action == Action::Delete;
+        if !supersedes((r.version, is_delete), (stored, deleted)) {
+            return Ok((done(Applied::Stale, false), None));
         }
         if echo {
-            self.set_version(record, is_delete).await?;
-            return Ok(Applied::Echo);
+            return Ok((done(Applied::Echo, true), None));
         }
-        let found = match self.find(record).await? {
+        let (found, pushed) = self.find(r, by_id).await?;
+        let found = match found {
             Found::Row(key) => Some(key),
             Found::Nothing => None,
-            Found::LinkedElsewhere => return Ok(Applied::Unmatched),
+            Found::LinkedElsewhere => return Ok((done(Applied::Unmatched, false), current)),
         };
         if let Some(key) = &found {
-            if !overdue && self.in_flight(key).await? {
-                return Ok(Applied::Deferred);
+            if !overdue && self.in_flight(key, pushed).await? {
+                return Ok((done(Applied::Deferred, false), current));
             }
         }
-        self.set_version(record, is_delete).await?;
-        let key = match (record.action, found) {
-            (Action::Delete, None) => return Ok(Applied::Unmatched),
-            (Action::Delete, Some(key)) => {
-                self.delete(&key, &record.subject).await?;
-                return Ok(Applied::Applied(key));
-            }
-            (Action::Update, None) => return Ok(Applied::Unmatched),
-            (Action::Upsert, None) if self.source.on_create == OnCreate::Ignore => {
-                return Ok(Applied::Unmatched)
-            }
-            (_, Some(key)) => {
-                self.write(record, Some(&key)).await?;
-                key
-            }
-            (_, None) => match self.write(record, None).await? {
-                Some(key) => key,
-                None => return Ok(Applied::Unmatched),
+        let plan = match (r.action, found) {
+            (Action::Delete, None) | (Action::Update, None) => done(Applied::Unmatched, true),
+            (Action::Delete, Some(key)) => Plan::Write {
+                key: Some(key),
+                delete: true,
             },
-        };
-        if self.record_hash {
-            if let Some(hash) = self.values_hash(&key).await? {
-                self.client.execute(&self.progress, &[&key, &hash]).await?;
+            (Action::Upsert, None) if self.source.on_create == OnCreate::Ignore => {
+                done(Applied::Unmatched, true)
             }
-        }
-        Ok(Applied::Applied(key))
+            (_, key) => Plan::Write { key, delete: false },
+        };
+        Ok((plan, current))
     }
 
-    async fn set_version(
+    /// Sends what `plan` writes and the event's outcome, pipelined (one
+    /// round trip where the row's key is known; a new row's key comes back
+    /// from its INSERT first), with COMMIT last for `End::Commit`.
+    async fn carry_out(
+        &mut self,
+        record: &InboundRecord,
+        event_row: &str,
+        plan: Plan,
+        delivery: Option<&Delivery>,
+        end: End,
+    ) -> Result<Ended, Fault> {
+        let is_delete = record.action == Action::Delete;
+        let (outcome, set_version, write) = match plan {
+            Plan::Record {
+                outcome,
+                set_version,
+            } => (outcome, set_version, None),
+            Plan::Write { key, delete } => {
+                let stmt = if delete {
+                    self.delete_statement().await?
+                } else {
+                    Some(self.write_statement(record, key.is_none()).await?)
+                };
+                (Applied::Applied(String::new()), true, Some((key, stmt)))
+            }
+        };
+        let values = serde_json::Value::Object(record.values.clone());
+        let values = &values;
+        // A new row: its key comes back from the INSERT, before the rest.
+        let mut set_version_sent = false;
+        let key = match &write {
+            Some((None, Some(insert))) => {
+                let c = &self.client;
+                let steps: Vec<Step<'_>> = vec![
+                    Box::pin(self.set_version_step(record, is_delete)),
+                    Box::pin(async move {
+                        c.query(insert, &[values, &record.subject])
+                            .await
+                            .map(Out::Rows)
+                    }),
+                ];
+                let mut out = pipeline(steps).await?.into_iter().skip(1);
+                set_version_sent = true;
+                match out.next().map(Out::rows).as_deref() {
+                    Some([row]) => Some(row.try_get::<_, String>(0)?),
+                    _ => None,
+                }
+            }
+            Some((key, _)) => key.clone(),
+            None => None,
+        };
+        let outcome = match (&write, key) {
+            (Some(_), Some(key)) => Applied::Applied(key),
+            (Some(_), None) => Applied::Unmatched,
+            (None, _) => outcome,
+        };
+        let user_key = match &outcome {
+            Applied::Applied(k) => Some(k.as_str()),
+            _ => None,
+        };
+        // The values hash of the row as written, for the sink's own
+        // service: read in the transaction after the write.
+        let hashed = self.record_hash && user_key.is_some() && !is_delete;
+        let update = match (&write, user_key) {
+            (Some((Some(_), Some(stmt))), Some(key)) if !set_version_sent => Some((stmt, key)),
+            _ => None,
+        };
+        let commit = end == End::Commit && !hashed;
+        let unlink = self.source.on_delete == InboundOnDelete::Unlink;
+        let source_name = self.source.name.as_str();
+        let committed;
+        {
+            let c = &self.client;
+            let mut steps: Vec<Step<'_>> = Vec::with_capacity(6);
+            if set_version && !set_version_sent {
+                steps.push(Box::pin(self.set_version_step(record, is_delete)));
+            }
+            if let Some((stmt, key)) = update {
+                steps.push(Box::pin(async move {
+                    if is_delete && unlink {
+                        c.execute(stmt, &[&key, &source_name, &record.subject])
+                            .await
+                            .map(|_| Out::Done)
+                    } else if is_delete {
+                        c.execute(stmt, &[&key]).await.map(|_| Out::Done)
+                    } else {
+                        c.execute(stmt, &[values, &record.subject, &key])
+                            .await
+                            .map(|_| Out::Done)
+                    }
+                }));
+            }
+            if !hashed {
+                self.outcome_steps(&mut steps, record, event_row, &outcome, user_key, delivery);
+            }
+            if commit {
+                steps.push(Box::pin(async move {
+                    c.batch_execute("COMMIT").await.map(|()| Out::Done)
+                }));
+            }
+            pipeline(steps).await?;
+            committed = commit;
+        }
+        if hashed {
+            if let Some(key) = user_key {
+                if let Some(hash) = self.values_hash(key).await? {
+                    self.client.execute(&self.progress, &[&key, &hash]).await?;
+                }
+            }
+            let c = &self.client;
+            let mut steps: Vec<Step<'_>> = Vec::with_capacity(3);
+            self.outcome_steps(&mut steps, record, event_row, &outcome, user_key, delivery);
+            let commit = end == End::Commit;
+            if commit {
+                steps.push(Box::pin(async move {
+                    c.batch_execute("COMMIT").await.map(|()| Out::Done)
+                }));
+            }
+            pipeline(steps).await?;
+            return Ok(Ended {
+                outcome: Some(outcome),
+                committed: commit,
+            });
+        }
+        Ok(Ended {
+            outcome: Some(outcome),
+            committed,
+        })
+    }
+
+    /// The event's outcome in `inbound_events` and, for a written row, its
+    /// sync log row.
+    fn outcome_steps<'a>(
+        &'a self,
+        steps: &mut Vec<Step<'a>>,
+        record: &'a InboundRecord,
+        event_row: &'a str,
+        outcome: &'a Applied,
+        user_key: Option<&'a str>,
+        delivery: Option<&'a Delivery>,
+    ) {
+        let c = &self.client;
+        let name = &self.source.name;
+        steps.push(Box::pin(async move {
+            c.execute(
+                &self.finish,
+                &[
+                    name,
+                    &record.event_id,
+                    &outcome.outcome(),
+                    &user_key,
+                    &None::<String>,
+                    &delivery.map(|d| d.body.as_slice()),
+                    &delivery.and_then(|d| d.message_id.as_deref()),
+                    &delivery.map(|d| d.delivered_at),
+                    &event_row,
+                ],
+            )
+            .await
+            .map(|_| Out::Done)
+        }));
+        if let (Some(log), Some(key)) = (&self.sync_log, user_key) {
+            let operation = format!("{}:{}", self.source.name, record.event_type);
+            steps.push(Box::pin(async move {
+                c.execute(log, &[&record.event_id, &operation, &key, &record.subject])
+                    .await
+                    .map(|_| Out::Done)
+            }));
+        }
+    }
+
+    async fn set_version_step(
         &self,
         record: &InboundRecord,
         is_delete: bool,
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<Out, tokio_postgres::Error> {
         self.client
             .execute(
                 &self.set_version,
@@ -952,7 +1243,7 @@ impl Applier {
                 ],
             )
             .await
-            .map(|_| ())
+            .map(|_| Out::Done)
     }
 
     /// Whether the user has an outbound change that is not written back:
@@ -961,11 +1252,18 @@ impl Applier {
     /// and by this apply for the sink's own service). Also covers a change
     /// the stream has not decoded yet. A user never pushed, dead-lettered
     /// or with sync off has no hash and is not held.
-    async fn in_flight(&self, key: &str) -> Result<bool, tokio_postgres::Error> {
-        let row = self.client.query_opt(&self.pushed_hash, &[&key]).await?;
-        let pushed: Option<String> = match row {
-            Some(r) => r.try_get(0)?,
-            None => None,
+    /// `pushed`: the hash when already read with the row.
+    async fn in_flight(
+        &self,
+        key: &str,
+        pushed: Option<Option<String>>,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let pushed: Option<String> = match pushed {
+            Some(p) => p,
+            None => match self.client.query_opt(&self.pushed_hash, &[&key]).await? {
+                Some(r) => r.try_get(0)?,
+                None => None,
+            },
         };
         let Some(pushed) = pushed else {
             return Ok(false);
@@ -1083,16 +1381,29 @@ impl Applier {
     /// The row's key: by the provider's id, then the back-reference
     /// usersync's sinks store, then (when enabled) the email. An ambiguous
     /// email matches nothing.
-    async fn find(&self, record: &InboundRecord) -> Result<Found, tokio_postgres::Error> {
+    /// `by_id`: the provider's id already looked up (and locked) with the
+    /// first statements: exactly one row (its key and pushed values hash)
+    /// or not. A row found by id comes back with its pushed values hash.
+    async fn find(
+        &self,
+        record: &InboundRecord,
+        by_id: Option<Option<(String, Option<String>)>>,
+    ) -> Result<(Found, Option<Option<String>>), tokio_postgres::Error> {
         let tx = &self.client;
-        let rows = tx.query(&self.by_id, &[&record.subject]).await?;
-        if let [one] = rows.as_slice() {
-            return Ok(Found::Row(one.try_get(0)?));
+        match by_id {
+            Some(Some((key, pushed))) => return Ok((Found::Row(key), Some(pushed))),
+            Some(None) => {}
+            None => {
+                let rows = tx.query(&self.by_id, &[&record.subject]).await?;
+                if let [one] = rows.as_slice() {
+                    return Ok((Found::Row(one.try_get(0)?), Some(one.try_get(1)?)));
+                }
+            }
         }
         if let Some(back) = record.back_ref.as_deref().filter(|b| self.key_text_fits(b)) {
             let rows = tx.query(&self.by_key, &[&back]).await?;
             if let Some(one) = rows.first() {
-                return Ok(Found::Row(one.try_get(0)?));
+                return Ok((Found::Row(one.try_get(0)?), None));
             }
         }
         if let (Some(stmt), Some(email)) = (&self.by_email, record.email.as_deref()) {
@@ -1103,14 +1414,17 @@ impl Applier {
                 // row (and, for the sink's service, a second record for the
                 // user). Nor is a new row made for the same email.
                 let unlinked: bool = one.try_get(1)?;
-                return Ok(if unlinked {
-                    Found::Row(one.try_get(0)?)
-                } else {
-                    Found::LinkedElsewhere
-                });
+                return Ok((
+                    if unlinked {
+                        Found::Row(one.try_get(0)?)
+                    } else {
+                        Found::LinkedElsewhere
+                    },
+                    None,
+                ));
             }
         }
-        Ok(Found::Nothing)
+        Ok((Found::Nothing, None))
     }
 
     /// Whether a back-reference can be the key's text at all, so a hostile
@@ -1141,45 +1455,27 @@ impl Applier {
         }
     }
 
-    /// Updates the row of `key` (or inserts one) with the record's values
-    /// and the provider's id; columns the event does not carry stay as they
-    /// are (or take their defaults).
-    async fn write(
+    /// The statement that updates a row (`$3`: its key) or inserts one
+    /// (`insert`) with the record's values (`$1`, jsonb) and the provider's
+    /// id (`$2`); columns the event does not carry stay as they are (or
+    /// take their defaults). Prepared once per column set.
+    async fn write_statement(
         &mut self,
         record: &InboundRecord,
-        key: Option<&str>,
-    ) -> Result<Option<String>, tokio_postgres::Error> {
+        insert: bool,
+    ) -> Result<Statement, tokio_postgres::Error> {
         let mut columns: Vec<String> = record.values.keys().cloned().collect();
         columns.sort();
-        let insert = key.is_none();
         // Subscription and plan state of a soft-deleted user does not
         // bring the user back; only the user object's own events do.
         let revive = record.action == Action::Upsert;
-        let stmt = match self.writes.get(&(insert, revive, columns.clone())) {
-            Some(s) => s.clone(),
-            None => {
-                let sql = self.write_sql(insert, revive, &columns);
-                let s = self.client.prepare(&sql).await?;
-                self.writes.insert((insert, revive, columns), s.clone());
-                s
-            }
-        };
-        let values = serde_json::Value::Object(record.values.clone());
-        match key {
-            Some(key) => {
-                self.client
-                    .execute(&stmt, &[&values, &record.subject, &key])
-                    .await?;
-                Ok(Some(key.to_string()))
-            }
-            None => {
-                let row = self
-                    .client
-                    .query_opt(&stmt, &[&values, &record.subject])
-                    .await?;
-                row.map(|r| r.try_get(0)).transpose()
-            }
+        if let Some(s) = self.writes.get(&(insert, revive, columns.clone())) {
+            return Ok(s.clone());
         }
+        let sql = self.write_sql(insert, revive, &columns);
+        let s = self.client.prepare(&sql).await?;
+        self.writes.insert((insert, revive, columns), s.clone());
+        Ok(s)
     }
 
     fn write_sql(&self, insert: bool, revive: bool, columns: &[String]) -> String {
@@ -1227,9 +1523,12 @@ impl Applier {
         }
     }
 
-    /// Applies the source's `on_delete` to the row `key`, which the
-    /// record `subject` was linked to.
-    async fn delete(&self, key: &str, subject: &str) -> Result<(), tokio_postgres::Error> {
+    /// What the provider deleting the user does to the row (`$1`: its
+    /// key), per `on_delete`; `None` for `ignore`. Prepared once.
+    async fn delete_statement(&mut self) -> Result<Option<Statement>, tokio_postgres::Error> {
+        if let Some(s) = &self.delete {
+            return Ok(Some(s.clone()));
+        }
         let table = self.shape.table.quoted();
         let k = quote_ident(&self.shape.key_column);
         let where_key = format!("WHERE {k} = $1::text::{}", self.shape.key_type);
@@ -1237,25 +1536,22 @@ impl Applier {
             InboundOnDelete::Soft(c) => {
                 format!("UPDATE {table} SET {} = now() {where_key}", quote_ident(c))
             }
-            InboundOnDelete::Unlink => {
-                let sql = format!(
-                    "WITH u AS (UPDATE {table} SET {} = NULL {where_key} RETURNING {k}::text AS k) \
-                     INSERT INTO usersync.inbound_unlinked AS x (source, user_key, external_id) \
-                     SELECT $2, k, $3 FROM u \
-                     ON CONFLICT (source, user_key) DO UPDATE \
-                     SET external_id = EXCLUDED.external_id, unlinked_at = now()",
-                    quote_ident(&self.source.id_column)
-                );
-                self.client
-                    .execute(&sql, &[&key, &self.source.name, &subject])
-                    .await?;
-                return Ok(());
-            }
+            // `$2`, `$3`: the source's name and the record's id, for the
+            // mark `reconcile --from` reads (see UNLINKED_DDL).
+            InboundOnDelete::Unlink => format!(
+                "WITH u AS (UPDATE {table} SET {} = NULL {where_key} RETURNING {k}::text AS k) \
+                 INSERT INTO usersync.inbound_unlinked AS x (source, user_key, external_id) \
+                 SELECT $2::text, k, $3::text FROM u \
+                 ON CONFLICT (source, user_key) DO UPDATE \
+                 SET external_id = EXCLUDED.external_id, unlinked_at = now()",
+                quote_ident(&self.source.id_column)
+            ),
             InboundOnDelete::Delete => format!("DELETE FROM {table} {where_key}"),
-            InboundOnDelete::Ignore => return Ok(()),
+            InboundOnDelete::Ignore => return Ok(None),
         };
-        self.client.execute(&sql, &[&key]).await?;
-        Ok(())
+        let s = self.client.prepare(&sql).await?;
+        self.delete = Some(s.clone());
+        Ok(Some(s))
     }
 
     /// The hash `backfill` compares: the row as the stream would push it.
@@ -1268,6 +1564,33 @@ impl Applier {
             // backfill pushes (and dead-letters) it as it would anyway.
             Err(crate::store::rows::InTxError::Value) => Ok(None),
         }
+    }
+}
+
+/// Where a Stripe or Memberstack source reads an object as it is now: its
+/// own API key and URL (`api_key_env`, `api_url`, `api_rate_limit_per_sec`)
+/// when set, else the sink's when the sink pushes to the same service;
+/// `None` otherwise (Clerk and Standard Webhooks sources never fetch).
+fn fetcher_for(cfg: &Config, source: &InboundSource) -> Option<Fetcher> {
+    if let Some(api) = &source.api {
+        let mut policy = cfg.sink.clone();
+        policy.rate_limit_per_sec = api.rate_limit_per_sec;
+        let made = match source.kind {
+            SourceKind::Stripe => {
+                StripeSink::reader(&policy, &api.url, api.key.clone()).map(Fetcher::Stripe)
+            }
+            SourceKind::Memberstack => MemberstackSink::reader(&policy, &api.url, api.key.clone())
+                .map(Fetcher::Memberstack),
+            SourceKind::Clerk | SourceKind::Standard => return None,
+        };
+        return made.ok();
+    }
+    match (source.kind, cfg.sink.kind.name()) {
+        (SourceKind::Stripe, "stripe") => StripeSink::new(&cfg.sink).ok().map(Fetcher::Stripe),
+        (SourceKind::Memberstack, "memberstack") => MemberstackSink::new(&cfg.sink)
+            .ok()
+            .map(Fetcher::Memberstack),
+        _ => None,
     }
 }
 

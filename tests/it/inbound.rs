@@ -741,12 +741,22 @@ fn spawn_receiving_binary_with(
     port: u16,
     extra: &[(&str, String)],
 ) -> std::process::Child {
+    spawn_receiving_binary_sources(db, port, "", extra)
+}
+
+/// [`spawn_receiving_binary_with`] with more sources (`sources`: TOML).
+fn spawn_receiving_binary_sources(
+    db: &TestDb,
+    port: u16,
+    sources: &str,
+    extra: &[(&str, String)],
+) -> std::process::Child {
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("{}-inbound.toml", db.dbname));
     std::fs::write(
         &path,
         format!(
-            "[inbound]\nlisten = \"127.0.0.1:{port}\"\n[inbound.sources.clerk]\nkind = \"clerk\"\nsecret_env = \"CLERK_SECRET\"\nid_column = \"clerk_id\"\n[inbound.sources.clerk.mapping]\nemail = \"primary_email\"\nname = \"/first_name\"\n"
+            "[inbound]\nlisten = \"127.0.0.1:{port}\"\n[inbound.sources.clerk]\nkind = \"clerk\"\nsecret_env = \"CLERK_SECRET\"\nid_column = \"clerk_id\"\n[inbound.sources.clerk.mapping]\nemail = \"primary_email\"\nname = \"/first_name\"\n{sources}"
         ),
     )
     .expect("write config");
@@ -992,6 +1002,62 @@ async fn a_stripe_tie_applies_the_customer_as_stripe_has_it() {
             .await,
         3
     );
+}
+
+/// A Stripe source with its own API key (`api_key_env`, `api_url`) while
+/// the sink is another service (here the webhook sink): a tie is settled by
+/// fetching the customer with the source's key, as when the sink is Stripe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stripe_source_with_its_own_key_fetches_on_a_tie_whatever_the_sink() {
+    install_crypto();
+    let db = TestDb::new(USERS_CLERK).await;
+    let stripe = FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 100,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe");
+    let toml = format!(
+        "{}\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
+         [inbound.sources.stripe]\nkind = \"stripe\"\nsecret_env = \"STRIPE_WH\"\nid_column = \"stripe_id\"\n\
+         api_key_env = \"STRIPE_SOURCE_KEY\"\napi_url = \"{}\"\n\
+         [inbound.sources.stripe.mapping]\nname = \"/name\"\n",
+        db.toml(),
+        stripe.url()
+    );
+    let mut env = db.env();
+    env.insert("STRIPE_WH".into(), STRIPE_WH.into());
+    env.insert("STRIPE_SOURCE_KEY".into(), STRIPE_KEY.into());
+    let cfg = Config::from_parts(Some(&toml), "test", &env).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.sink.kind.name(), "webhook");
+    db.exec("ALTER TABLE users ADD COLUMN stripe_id text UNIQUE")
+        .await;
+    let customer = stripe.insert_customer(Some("a@x.io"), Some("Second"), Default::default());
+    db.client
+        .execute(
+            "INSERT INTO users (email, name, stripe_id) VALUES ('a@x.io', 'Zero', $1)",
+            &[&customer],
+        )
+        .await
+        .expect("insert");
+    let mut a = applier_for(&db, &cfg, "stripe").await;
+    let t = 1_900_000_000;
+    let second = stripe_customer_event("evt_b", &customer, "Second", t, "dashboard-b");
+    let first = stripe_customer_event("evt_a", &customer, "First", t, "dashboard-a");
+    for body in [second, first] {
+        let got = a.apply(&stripe_record(&cfg, &body)).await.expect("apply");
+        assert!(matches!(got, Applied::Applied(_)), "{got:?}");
+    }
+    assert_eq!(
+        user_name(&db).await.as_deref(),
+        Some("Second"),
+        "the tie went by arrival: the source's own key was not used to fetch"
+    );
+    assert!(stripe
+        .requests()
+        .iter()
+        .any(|r| r.method == "GET" && r.path == format!("/v1/customers/{customer}")));
 }
 
 async fn user_name(db: &TestDb) -> Option<String> {
@@ -1781,7 +1847,10 @@ async fn memberstack_plan_events_apply_and_a_tie_reads_the_member() {
 // ---- metrics: every outcome counted under its own label ----
 
 /// `usersync_inbound_events{source, outcome}` as the binary exports it.
-async fn inbound_counts(metrics_port: u16) -> std::collections::BTreeMap<String, f64> {
+async fn inbound_counts(
+    metrics_port: u16,
+    source: &str,
+) -> std::collections::BTreeMap<String, f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
         .await
         .expect("scrape")
@@ -1789,7 +1858,9 @@ async fn inbound_counts(metrics_port: u16) -> std::collections::BTreeMap<String,
         .await
         .expect("text");
     text.lines()
-        .filter(|l| l.starts_with("usersync_inbound_events") && l.contains("source=\"clerk\""))
+        .filter(|l| {
+            l.starts_with("usersync_inbound_events") && l.contains(&format!("source=\"{source}\""))
+        })
         .filter_map(|l| {
             let outcome = l.split("outcome=\"").nth(1)?.split('"').next()?.to_string();
             let value = l.rsplit(' ').next()?.parse().ok()?;
@@ -1803,19 +1874,28 @@ async fn inbound_counts(metrics_port: u16) -> std::collections::BTreeMap<String,
 /// again), stale (an older `updated_at`), ignored (an unmapped event type),
 /// unmatched (a delete of an unknown user), failed (a NOT NULL column
 /// left empty), rejected (a bad signature), deferred (the user's own push
-/// is held by the sink) and unavailable (a locked version row: 503).
+/// is held by the sink) and unavailable (a locked version row: 503); and,
+/// on a Stripe source, echo (an event carrying usersync's own idempotency
+/// key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_inbound_outcome_is_counted_on_metrics() {
     install_crypto();
     let db = TestDb::new(USERS_CLERK).await;
+    db.exec("ALTER TABLE users ADD COLUMN stripe_id text UNIQUE")
+        .await;
     let (port, metrics_port) = (free_port(), free_port());
-    let mut child = spawn_receiving_binary_with(
+    let mut child = spawn_receiving_binary_sources(
         &db,
         port,
-        &[(
-            "USERSYNC_METRICS_LISTEN",
-            format!("127.0.0.1:{metrics_port}"),
-        )],
+        "[inbound.sources.stripe]\nkind = \"stripe\"\nsecret_env = \"STRIPE_WH\"\nid_column = \"stripe_id\"\n\
+         [inbound.sources.stripe.mapping]\nname = \"/name\"\n",
+        &[
+            (
+                "USERSYNC_METRICS_LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            ),
+            ("STRIPE_WH", STRIPE_WH.to_string()),
+        ],
     );
     wait_listening(port, &db).await;
     wait_listening(metrics_port, &db).await;
@@ -1882,7 +1962,18 @@ async fn every_inbound_outcome_is_counted_on_metrics() {
     assert_eq!(send("msg_unavailable", later).await, 503);
     locker.batch_execute("ROLLBACK").await.expect("unlock");
 
-    let counts = inbound_counts(metrics_port).await;
+    // Echo: Stripe telling of a change usersync's own push made.
+    let echo = stripe_customer_event(
+        "evt_echo",
+        "cus_echo",
+        "Pushed",
+        now(),
+        "usersync-update-42-0123456789abcdef",
+    );
+    assert_eq!(post_stripe(port, echo).await.0, 200);
+
+    let counts = inbound_counts(metrics_port, "clerk").await;
+    let stripe_counts = inbound_counts(metrics_port, "stripe").await;
     let _ = child.kill();
     let _ = child.wait();
     for outcome in [
@@ -1902,6 +1993,11 @@ async fn every_inbound_outcome_is_counted_on_metrics() {
             "{outcome}: {counts:?}"
         );
     }
+    assert_eq!(
+        stripe_counts.get("echo").copied(),
+        Some(1.0),
+        "echo: {stripe_counts:?}"
+    );
 }
 
 // ---- several deliveries in one transaction (inbound.batch_max) ----

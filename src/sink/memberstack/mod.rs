@@ -172,6 +172,26 @@ impl MemberstackSink {
         })
     }
 
+    /// A client that only reads ([`MemberstackSink::member`]): the inbound
+    /// apply's, with a Memberstack source's own key and URL
+    /// (`inbound.sources.<name>.api_key_env`); `policy` gives the timeout,
+    /// rate limit and response cap.
+    pub fn reader(
+        policy: &SinkConfig,
+        base: &str,
+        key: crate::config::Secret,
+    ) -> Result<Self, String> {
+        Ok(MemberstackSink {
+            http: Http::new(policy)?,
+            base: base.trim_end_matches('/').to_string(),
+            key,
+            mapping: Vec::new(),
+            password_column: None,
+            on_delete: policy.on_delete,
+            max_external_id_length: policy.max_external_id_length,
+        })
+    }
+
     // ------------------------------------------------------------ operations
 
     async fn send(

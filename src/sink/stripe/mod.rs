@@ -127,6 +127,25 @@ impl StripeSink {
         })
     }
 
+    /// A client that only reads ([`StripeSink::retrieve`]): the inbound
+    /// apply's, with a Stripe source's own key and URL
+    /// (`inbound.sources.<name>.api_key_env`); `policy` gives the timeout,
+    /// rate limit and response cap.
+    pub fn reader(
+        policy: &SinkConfig,
+        base: &str,
+        key: crate::config::Secret,
+    ) -> Result<Self, String> {
+        Ok(StripeSink {
+            http: Http::new(policy)?,
+            base: base.trim_end_matches('/').to_string(),
+            key,
+            fields: Vec::new(),
+            on_delete: policy.on_delete,
+            max_external_id_length: policy.max_external_id_length,
+        })
+    }
+
     async fn send_change(
         &self,
         change: &Change,
