@@ -3,6 +3,7 @@
 //! benchmark's decode-and-route scenario.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use futures::future::BoxFuture;
@@ -18,6 +19,9 @@ pub struct MemoryStore {
     /// Users' recorded values hashes (`user_progress.values_hash`).
     pub hashes: Mutex<HashMap<String, String>>,
     pub parked: Mutex<HashSet<String>>,
+    /// An import from the sink's service is running: a never-synced user's
+    /// push that may wait for it is told to ([`Link::Wait`]).
+    pub import_running: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -41,12 +45,13 @@ impl LaneStore for MemoryStore {
         async move { id }.boxed()
     }
 
-    fn link_for_push<'a>(&'a self, key: &'a str, _wait: bool) -> BoxFuture<'a, Link> {
+    fn link_for_push<'a>(&'a self, key: &'a str, wait: bool) -> BoxFuture<'a, Link> {
         let link = match lock(&self.external_ids).get(key) {
             Some(id) => Link::Linked {
                 id: id.clone(),
                 hash: lock(&self.hashes).get(key).cloned(),
             },
+            None if wait && self.import_running.load(Ordering::SeqCst) => Link::Wait,
             None => Link::Unlinked,
         };
         async move { link }.boxed()

@@ -762,6 +762,35 @@ async fn changes_from_before_a_link_push_the_row_as_it_is_now() {
     h.stop().await;
 }
 
+/// An import from the sink's service is running: a never-synced user's
+/// update waits for it (the import may be about to link the row to a record
+/// the service already has; creating one now would make a second) and is
+/// then pushed as an update of the record the import linked. An insert, a
+/// row the service cannot have yet, does not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_import_only_a_never_synced_users_update_waits_for_it() {
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    store.import_running.store(true, Ordering::SeqCst);
+    let mut h = start(pipeline(Arc::clone(&sink), Arc::clone(&store)), 16);
+    h.txn("old", Operation::Update, 10).await;
+    h.txn("new", Operation::Insert, 20).await;
+    let first = h.item().await;
+    assert_eq!(first.key.text, "new", "{first:?}");
+    let keys: Vec<String> = sink.seen().into_iter().map(|s| s.key).collect();
+    assert_eq!(keys, ["new"], "the update did not wait for the import");
+    // The import links the row and ends.
+    lock(&store.external_ids).insert("old".into(), "ext_imported".into());
+    store.import_running.store(false, Ordering::SeqCst);
+    let second = h.item().await;
+    assert_eq!(second.key.text, "old", "{second:?}");
+    let seen = sink.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].external_id.as_deref(), Some("ext_imported"));
+    assert_eq!(seen[1].op, Operation::Update);
+    h.stop().await;
+}
+
 /// The row's id came from this user's own earlier push (its write-back is
 /// durable, so memory no longer holds it) and the row has changed since:
 /// the recorded hash is not the row's, so a change committed before that

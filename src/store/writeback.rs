@@ -622,4 +622,30 @@ mod tests {
         );
         assert!(sql.ends_with("RETURNING w.k"));
     }
+
+    #[test]
+    fn progress_args_are_one_column_per_user_in_the_users_order() {
+        let mut newest = HashMap::new();
+        newest.insert(
+            "a",
+            Newest {
+                at: (0x1_0000_002A, 3),
+                hash: Some("h-a"),
+                known: true,
+            },
+        );
+        newest.insert(
+            "b",
+            Newest {
+                at: (0x16B_3748, u32::MAX),
+                hash: None,
+                known: false,
+            },
+        );
+        let (lsns, positions, hashes) = progress_args(&["b", "a"], &newest);
+        assert_eq!(lsns, ["0/16B3748", "1/2A"]);
+        // The column is int4: a position past it is clamped, never wrapped.
+        assert_eq!(positions, [i32::MAX, 3]);
+        assert_eq!(hashes, [None, Some("h-a")]);
+    }
 }

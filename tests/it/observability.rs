@@ -105,9 +105,15 @@ async fn metrics_and_health_follow_a_real_run() {
     let child = spawn_run(&db, &[]);
     let base = metrics_url(&db).await;
     assert_eq!(http_get(&format!("{base}/healthz")).await.0, 200);
-    let (status, body) = http_get(&format!("{base}/readyz")).await;
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("not streaming"), "{body}");
+    // Right after the start the election can still be under way (readyz
+    // says standby); once this daemon leads, it waits for its origin.
+    wait_http(
+        &base,
+        "/readyz",
+        "the leader waiting for its origin",
+        |s, b| s == 503 && b.contains("not streaming"),
+    )
+    .await;
     let (_, text) = http_get(&format!("{base}/metrics")).await;
     assert_eq!(sample(&text, "usersync_streaming"), Some(0.0), "{text}");
 

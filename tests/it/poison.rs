@@ -319,6 +319,22 @@ async fn a_write_back_refused_for_one_row_dead_letters_only_that_user() {
     assert_eq!((dl[0].0.as_str(), dl[0].1.as_str()), ("2", "failed"));
     assert!(dl[0].2.contains("P0001"), "{}", dl[0].2);
     assert!(dl[0].2.contains("this account is frozen"), "{}", dl[0].2);
+    // The push made a record: the dead letter keeps its id (and the
+    // attempts), so `dlq replay` updates that record instead of creating a
+    // second one.
+    let made = db.fake.live_users_with_key(&serde_json::json!(2));
+    assert_eq!(made.len(), 1, "{made:?}");
+    let row = db
+        .client
+        .query_one(
+            "SELECT envelope->>'external_id', attempts FROM usersync.dead_letters WHERE user_key = '2'",
+            &[],
+        )
+        .await
+        .expect("dead letter");
+    let (kept, attempts): (Option<String>, i32) = (row.get(0), row.get(1));
+    assert_eq!(kept.as_deref(), Some(made[0].external_id.as_str()));
+    assert_eq!(attempts, 1);
 
     // The refused user's next change is parked, and the stream goes on:
     // user 4, changed after it, is written back.

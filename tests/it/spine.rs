@@ -207,6 +207,42 @@ async fn delete_carries_the_external_id() {
     daemon.stop().await;
 }
 
+/// A key deleted and inserted again in one transaction: a delete writes
+/// nothing back, so the new row never takes the deleted record's id (its
+/// own create is refused here, so nothing else writes to it; with that id
+/// its next change would be pushed as an update of the deleted record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_deleted_and_inserted_again_never_gets_the_deleted_records_id() {
+    install_crypto();
+    let db = TestDb::new(USERS_BIGINT).await;
+    let daemon = db.start_daemon();
+    db.exec("INSERT INTO users (id, email) VALUES (7, 'old@example.com')")
+        .await;
+    db.wait_consistent(WAIT).await;
+    db.exec(
+        "BEGIN;
+         DELETE FROM users WHERE id = 7;
+         INSERT INTO users (id, email) VALUES (7, 'not-an-email');
+         COMMIT;",
+    )
+    .await;
+    // Confirmed past the transaction: the delete is written back and the
+    // refused create is a dead letter.
+    db.wait_confirmed_past_now(WAIT).await;
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.dead_letters WHERE user_key = '7'")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM users WHERE id = 7 AND external_user_id IS NULL AND external_synced_at IS NULL")
+            .await,
+        1,
+        "the new row took the deleted record's write-back"
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_right_after_insert_uses_the_created_id() {
     install_crypto();
@@ -588,6 +624,15 @@ async fn rows_from_before_usersync_are_created_on_first_update() {
     assert_eq!(
         db.count("SELECT count(*) FROM usersync.dead_letters").await,
         0
+    );
+    // First seen as an update, it has no progress record to move forward:
+    // the write-back creates one, or a replay after a crash would push the
+    // update again and backfill would not know its values were pushed.
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.user_progress WHERE user_key = (SELECT id::text FROM users WHERE email = 'old1@example.com')")
+            .await,
+        1,
+        "no progress record for a user first seen as an update"
     );
 
     // From then on it is an ordinary synced user.

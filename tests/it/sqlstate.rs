@@ -74,3 +74,40 @@ async fn a_serialization_failure_in_the_write_back_is_retried() {
     assert!(!daemon.task.is_finished(), "the daemon keeps running");
     daemon.stop().await;
 }
+
+/// A batch refused for one row is written again one user at a time; an
+/// error met there that is not about a row (here a missing privilege: the
+/// trigger refuses the batch's row first, then its write on its own) still
+/// stops `run` with the fix. It is never turned into the user's dead
+/// letter, which would park a user whose only fault is the setup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_setup_error_met_while_isolating_a_refused_row_still_stops_run() {
+    let db = TestDb::new(USERS_UUID).await;
+    db.exec(
+        "CREATE SEQUENCE calls;
+         CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF nextval('calls') = 1 THEN
+             RAISE EXCEPTION 'Zeile verweigert' USING ERRCODE = 'P0001';
+           END IF;
+           RAISE EXCEPTION 'Schreiben verweigert' USING ERRCODE = '42501';
+         END $$;
+         CREATE TRIGGER refuse BEFORE UPDATE OF external_user_id ON users
+           FOR EACH ROW WHEN (NEW.external_user_id IS DISTINCT FROM OLD.external_user_id)
+           EXECUTE FUNCTION refuse();",
+    )
+    .await;
+    db.exec("INSERT INTO users (email, name) VALUES ('dana@example.com', 'Dana')")
+        .await;
+    let out = run_cli(db.binary_command(&["run"]), Duration::from_secs(60)).await;
+    assert_eq!(out.code, Some(1), "{}", out.all());
+    let last = out.stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(last.contains("Schreiben verweigert"), "{last}");
+    assert!(last.contains("retrying cannot fix this"), "{last}");
+    assert_eq!(db.count("SELECT last_value FROM calls").await, 2);
+    assert_eq!(
+        db.count("SELECT count(*) FROM usersync.dead_letters").await,
+        0,
+        "a setup error is no user's dead letter"
+    );
+}

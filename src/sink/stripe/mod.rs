@@ -696,6 +696,23 @@ mod tests {
         }
     }
 
+    /// Past Stripe's idempotency window a replayed create can no longer
+    /// count on its key: it looks the customer up first, or a change
+    /// replayed a day later would create a second customer.
+    #[test]
+    fn a_create_older_than_the_idempotency_window_looks_up_first() {
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        let window = IDEMPOTENCY_WINDOW.as_micros() as i64;
+        let minute = 60_000_000;
+        let mut c = change(Operation::Insert, "evt_1");
+        c.commit_time_us = now_us - window - minute;
+        assert!(older_than_key_window(&c));
+        c.commit_time_us = now_us - window + minute;
+        assert!(!older_than_key_window(&c));
+    }
+
     #[test]
     fn form_encoding_is_application_x_www_form_urlencoded() {
         let mut f = Form::default();
