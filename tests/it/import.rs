@@ -93,6 +93,39 @@ async fn snapshot(db: &TestDb) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The fake Stripe with its rate limit off.
+async fn fake_stripe() -> FakeStripe {
+    FakeStripe::start(FakeStripeOptions {
+        api_key: STRIPE_KEY.into(),
+        rate_limit_per_sec: 0,
+        ..FakeStripeOptions::default()
+    })
+    .await
+    .expect("fake stripe")
+}
+
+/// The inbound receiver of `cfg`, in process, with the fake Stripe sending
+/// its signed events to the `stripe` source; cancel the token to stop it.
+async fn stripe_receiver(db: &TestDb, cfg: &Config, stripe: &FakeStripe) -> CancellationToken {
+    let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
+        .await
+        .expect("table");
+    let cancel = CancellationToken::new();
+    let receiver = usersync::app::inbound::start(cfg, &shape, cancel.clone())
+        .await
+        .expect("receiver")
+        .expect("configured");
+    stripe.webhooks().set_target(Some(
+        usersync::dev::fake::webhooks::WebhookTarget::stripe(
+            &format!("http://{}/stripe", receiver.addr),
+            WHSEC,
+        )
+        .expect("secret")
+        .compressed(0.001),
+    ));
+    cancel
+}
+
 fn meta(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -113,13 +146,7 @@ async fn stripe_customers_are_linked_not_duplicated_and_a_rerun_changes_nothing(
         bigserial()
     ))
     .await;
-    let stripe = FakeStripe::start(FakeStripeOptions {
-        api_key: STRIPE_KEY.into(),
-        rate_limit_per_sec: 0,
-        ..FakeStripeOptions::default()
-    })
-    .await
-    .expect("fake stripe");
+    let stripe = fake_stripe().await;
     let mut ids = Vec::new();
     for i in 0..250 {
         let metadata = match i {
@@ -710,13 +737,7 @@ async fn import_under_app_writes(n: usize) {
     }
     table.push_str("SELECT setval('users_id_seq', 1000)");
     let db = TestDb::new(&table).await;
-    let stripe = FakeStripe::start(FakeStripeOptions {
-        api_key: STRIPE_KEY.into(),
-        rate_limit_per_sec: 0,
-        ..FakeStripeOptions::default()
-    })
-    .await
-    .expect("fake stripe");
+    let stripe = fake_stripe().await;
     for i in 0..n {
         stripe.insert_customer(
             Some(&format!("c{i}@example.com")),
@@ -840,13 +861,7 @@ async fn fix_pull_and_reconcile_from_through_the_binary_converge_without_echo() 
         bigserial()
     ))
     .await;
-    let stripe = FakeStripe::start(FakeStripeOptions {
-        api_key: STRIPE_KEY.into(),
-        rate_limit_per_sec: 0,
-        ..FakeStripeOptions::default()
-    })
-    .await
-    .expect("fake stripe");
+    let stripe = fake_stripe().await;
     let plain =
         stripe_toml(&db, &stripe.url()).replace("on_delete = \"unlink\"", "on_delete = \"delete\"");
     let toml = format!("{plain}[reconcile]\nfrom = \"stripe\"\n");
@@ -1007,34 +1022,13 @@ async fn a_webhook_link_before_the_push_makes_the_push_an_update() {
         bigserial()
     ))
     .await;
-    let stripe = FakeStripe::start(FakeStripeOptions {
-        api_key: STRIPE_KEY.into(),
-        rate_limit_per_sec: 0,
-        ..FakeStripeOptions::default()
-    })
-    .await
-    .expect("fake stripe");
+    let stripe = fake_stripe().await;
     let toml = stripe_toml(&db, &stripe.url());
     let cfg = config(&toml);
     db.exec("UPDATE users SET name = 'Old B' WHERE email = 'old@example.com'")
         .await;
 
-    let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
-        .await
-        .expect("table");
-    let cancel = CancellationToken::new();
-    let receiver = usersync::app::inbound::start(&cfg, &shape, cancel.clone())
-        .await
-        .expect("receiver")
-        .expect("configured");
-    stripe.webhooks().set_target(Some(
-        usersync::dev::fake::webhooks::WebhookTarget::stripe(
-            &format!("http://{}/stripe", receiver.addr),
-            WHSEC,
-        )
-        .expect("secret")
-        .compressed(0.001),
-    ));
+    let cancel = stripe_receiver(&db, &cfg, &stripe).await;
     let created: Value = reqwest::Client::new()
         .post(format!("{}/v1/customers", stripe.url()))
         .bearer_auth(STRIPE_KEY)
@@ -1101,13 +1095,7 @@ async fn a_webhook_link_before_the_push_makes_the_push_an_update() {
 async fn fix_pull_with_on_delete_unlink_converges() {
     install_crypto();
     let db = TestDb::new(&bigserial()).await;
-    let stripe = FakeStripe::start(FakeStripeOptions {
-        api_key: STRIPE_KEY.into(),
-        rate_limit_per_sec: 0,
-        ..FakeStripeOptions::default()
-    })
-    .await
-    .expect("fake stripe");
+    let stripe = fake_stripe().await;
     let toml = stripe_toml(&db, &stripe.url());
     let mut ids = Vec::new();
     for (email, name) in [
@@ -1158,22 +1146,7 @@ async fn fix_pull_with_on_delete_unlink_converges() {
 
     // Deleted through Stripe's API: the receiver applies customer.deleted.
     let cfg = config(&toml);
-    let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
-        .await
-        .expect("table");
-    let cancel = CancellationToken::new();
-    let receiver = usersync::app::inbound::start(&cfg, &shape, cancel.clone())
-        .await
-        .expect("receiver")
-        .expect("configured");
-    stripe.webhooks().set_target(Some(
-        usersync::dev::fake::webhooks::WebhookTarget::stripe(
-            &format!("http://{}/stripe", receiver.addr),
-            WHSEC,
-        )
-        .expect("secret")
-        .compressed(0.001),
-    ));
+    let cancel = stripe_receiver(&db, &cfg, &stripe).await;
     let status = reqwest::Client::new()
         .delete(format!("{}/v1/customers/{}", stripe.url(), ids[2]))
         .bearer_auth(STRIPE_KEY)
@@ -1226,13 +1199,7 @@ async fn fix_pull_with_on_delete_unlink_converges() {
 async fn check_names_the_indexes_matching_needs_on_a_large_table() {
     install_crypto();
     let db = TestDb::new(&bigserial()).await;
-    let stripe = FakeStripe::start(FakeStripeOptions {
-        api_key: STRIPE_KEY.into(),
-        rate_limit_per_sec: 0,
-        ..FakeStripeOptions::default()
-    })
-    .await
-    .expect("fake stripe");
+    let stripe = fake_stripe().await;
     let toml = stripe_toml(&db, &stripe.url());
     let finding = |out: &CliOutcome, name: &str| -> Value {
         let report: Value = serde_json::from_str(&out.stdout)
