@@ -832,3 +832,143 @@ async fn a_change_from_before_its_own_write_back_keeps_its_values() {
     );
     h.stop().await;
 }
+
+/// A sync request (`sync-user`, `backfill`, `recover`) on its own: a
+/// transaction holding only the request's placeholder change.
+async fn request(
+    h: &Harness,
+    key: &str,
+    op: Operation,
+    lsn: Lsn,
+    id: i64,
+    external_id: Option<&str>,
+) {
+    let mut c = change(key, op, lsn);
+    // As `Rows::request_change` builds it: the lane reads the row's values.
+    c.data = None;
+    c.changed = Vec::new();
+    c.external_id = external_id.map(str::to_string);
+    h.send(SourceEvent::Request { change: c, id }).await;
+    h.send(SourceEvent::TxnEnd { end_lsn: lsn + 1 }).await;
+}
+
+fn row(key: &str, external_id: Option<&str>) -> crate::core::table::CurrentRow {
+    let mut data = Map::new();
+    data.insert("id".into(), json!(key));
+    data.insert("name".into(), json!(format!("row of {key}")));
+    crate::core::table::CurrentRow {
+        key: UserKey {
+            text: key.into(),
+            json: json!(key),
+        },
+        data,
+        external_id: external_id.map(str::to_string),
+        omitted: Vec::new(),
+    }
+}
+
+/// Each request ends marked with what its push did, which `sync-user`,
+/// `backfill --wait` and `recover` report: a never-linked row's push created
+/// the record; a linked row's updated it; a row deleted before the
+/// request's turn pushes nothing (its deletion travels as its own change);
+/// a `recover` delete request whose row is still gone pushes the delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sync_request_is_marked_with_what_its_push_did() {
+    use crate::core::outcome::RequestOutcome;
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    lock(&store.rows).insert("new".into(), row("new", None));
+    lock(&store.rows).insert("linked".into(), row("linked", Some("ext_linked")));
+    lock(&store.external_ids).insert("linked".into(), "ext_linked".into());
+    // Linked once; its row was deleted before the request's turn.
+    lock(&store.external_ids).insert("gone".into(), "ext_gone".into());
+    let mut h = start(pipeline(Arc::clone(&sink), Arc::clone(&store)), 16);
+    request(&h, "new", Operation::Update, 10, 1, None).await;
+    request(&h, "linked", Operation::Update, 20, 2, None).await;
+    request(&h, "gone", Operation::Update, 30, 3, None).await;
+    request(&h, "deleted", Operation::Delete, 40, 4, Some("ext_deleted")).await;
+    let mut items = HashMap::new();
+    for _ in 0..4 {
+        let item = h.item().await;
+        items.insert(item.key.text.clone(), item);
+    }
+    let mark = |key: &str| {
+        let item = items.get(key).expect("an item for every request");
+        item.request.clone().expect("the request's mark")
+    };
+    let seen = sink.seen();
+    let pushed = |key: &str| seen.iter().find(|s| s.key == key).cloned();
+
+    let new = mark("new");
+    assert_eq!(new.id, 1);
+    assert_eq!(new.outcome, RequestOutcome::Created, "{new:?}");
+    assert_eq!(new.external_id.as_deref(), Some("ext_0"), "{new:?}");
+    assert_eq!(pushed("new").map(|s| s.op), Some(Operation::Insert));
+
+    let linked = mark("linked");
+    assert_eq!(linked.outcome, RequestOutcome::Updated, "{linked:?}");
+    assert_eq!(linked.external_id.as_deref(), Some("ext_linked"));
+    let linked_push = pushed("linked").expect("the linked row is pushed");
+    assert_eq!(linked_push.op, Operation::Update);
+    assert_eq!(linked_push.data.as_ref(), Some(&row("linked", None).data));
+
+    let gone = mark("gone");
+    assert_eq!(gone.outcome, RequestOutcome::Unchanged, "{gone:?}");
+    assert!(
+        matches!(items["gone"].outcome, Outcome::Skipped),
+        "{:?}",
+        items["gone"].outcome
+    );
+    assert!(
+        pushed("gone").is_none(),
+        "a request whose row is gone pushed: {seen:?}"
+    );
+
+    let deleted = mark("deleted");
+    assert_eq!(deleted.outcome, RequestOutcome::Deleted, "{deleted:?}");
+    let delete = pushed("deleted").expect("the recover delete is pushed");
+    assert_eq!(delete.op, Operation::Delete);
+    assert_eq!(delete.external_id.as_deref(), Some("ext_deleted"));
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    h.stop().await;
+}
+
+/// A change with a value the stream could not convert was pushed without
+/// it (a sink that sends such a change at all): no values hash is recorded,
+/// so `backfill` never takes the row as synced with values it never sent.
+/// A whole change's hash is recorded, and a delete's never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_whole_changes_values_are_recorded_as_synced() {
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    lock(&store.external_ids).insert("whole".into(), "ext_w".into());
+    lock(&store.external_ids).insert("partial".into(), "ext_p".into());
+    lock(&store.external_ids).insert("deleted".into(), "ext_d".into());
+    let mut h = start(pipeline(Arc::clone(&sink), Arc::clone(&store)), 16);
+    h.txn("whole", Operation::Update, 10).await;
+    let mut partial = change("partial", Operation::Update, 20);
+    partial.unconvertible = Some("avatar: not valid UTF-8".into());
+    h.send(SourceEvent::Change(partial)).await;
+    h.send(SourceEvent::TxnEnd { end_lsn: 21 }).await;
+    h.txn("deleted", Operation::Delete, 30).await;
+    let mut items = HashMap::new();
+    for _ in 0..3 {
+        let item = h.item().await;
+        items.insert(item.key.text.clone(), item);
+    }
+    let mut whole = Map::new();
+    whole.insert("id".into(), json!("whole"));
+    assert_eq!(
+        items["whole"].values_hash,
+        Some(crate::core::outcome::values_hash(&whole))
+    );
+    for key in ["partial", "deleted"] {
+        assert!(
+            matches!(items[key].outcome, Outcome::Synced { .. }),
+            "{key}: {:?}",
+            items[key].outcome
+        );
+        assert_eq!(items[key].values_hash, None, "{key}");
+    }
+    h.stop().await;
+}
