@@ -904,6 +904,11 @@ async fn each_sync_request_is_marked_with_what_its_push_did() {
     assert_eq!(new.outcome, RequestOutcome::Created, "{new:?}");
     assert_eq!(new.external_id.as_deref(), Some("ext_0"), "{new:?}");
     assert_eq!(pushed("new").map(|s| s.op), Some(Operation::Insert));
+    // `sync-user` reports the push's latency in milliseconds.
+    let Outcome::Synced { push_latency, .. } = &items["new"].outcome else {
+        panic!("{:?}", items["new"].outcome)
+    };
+    assert_eq!(new.latency_ms, Some(push_latency.as_secs_f64() * 1000.0));
 
     let linked = mark("linked");
     assert_eq!(linked.outcome, RequestOutcome::Updated, "{linked:?}");
@@ -970,5 +975,48 @@ async fn only_a_whole_changes_values_are_recorded_as_synced() {
         );
         assert_eq!(items[key].values_hash, None, "{key}");
     }
+    h.stop().await;
+}
+
+/// A request whose push is refused ends `failed` with the reason and where
+/// to look; the same user's next request, while that dead letter is not
+/// even durable yet, ends `parked` and says how to get it pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_marked_failed_and_the_next_one_parked() {
+    use crate::core::outcome::RequestOutcome;
+    let sink = Arc::new(ScriptedSink::default());
+    let store = Arc::new(MemoryStore::default());
+    lock(&store.rows).insert("f".into(), row("f", Some("ext_f")));
+    lock(&store.external_ids).insert("f".into(), "ext_f".into());
+    lock(&sink.refuse).insert("f".into());
+    let mut h = start(pipeline(Arc::clone(&sink), Arc::clone(&store)), 16);
+    request(&h, "f", Operation::Update, 10, 7, None).await;
+    let failed = h.item().await;
+    let mark = failed.request.clone().expect("the request's mark");
+    assert_eq!(
+        (mark.id, mark.outcome),
+        (7, RequestOutcome::Failed),
+        "{mark:?}"
+    );
+    let error = mark.error.unwrap_or_default();
+    assert!(
+        error.contains("HTTP 400")
+            && error.contains("after 1 attempt(s)")
+            && error.contains("dlq list"),
+        "{error}"
+    );
+    request(&h, "f", Operation::Update, 20, 8, None).await;
+    let parked = h.item().await;
+    let mark = parked.request.clone().expect("the request's mark");
+    assert_eq!(
+        (mark.id, mark.outcome),
+        (8, RequestOutcome::Parked),
+        "{mark:?}"
+    );
+    assert!(
+        mark.error.unwrap_or_default().contains("dlq replay"),
+        "the parked mark says how to get the user pushed"
+    );
+    assert_eq!(sink.seen().len(), 1, "the parked request was pushed");
     h.stop().await;
 }
