@@ -79,6 +79,30 @@ struct PushResult {
     failure: Option<Failure>,
 }
 
+impl PushResult {
+    /// Given up at shutdown, before or while waiting for a retry.
+    fn abandoned(key: String, seq: u64) -> Self {
+        PushResult {
+            abandoned: true,
+            ..PushResult::nothing_pushed(key, seq)
+        }
+    }
+
+    /// Nothing to push (a request whose row is gone or unreadable): its
+    /// write item is already on its way to the writer.
+    fn nothing_pushed(key: String, seq: u64) -> Self {
+        PushResult {
+            key,
+            seq,
+            abandoned: false,
+            deleted: false,
+            external_id: None,
+            linked: false,
+            failure: None,
+        }
+    }
+}
+
 struct Failure {
     seq: u64,
     change: Box<Change>,
@@ -434,15 +458,7 @@ impl Pipeline {
                         Ok(id) => external_id = id,
                         Err(item) => {
                             let _ = writer.send(item.into_write_item(seq, &change)).await;
-                            return PushResult {
-                                key,
-                                seq,
-                                abandoned: false,
-                                deleted: false,
-                                external_id: None,
-                                linked: false,
-                                failure: None,
-                            };
+                            return PushResult::nothing_pushed(key, seq);
                         }
                     }
                 }
@@ -482,15 +498,7 @@ impl Pipeline {
                                 tokio::select! {
                                     _ = tokio::time::sleep(IMPORT_WAIT) => {}
                                     _ = stop.cancelled() => {
-                                        return PushResult {
-                                            key,
-                                            seq,
-                                            abandoned: true,
-                                            deleted: false,
-                                            external_id: None,
-                                            linked: false,
-                                            failure: None,
-                                        };
+                                        return PushResult::abandoned(key, seq);
                                     }
                                 }
                             }
@@ -508,15 +516,7 @@ impl Pipeline {
                 )
                 .await
                 else {
-                    return PushResult {
-                        key,
-                        seq,
-                        abandoned: true,
-                        deleted: false,
-                        external_id: None,
-                        linked: false,
-                        failure: None,
-                    };
+                    return PushResult::abandoned(key, seq);
                 };
                 match pushed {
                     Ok(pushed) => {

@@ -81,6 +81,7 @@ pub struct Writer {
     visible: Statement,
     batch_size: usize,
     sync_log: Option<Statement>,
+    visibility_timeout: Duration,
 }
 
 impl Writer {
@@ -121,7 +122,16 @@ impl Writer {
             visible,
             batch_size,
             sync_log,
+            visibility_timeout: VISIBILITY_TIMEOUT,
         })
+    }
+
+    /// How long a write-back waits for its source transaction to become
+    /// visible before it fails (default 300 s); tests shorten it to see
+    /// the failure.
+    pub fn with_visibility_timeout(mut self, timeout: Duration) -> Self {
+        self.visibility_timeout = timeout;
+        self
     }
 
     /// Writes batches until `items` closes. Each batch's sequence numbers go
@@ -287,7 +297,8 @@ impl Writer {
                     .copied()
                     .filter(|k| !matched.contains(*k))
                     .collect();
-                await_visibility(&tx, &update, &visible, unmatched, &latest).await?;
+                let timeout = self.visibility_timeout;
+                await_visibility(&tx, &update, &visible, unmatched, &latest, timeout).await?;
             }
         }
         for dl in dead {
@@ -439,7 +450,8 @@ const VISIBLE_SQL: &str = "SELECT coalesce(bool_and(pg_visible_in_snapshot(\
      FROM (SELECT s AS snap, pg_snapshot_xmax(s)::text::bigint AS xmax FROM pg_current_snapshot() AS s) AS m, \
      unnest($1::int8[]) AS x";
 
-/// How long a write-back waits for its source transaction to become visible.
+/// How long a write-back waits for its source transaction to become visible
+/// by default.
 const VISIBILITY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// pgoutput sends a transaction once its commit is flushed, a moment
@@ -453,8 +465,9 @@ async fn await_visibility(
     visible_sql: &Statement,
     mut unmatched: Vec<&str>,
     latest: &HashMap<&str, (Option<&str>, SystemTime, u32)>,
+    timeout: Duration,
 ) -> Result<(), WritebackError> {
-    let deadline = Instant::now() + VISIBILITY_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let mut wait = Duration::from_millis(2);
     while !unmatched.is_empty() {
         let xids: Vec<i64> = unmatched.iter().map(|k| i64::from(latest[k].2)).collect();
@@ -483,7 +496,7 @@ async fn await_visibility(
         if Instant::now() > deadline {
             return Err(WritebackError::Invisible {
                 count: unmatched.len(),
-                timeout: VISIBILITY_TIMEOUT,
+                timeout,
             });
         }
         tokio::time::sleep(wait).await;
@@ -529,20 +542,20 @@ pub fn guarded_update_sql(shape: &TableShape) -> String {
 }
 
 /// One user through the guarded write-back ([`guarded_update_sql`]), for
-/// the commands that sync a single user (`sync-user`, `dlq replay`).
-/// Whether the row was updated (false: gone, or it has a newer sync).
+/// the commands that sync a single user (`sync-user`, `dlq replay`). A row
+/// that is gone or has a newer sync is left as it is, which is no error.
 pub async fn write_back_one<C: GenericClient>(
     client: &C,
     guarded_update: &str,
     key: &str,
     external_id: Option<&str>,
     at: SystemTime,
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<(), tokio_postgres::Error> {
     let keys: &[&str] = &[key];
     let ext: &[Option<&str>] = &[external_id];
     let at: &[SystemTime] = &[at];
-    let updated = client.query(guarded_update, &[&keys, &ext, &at]).await?;
-    Ok(!updated.is_empty())
+    client.execute(guarded_update, &[&keys, &ext, &at]).await?;
+    Ok(())
 }
 
 /// Reads a row's current external id: for an update or delete decoded

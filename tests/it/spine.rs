@@ -844,3 +844,91 @@ async fn a_clean_stop_confirms_everything_written_back() {
         );
     }
 }
+
+/// pgoutput sends a transaction a moment before other sessions can see its
+/// rows, and the write-back waits for them. A source transaction that never
+/// becomes visible (here its INSERT is still open; in production, a primary
+/// waiting for a missing synchronous standby) fails the write-back after
+/// its timeout with a message naming the likely cause, instead of waiting
+/// forever, and nothing is reported durable: the change is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_back_whose_source_never_becomes_visible_fails_after_its_timeout() {
+    use usersync::core::change::{Operation, UserKey};
+    use usersync::core::outcome::{Outcome, WriteItem};
+    use usersync::store::writeback::{WritebackError, Writer};
+    let db = TestDb::new(USERS_BIGINT).await;
+    let cfg = db.config();
+    let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
+        .await
+        .expect("table");
+    let (open, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    open.batch_execute("BEGIN; INSERT INTO users (id, email) VALUES (42, 'x@example.com')")
+        .await
+        .expect("insert");
+    let xid: i64 = open
+        .query_one(
+            "SELECT pg_current_xact_id()::text::bigint % 4294967296",
+            &[],
+        )
+        .await
+        .expect("xid")
+        .get(0);
+    let writer = Writer::connect(&cfg.database, &shape, 10)
+        .await
+        .expect("writer")
+        .with_visibility_timeout(Duration::from_millis(500));
+    let (items, rx) = tokio::sync::mpsc::channel(4);
+    let (done, mut durable) = tokio::sync::mpsc::unbounded_channel();
+    let run = tokio::spawn(writer.run(rx, done, None));
+    items
+        .send(WriteItem {
+            seq: 1,
+            event_id: "evt_invisible".into(),
+            key: UserKey {
+                text: "42".into(),
+                json: serde_json::json!(42),
+            },
+            op: Operation::Insert,
+            commit_lsn: 0x100_0000,
+            position: 0,
+            xid: u32::try_from(xid).expect("32-bit xid"),
+            decoded_at: std::time::Instant::now(),
+            outcome: Outcome::Synced {
+                external_id: Some("usr_invisible".into()),
+                synced_at: std::time::SystemTime::now(),
+                push_latency: Duration::ZERO,
+                attempts: 1,
+            },
+            commit_time_us: 0,
+            values_hash: None,
+            request: None,
+        })
+        .await
+        .expect("writer running");
+    let ended = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the write-back gave up instead of waiting forever")
+        .expect("join");
+    match ended {
+        Err(e @ WritebackError::Invisible { count: 1, .. }) => {
+            let message = e.to_string();
+            assert!(
+                message.contains("within 500ms") && message.contains("synchronous standby"),
+                "{message}"
+            );
+        }
+        other => panic!("expected the visibility timeout, got {other:?}"),
+    }
+    assert!(
+        durable.try_recv().is_err(),
+        "a write-back that failed was reported durable"
+    );
+    open.batch_execute("COMMIT").await.expect("commit");
+    let written = db
+        .count("SELECT count(*) FROM users WHERE external_user_id IS NOT NULL")
+        .await;
+    assert_eq!(written, 0);
+}
