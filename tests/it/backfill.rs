@@ -624,6 +624,19 @@ async fn run_refuses_a_setup_without_the_request_table_in_the_publication() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn backfill_links_an_existing_stripe_customer() {
+    backfill_links_existing_stripe_customers(false).await;
+}
+
+/// Where Stripe answers the customer search 404 (an account without Search,
+/// an implementation of the API without it), the look-up lists customers:
+/// by email, and all of them when the customer's email is not the row's.
+/// A customer with the row's email but another key is somebody else's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backfill_links_existing_stripe_customers_without_customer_search() {
+    backfill_links_existing_stripe_customers(true).await;
+}
+
+async fn backfill_links_existing_stripe_customers(without_search: bool) {
     use usersync::dev::fake::stripe::{FakeStripe, FakeStripeOptions};
     const STRIPE_KEY: &str = "sk_test_51UsersyncBackfillKey0123";
     install_crypto();
@@ -632,23 +645,34 @@ async fn backfill_links_an_existing_stripe_customer() {
     let stripe = FakeStripe::start(FakeStripeOptions {
         api_key: STRIPE_KEY.into(),
         rate_limit_per_sec: 0,
+        without_search,
         ..FakeStripeOptions::default()
     })
     .await
     .expect("fake stripe");
+    let make = |form: &'static str| {
+        let url = format!("{}/v1/customers", stripe.url());
+        async move {
+            let made: Value = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(STRIPE_KEY)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(form)
+                .send()
+                .await
+                .expect("create customer")
+                .json()
+                .await
+                .expect("customer json");
+            made["id"].as_str().expect("customer id").to_string()
+        }
+    };
     // A customer made by another tool for row 2, carrying its key.
-    let made: Value = reqwest::Client::new()
-        .post(format!("{}/v1/customers", stripe.url()))
-        .bearer_auth(STRIPE_KEY)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("email=u2%40example.com&metadata%5Busersync_key%5D=2")
-        .send()
-        .await
-        .expect("create customer")
-        .json()
-        .await
-        .expect("customer json");
-    let existing = made["id"].as_str().expect("customer id").to_string();
+    let existing = make("email=u2%40example.com&metadata%5Busersync_key%5D=2").await;
+    // Row 3's customer, made when the row had another email.
+    let moved = make("email=old3%40example.com&metadata%5Busersync_key%5D=3").await;
+    // Row 1's email, somebody else's key.
+    let other = make("email=u1%40example.com&metadata%5Busersync_key%5D=99").await;
     let toml = format!(
         "[database]\nurl = \"{}\"\nslot = \"{}\"\norigin = \"{}\"\n\
          [sink]\nkind = \"stripe\"\nurl = \"{}\"\napi_key_env = \"STRIPE_KEY\"\nrate_limit_per_sec = 0\n\
@@ -686,18 +710,26 @@ async fn backfill_links_an_existing_stripe_customer() {
         .into_iter()
         .filter(|c| !c.deleted)
         .collect();
-    assert_eq!(live.len(), 3, "{live:?}");
-    let ext: Option<String> = db
-        .client
-        .query_one("SELECT external_user_id FROM users WHERE id = 2", &[])
-        .await
-        .expect("row")
-        .get(0);
+    assert_eq!(live.len(), 4, "{live:?}");
+    let ext = |id: i64| {
+        let client = &db.client;
+        async move {
+            let ext: Option<String> = client
+                .query_one("SELECT external_user_id FROM users WHERE id = $1", &[&id])
+                .await
+                .expect("row")
+                .get(0);
+            ext
+        }
+    };
+    assert_eq!(ext(2).await, Some(existing), "linked, not duplicated");
     assert_eq!(
-        ext.as_deref(),
-        Some(existing.as_str()),
-        "linked, not duplicated"
+        ext(3).await,
+        Some(moved),
+        "linked by its key, not its old email"
     );
+    let first = ext(1).await.expect("row 1 synced");
+    assert_ne!(first, other, "linked to a customer with another key");
     cancel.cancel();
     match tokio::time::timeout(Duration::from_secs(30), daemon).await {
         Ok(Ok(Ok(()))) => {}

@@ -178,6 +178,11 @@ async fn secrets_and_personal_data_stay_out_of_logs_metrics_errors_and_tables() 
     let text = std::fs::read_to_string(&text_log).expect("log");
     assert!(!text.contains("{\""), "text format expected:\n{text}");
     assert!(text.contains("synced"), "{text}");
+    // Written to a file, not a terminal: no colour escape codes.
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape codes in a log file:\n{text}"
+    );
     assert_clean("text log", &text, &secrets);
     assert_clean("text log", &text, &pii);
 

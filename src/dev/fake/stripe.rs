@@ -15,7 +15,8 @@
 //!   customer answers `{"id","object":"customer","deleted":true}`),
 //!   `GET /v1/customers` (newest first; `limit` 1..100, `starting_after`,
 //!   `ending_before`, `has_more`), `GET /v1/customers/search?query=`
-//!   (`metadata['k']:'v'`, `email:'…'`, … joined by AND or OR),
+//!   (`metadata['k']:'v'`, `email:'…'`, … joined by AND or OR; a 404 with
+//!   `without_search`),
 //!   `DELETE /v1/customers/{id}`; an unknown id is a 404 `resource_missing`;
 //!   an email without '@' is a 400 `email_invalid` (`param: email`);
 //! - subscriptions: `POST /v1/subscriptions` (`customer`, `items[0][price]`,
@@ -78,6 +79,10 @@ pub struct FakeStripeOptions {
     /// Requests per second before 429s; 0 means no limit. Stripe's test
     /// mode allows 25.
     pub rate_limit_per_sec: u32,
+    /// Answer `GET /v1/customers/search` as a URL Stripe does not serve
+    /// (404), as for an account without Search (Stripe's accounts in India)
+    /// or an implementation of the API without it.
+    pub without_search: bool,
 }
 
 impl Default for FakeStripeOptions {
@@ -87,6 +92,7 @@ impl Default for FakeStripeOptions {
             api_key: "sk_test_usersyncFakeKey0000000000".into(),
             latency: Duration::ZERO,
             rate_limit_per_sec: 25,
+            without_search: false,
         }
     }
 }
@@ -310,6 +316,7 @@ struct Store {
     requests: Vec<StripeRequest>,
     faults: VecDeque<Fault>,
     latency: Duration,
+    without_search: bool,
     saved: HashMap<String, Saved>,
     bucket: Bucket,
     /// Where `customer.*` events go (Stripe-signed), when configured.
@@ -584,6 +591,9 @@ impl Store {
                 self.idempotent(key, method, path, params, |s| s.update(&id, params))
             }
             ("GET", ["v1", "customers"]) => self.list(params),
+            ("GET", ["v1", "customers", "search"]) if self.without_search => {
+                unrecognized(method, path)
+            }
             ("GET", ["v1", "customers", "search"]) => self.search(params),
             ("GET", ["v1", "customers", id]) => self.retrieve(&percent_decode(id)),
             ("DELETE", ["v1", "customers", id]) => self.delete(&percent_decode(id)),
@@ -1241,6 +1251,7 @@ impl FakeStripe {
                 requests: Vec::new(),
                 faults: VecDeque::new(),
                 latency: opts.latency,
+                without_search: opts.without_search,
                 saved: HashMap::new(),
                 bucket: Bucket::new(opts.rate_limit_per_sec),
                 webhooks: webhooks.clone(),

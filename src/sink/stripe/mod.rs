@@ -10,12 +10,16 @@
 //!   billing history), delete (`DELETE /v1/customers/{id}`, a 404 counts as
 //!   done) or ignore;
 //! - an update or delete whose customer id is unknown first looks the
-//!   customer up by `metadata['usersync_key']` (customer search).
+//!   customer up by `metadata['usersync_key']` (customer search). Where the
+//!   search API answers 404 (an account without Search, such as Stripe's
+//!   accounts in India, or an implementation of the API without it), the
+//!   look-up lists customers instead: by the mapped email first, then all.
 //!
 //! Errors are Stripe's `{"error":{type,code,message}}`; `Stripe-Should-Retry`
 //! decides retry versus dead letter where Stripe sends it. One call of
 //! [`Sink::push`] is one attempt; retries are the pipeline's.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
@@ -61,7 +65,13 @@ pub struct StripeSink {
     fields: Vec<(String, String)>,
     on_delete: OnDelete,
     max_external_id_length: usize,
+    /// Set when the customer search answered 404: look-ups list instead.
+    search_unavailable: AtomicBool,
 }
+
+/// The most pages one look-up by listing reads (100 customers each): a
+/// listing that never ends is an answer that is wrong, not a big account.
+const MAX_LOOKUP_PAGES: usize = 100_000;
 
 /// A failed request: the error for the pipeline plus Stripe's error type and
 /// code, which some callers act on (a 404 on delete is success).
@@ -124,6 +134,7 @@ impl StripeSink {
             fields,
             on_delete: cfg.on_delete,
             max_external_id_length: cfg.max_external_id_length,
+            search_unavailable: AtomicBool::new(false),
         })
     }
 
@@ -143,6 +154,7 @@ impl StripeSink {
             fields: Vec::new(),
             on_delete: policy.on_delete,
             max_external_id_length: policy.max_external_id_length,
+            search_unavailable: AtomicBool::new(false),
         })
     }
 
@@ -293,20 +305,114 @@ impl StripeSink {
     /// The live (not deleted, not marked) customer whose
     /// `metadata[usersync_key]` is the row's key.
     async fn find(&self, change: &Change) -> Result<Option<String>, SinkError> {
+        if !self.search_unavailable.load(Ordering::Relaxed) {
+            match self.search(change).await {
+                // Stripe's answer to a URL it does not serve; not a
+                // customer's 404 (those name `resource_missing`).
+                Err(f) if f.error.status() == Some(404) && f.code.is_none() => {
+                    tracing::warn!(
+                        "Stripe answered the customer search with 404 (Search is not available to this account or this implementation of the API); customers are looked up by listing them from now on, which takes a request per 100 customers"
+                    );
+                    self.search_unavailable.store(true, Ordering::Relaxed);
+                }
+                found => return self.pick(change, found?),
+            }
+        }
+        // The customer may carry an email the row no longer has, so a miss
+        // by email is checked against every customer.
+        if let Some(email) = self.mapped_email(change) {
+            let found = self.list_all(change, Some(&email)).await?;
+            if let Some(id) = self.pick(change, found)? {
+                return Ok(Some(id));
+            }
+        }
+        let found = self.list_all(change, None).await?;
+        self.pick(change, found)
+    }
+
+    async fn search(&self, change: &Change) -> Result<Vec<Value>, Failed> {
         let query = format!(
             "metadata['{KEY_METADATA}']:'{}'",
             change.key.text.replace('\\', "\\\\").replace('\'', "\\'")
         );
         let path = format!("/v1/customers/search?query={}&limit=10", encode(&query));
         let body = self.request(Method::GET, &path, None, None).await?;
-        let Some(found) = body.get("data").and_then(Value::as_array) else {
-            return Err(SinkError::Malformed(format!(
+        match body.get("data").and_then(Value::as_array) {
+            Some(found) => Ok(found.clone()),
+            None => Err(Failed::from(SinkError::Malformed(format!(
                 "customer search answered without a data list: {}",
                 excerpt(&body.to_string())
-            )));
-        };
+            )))),
+        }
+    }
+
+    /// Every customer `GET /v1/customers` lists (with that email, if given)
+    /// that carries the row's key, page by page.
+    async fn list_all(
+        &self,
+        change: &Change,
+        email: Option<&str>,
+    ) -> Result<Vec<Value>, SinkError> {
+        let mut path = String::from("/v1/customers?limit=100");
+        if let Some(email) = email {
+            path.push_str(&format!("&email={}", encode(email)));
+        }
+        let mut found = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_LOOKUP_PAGES {
+            let page_path = match &after {
+                Some(id) => format!("{path}&starting_after={}", encode(id)),
+                None => path.clone(),
+            };
+            let body = self.request(Method::GET, &page_path, None, None).await?;
+            let Some(page) = body.get("data").and_then(Value::as_array) else {
+                return Err(SinkError::Malformed(format!(
+                    "customer list answered without a data list: {}",
+                    excerpt(&body.to_string())
+                )));
+            };
+            found.extend(
+                page.iter()
+                    .filter(|c| carries_key(c, &change.key.text))
+                    .cloned(),
+            );
+            if body.get("has_more").and_then(Value::as_bool) != Some(true) {
+                return Ok(found);
+            }
+            let last = match page.last().and_then(|c| c.get("id")) {
+                Some(id) => validate_external_id(id, self.max_external_id_length)?,
+                None => {
+                    return Err(SinkError::Malformed(
+                        "customer list answered has_more with an empty page".into(),
+                    ))
+                }
+            };
+            if after.as_deref() == Some(last.as_str()) {
+                return Err(SinkError::Malformed(format!(
+                    "customer list answered the same page twice (after {last})"
+                )));
+            }
+            after = Some(last);
+        }
+        Err(SinkError::Malformed(format!(
+            "customer list did not end within {MAX_LOOKUP_PAGES} pages"
+        )))
+    }
+
+    /// The row's email as the mapping sends it, if email is mapped.
+    fn mapped_email(&self, change: &Change) -> Option<String> {
+        let (_, column) = self.fields.iter().find(|(field, _)| field == "email")?;
+        let data = change.data.as_ref().or(change.previous.as_ref())?;
+        as_text(data.get(column)?).filter(|e| !e.is_empty())
+    }
+
+    /// Of the customers found, the live one that carries the row's key (an
+    /// implementation of the API that ignores the query must not link the
+    /// row to somebody else's customer).
+    fn pick(&self, change: &Change, found: Vec<Value>) -> Result<Option<String>, SinkError> {
         let live: Vec<String> = found
             .iter()
+            .filter(|c| carries_key(c, &change.key.text))
             .filter(|c| c.get("deleted").and_then(Value::as_bool) != Some(true))
             .filter(|c| {
                 c.pointer(&format!("/metadata/{DELETED_AT_METADATA}"))
@@ -450,6 +556,14 @@ impl Sink for StripeSink {
                 .map_err(SinkError::from)
         })
     }
+}
+
+/// Whether a customer's `metadata.usersync_key` is `key`.
+fn carries_key(customer: &Value, key: &str) -> bool {
+    customer
+        .pointer(&format!("/metadata/{KEY_METADATA}"))
+        .and_then(Value::as_str)
+        == Some(key)
 }
 
 /// `email` → `email`, `metadata.plan` → `metadata[plan]`,
