@@ -853,8 +853,6 @@ async fn a_clean_stop_confirms_everything_written_back() {
 /// forever, and nothing is reported durable: the change is replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_back_whose_source_never_becomes_visible_fails_after_its_timeout() {
-    use usersync::core::change::{Operation, UserKey};
-    use usersync::core::outcome::{Outcome, WriteItem};
     use usersync::store::writeback::{WritebackError, Writer};
     let db = TestDb::new(USERS_BIGINT).await;
     let cfg = db.config();
@@ -884,28 +882,7 @@ async fn a_write_back_whose_source_never_becomes_visible_fails_after_its_timeout
     let (done, mut durable) = tokio::sync::mpsc::unbounded_channel();
     let run = tokio::spawn(writer.run(rx, done, None));
     items
-        .send(WriteItem {
-            seq: 1,
-            event_id: "evt_invisible".into(),
-            key: UserKey {
-                text: "42".into(),
-                json: serde_json::json!(42),
-            },
-            op: Operation::Insert,
-            commit_lsn: 0x100_0000,
-            position: 0,
-            xid: u32::try_from(xid).expect("32-bit xid"),
-            decoded_at: std::time::Instant::now(),
-            outcome: Outcome::Synced {
-                external_id: Some("usr_invisible".into()),
-                synced_at: std::time::SystemTime::now(),
-                push_latency: Duration::ZERO,
-                attempts: 1,
-            },
-            commit_time_us: 0,
-            values_hash: None,
-            request: None,
-        })
+        .send(synced_item(1, 42, xid))
         .await
         .expect("writer running");
     let ended = tokio::time::timeout(Duration::from_secs(60), run)
@@ -931,4 +908,137 @@ async fn a_write_back_whose_source_never_becomes_visible_fails_after_its_timeout
         .count("SELECT count(*) FROM users WHERE external_user_id IS NOT NULL")
         .await;
     assert_eq!(written, 0);
+}
+
+/// A write-back of user `key` pushed in source transaction `xid`.
+fn synced_item(seq: u64, key: i64, xid: i64) -> usersync::core::outcome::WriteItem {
+    use usersync::core::change::{Operation, UserKey};
+    use usersync::core::outcome::{Outcome, WriteItem};
+    WriteItem {
+        seq,
+        event_id: format!("evt_{seq}"),
+        key: UserKey {
+            text: key.to_string(),
+            json: serde_json::json!(key),
+        },
+        op: Operation::Insert,
+        commit_lsn: 0x100_0000 + seq,
+        position: 0,
+        xid: u32::try_from(xid).expect("32-bit xid"),
+        decoded_at: std::time::Instant::now(),
+        outcome: Outcome::Synced {
+            external_id: Some(format!("usr_{key}")),
+            synced_at: std::time::SystemTime::now(),
+            push_latency: Duration::ZERO,
+            attempts: 1,
+        },
+        commit_time_us: 0,
+        values_hash: None,
+        request: None,
+    }
+}
+
+/// The other two sides of the visibility wait: a write-back that ran
+/// before its source transaction was visible matches once it is (the
+/// writer keeps trying, it does not fail at once), and one whose row is
+/// gone although its source is visible (deleted meanwhile) is done at once,
+/// without waiting for the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_back_waits_for_its_source_but_not_for_a_row_that_is_gone() {
+    use usersync::store::writeback::Writer;
+    let db = TestDb::new(USERS_BIGINT).await;
+    let cfg = db.config();
+    let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
+        .await
+        .expect("table");
+    let (open, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    open.batch_execute("BEGIN; INSERT INTO users (id, email) VALUES (7, 'late@example.com')")
+        .await
+        .expect("insert");
+    let late: i64 = open
+        .query_one(
+            "SELECT pg_current_xact_id()::text::bigint % 4294967296",
+            &[],
+        )
+        .await
+        .expect("xid")
+        .get(0);
+    // The timeout is long: the test ends when the write-back does.
+    let writer = Writer::connect(&cfg.database, &shape, 10)
+        .await
+        .expect("writer")
+        .with_visibility_timeout(Duration::from_secs(120));
+    let (items, rx) = tokio::sync::mpsc::channel(4);
+    let (done, mut durable) = tokio::sync::mpsc::unbounded_channel();
+    let run = tokio::spawn(writer.run(rx, done, None));
+    items
+        .send(synced_item(1, 7, late))
+        .await
+        .expect("writer running");
+    // The writer is in its wait once its session has asked whether the
+    // source is visible.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let waiting = db
+            .count(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'usersync-writeback' \
+                 AND query LIKE '%pg_visible_in_snapshot%'",
+            )
+            .await;
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            !run.is_finished(),
+            "the writer ended before its source was visible: {run:?}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never waited for visibility"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    open.batch_execute("COMMIT").await.expect("commit");
+    let first = tokio::time::timeout(WAIT, durable.recv())
+        .await
+        .expect("the write-back became durable once its source was visible")
+        .expect("writer running");
+    assert_eq!(first.seqs, vec![1]);
+    let ext: Option<String> = db
+        .client
+        .query_one("SELECT external_user_id FROM users WHERE id = 7", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(ext.as_deref(), Some("usr_7"));
+
+    // User 8: inserted and deleted, both committed; its write-back matches
+    // nothing and must not wait the 120 s.
+    db.exec("INSERT INTO users (id, email) VALUES (8, 'gone@example.com')")
+        .await;
+    let gone_xid: i64 = db
+        .client
+        .query_one("SELECT xmin::text::bigint FROM users WHERE id = 8", &[])
+        .await
+        .expect("xmin")
+        .get(0);
+    db.exec("DELETE FROM users WHERE id = 8").await;
+    items
+        .send(synced_item(2, 8, gone_xid))
+        .await
+        .expect("writer running");
+    let second = tokio::time::timeout(Duration::from_secs(60), durable.recv())
+        .await
+        .expect("a write-back of a deleted row waited for the visibility timeout")
+        .expect("writer running");
+    assert_eq!(second.seqs, vec![2]);
+    drop(items);
+    let ended = tokio::time::timeout(WAIT, run)
+        .await
+        .expect("writer ends")
+        .expect("join");
+    assert!(ended.is_ok(), "{ended:?}");
 }

@@ -406,29 +406,8 @@ impl StripeSink {
         as_text(data.get(column)?).filter(|e| !e.is_empty())
     }
 
-    /// Of the customers found, the live one that carries the row's key (an
-    /// implementation of the API that ignores the query must not link the
-    /// row to somebody else's customer).
     fn pick(&self, change: &Change, found: Vec<Value>) -> Result<Option<String>, SinkError> {
-        let live: Vec<String> = found
-            .iter()
-            .filter(|c| carries_key(c, &change.key.text))
-            .filter(|c| c.get("deleted").and_then(Value::as_bool) != Some(true))
-            .filter(|c| {
-                c.pointer(&format!("/metadata/{DELETED_AT_METADATA}"))
-                    .is_none()
-            })
-            .filter_map(|c| c.get("id"))
-            .map(|id| validate_external_id(id, self.max_external_id_length))
-            .collect::<Result<_, _>>()?;
-        if live.len() > 1 {
-            tracing::warn!(
-                user = %change.key,
-                customers = live.len(),
-                "several Stripe customers carry this user's key; using the first"
-            );
-        }
-        Ok(live.into_iter().next())
+        live_customer(change, &found, self.max_external_id_length)
     }
 
     /// The mapped fields plus the row key. On update a NULL column is sent
@@ -556,6 +535,35 @@ impl Sink for StripeSink {
                 .map_err(SinkError::from)
         })
     }
+}
+
+/// Of the customers found, the live one that carries the row's key (an
+/// implementation of the API that ignores the query must not link the row
+/// to somebody else's customer).
+fn live_customer(
+    change: &Change,
+    found: &[Value],
+    max_id_len: usize,
+) -> Result<Option<String>, SinkError> {
+    let live: Vec<String> = found
+        .iter()
+        .filter(|c| carries_key(c, &change.key.text))
+        .filter(|c| c.get("deleted").and_then(Value::as_bool) != Some(true))
+        .filter(|c| {
+            c.pointer(&format!("/metadata/{DELETED_AT_METADATA}"))
+                .is_none()
+        })
+        .filter_map(|c| c.get("id"))
+        .map(|id| validate_external_id(id, max_id_len))
+        .collect::<Result<_, _>>()?;
+    if live.len() > 1 {
+        tracing::warn!(
+            user = %change.key,
+            customers = live.len(),
+            "several Stripe customers carry this user's key; using the first"
+        );
+    }
+    Ok(live.into_iter().next())
 }
 
 /// Whether a customer's `metadata.usersync_key` is `key`.
@@ -825,6 +833,30 @@ mod tests {
         assert!(older_than_key_window(&c));
         c.commit_time_us = now_us - window + minute;
         assert!(!older_than_key_window(&c));
+    }
+
+    /// Only a live customer that carries the row's key is linked, whatever
+    /// the look-up answered: a Stripe-compatible server that ignores the
+    /// search query (answers fixtures) must not link the row to somebody
+    /// else's customer, and a deleted or marked one is not the user's.
+    #[test]
+    fn only_a_live_customer_carrying_the_rows_key_is_linked() {
+        use serde_json::json;
+        let c = change(Operation::Update, "evt_1");
+        let others = vec![
+            json!({"id": "cus_other", "metadata": {"usersync_key": "7"}}),
+            json!({"id": "cus_nokey", "metadata": {}}),
+            json!({"id": "cus_bare"}),
+            json!({"id": "cus_gone", "deleted": true, "metadata": {"usersync_key": "42"}}),
+            json!({"id": "cus_marked", "metadata": {"usersync_key": "42", "deleted_at": "2026-01-01T00:00:00Z"}}),
+        ];
+        assert_eq!(live_customer(&c, &others, 255).ok(), Some(None));
+        let mut found = others;
+        found.push(json!({"id": "cus_ours", "metadata": {"usersync_key": "42"}}));
+        assert_eq!(
+            live_customer(&c, &found, 255).ok(),
+            Some(Some("cus_ours".to_string()))
+        );
     }
 
     #[test]
