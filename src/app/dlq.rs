@@ -262,11 +262,7 @@ impl Replayer {
         let (op, user_key, data, omitted, external_id) = match row {
             Some(row) => {
                 let external_id = row.external_id.or(envelope_id);
-                let op = if external_id.is_some() {
-                    Operation::Update
-                } else {
-                    Operation::Insert
-                };
+                let op = crate::sink::row_push_op(self.sink.name(), external_id.is_some());
                 (op, row.key, Some(row.data), row.omitted, external_id)
             }
             None => match envelope_id {

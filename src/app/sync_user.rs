@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::core::change::{Change, Operation};
+use crate::core::change::Change;
 use crate::core::error::{Classify, ErrorKind};
 use crate::sink::retry::push_with_retry;
 use crate::store::db::{connect, error_text, ConnectError, DbError};
@@ -252,11 +252,8 @@ async fn direct(
         .into());
     };
     let hash = crate::core::outcome::values_hash(&row.data);
-    let op = if row.external_id.is_some() {
-        Operation::Update
-    } else {
-        Operation::Insert
-    };
+    let id_known = row.external_id.is_some();
+    let op = crate::sink::row_push_op(sink.name(), id_known);
     let change = Change {
         // Stable for the same values, so a retried create after a failed
         // write-back reuses its idempotency key.
@@ -322,11 +319,7 @@ async fn direct(
     Ok(SyncUserResult {
         key: key.to_string(),
         external_id,
-        status: match op {
-            Operation::Insert => "created",
-            _ => "updated",
-        }
-        .to_string(),
+        status: if id_known { "updated" } else { "created" }.to_string(),
         latency_ms: latency.as_secs_f64() * 1000.0,
         via: "direct",
     })

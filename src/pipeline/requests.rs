@@ -52,14 +52,7 @@ pub async fn prepare(
         }
     };
     let external_id = known.or(row.external_id.clone());
-    // Stripe links an existing customer only on the update path (search by
-    // metadata key, then create); its creates are deduplicated by
-    // idempotency keys alone, which a customer made by another tool lacks.
-    change.op = if external_id.is_some() || sink == "stripe" {
-        Operation::Update
-    } else {
-        Operation::Insert
-    };
+    change.op = crate::sink::row_push_op(sink, external_id.is_some());
     adopt_row(change, row);
     change.external_id = external_id.clone();
     Ok(external_id)

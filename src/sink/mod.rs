@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::core::change::Change;
+use crate::core::change::{Change, Operation};
 
 /// What one attempt at pushing a change can fail with. `retryable` follows
 /// DESIGN.md: 408, 425, 429, 5xx, timeouts and connection errors are retried;
@@ -176,6 +176,22 @@ pub fn refuse_unconvertible(change: &Change) -> Result<(), SinkError> {
     match &change.unconvertible {
         Some(what) => Err(SinkError::Unconvertible(what.clone())),
         None => Ok(()),
+    }
+}
+
+/// How a user's current row is pushed when it is not streamed as a change
+/// (a sync request of `backfill` or `sync-user`, `dlq replay`): as an update
+/// of its record when the record's id is known, else as a create, in which
+/// the Memberstack sink links a member with the same email. Stripe links an
+/// existing customer only on the update path (a look-up by the row's key,
+/// then a create); its creates are deduplicated by idempotency keys alone,
+/// which a customer made by another tool, or by a push whose answer was
+/// lost before it was dead-lettered, does not share.
+pub fn row_push_op(sink: &str, id_known: bool) -> Operation {
+    if id_known || sink == "stripe" {
+        Operation::Update
+    } else {
+        Operation::Insert
     }
 }
 

@@ -983,3 +983,62 @@ async fn a_burst_stays_under_the_rate_limit() {
         "{USERS} creates in {elapsed:?}: the limiter did not hold"
     );
 }
+
+/// A row whose customer exists although the row does not hold its id (the
+/// push was dead-lettered after Stripe had made the customer, or another
+/// tool made it with the row's key) is linked by `dlq replay` and by
+/// `sync-user`, never created a second time: without a known id both push
+/// the row as an update, which looks the customer up first, as the daemon's
+/// sync requests do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_sync_user_link_an_existing_customer_instead_of_creating_one() {
+    let s = StripeDb::new("").await;
+    let daemon = s.start_daemon();
+    s.exec("INSERT INTO users (id, email) VALUES (1, 'not-an-email')")
+        .await;
+    s.exec("INSERT INTO users (id, email) VALUES (3, 'three@example.com')")
+        .await;
+    let deadline = Instant::now() + WAIT;
+    while s.external_id(3).await.is_none() || dead_letters(&s.db).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "user 3 not written back, or user 1 not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.stop().await;
+    assert_eq!(dead_letters(&s.db).await.len(), 1);
+    // The customers exist all the same.
+    let (status, one, _) = call(
+        &s.stripe,
+        "POST",
+        "/v1/customers",
+        "email=one%40example.com&metadata%5Busersync_key%5D=1",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{one}");
+    let (status, two, _) = call(
+        &s.stripe,
+        "POST",
+        "/v1/customers",
+        "email=two%40example.com&metadata%5Busersync_key%5D=2",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{two}");
+    s.exec("UPDATE users SET email = 'one@example.com' WHERE id = 1")
+        .await;
+    s.exec("INSERT INTO users (id, email) VALUES (2, 'two@example.com')")
+        .await;
+
+    let out = run_cli(s.command(&["dlq", "replay", "--all"], KEY), WAIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    let out = run_cli(s.command(&["sync-user", "2"], KEY), WAIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert_eq!(s.external_id(1).await.as_deref(), one["id"].as_str());
+    assert_eq!(s.external_id(2).await.as_deref(), two["id"].as_str());
+    let live = s.live_by_key();
+    assert_eq!(live.get("1").map(Vec::len), Some(1), "{live:?}");
+    assert_eq!(live.get("2").map(Vec::len), Some(1), "{live:?}");
+}
