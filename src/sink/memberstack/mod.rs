@@ -659,7 +659,76 @@ fn generate_password() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SinkKind;
+    use crate::core::change::UserKey;
+    use crate::dev::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
     use serde_json::json;
+
+    const KEY: &str = "sk_sb_unit_5Xq8Lm2Pz7Rt";
+
+    fn cfg(url: &str, on_delete: OnDelete) -> SinkConfig {
+        SinkConfig {
+            kind: SinkKind::Memberstack,
+            url: url.into(),
+            secret: None,
+            api_key: Some(Secret::new(KEY)),
+            api_key_source: "environment variable MS_KEY".into(),
+            external_id_pointer: "/id".into(),
+            columns: vec![],
+            mapping: vec![
+                ("email".into(), "email".into()),
+                ("customFields.first-name".into(), "name".into()),
+            ],
+            timeout: Duration::from_secs(10),
+            max_in_flight: 1,
+            rate_limit_per_sec: 0,
+            on_delete,
+            max_response_bytes: 1 << 20,
+            max_external_id_length: 255,
+        }
+    }
+
+    /// The fake admin API (no rate limit) and a sink pointed at it.
+    async fn fake(on_delete: OnDelete) -> (FakeMemberstack, MemberstackSink) {
+        let api = FakeMemberstack::start(FakeMemberstackOptions {
+            api_key: KEY.into(),
+            rate_limit_per_sec: 0,
+            ..Default::default()
+        })
+        .await
+        .expect("fake memberstack");
+        let sink = MemberstackSink::new(&cfg(&api.url(), on_delete)).expect("sink");
+        (api, sink)
+    }
+
+    /// A change of user `key`: `data` after it, `previous` before it.
+    fn change(op: Operation, key: &str, data: Option<Value>, previous: Option<Value>) -> Change {
+        let obj = |v: Value| v.as_object().cloned().expect("an object");
+        Change {
+            event_id: "evt_0000000000000001_0".into(),
+            op,
+            key: UserKey {
+                text: key.into(),
+                json: Value::from(key),
+            },
+            table: "public.users".into(),
+            commit_lsn: 1,
+            position: 0,
+            xid: 1,
+            commit_time_us: 1_764_000_000_000_000,
+            data: data.map(obj),
+            previous: previous.map(obj),
+            changed: vec![],
+            omitted: vec![],
+            unconvertible: None,
+            external_id: None,
+            decoded_at: std::time::Instant::now(),
+        }
+    }
+
+    fn meta(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().expect("an object")
+    }
 
     #[test]
     fn segments_are_encoded_like_encode_uri_component() {
@@ -724,5 +793,89 @@ mod tests {
             Value::Object(merged_json(&body, Some(&current))),
             json!({"json": {"a": 1, "b": 2}})
         );
+    }
+
+    /// An error answer without a JSON body (a gateway's HTML page, or no
+    /// body at all) still says what happened: the page's excerpt, or the
+    /// status's reason phrase. 429 and 5xx are retried with their
+    /// `Retry-After`; other 4xx are permanent.
+    #[test]
+    fn error_answers_are_classified_and_never_lose_their_message() {
+        let sink = MemberstackSink::new(&cfg("http://127.0.0.1:9", OnDelete::Mark)).expect("sink");
+        let reply = |status: u16, body: &str, retry_after: Option<u64>| Reply {
+            status,
+            retry_after: retry_after.map(Duration::from_secs),
+            body: body.into(),
+            valid_utf8: true,
+        };
+        let gateway = sink.api_error(&reply(502, "<html>502 Bad Gateway</html>", None), &[]);
+        assert_eq!(
+            gateway.to_string(),
+            "HTTP 502: <html>502 Bad Gateway</html>"
+        );
+        assert!(gateway.is_retryable());
+        let empty = sink.api_error(&reply(503, "", Some(2)), &[]);
+        assert_eq!(empty.to_string(), "HTTP 503: Service Unavailable");
+        assert!(empty.is_retryable());
+        assert_eq!(empty.retry_after(), Some(Duration::from_secs(2)));
+        let limited = sink.api_error(
+            &reply(
+                429,
+                r#"{"code":"too-many-requests","message":"Too many requests"}"#,
+                Some(1),
+            ),
+            &[],
+        );
+        assert!(limited.is_retryable());
+        assert_eq!(limited.retry_after(), Some(Duration::from_secs(1)));
+        let refused = sink.api_error(
+            &reply(
+                400,
+                r#"{"code":"email-already-in-use","message":"Email already in use"}"#,
+                None,
+            ),
+            &[],
+        );
+        assert!(!refused.is_retryable());
+        assert_eq!(refused.status(), Some(400));
+        let unauthorized = sink.api_error(&reply(401, &format!("invalid key {KEY}"), None), &[]);
+        assert!(!unauthorized.is_retryable());
+        assert!(!unauthorized.to_string().contains(KEY), "{unauthorized}");
+    }
+
+    /// A row inserted again after a `mark` delete links its marked member
+    /// (same key, same email) and makes it live again: `deleted_at` is
+    /// cleared, no second member is created.
+    #[tokio::test]
+    async fn a_member_marked_deleted_is_live_again_when_its_row_returns() {
+        let (api, sink) = fake(OnDelete::Mark).await;
+        let marked = api.insert_member(
+            "back@example.com",
+            Map::new(),
+            meta(json!({"usersync_key": "42", "deleted_at": "2026-11-28T10:00:00.000000Z"})),
+        );
+        let c = change(
+            Operation::Insert,
+            "42",
+            Some(json!({"email": "back@example.com"})),
+            None,
+        );
+        assert_eq!(
+            sink.push(&c, None).await.expect("push"),
+            Some(marked.id.clone())
+        );
+        let patch = api
+            .requests()
+            .into_iter()
+            .find(|r| r.method == "PATCH")
+            .expect("a PATCH of the marked member");
+        assert_eq!(patch.path, format!("/members/{}", marked.id));
+        assert_eq!(patch.body["metaData"]["deleted_at"], Value::Null);
+        let members = api.members();
+        assert_eq!(members.len(), 1, "{members:#?}");
+        assert!(members[0]
+            .meta_data
+            .get("deleted_at")
+            .is_none_or(Value::is_null));
     }
 }
