@@ -484,6 +484,73 @@ mod tests {
         assert_eq!(body.json(), Ok(serde_json::json!({"id": "a"})));
     }
 
+    /// A redirect is an answer to report, not to follow: a POST that
+    /// followed a 307/302 could be re-sent elsewhere or silently become a
+    /// GET. And a service that never answers ends in a timeout (retried).
+    #[tokio::test]
+    async fn the_client_reports_redirects_and_times_out() {
+        let url = answer_once(
+            b"HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:1/\r\ncontent-length: 0\r\n\r\n"
+                .to_vec(),
+        )
+        .await;
+        let client = http_client(Duration::from_millis(500), 1).expect("client");
+        let answer = client.post(url).body("{}").send().await.expect("an answer");
+        assert_eq!(answer.status().as_u16(), 307);
+        // Headers never come: the request must end on the client's timeout.
+        let silent = answer_once(Vec::new()).await;
+        let e = client.get(silent).send().await.expect_err("no answer");
+        assert!(e.is_timeout(), "{e}");
+    }
+
+    /// What is logged of an error: the status or the transport failure,
+    /// never the service's message (it may echo an email).
+    #[test]
+    fn summaries_leave_the_message_out() {
+        let api = SinkError::Api {
+            status: 400,
+            message: "ada@example.com is not a valid email".into(),
+            retryable: false,
+            retry_after: None,
+        };
+        assert_eq!(api.summary(), "HTTP 400");
+        assert_eq!(
+            SinkError::Malformed("ada@example.com".into()).summary(),
+            "malformed response"
+        );
+    }
+
+    /// A change holding a value that cannot be converted is refused
+    /// permanently (dead-lettered, naming the column), never sent without it.
+    #[test]
+    fn an_unconvertible_change_is_refused() {
+        let mut change = Change {
+            event_id: "evt_0000000000000001_0".into(),
+            op: crate::core::change::Operation::Insert,
+            key: crate::core::change::UserKey {
+                text: "1".into(),
+                json: 1.into(),
+            },
+            table: "public.users".into(),
+            commit_lsn: 1,
+            position: 0,
+            xid: 1,
+            commit_time_us: 0,
+            data: None,
+            previous: None,
+            changed: vec![],
+            omitted: vec![],
+            unconvertible: None,
+            external_id: None,
+            decoded_at: std::time::Instant::now(),
+        };
+        assert!(refuse_unconvertible(&change).is_ok());
+        change.unconvertible = Some("balance: NaN".into());
+        let e = refuse_unconvertible(&change).expect_err("refused");
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("balance: NaN"), "{e}");
+    }
+
     #[test]
     fn excerpt_is_bounded_single_line() {
         let e = excerpt(&format!("a\nb{}", "x".repeat(1000)));
