@@ -943,7 +943,7 @@ mod tests {
             .filter(|m| m.deleted)
             .map(|m| m.id)
             .collect();
-        assert_eq!(deleted, [mine.id.clone()]);
+        assert_eq!(deleted, std::slice::from_ref(&mine.id));
         assert!(!deleted.contains(&other.id) && !deleted.contains(&foreign.id));
     }
 
