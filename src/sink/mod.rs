@@ -503,6 +503,39 @@ mod tests {
         assert!(e.is_timeout(), "{e}");
     }
 
+    /// Every sink request goes through `Http` and its client: a redirect
+    /// is reported as the answer there too, never followed.
+    #[tokio::test]
+    async fn sink_requests_report_redirects() {
+        let url = answer_once(
+            b"HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:1/\r\ncontent-length: 0\r\n\r\n"
+                .to_vec(),
+        )
+        .await;
+        let cfg = crate::config::SinkConfig {
+            kind: crate::config::SinkKind::Webhook,
+            url: url.clone(),
+            secret: None,
+            api_key: None,
+            api_key_source: String::new(),
+            external_id_pointer: "/id".into(),
+            columns: vec![],
+            mapping: vec![],
+            timeout: Duration::from_secs(10),
+            max_in_flight: 1,
+            rate_limit_per_sec: 0,
+            on_delete: crate::config::OnDelete::Mark,
+            max_response_bytes: 1 << 20,
+            max_external_id_length: 255,
+        };
+        let http = http::Http::new(&cfg).expect("http");
+        let answer = http
+            .send(http.client().post(url).body("{}"), str::to_string)
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 302);
+    }
+
     /// What is logged of an error: the status or the transport failure,
     /// never the service's message (it may echo an email).
     #[test]

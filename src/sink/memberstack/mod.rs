@@ -1026,4 +1026,27 @@ mod tests {
             Some("invalid-email: check the address")
         );
     }
+
+    /// Memberstack's rate limit answers 429 with `Retry-After`: the push
+    /// fails retryably and carries the wait the API asked for, and nothing
+    /// was created.
+    #[tokio::test]
+    async fn a_429_carries_the_wait_memberstack_asks_for() {
+        let (api, sink) = fake(OnDelete::Mark).await;
+        api.inject(crate::dev::fake::Fault::RateLimit {
+            retry_after_secs: 7,
+            count: 1,
+        });
+        let c = change(
+            Operation::Insert,
+            "7",
+            Some(json!({"email": "rl@example.com"})),
+            None,
+        );
+        let e = sink.push(&c, None).await.expect_err("429");
+        assert_eq!(e.status(), Some(429));
+        assert!(e.is_retryable());
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        assert!(api.members().is_empty());
+    }
 }
