@@ -128,4 +128,74 @@ mod tests {
         lease.lose();
         assert!(!lease.is_valid());
     }
+
+    #[test]
+    fn each_renewal_moves_the_deadline_forward() {
+        let lease = Lease::new(CancellationToken::new());
+        let first = Instant::now() + Duration::from_secs(60);
+        lease.extend(first);
+        let later = first + Duration::from_secs(30);
+        lease.extend(later);
+        assert_eq!(lease.deadline(), Some(later));
+    }
+
+    /// Counts the pushes that reach the service.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl Sink for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+
+        fn push<'a>(
+            &'a self,
+            _change: &'a Change,
+            _external_id: Option<&'a str>,
+        ) -> BoxFuture<'a, Result<Option<String>, SinkError>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(Some("ext_1".into())) })
+        }
+    }
+
+    /// The fence itself: while the lease is valid a push reaches the
+    /// service; once it has run out, nothing is sent and the push fails
+    /// with `Fenced` (abandoned, never dead-lettered).
+    #[tokio::test]
+    async fn a_push_reaches_the_service_only_under_a_valid_lease() {
+        let inner = Arc::new(Counting(Default::default()));
+        let lease = Lease::new(CancellationToken::new());
+        let fenced = Fenced::new(inner.clone(), lease.clone());
+        assert_eq!(fenced.name(), "counting");
+        let change = Change {
+            event_id: "evt_0000000000000001_0".into(),
+            op: crate::core::change::Operation::Insert,
+            key: crate::core::change::UserKey {
+                text: "1".into(),
+                json: 1.into(),
+            },
+            table: "public.users".into(),
+            commit_lsn: 1,
+            position: 0,
+            xid: 1,
+            commit_time_us: 0,
+            data: None,
+            previous: None,
+            changed: vec![],
+            omitted: vec![],
+            unconvertible: None,
+            external_id: None,
+            decoded_at: Instant::now(),
+        };
+        lease.extend(Instant::now() + Duration::from_secs(60));
+        assert_eq!(
+            fenced.push(&change, None).await.expect("pushed"),
+            Some("ext_1".into())
+        );
+        lease.lose();
+        assert!(matches!(
+            fenced.push(&change, None).await,
+            Err(SinkError::Fenced)
+        ));
+        assert_eq!(inner.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 }

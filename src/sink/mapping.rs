@@ -89,4 +89,22 @@ mod tests {
         assert_eq!(as_text(&json!(5)), Some("5".into()));
         assert_eq!(as_text(&Value::Null), None);
     }
+
+    /// Two fields of one nested object both land in it (the second must
+    /// not replace the object the first created), and a path through a
+    /// scalar turns it into an object.
+    #[test]
+    fn paths_share_their_parent_objects() {
+        let mut out = Map::new();
+        insert_path(&mut out, "metaData.plan", json!("pro"));
+        insert_path(&mut out, "metaData.usersync_key", json!("1"));
+        insert_path(&mut out, "json.a.b", json!(1));
+        insert_path(&mut out, "json.a.c", json!(2));
+        assert_eq!(
+            Value::Object(out.clone()),
+            json!({"metaData": {"plan": "pro", "usersync_key": "1"}, "json": {"a": {"b": 1, "c": 2}}})
+        );
+        insert_path(&mut out, "json.a.b.d", json!(3));
+        assert_eq!(out["json"]["a"]["b"], json!({"d": 3}));
+    }
 }

@@ -402,6 +402,204 @@ mod tests {
         }
     }
 
+    /// Answers one request with `raw` (status line, headers and body as
+    /// given), then holds the connection open until the client drops it.
+    async fn answer_once(raw: Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            if socket.write_all(&raw).await.is_err() {
+                return;
+            }
+            while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        format!("http://{addr}/")
+    }
+
+    fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {
+        let mut raw = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for c in body.chunks(chunk) {
+            raw.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+            raw.extend_from_slice(c);
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"0\r\n\r\n");
+        raw
+    }
+
+    fn with_length(declared: usize, body: &[u8]) -> Vec<u8> {
+        let mut raw = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n"
+        )
+        .into_bytes();
+        raw.extend_from_slice(body);
+        raw
+    }
+
+    async fn read(raw: Vec<u8>, limit: u64) -> Result<Body, BodyError> {
+        let url = answer_once(raw).await;
+        let client = http_client(Duration::from_secs(10), 1).expect("client");
+        let response = client.get(url).send().await.expect("an answer");
+        read_body(response, limit).await
+    }
+
+    /// Invariant "bounded bodies": a body of exactly `max_response_bytes`
+    /// is read, one byte more is refused, whether its length is declared
+    /// (`Content-Length`, refused before reading: a server that declares a
+    /// gigabyte and sends nothing more is not waited for) or not (chunked,
+    /// refused at the chunk that crosses the limit).
+    #[tokio::test]
+    async fn bodies_are_read_up_to_the_limit_and_not_a_byte_more() {
+        const LIMIT: usize = 4096;
+        let exact = vec![b'x'; LIMIT];
+        let over = vec![b'x'; LIMIT + 1];
+        for (what, raw) in [
+            ("declared", with_length(LIMIT, &exact)),
+            ("chunked", chunked(&exact, 1000)),
+        ] {
+            let body = read(raw, LIMIT as u64)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            assert_eq!(body.text.len(), LIMIT, "{what}");
+            assert!(body.valid_utf8);
+        }
+        for (what, raw) in [
+            ("declared", with_length(LIMIT + 1, &over)),
+            ("chunked", chunked(&over, 1000)),
+            ("declared, never sent", with_length(1 << 30, b"")),
+        ] {
+            match read(raw, LIMIT as u64).await {
+                Err(BodyError::TooLarge { status, limit }) => {
+                    assert_eq!((status, limit), (200, LIMIT as u64), "{what}")
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        let body = read(with_length(4, b"ab\xffc"), LIMIT as u64)
+            .await
+            .expect("read");
+        assert!(!body.valid_utf8);
+        assert_eq!(body.json(), Err("not valid UTF-8"));
+        let body = read(with_length(10, br#"{"id":"a"}"#), LIMIT as u64)
+            .await
+            .expect("read");
+        assert_eq!(body.json(), Ok(serde_json::json!({"id": "a"})));
+    }
+
+    /// A redirect is an answer to report, not to follow: a POST that
+    /// followed a 307/302 could be re-sent elsewhere or silently become a
+    /// GET. And a service that never answers ends in a timeout (retried).
+    #[tokio::test]
+    async fn the_client_reports_redirects_and_times_out() {
+        let url = answer_once(
+            b"HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:1/\r\ncontent-length: 0\r\n\r\n"
+                .to_vec(),
+        )
+        .await;
+        let client = http_client(Duration::from_millis(500), 1).expect("client");
+        let answer = client.post(url).body("{}").send().await.expect("an answer");
+        assert_eq!(answer.status().as_u16(), 307);
+        // Headers never come: the request must end on the client's timeout.
+        let silent = answer_once(Vec::new()).await;
+        let e = client.get(silent).send().await.expect_err("no answer");
+        assert!(e.is_timeout(), "{e}");
+    }
+
+    /// Every sink request goes through `Http` and its client: a redirect
+    /// is reported as the answer there too, never followed.
+    #[tokio::test]
+    async fn sink_requests_report_redirects() {
+        let url = answer_once(
+            b"HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:1/\r\ncontent-length: 0\r\n\r\n"
+                .to_vec(),
+        )
+        .await;
+        let cfg = crate::config::SinkConfig {
+            kind: crate::config::SinkKind::Webhook,
+            url: url.clone(),
+            secret: None,
+            api_key: None,
+            api_key_source: String::new(),
+            external_id_pointer: "/id".into(),
+            columns: vec![],
+            mapping: vec![],
+            timeout: Duration::from_secs(10),
+            max_in_flight: 1,
+            rate_limit_per_sec: 0,
+            on_delete: crate::config::OnDelete::Mark,
+            max_response_bytes: 1 << 20,
+            max_external_id_length: 255,
+        };
+        let http = http::Http::new(&cfg).expect("http");
+        let answer = http
+            .send(http.client().post(url).body("{}"), str::to_string)
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 302);
+    }
+
+    /// What is logged of an error: the status or the transport failure,
+    /// never the service's message (it may echo an email).
+    #[test]
+    fn summaries_leave_the_message_out() {
+        let api = SinkError::Api {
+            status: 400,
+            message: "ada@example.com is not a valid email".into(),
+            retryable: false,
+            retry_after: None,
+        };
+        assert_eq!(api.summary(), "HTTP 400");
+        assert_eq!(
+            SinkError::Malformed("ada@example.com".into()).summary(),
+            "malformed response"
+        );
+    }
+
+    /// A change holding a value that cannot be converted is refused
+    /// permanently (dead-lettered, naming the column), never sent without it.
+    #[test]
+    fn an_unconvertible_change_is_refused() {
+        let mut change = Change {
+            event_id: "evt_0000000000000001_0".into(),
+            op: crate::core::change::Operation::Insert,
+            key: crate::core::change::UserKey {
+                text: "1".into(),
+                json: 1.into(),
+            },
+            table: "public.users".into(),
+            commit_lsn: 1,
+            position: 0,
+            xid: 1,
+            commit_time_us: 0,
+            data: None,
+            previous: None,
+            changed: vec![],
+            omitted: vec![],
+            unconvertible: None,
+            external_id: None,
+            decoded_at: std::time::Instant::now(),
+        };
+        assert!(refuse_unconvertible(&change).is_ok());
+        change.unconvertible = Some("balance: NaN".into());
+        let e = refuse_unconvertible(&change).expect_err("refused");
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("balance: NaN"), "{e}");
+    }
+
     #[test]
     fn excerpt_is_bounded_single_line() {
         let e = excerpt(&format!("a\nb{}", "x".repeat(1000)));

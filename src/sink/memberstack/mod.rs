@@ -659,7 +659,76 @@ fn generate_password() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SinkKind;
+    use crate::core::change::UserKey;
+    use crate::dev::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
     use serde_json::json;
+
+    const KEY: &str = "sk_sb_unit_5Xq8Lm2Pz7Rt";
+
+    fn cfg(url: &str, on_delete: OnDelete) -> SinkConfig {
+        SinkConfig {
+            kind: SinkKind::Memberstack,
+            url: url.into(),
+            secret: None,
+            api_key: Some(Secret::new(KEY)),
+            api_key_source: "environment variable MS_KEY".into(),
+            external_id_pointer: "/id".into(),
+            columns: vec![],
+            mapping: vec![
+                ("email".into(), "email".into()),
+                ("customFields.first-name".into(), "name".into()),
+            ],
+            timeout: Duration::from_secs(10),
+            max_in_flight: 1,
+            rate_limit_per_sec: 0,
+            on_delete,
+            max_response_bytes: 1 << 20,
+            max_external_id_length: 255,
+        }
+    }
+
+    /// The fake admin API (no rate limit) and a sink pointed at it.
+    async fn fake(on_delete: OnDelete) -> (FakeMemberstack, MemberstackSink) {
+        let api = FakeMemberstack::start(FakeMemberstackOptions {
+            api_key: KEY.into(),
+            rate_limit_per_sec: 0,
+            ..Default::default()
+        })
+        .await
+        .expect("fake memberstack");
+        let sink = MemberstackSink::new(&cfg(&api.url(), on_delete)).expect("sink");
+        (api, sink)
+    }
+
+    /// A change of user `key`: `data` after it, `previous` before it.
+    fn change(op: Operation, key: &str, data: Option<Value>, previous: Option<Value>) -> Change {
+        let obj = |v: Value| v.as_object().cloned().expect("an object");
+        Change {
+            event_id: "evt_0000000000000001_0".into(),
+            op,
+            key: UserKey {
+                text: key.into(),
+                json: Value::from(key),
+            },
+            table: "public.users".into(),
+            commit_lsn: 1,
+            position: 0,
+            xid: 1,
+            commit_time_us: 1_764_000_000_000_000,
+            data: data.map(obj),
+            previous: previous.map(obj),
+            changed: vec![],
+            omitted: vec![],
+            unconvertible: None,
+            external_id: None,
+            decoded_at: std::time::Instant::now(),
+        }
+    }
+
+    fn meta(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().expect("an object")
+    }
 
     #[test]
     fn segments_are_encoded_like_encode_uri_component() {
@@ -724,5 +793,260 @@ mod tests {
             Value::Object(merged_json(&body, Some(&current))),
             json!({"json": {"a": 1, "b": 2}})
         );
+    }
+
+    /// An error answer without a JSON body (a gateway's HTML page, or no
+    /// body at all) still says what happened: the page's excerpt, or the
+    /// status's reason phrase. 429 and 5xx are retried with their
+    /// `Retry-After`; other 4xx are permanent.
+    #[test]
+    fn error_answers_are_classified_and_never_lose_their_message() {
+        let sink = MemberstackSink::new(&cfg("http://127.0.0.1:9", OnDelete::Mark)).expect("sink");
+        let reply = |status: u16, body: &str, retry_after: Option<u64>| Reply {
+            status,
+            retry_after: retry_after.map(Duration::from_secs),
+            body: body.into(),
+            valid_utf8: true,
+        };
+        let gateway = sink.api_error(&reply(502, "<html>502 Bad Gateway</html>", None), &[]);
+        assert_eq!(
+            gateway.to_string(),
+            "HTTP 502: <html>502 Bad Gateway</html>"
+        );
+        assert!(gateway.is_retryable());
+        let empty = sink.api_error(&reply(503, "", Some(2)), &[]);
+        assert_eq!(empty.to_string(), "HTTP 503: Service Unavailable");
+        assert!(empty.is_retryable());
+        assert_eq!(empty.retry_after(), Some(Duration::from_secs(2)));
+        let limited = sink.api_error(
+            &reply(
+                429,
+                r#"{"code":"too-many-requests","message":"Too many requests"}"#,
+                Some(1),
+            ),
+            &[],
+        );
+        assert!(limited.is_retryable());
+        assert_eq!(limited.retry_after(), Some(Duration::from_secs(1)));
+        let refused = sink.api_error(
+            &reply(
+                400,
+                r#"{"code":"email-already-in-use","message":"Email already in use"}"#,
+                None,
+            ),
+            &[],
+        );
+        assert!(!refused.is_retryable());
+        assert_eq!(refused.status(), Some(400));
+        let unauthorized = sink.api_error(&reply(401, &format!("invalid key {KEY}"), None), &[]);
+        assert!(!unauthorized.is_retryable());
+        assert!(!unauthorized.to_string().contains(KEY), "{unauthorized}");
+    }
+
+    /// A row inserted again after a `mark` delete links its marked member
+    /// (same key, same email) and makes it live again: `deleted_at` is
+    /// cleared, no second member is created.
+    #[tokio::test]
+    async fn a_member_marked_deleted_is_live_again_when_its_row_returns() {
+        let (api, sink) = fake(OnDelete::Mark).await;
+        let marked = api.insert_member(
+            "back@example.com",
+            Map::new(),
+            meta(json!({"usersync_key": "42", "deleted_at": "2026-11-28T10:00:00.000000Z"})),
+        );
+        let c = change(
+            Operation::Insert,
+            "42",
+            Some(json!({"email": "back@example.com"})),
+            None,
+        );
+        assert_eq!(
+            sink.push(&c, None).await.expect("push"),
+            Some(marked.id.clone())
+        );
+        let patch = api
+            .requests()
+            .into_iter()
+            .find(|r| r.method == "PATCH")
+            .expect("a PATCH of the marked member");
+        assert_eq!(patch.path, format!("/members/{}", marked.id));
+        assert_eq!(patch.body["metaData"]["deleted_at"], Value::Null);
+        let members = api.members();
+        assert_eq!(members.len(), 1, "{members:#?}");
+        assert!(members[0]
+            .meta_data
+            .get("deleted_at")
+            .is_none_or(Value::is_null));
+    }
+
+    /// A create replayed for a member that already has every value (a
+    /// crash after the create, before the write-back) links it without a
+    /// PATCH: a needless write costs a request of the 25/s budget and makes
+    /// Memberstack send a `member.updated` webhook for nothing.
+    #[tokio::test]
+    async fn relinking_a_member_that_is_already_current_sends_no_patch() {
+        let (api, sink) = fake(OnDelete::Mark).await;
+        let data = json!({"email": "same@example.com", "name": "Ada"});
+        let created = change(Operation::Insert, "7", Some(data.clone()), None);
+        let id = sink
+            .push(&created, None)
+            .await
+            .expect("create")
+            .expect("id");
+        let n = api.requests().len();
+        // The same insert replayed (a crash before its write-back).
+        let again = change(Operation::Insert, "7", Some(data), None);
+        assert_eq!(sink.push(&again, None).await.expect("push"), Some(id));
+        let after: Vec<String> = api
+            .requests()
+            .iter()
+            .skip(n)
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        assert_eq!(after, ["GET /members/same%40example.com"]);
+        assert_eq!(api.members()[0].updates, 0);
+    }
+
+    /// A row deleted before its member's id was written back is found by
+    /// its old email, but only a member carrying this row's key is deleted:
+    /// one that belongs to another row, or was made outside usersync, is
+    /// left alone.
+    #[tokio::test]
+    async fn a_delete_without_a_known_id_removes_only_this_rows_member() {
+        let (api, sink) = fake(OnDelete::Delete).await;
+        let mine = api.insert_member(
+            "mine@example.com",
+            Map::new(),
+            meta(json!({"usersync_key": "7"})),
+        );
+        let other = api.insert_member(
+            "other@example.com",
+            Map::new(),
+            meta(json!({"usersync_key": "8"})),
+        );
+        let foreign = api.insert_member("foreign@example.com", Map::new(), Map::new());
+        for (email, expected) in [
+            ("other@example.com", None),
+            ("foreign@example.com", None),
+            ("mine@example.com", Some(mine.id.clone())),
+        ] {
+            let gone = change(Operation::Delete, "7", None, Some(json!({"email": email})));
+            assert_eq!(
+                sink.push(&gone, None).await.expect("delete"),
+                expected,
+                "{email}"
+            );
+        }
+        let deleted: Vec<String> = api
+            .members()
+            .into_iter()
+            .filter(|m| m.deleted)
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(deleted, std::slice::from_ref(&mine.id));
+        assert!(!deleted.contains(&other.id) && !deleted.contains(&foreign.id));
+    }
+
+    /// Memberstack answers 404 for a member that is already gone (deleted
+    /// in the dashboard, or by this very delete before its write-back was
+    /// lost): the delete is done, not a failure to retry or dead-letter.
+    #[tokio::test]
+    async fn deleting_a_member_already_gone_is_done() {
+        let (api, sink) = fake(OnDelete::Delete).await;
+        let m = api.insert_member(
+            "gone@example.com",
+            Map::new(),
+            meta(json!({"usersync_key": "7"})),
+        );
+        let gone = change(Operation::Delete, "7", None, None);
+        for _ in 0..2 {
+            assert_eq!(
+                sink.push(&gone, Some(&m.id)).await.expect("delete"),
+                Some(m.id.clone())
+            );
+        }
+        let statuses: Vec<u16> = api.requests().iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [200, 404]);
+        assert!(api.members()[0].deleted);
+    }
+
+    /// The inbound apply's read: the member as the API shows it, `None`
+    /// for an id Memberstack does not know.
+    #[tokio::test]
+    async fn member_reads_the_member_or_none() {
+        let (api, sink) = fake(OnDelete::Mark).await;
+        let m = api.insert_member(
+            "read@example.com",
+            meta(json!({"first-name": "Ro"})),
+            Map::new(),
+        );
+        let got = sink.member(&m.id).await.expect("read").expect("a member");
+        assert_eq!(got["id"], m.id.as_str());
+        assert_eq!(got["auth"]["email"], "read@example.com");
+        assert_eq!(got["customFields"]["first-name"], "Ro");
+        assert_eq!(
+            sink.member("mem_unknown0000000000000000")
+                .await
+                .expect("read"),
+            None
+        );
+        assert_eq!(sink.name(), "memberstack");
+    }
+
+    /// Memberstack's email and custom fields are strings: a number from
+    /// the row is sent as its text, a NULL stays null (it clears a custom
+    /// field) rather than becoming "".
+    #[test]
+    fn values_are_sent_as_text_and_null_stays_null() {
+        let sink = MemberstackSink::new(&cfg("http://127.0.0.1:9", OnDelete::Mark)).expect("sink");
+        let data = meta(json!({"email": 12345, "name": 7}));
+        assert_eq!(
+            Value::Object(sink.body(Some(&data), "1")),
+            json!({"email": "12345", "customFields": {"first-name": "7"}, "metaData": {"usersync_key": "1"}})
+        );
+        let data = meta(json!({"email": null, "name": null}));
+        assert_eq!(
+            Value::Object(sink.body(Some(&data), "1")),
+            json!({"email": null, "customFields": {"first-name": null}, "metaData": {"usersync_key": "1"}})
+        );
+        let data = meta(json!({"email": "a@x.com", "name": "Ada"}));
+        assert_eq!(
+            Value::Object(sink.body(Some(&data), "1")),
+            json!({"email": "a@x.com", "customFields": {"first-name": "Ada"}, "metaData": {"usersync_key": "1"}})
+        );
+    }
+
+    #[test]
+    fn a_code_already_in_the_message_is_not_repeated() {
+        assert_eq!(
+            error_message(
+                r#"{"code":"invalid-email","message":"invalid-email: check the address"}"#
+            )
+            .as_deref(),
+            Some("invalid-email: check the address")
+        );
+    }
+
+    /// Memberstack's rate limit answers 429 with `Retry-After`: the push
+    /// fails retryably and carries the wait the API asked for, and nothing
+    /// was created.
+    #[tokio::test]
+    async fn a_429_carries_the_wait_memberstack_asks_for() {
+        let (api, sink) = fake(OnDelete::Mark).await;
+        api.inject(crate::dev::fake::Fault::RateLimit {
+            retry_after_secs: 7,
+            count: 1,
+        });
+        let c = change(
+            Operation::Insert,
+            "7",
+            Some(json!({"email": "rl@example.com"})),
+            None,
+        );
+        let e = sink.push(&c, None).await.expect_err("429");
+        assert_eq!(e.status(), Some(429));
+        assert!(e.is_retryable());
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        assert!(api.members().is_empty());
     }
 }

@@ -952,6 +952,29 @@ mod tests {
         );
     }
 
+    /// Stripe's error object always has a `type`; `code` and `message`
+    /// may be missing, and a proxy in front of Stripe may answer with no
+    /// body or a non-Stripe one. The message stored with a dead letter keeps
+    /// whatever is there, in the same `<type>/<code>: <message>` form.
+    #[test]
+    fn error_messages_keep_every_part_stripe_sent() {
+        let msg =
+            |status: u16, body: &str| classify(status, None, None, body, KEY).error.to_string();
+        assert_eq!(
+            msg(
+                404,
+                r#"{"error":{"type":"invalid_request_error","code":"resource_missing"}}"#
+            ),
+            "HTTP 404: invalid_request_error/resource_missing"
+        );
+        assert_eq!(
+            msg(400, r#"{"error":{"message":"No such customer: 'cus_x'"}}"#),
+            "HTTP 400: No such customer: 'cus_x'"
+        );
+        assert_eq!(msg(503, ""), "HTTP 503: no error body");
+        assert_eq!(msg(503, " \n"), "HTTP 503: no error body");
+    }
+
     #[test]
     fn the_key_and_its_masked_echo_are_redacted() {
         let key = "sk_test_51AbCdEfGhIjKlMnOp";

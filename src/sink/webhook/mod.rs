@@ -198,3 +198,116 @@ impl Sink for WebhookSink {
         Box::pin(self.send(change, external_id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{OnDelete, SinkKind};
+    use crate::core::change::UserKey;
+    use crate::dev::fake::{FakeOptions, FakeService};
+
+    fn change(op: Operation, data: Option<Value>) -> Change {
+        Change {
+            event_id: format!("evt_0000000000000001_{}", op.event_type()),
+            op,
+            key: UserKey {
+                text: "7".into(),
+                json: 7.into(),
+            },
+            table: "public.users".into(),
+            commit_lsn: 1,
+            position: 0,
+            xid: 1,
+            commit_time_us: 0,
+            data: data.and_then(|d| d.as_object().cloned()),
+            previous: None,
+            changed: vec![],
+            omitted: vec![],
+            unconvertible: None,
+            external_id: None,
+            decoded_at: std::time::Instant::now(),
+        }
+    }
+
+    fn config(url: &str) -> SinkConfig {
+        SinkConfig {
+            kind: SinkKind::Webhook,
+            url: url.into(),
+            secret: Some(
+                WebhookSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("secret"),
+            ),
+            api_key: None,
+            api_key_source: String::new(),
+            external_id_pointer: "/id".into(),
+            columns: vec![],
+            mapping: vec![],
+            timeout: std::time::Duration::from_secs(10),
+            max_in_flight: 1,
+            rate_limit_per_sec: 0,
+            on_delete: OnDelete::Ignore,
+            max_response_bytes: 1 << 20,
+            max_external_id_length: 255,
+        }
+    }
+
+    /// `sink.on_delete = "ignore"`: deletes are not sent (the record stays
+    /// at the endpoint), while inserts and updates are sent as always.
+    #[tokio::test]
+    async fn on_delete_ignore_skips_deletes_only() {
+        let fake = FakeService::start(FakeOptions::default())
+            .await
+            .expect("fake endpoint");
+        let cfg = config(&fake.url());
+        let sink = WebhookSink::new(&cfg).expect("sink");
+        let data = serde_json::json!({"email": "a@example.com"});
+        let id = sink
+            .push(&change(Operation::Insert, Some(data.clone())), None)
+            .await
+            .expect("created")
+            .expect("an id");
+        let updated = sink
+            .push(&change(Operation::Update, Some(data)), Some(&id))
+            .await
+            .expect("updated");
+        assert_eq!(updated.as_deref(), Some(id.as_str()));
+        let deleted = sink
+            .push(&change(Operation::Delete, None), Some(&id))
+            .await
+            .expect("ignored");
+        assert_eq!(deleted.as_deref(), Some(id.as_str()));
+        let sent: Vec<String> = fake
+            .requests()
+            .iter()
+            .map(|r| r.body["type"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(sent, ["user.created", "user.updated"]);
+        let users = fake.users();
+        assert_eq!(users.len(), 1);
+        assert!(!users[0].deleted);
+    }
+
+    /// A 404 is "nothing to delete" only for a delete: an update of a
+    /// record the endpoint does not have, under a known id, is a permanent
+    /// failure (dead-lettered), not a success.
+    #[tokio::test]
+    async fn a_404_to_an_update_with_a_known_id_fails() {
+        let fake = FakeService::start(FakeOptions::default())
+            .await
+            .expect("fake endpoint");
+        let mut cfg = config(&fake.url());
+        cfg.on_delete = OnDelete::Delete;
+        let sink = WebhookSink::new(&cfg).expect("sink");
+        let data = serde_json::json!({"email": "a@example.com"});
+        let e = sink
+            .push(&change(Operation::Update, Some(data)), Some("usr_unknown"))
+            .await
+            .expect_err("404");
+        assert_eq!(e.status(), Some(404));
+        assert!(!e.is_retryable());
+        let gone = sink
+            .push(&change(Operation::Delete, None), Some("usr_unknown"))
+            .await
+            .expect("nothing to delete");
+        assert_eq!(gone.as_deref(), Some("usr_unknown"));
+    }
+}
