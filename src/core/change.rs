@@ -102,6 +102,33 @@ impl Change {
     pub fn event_id_for(commit_lsn: Lsn, position: u32) -> String {
         format!("evt_{commit_lsn:016X}_{position}")
     }
+
+    /// A change of user `key` (a JSON string or number) in the first
+    /// transaction at LSN 1, without values: the unit tests' starting point.
+    #[cfg(test)]
+    pub fn for_test(op: Operation, key: Value) -> Change {
+        let text = match &key {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Change {
+            event_id: Change::event_id_for(1, 0),
+            op,
+            key: UserKey { text, json: key },
+            table: "public.users".into(),
+            commit_lsn: 1,
+            position: 0,
+            xid: 1,
+            commit_time_us: 0,
+            data: None,
+            previous: None,
+            changed: vec![],
+            omitted: vec![],
+            unconvertible: None,
+            external_id: None,
+            decoded_at: Instant::now(),
+        }
+    }
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).

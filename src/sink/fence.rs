@@ -166,26 +166,7 @@ mod tests {
         let lease = Lease::new(CancellationToken::new());
         let fenced = Fenced::new(inner.clone(), lease.clone());
         assert_eq!(fenced.name(), "counting");
-        let change = Change {
-            event_id: "evt_0000000000000001_0".into(),
-            op: crate::core::change::Operation::Insert,
-            key: crate::core::change::UserKey {
-                text: "1".into(),
-                json: 1.into(),
-            },
-            table: "public.users".into(),
-            commit_lsn: 1,
-            position: 0,
-            xid: 1,
-            commit_time_us: 0,
-            data: None,
-            previous: None,
-            changed: vec![],
-            omitted: vec![],
-            unconvertible: None,
-            external_id: None,
-            decoded_at: Instant::now(),
-        };
+        let change = Change::for_test(crate::core::change::Operation::Insert, 1.into());
         lease.extend(Instant::now() + Duration::from_secs(60));
         assert_eq!(
             fenced.push(&change, None).await.expect("pushed"),

@@ -573,26 +573,7 @@ mod tests {
     /// permanently (dead-lettered, naming the column), never sent without it.
     #[test]
     fn an_unconvertible_change_is_refused() {
-        let mut change = Change {
-            event_id: "evt_0000000000000001_0".into(),
-            op: crate::core::change::Operation::Insert,
-            key: crate::core::change::UserKey {
-                text: "1".into(),
-                json: 1.into(),
-            },
-            table: "public.users".into(),
-            commit_lsn: 1,
-            position: 0,
-            xid: 1,
-            commit_time_us: 0,
-            data: None,
-            previous: None,
-            changed: vec![],
-            omitted: vec![],
-            unconvertible: None,
-            external_id: None,
-            decoded_at: std::time::Instant::now(),
-        };
+        let mut change = Change::for_test(crate::core::change::Operation::Insert, 1.into());
         assert!(refuse_unconvertible(&change).is_ok());
         change.unconvertible = Some("balance: NaN".into());
         let e = refuse_unconvertible(&change).expect_err("refused");

@@ -853,38 +853,14 @@ async fn a_clean_stop_confirms_everything_written_back() {
 /// forever, and nothing is reported durable: the change is replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_back_whose_source_never_becomes_visible_fails_after_its_timeout() {
-    use usersync::store::writeback::{WritebackError, Writer};
+    use usersync::store::writeback::WritebackError;
     let db = TestDb::new(USERS_BIGINT).await;
-    let cfg = db.config();
-    let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
-        .await
-        .expect("table");
-    let (open, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    open.batch_execute("BEGIN; INSERT INTO users (id, email) VALUES (42, 'x@example.com')")
-        .await
-        .expect("insert");
-    let xid: i64 = open
-        .query_one(
-            "SELECT pg_current_xact_id()::text::bigint % 4294967296",
-            &[],
-        )
-        .await
-        .expect("xid")
-        .get(0);
-    let writer = Writer::connect(&cfg.database, &shape, 10)
-        .await
-        .expect("writer")
-        .with_visibility_timeout(Duration::from_millis(500));
-    let (items, rx) = tokio::sync::mpsc::channel(4);
-    let (done, mut durable) = tokio::sync::mpsc::unbounded_channel();
-    let run = tokio::spawn(writer.run(rx, done, None));
-    items
-        .send(synced_item(1, 42, xid))
-        .await
-        .expect("writer running");
+    let HeldSource {
+        open,
+        items: _items,
+        mut durable,
+        run,
+    } = write_back_behind_an_open_insert(&db, 42, Duration::from_millis(500)).await;
     let ended = tokio::time::timeout(Duration::from_secs(60), run)
         .await
         .expect("the write-back gave up instead of waiting forever")
@@ -908,6 +884,57 @@ async fn a_write_back_whose_source_never_becomes_visible_fails_after_its_timeout
         .count("SELECT count(*) FROM users WHERE external_user_id IS NOT NULL")
         .await;
     assert_eq!(written, 0);
+}
+
+/// A writer, and the write-back of user `id` whose source INSERT is still
+/// open in `open` (so not visible to the writer) handed to it.
+struct HeldSource {
+    open: tokio_postgres::Client,
+    items: tokio::sync::mpsc::Sender<usersync::core::outcome::WriteItem>,
+    durable: tokio::sync::mpsc::UnboundedReceiver<usersync::core::outcome::Durable>,
+    run: tokio::task::JoinHandle<Result<(), usersync::store::writeback::WritebackError>>,
+}
+
+async fn write_back_behind_an_open_insert(db: &TestDb, id: i64, timeout: Duration) -> HeldSource {
+    use usersync::store::writeback::Writer;
+    let cfg = db.config();
+    let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
+        .await
+        .expect("table");
+    let (open, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    open.batch_execute(&format!(
+        "BEGIN; INSERT INTO users (id, email) VALUES ({id}, 'u{id}@example.com')"
+    ))
+    .await
+    .expect("insert");
+    let xid: i64 = open
+        .query_one(
+            "SELECT pg_current_xact_id()::text::bigint % 4294967296",
+            &[],
+        )
+        .await
+        .expect("xid")
+        .get(0);
+    let writer = Writer::connect(&cfg.database, &shape, 10)
+        .await
+        .expect("writer")
+        .with_visibility_timeout(timeout);
+    let (items, rx) = tokio::sync::mpsc::channel(4);
+    let (done, durable) = tokio::sync::mpsc::unbounded_channel();
+    let run = tokio::spawn(writer.run(rx, done, None));
+    items
+        .send(synced_item(1, id, xid))
+        .await
+        .expect("writer running");
+    HeldSource {
+        open,
+        items,
+        durable,
+        run,
+    }
 }
 
 /// A write-back of user `key` pushed in source transaction `xid`.
@@ -945,39 +972,14 @@ fn synced_item(seq: u64, key: i64, xid: i64) -> usersync::core::outcome::WriteIt
 /// without waiting for the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_back_waits_for_its_source_but_not_for_a_row_that_is_gone() {
-    use usersync::store::writeback::Writer;
     let db = TestDb::new(USERS_BIGINT).await;
-    let cfg = db.config();
-    let shape = usersync::store::schema::inspect_table(&db.client, &cfg.database.table)
-        .await
-        .expect("table");
-    let (open, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    open.batch_execute("BEGIN; INSERT INTO users (id, email) VALUES (7, 'late@example.com')")
-        .await
-        .expect("insert");
-    let late: i64 = open
-        .query_one(
-            "SELECT pg_current_xact_id()::text::bigint % 4294967296",
-            &[],
-        )
-        .await
-        .expect("xid")
-        .get(0);
     // The timeout is long: the test ends when the write-back does.
-    let writer = Writer::connect(&cfg.database, &shape, 10)
-        .await
-        .expect("writer")
-        .with_visibility_timeout(Duration::from_secs(120));
-    let (items, rx) = tokio::sync::mpsc::channel(4);
-    let (done, mut durable) = tokio::sync::mpsc::unbounded_channel();
-    let run = tokio::spawn(writer.run(rx, done, None));
-    items
-        .send(synced_item(1, 7, late))
-        .await
-        .expect("writer running");
+    let HeldSource {
+        open,
+        items,
+        mut durable,
+        run,
+    } = write_back_behind_an_open_insert(&db, 7, Duration::from_secs(120)).await;
     // The writer is in its wait once its session has asked whether the
     // source is visible.
     let deadline = std::time::Instant::now() + WAIT;

@@ -660,7 +660,6 @@ fn generate_password() -> String {
 mod tests {
     use super::*;
     use crate::config::SinkKind;
-    use crate::core::change::UserKey;
     use crate::dev::fake::memberstack::{FakeMemberstack, FakeMemberstackOptions};
     use serde_json::json;
 
@@ -704,26 +703,11 @@ mod tests {
     /// A change of user `key`: `data` after it, `previous` before it.
     fn change(op: Operation, key: &str, data: Option<Value>, previous: Option<Value>) -> Change {
         let obj = |v: Value| v.as_object().cloned().expect("an object");
-        Change {
-            event_id: "evt_0000000000000001_0".into(),
-            op,
-            key: UserKey {
-                text: key.into(),
-                json: Value::from(key),
-            },
-            table: "public.users".into(),
-            commit_lsn: 1,
-            position: 0,
-            xid: 1,
-            commit_time_us: 1_764_000_000_000_000,
-            data: data.map(obj),
-            previous: previous.map(obj),
-            changed: vec![],
-            omitted: vec![],
-            unconvertible: None,
-            external_id: None,
-            decoded_at: std::time::Instant::now(),
-        }
+        let mut c = Change::for_test(op, Value::from(key));
+        c.commit_time_us = 1_764_000_000_000_000;
+        c.data = data.map(obj);
+        c.previous = previous.map(obj);
+        c
     }
 
     fn meta(v: Value) -> Map<String, Value> {

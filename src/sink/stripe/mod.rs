@@ -793,29 +793,11 @@ pub fn encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::change::UserKey;
 
     fn change(op: Operation, event: &str) -> Change {
-        Change {
-            event_id: event.into(),
-            op,
-            key: UserKey {
-                text: "42".into(),
-                json: Value::from(42),
-            },
-            table: "public.users".into(),
-            commit_lsn: 1,
-            position: 0,
-            xid: 1,
-            commit_time_us: 0,
-            data: None,
-            previous: None,
-            changed: vec![],
-            omitted: vec![],
-            unconvertible: None,
-            external_id: None,
-            decoded_at: std::time::Instant::now(),
-        }
+        let mut c = Change::for_test(op, Value::from(42));
+        c.event_id = event.into();
+        c
     }
 
     /// Past Stripe's idempotency window a replayed create can no longer

@@ -203,30 +203,13 @@ impl Sink for WebhookSink {
 mod tests {
     use super::*;
     use crate::config::{OnDelete, SinkKind};
-    use crate::core::change::UserKey;
     use crate::dev::fake::{FakeOptions, FakeService};
 
     fn change(op: Operation, data: Option<Value>) -> Change {
-        Change {
-            event_id: format!("evt_0000000000000001_{}", op.event_type()),
-            op,
-            key: UserKey {
-                text: "7".into(),
-                json: 7.into(),
-            },
-            table: "public.users".into(),
-            commit_lsn: 1,
-            position: 0,
-            xid: 1,
-            commit_time_us: 0,
-            data: data.and_then(|d| d.as_object().cloned()),
-            previous: None,
-            changed: vec![],
-            omitted: vec![],
-            unconvertible: None,
-            external_id: None,
-            decoded_at: std::time::Instant::now(),
-        }
+        let mut c = Change::for_test(op, 7.into());
+        c.event_id = format!("evt_0000000000000001_{}", op.event_type());
+        c.data = data.and_then(|d| d.as_object().cloned());
+        c
     }
 
     fn config(url: &str) -> SinkConfig {
