@@ -45,6 +45,13 @@ fn module_of(src: &Path, file: &Path) -> Vec<String> {
 /// Every `crate::a::b` path in the text, and `super::…` resolved against `module`.
 fn imports(text: &str, module: &[String], is_mod_rs: bool) -> BTreeSet<Vec<String>> {
     let mut out = BTreeSet::new();
+    // A module's unit tests (`#[cfg(test)] mod tests { … }`, last in the
+    // file) are not part of what the module depends on: like the
+    // integration tests, they may use the dev fakes.
+    let text = match text.find("#[cfg(test)]\nmod tests {") {
+        Some(i) => &text[..i],
+        None => text,
+    };
     let code: String = text
         .lines()
         .map(|l| match l.find("//") {
