@@ -42,15 +42,6 @@ pub fn insert_path(obj: &mut Map<String, Value>, path: &str, value: Value) {
     }
 }
 
-/// The mapped field paths whose column is in `changed`.
-pub fn changed_fields<'a>(mapping: &'a [(String, String)], changed: &[String]) -> Vec<&'a str> {
-    mapping
-        .iter()
-        .filter(|(_, c)| changed.contains(c))
-        .map(|(f, _)| f.as_str())
-        .collect()
-}
-
 /// A JSON value as the plain string a form field or string-only API wants.
 pub fn as_text(v: &Value) -> Option<String> {
     match v {
@@ -81,10 +72,6 @@ mod tests {
         assert_eq!(
             Value::Object(out),
             json!({"email": "a@x", "customFields": {"first-name": "Ada"}, "metadata": {"plan": "pro"}})
-        );
-        assert_eq!(
-            changed_fields(&mapping, &["plan".to_string()]),
-            vec!["metadata.plan"]
         );
         assert_eq!(as_text(&json!(5)), Some("5".into()));
         assert_eq!(as_text(&Value::Null), None);

@@ -821,7 +821,11 @@ mod tests {
             (b'E', "Stream Stop"),
             (b'c', "Stream Commit"),
             (b'A', "Stream Abort"),
+            (b'b', "Begin Prepare"),
             (b'P', "Prepare"),
+            (b'K', "Commit Prepared"),
+            (b'r', "Rollback Prepared"),
+            (b'p', "Stream Prepare"),
         ] {
             let err = decode(&Bytes::from(vec![tag, 0, 0, 0, 1])).unwrap_err();
             match &err {

@@ -793,6 +793,7 @@ pub fn encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn change(op: Operation, event: &str) -> Change {
         let mut c = Change::for_test(op, Value::from(42));
@@ -839,6 +840,244 @@ mod tests {
             live_customer(&c, &found, 255).ok(),
             Some(Some("cus_ours".to_string()))
         );
+    }
+
+    /// The fake Stripe (no rate limit) and a sink pointed at it.
+    async fn fake() -> (crate::dev::fake::stripe::FakeStripe, StripeSink) {
+        fake_with(false).await
+    }
+
+    async fn fake_with(without_search: bool) -> (crate::dev::fake::stripe::FakeStripe, StripeSink) {
+        use crate::dev::fake::stripe::{FakeStripe, FakeStripeOptions};
+        let api = FakeStripe::start(FakeStripeOptions {
+            rate_limit_per_sec: 0,
+            without_search,
+            ..Default::default()
+        })
+        .await
+        .expect("fake stripe");
+        let cfg = sink_cfg(&api.url());
+        (api, StripeSink::new(&cfg).expect("sink"))
+    }
+
+    fn sink_cfg(url: &str) -> SinkConfig {
+        SinkConfig {
+            kind: crate::config::SinkKind::Stripe,
+            url: url.into(),
+            secret: None,
+            api_key: Some(Secret::new(
+                crate::dev::fake::stripe::FakeStripeOptions::default().api_key,
+            )),
+            api_key_source: "environment variable STRIPE_KEY".into(),
+            external_id_pointer: "/id".into(),
+            columns: vec![],
+            mapping: vec![("email".into(), "email".into())],
+            timeout: Duration::from_secs(10),
+            max_in_flight: 1,
+            rate_limit_per_sec: 0,
+            on_delete: OnDelete::Delete,
+            max_response_bytes: 1 << 20,
+            max_external_id_length: 255,
+        }
+    }
+
+    fn with_email(op: Operation, event: &str) -> Change {
+        let mut c = change(op, event);
+        c.data = serde_json::json!({"email": "ada@example.com"})
+            .as_object()
+            .cloned();
+        c
+    }
+
+    /// Only Stripe's "no such customer" makes a delete a success; any other
+    /// refusal is the change's failure (retried or dead-lettered), not a
+    /// customer silently left in place.
+    #[tokio::test]
+    async fn a_refused_delete_fails_and_only_a_missing_customer_counts_as_deleted() {
+        let (api, sink) = fake().await;
+        let id = sink
+            .push(&with_email(Operation::Insert, "evt_1"), None)
+            .await
+            .expect("create")
+            .expect("an id");
+        api.inject(crate::dev::fake::Fault::Status {
+            status: 400,
+            count: 1,
+        });
+        let gone = change(Operation::Delete, "evt_2");
+        let e = sink.push(&gone, Some(&id)).await.expect_err("a 400");
+        assert_eq!(e.status(), Some(400));
+        assert_eq!(api.customers().len(), 1, "the customer is still there");
+        assert_eq!(
+            sink.push(&gone, Some(&id)).await.expect("delete"),
+            Some(id.clone())
+        );
+        // Deleted already: Stripe answers 404 resource_missing.
+        assert_eq!(sink.push(&gone, Some(&id)).await.expect("again"), Some(id));
+    }
+
+    /// Only a 404 without an error code means customer search is not
+    /// served; any other failure of a search fails the look-up (so it is
+    /// retried) and the next look-up searches again.
+    #[tokio::test]
+    async fn only_an_unserved_search_switches_the_look_up_to_listing() {
+        let (api, sink) = fake().await;
+        api.inject(crate::dev::fake::Fault::Status {
+            status: 400,
+            count: 1,
+        });
+        let c = with_email(Operation::Update, "evt_1");
+        let e = sink.push(&c, None).await.expect_err("a 400");
+        assert_eq!(e.status(), Some(400));
+        assert!(api.customers().is_empty(), "nothing created");
+        sink.push(&c, None).await.expect("update").expect("an id");
+        let paths: Vec<String> = api.requests().iter().map(|r| r.path.clone()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/v1/customers/search",
+                "/v1/customers/search",
+                "/v1/customers"
+            ],
+            "search, search again, create"
+        );
+    }
+
+    /// Without customer search the look-up lists customers: by the row's
+    /// mapped email first (one request when the customer still has it), then
+    /// every customer page by page (it may carry an older email).
+    #[tokio::test]
+    async fn without_search_the_look_up_lists_by_email_first_then_every_page() {
+        let (api, sink) = fake_with(true).await;
+        let key = |k: &str| BTreeMap::from([(KEY_METADATA.to_string(), k.to_string())]);
+        let moved = api.insert_customer(Some("old@example.com"), None, key("42"));
+        let current = api.insert_customer(Some("bob@example.com"), None, key("43"));
+        // Newer customers list first: the moved one is on the second page.
+        for i in 0..120 {
+            api.insert_customer(
+                Some(&format!("u{i}@example.com")),
+                None,
+                key(&format!("x{i}")),
+            );
+        }
+        let mut bob = Change::for_test(Operation::Update, Value::from(43));
+        bob.data = serde_json::json!({"email": "bob@example.com"})
+            .as_object()
+            .cloned();
+        assert_eq!(
+            sink.push(&bob, None).await.expect("bob"),
+            Some(current.clone())
+        );
+        let ada = with_email(Operation::Update, "evt_1");
+        assert_eq!(
+            sink.push(&ada, None).await.expect("ada"),
+            Some(moved.clone())
+        );
+        let asked: Vec<(String, String)> = api
+            .requests()
+            .iter()
+            .map(|r| {
+                (
+                    format!("{} {}", r.method, r.path),
+                    r.query.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let shape: Vec<&str> = asked.iter().map(|(m, _)| m.as_str()).collect();
+        let current_path = format!("POST /v1/customers/{current}");
+        let moved_path = format!("POST /v1/customers/{moved}");
+        assert_eq!(
+            shape,
+            [
+                "GET /v1/customers/search",
+                "GET /v1/customers",
+                current_path.as_str(),
+                "GET /v1/customers",
+                "GET /v1/customers",
+                "GET /v1/customers",
+                moved_path.as_str(),
+            ],
+            "{asked:#?}"
+        );
+        assert!(asked[1].1.contains("email=bob%40example.com"), "{asked:#?}");
+        assert!(asked[3].1.contains("email=ada%40example.com"), "{asked:#?}");
+        assert!(!asked[4].1.contains("email="), "{asked:#?}");
+        assert!(asked[5].1.contains("starting_after="), "{asked:#?}");
+    }
+
+    /// On create an empty value is left out; on update it clears the field.
+    #[test]
+    fn an_empty_value_is_left_out_of_a_create_and_clears_on_update() {
+        let mut cfg = sink_cfg("http://127.0.0.1:9");
+        cfg.mapping.push(("name".into(), "name".into()));
+        let cfg_sink = StripeSink::new(&cfg).expect("sink");
+        let c = change(Operation::Insert, "evt_1");
+        let data = serde_json::json!({"email": "", "name": null})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            cfg_sink.fields_form(&c, &data, false).encode(),
+            "metadata[usersync_key]=42"
+        );
+        assert_eq!(
+            cfg_sink.fields_form(&c, &data, true).encode(),
+            "email=&name=&metadata[usersync_key]=42"
+        );
+    }
+
+    /// `retrieve` (the inbound apply's fetch): the object as it is, `None`
+    /// for Stripe's "no such customer", and any other refusal an error.
+    #[tokio::test]
+    async fn retrieve_answers_the_object_none_when_missing_and_fails_otherwise() {
+        let (api, sink) = fake().await;
+        let id = sink
+            .push(&with_email(Operation::Insert, "evt_1"), None)
+            .await
+            .expect("create")
+            .expect("an id");
+        let got = sink.customer(&id).await.expect("customer").expect("found");
+        assert_eq!(
+            (got["id"].as_str(), got["email"].as_str()),
+            (Some(id.as_str()), Some("ada@example.com"))
+        );
+        assert_eq!(sink.customer("cus_nobody").await.expect("missing"), None);
+        api.inject(crate::dev::fake::Fault::Status {
+            status: 400,
+            count: 1,
+        });
+        let e = sink.customer(&id).await.expect_err("a 400");
+        assert_eq!(e.status(), Some(400));
+    }
+
+    /// A 2xx answer that is not JSON fails with an excerpt of what came
+    /// back, with the API key taken out (some proxies echo the request).
+    #[tokio::test]
+    async fn a_malformed_answer_is_reported_with_the_key_redacted() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let key = crate::dev::fake::stripe::FakeStripeOptions::default().api_key;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let body = format!("<html>proxy echo: Authorization: Bearer {key}</html>");
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 8192];
+                let _ = conn.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        let sink = StripeSink::new(&sink_cfg(&url)).expect("sink");
+        let e = sink.customer("cus_1").await.expect_err("not JSON");
+        let text = e.to_string();
+        assert!(text.contains("proxy echo"), "{text}");
+        assert!(!text.contains(&key), "{text}");
+        assert!(text.contains("<redacted>"), "{text}");
     }
 
     #[test]
