@@ -309,7 +309,8 @@ async fn session(
             &cfg.sink.columns,
         )
         .with_types(types)
-        .with_not_streamed(not_streamed),
+        .with_not_streamed(not_streamed)
+        .with_table_columns(shape.columns.iter().map(|(c, _)| c.as_str())),
         origin: cfg.database.origin.clone(),
         echo_origins: crate::app::inbound::echo_origins(cfg)
             .into_iter()

@@ -62,14 +62,6 @@ impl Service {
             SinkKind::Webhook => None,
         }
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Service::Memberstack => "memberstack",
-            Service::Stripe => "stripe",
-            Service::Clerk => "clerk",
-        }
-    }
 }
 
 pub struct Lister {
@@ -107,10 +99,6 @@ impl Lister {
             base: base.trim_end_matches('/').to_string(),
             key,
         })
-    }
-
-    pub fn service(&self) -> Service {
-        self.kind
     }
 
     /// The mapped field's value in `record`, as text (absent, null and empty
@@ -294,6 +282,79 @@ pub fn field_text(kind: Service, raw: &Value, path: &str) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A server that answers every request with `status` (and
+    /// `Retry-After: 0`), counting the requests.
+    async fn answering(status: u16) -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&count);
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 8192];
+                let _ = conn.read(&mut buf).await;
+                seen.fetch_add(1, Ordering::SeqCst);
+                let body = r#"{"error":{"message":"no"}}"#;
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\nretry-after: 0\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        (url, count)
+    }
+
+    fn lister(url: &str) -> Lister {
+        let policy = SinkConfig {
+            kind: SinkKind::Stripe,
+            url: url.into(),
+            secret: None,
+            api_key: Some(Secret::new("sk_test_list_unit_0000")),
+            api_key_source: "environment variable K".into(),
+            external_id_pointer: "/id".into(),
+            columns: vec![],
+            mapping: vec![],
+            timeout: Duration::from_secs(5),
+            max_in_flight: 1,
+            rate_limit_per_sec: 0,
+            on_delete: crate::config::OnDelete::Delete,
+            max_response_bytes: 1 << 20,
+            max_external_id_length: 255,
+        };
+        Lister::new(&policy).expect("lister")
+    }
+
+    /// A page refused with a retryable status is asked again, up to
+    /// MAX_ATTEMPTS times; a refusal that retrying cannot fix, once.
+    #[tokio::test]
+    async fn a_refused_page_is_retried_a_bounded_number_of_times_and_a_permanent_refusal_once() {
+        let (url, count) = answering(503).await;
+        let e = lister(&url).page(None).await.expect_err("503");
+        assert_eq!(e.status(), Some(503));
+        assert_eq!(count.load(Ordering::SeqCst), MAX_ATTEMPTS as usize);
+        let (url, count) = answering(401).await;
+        let e = lister(&url).page(None).await.expect_err("401");
+        assert_eq!(e.status(), Some(401));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_listed_id_is_one_to_255_characters() {
+        assert!(record_id(&json!({"id": ""})).is_err());
+        assert!(record_id(&json!({"id": "x".repeat(256)})).is_err());
+        assert!(record_id(&json!({"id": 7})).is_err());
+        assert_eq!(
+            record_id(&json!({"id": "x".repeat(255)})).ok(),
+            Some("x".repeat(255))
+        );
+    }
 
     #[test]
     fn pages_read_cursor_and_back_reference() {
@@ -320,6 +381,9 @@ mod tests {
             Some("b@x")
         );
         assert!(stripe_page(&json!({"data": [{"id": ""}]})).is_err());
+        // A null deleted_at (an implementation that keeps cleared keys) is not a mark.
+        let cleared = json!({"data": [{"id": "cus_3", "metadata": {"deleted_at": null}}]});
+        assert!(!stripe_page(&cleared).unwrap().records[0].marked_deleted);
         assert!(memberstack_page(&json!({"hasNextPage": true, "data": []})).is_err());
         let full: Vec<Value> = (0..PAGE_SIZE)
             .map(|i| json!({"id": format!("user_{i}"), "external_id": "9"}))

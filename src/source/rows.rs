@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde_json::{Map, Value};
 
 use super::pgoutput::{ColumnValue, OldTuple, Relation, TupleData};
-use super::value::{text_to_json, type_name, TypeRegistry, ValueError};
+use super::value::{text_to_json, TypeRegistry, ValueError};
 use crate::config::TableName;
 use crate::core::change::{Change, Lsn, Operation, UserKey};
 use crate::core::table::EXTERNAL_ID_COLUMN;
@@ -20,7 +20,7 @@ use crate::core::table::SYNCED_AT_COLUMN;
 pub enum RowError {
     #[error("change for relation {0} arrived before its Relation message")]
     UnknownRelation(u32),
-    #[error("the users table no longer has its key column {0} (was it renamed or dropped?); restore it or update the configuration")]
+    #[error("the users table no longer has its key column {0}, and no single other column takes its place (was it dropped, or renamed along with other column changes?); restore it, or start usersync again once it is the primary key under its new name")]
     KeyColumnGone(String),
     #[error("the tuple has {got} columns but relation {table} has {expected}")]
     ColumnCount {
@@ -35,12 +35,14 @@ pub enum RowError {
 }
 
 impl crate::core::error::Classify for RowError {
+    /// Each of these stops the session for good: retrying decodes the same
+    /// message again. A key column renamed or dropped mid-stream is the
+    /// operator's to know about, and like every failure after streaming
+    /// began it is a runtime stop (exit 1, `app::run`): the next start reads
+    /// the primary key's new name and decodes the change again from the
+    /// slot's confirmed position.
     fn kind(&self) -> crate::core::error::ErrorKind {
-        use crate::core::error::ErrorKind;
-        match self {
-            RowError::KeyColumnGone(_) => ErrorKind::Config,
-            _ => ErrorKind::Permanent,
-        }
+        crate::core::error::ErrorKind::Permanent
     }
 }
 
@@ -97,6 +99,10 @@ pub struct RowBuilder {
     /// Synced columns the server does not stream (generated columns before
     /// PostgreSQL 18): named in every insert's and update's `omitted`.
     not_streamed: Vec<String>,
+    /// Every column of the table as the catalog had it at session start:
+    /// finds the key of a change decoded under a relation from before a
+    /// rename of the key column.
+    table_columns: HashSet<String>,
 }
 
 impl RowBuilder {
@@ -113,15 +119,17 @@ impl RowBuilder {
             relations: HashMap::new(),
             types: TypeRegistry::default(),
             not_streamed: Vec::new(),
+            table_columns: HashSet::new(),
         }
     }
 
-    pub fn on_relation(&mut self, rel: Relation) -> Result<(), RowError> {
-        if self.is_users(&rel) && !rel.columns.iter().any(|c| c.name == self.key_column) {
-            return Err(RowError::KeyColumnGone(self.key_column.clone()));
-        }
+    /// A relation without the key column is not refused here but when one
+    /// of its changes needs the key (`key_of`): after a rename of the key
+    /// column a restart replays from before it, and the Relation messages
+    /// of the skipped transactions there (our own write-backs) still carry
+    /// the old name.
+    pub fn on_relation(&mut self, rel: Relation) {
         self.relations.insert(rel.id, rel);
-        Ok(())
     }
 
     /// The catalog's word on the table's array and domain types, read at
@@ -137,6 +145,12 @@ impl RowBuilder {
     pub fn with_not_streamed(mut self, columns: Vec<String>) -> Self {
         let synced: Vec<String> = columns.into_iter().filter(|c| self.synced(c)).collect();
         self.not_streamed = synced;
+        self
+    }
+
+    /// The table's columns at session start (`TableShape::columns`).
+    pub fn with_table_columns<'a>(mut self, columns: impl IntoIterator<Item = &'a str>) -> Self {
+        self.table_columns = columns.into_iter().map(str::to_string).collect();
         self
     }
 
@@ -207,6 +221,7 @@ impl RowBuilder {
             .columns
             .iter()
             .position(|c| c.name == self.key_column)
+            .or_else(|| self.renamed_key(rel))
             .ok_or_else(|| RowError::KeyColumnGone(self.key_column.clone()))?;
         match tuple.0.get(idx) {
             Some(ColumnValue::Text(b)) | Some(ColumnValue::Binary(b)) => {
@@ -223,6 +238,28 @@ impl RowBuilder {
                 }
             }
             _ => Err(RowError::KeyMissing(self.key_column.clone())),
+        }
+    }
+
+    /// A relation without the key column: the key was renamed since (a
+    /// restart replays changes from before the rename under the name the
+    /// catalog has now) or is being renamed while streaming. When exactly
+    /// one of the relation's columns is unknown to the table as it was at
+    /// session start, that column is the key under its other name; with
+    /// more than one the key cannot be told, and the change fails.
+    fn renamed_key(&self, rel: &Relation) -> Option<usize> {
+        if self.table_columns.is_empty() {
+            return None;
+        }
+        let mut unknown = rel
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !self.table_columns.contains(&c.name))
+            .map(|(i, _)| i);
+        match (unknown.next(), unknown.next()) {
+            (Some(i), None) => Some(i),
+            _ => None,
         }
     }
 
@@ -458,10 +495,5 @@ impl RowBuilder {
             return change;
         }
         self.base_change(Operation::Update, key, at)
-    }
-
-    /// A readable type name for messages.
-    pub fn type_name(&self, oid: u32) -> String {
-        type_name(oid, &self.types)
     }
 }

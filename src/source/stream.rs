@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::pgoutput::{decode, DecodeError, PgOutputMessage};
 use super::rows::{RowBuilder, RowError, TxnPosition};
 use crate::config::DatabaseConfig;
-use crate::core::change::{Change, Lsn, PG_EPOCH_OFFSET_US};
+use crate::core::change::{format_lsn, Change, Lsn, PG_EPOCH_OFFSET_US};
 use crate::core::error::{sqlstate_fix, sqlstate_kind, Classify, ErrorKind};
 
 /// What the reader hands the pipeline.
@@ -228,9 +228,16 @@ impl Reader {
                         lsn: wal_start.to_string(),
                         source,
                     })?;
+                    // Relation and Type messages carry no WAL position of
+                    // their own (0/0); the open transaction's commit says
+                    // where in the stream the failing change is.
+                    let at = match (wal_start.as_u64(), &txn) {
+                        (0, Some(t)) => t.commit_lsn,
+                        (at, _) => at,
+                    };
                     self.handle(msg, &mut txn)
                         .map_err(|source| SourceError::Row {
-                            lsn: wal_start.to_string(),
+                            lsn: format_lsn(at),
                             source,
                         })?
                 }
@@ -293,7 +300,7 @@ impl Reader {
                 Ok(None)
             }
             PgOutputMessage::Relation(rel) => {
-                self.rows.on_relation(rel)?;
+                self.rows.on_relation(rel);
                 Ok(None)
             }
             PgOutputMessage::Type {

@@ -290,6 +290,74 @@ async fn sink_columns_naming_a_missing_column_is_refused() {
     refuses(&db, cmd, 2, &["nope", "sink.columns"]).await;
 }
 
+/// The key column renamed while the daemon streams. A change behind the
+/// rename is decoded under the new name (the one column the table did not
+/// have at session start) and pushed with its key; the write-back, prepared
+/// with the old name, fails, so the session stops (exit 1, one message), and
+/// a restart (key read anew from the catalog) replays the changes from
+/// before the rename under the old name and writes both users back.
+/// Nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_column_renamed_mid_stream_loses_nothing_across_a_restart() {
+    let db = TestDb::new(USERS_UUID).await;
+    let daemon = tokio::spawn(run(db.binary_command(&["run"])));
+    insert_user(&db, "first@example.com").await;
+    let synced = "SELECT count(*) FROM users WHERE external_synced_at IS NOT NULL";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while db.count(synced).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first user was not synced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One transaction: its insert is decoded under the old name and its
+    // update under the new one, by this session and after the restart.
+    db.exec(
+        "BEGIN; INSERT INTO users (email, name) VALUES ('second@example.com', 'Bo'); \
+         ALTER TABLE users RENAME COLUMN id TO uid; \
+         UPDATE users SET name = 'Renamed', external_synced_at = NULL WHERE email = 'first@example.com'; \
+         COMMIT",
+    )
+    .await;
+    let out = daemon.await.expect("the daemon task");
+    eprintln!("{:?}: {}", out.code, out.stderr.trim_end());
+    assert_eq!(out.code, Some(1), "exit code; stderr:\n{}", out.stderr);
+    let last = out.stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(last.starts_with("usersync: "), "{}", out.stderr);
+    let pushed = db.accepted();
+    let renamed: Vec<_> = pushed
+        .iter()
+        .filter(|b| b["data"]["name"] == "Renamed")
+        .collect();
+    assert!(
+        renamed
+            .iter()
+            .all(|b| b["key"] == pushed[0]["key"] && b["data"]["uid"] == pushed[0]["key"]),
+        "the update behind the rename went out with another key: {pushed:#?}"
+    );
+    let mut daemon = db.spawn_binary(&["run"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while db.count(synced).await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the update behind the rename was not written back after a restart: {:#?}\n{}",
+            db.accepted(),
+            db.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        db.accepted()
+            .iter()
+            .any(|b| b["data"]["name"] == "Renamed" && b["key"] == pushed[0]["key"]),
+        "the update behind the rename was never pushed: {:#?}",
+        db.accepted()
+    );
+}
+
 // ------------------------------------------------------------------ setup
 
 /// Nothing of usersync's exists in the database (or the cluster).

@@ -172,6 +172,40 @@ async fn hostile(body: Bytes) -> axum::response::Response {
 /// character, invalid UTF-8, float, object, 100 kB) or a 50 MB body (2xx or
 /// error) each fail that user's push permanently; a huge integer id is kept
 /// digit for digit; the user inserted after all of them is written back.
+/// An update whose only change is a value that cannot be converted is that
+/// user's dead letter naming the column, not an update of nothing (which
+/// would be dropped, and the bad value never reported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_of_only_an_unconvertible_value_is_dead_lettered() {
+    install_crypto();
+    let db = TestDb::new(USERS_WITH_JSON).await;
+    let daemon = db.start_daemon();
+    db.exec("INSERT INTO users (id, email) VALUES (5, 'five@example.com')")
+        .await;
+    let deadline = Instant::now() + WAIT;
+    while external_id(&db, 5).await.is_none() {
+        assert!(Instant::now() < deadline, "user 5 was not synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    db.exec(r#"UPDATE users SET js = '{"a": "\ud800"}' WHERE id = 5"#)
+        .await;
+    let deadline = Instant::now() + WAIT;
+    let dl = loop {
+        let dl = dead_letters(&db).await;
+        if !dl.is_empty() {
+            break dl;
+        }
+        assert!(
+            Instant::now() < deadline && !daemon.task.is_finished(),
+            "the update was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((dl[0].0.as_str(), dl[0].1.as_str()), ("5", "failed"));
+    assert!(dl[0].2.contains("column js"), "{}", dl[0].2);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_answers_dead_letter_one_user_each() {
     install_crypto();

@@ -183,6 +183,46 @@ async fn update_of_no_synced_value_is_not_pushed() {
     daemon.stop().await;
 }
 
+/// A publication may hold other tables (the operator's own, or one made
+/// `FOR ALL TABLES`): their rows are never pushed as users, even when they
+/// look like users. Quiescence: the slot confirmed past a later change of the
+/// user means every change before it was completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_to_another_table_in_the_publication_are_not_pushed() {
+    install_crypto();
+    let db = TestDb::new(USERS_UUID).await;
+    db.exec(
+        "CREATE TABLE public.orders (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+         email text, name text, plan text); \
+         ALTER TABLE public.orders REPLICA IDENTITY FULL; \
+         ALTER PUBLICATION usersync_users ADD TABLE public.orders",
+    )
+    .await;
+    let daemon = db.start_daemon();
+    db.exec(
+        "BEGIN; INSERT INTO users (email) VALUES ('a@example.com'); \
+         INSERT INTO orders (email, name) VALUES ('order@example.com', 'an order'); COMMIT",
+    )
+    .await;
+    db.exec("UPDATE orders SET plan = 'pro'; DELETE FROM orders")
+        .await;
+    db.exec("UPDATE users SET name = 'marker'").await;
+    let lsn = current_lsn(&db).await;
+    db.wait_confirmed_past(&lsn, WAIT).await;
+    let bodies = db.accepted();
+    assert_eq!(bodies.len(), 2, "{bodies:#?}");
+    assert_eq!(
+        of_type(&bodies, "user.created")[0]["data"]["email"],
+        "a@example.com"
+    );
+    assert_eq!(
+        of_type(&bodies, "user.updated")[0]["data"]["name"],
+        "marker"
+    );
+    assert_eq!(db.fake.requests().len(), 2);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_carries_the_external_id() {
     install_crypto();

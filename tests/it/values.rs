@@ -808,5 +808,12 @@ async fn generated_columns_are_sent_or_named_in_omitted() {
         "a synced row with a generated column would be pushed again: {}",
         out.all()
     );
+    // A delete carries no row data, so it omits nothing.
+    db.exec("DELETE FROM users WHERE id = 1").await;
+    let deleted = wait_envelope(&db, &mut daemon, "the delete", |e| {
+        e["type"] == "user.deleted"
+    })
+    .await;
+    assert_eq!(deleted["omitted"], serde_json::json!([]), "{deleted:#}");
     daemon.stop().await;
 }

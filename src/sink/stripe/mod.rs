@@ -749,10 +749,6 @@ impl Form {
         self.0.push((name.into(), value.into()));
     }
 
-    pub fn fields(&self) -> &[(String, String)] {
-        &self.0
-    }
-
     /// `name=value&…`, each percent-encoded; brackets in names stay literal
     /// as Stripe's own libraries send them.
     pub fn encode(&self) -> String {
@@ -1005,27 +1001,6 @@ mod tests {
         assert!(asked[5].1.contains("starting_after="), "{asked:#?}");
     }
 
-    /// On create an empty value is left out; on update it clears the field.
-    #[test]
-    fn an_empty_value_is_left_out_of_a_create_and_clears_on_update() {
-        let mut cfg = sink_cfg("http://127.0.0.1:9");
-        cfg.mapping.push(("name".into(), "name".into()));
-        let cfg_sink = StripeSink::new(&cfg).expect("sink");
-        let c = change(Operation::Insert, "evt_1");
-        let data = serde_json::json!({"email": "", "name": null})
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        assert_eq!(
-            cfg_sink.fields_form(&c, &data, false).encode(),
-            "metadata[usersync_key]=42"
-        );
-        assert_eq!(
-            cfg_sink.fields_form(&c, &data, true).encode(),
-            "email=&name=&metadata[usersync_key]=42"
-        );
-    }
-
     /// `retrieve` (the inbound apply's fetch): the object as it is, `None`
     /// for Stripe's "no such customer", and any other refusal an error.
     #[tokio::test]
@@ -1101,6 +1076,11 @@ mod tests {
             form_field("shipping.address.city").unwrap(),
             "shipping[address][city]"
         );
+        assert_eq!(form_field("address.city").unwrap(), "address[city]");
+        assert_eq!(form_field("shipping.name").unwrap(), "shipping[name]");
+        assert_eq!(form_field("shipping.phone").unwrap(), "shipping[phone]");
+        let longest = format!("metadata.{}", "k".repeat(40));
+        assert!(form_field(&longest).is_ok());
         for bad in [
             "emails",
             "metadata",
@@ -1196,6 +1176,28 @@ mod tests {
         assert_eq!(msg(503, " \n"), "HTTP 503: no error body");
     }
 
+    /// A key too short to be real is not searched for (it would mangle the
+    /// text); from 8 characters on it is.
+    #[test]
+    fn only_a_key_of_eight_characters_or_more_is_replaced() {
+        assert_eq!(redact("a 1234567 b", "1234567"), "a 1234567 b");
+        assert_eq!(redact("a 12345678 b", "12345678"), "a <redacted> b");
+    }
+
+    /// An `Api` error wraps its message alone; other errors their text.
+    #[test]
+    fn api_message_is_the_message_without_the_status() {
+        let api = SinkError::Api {
+            status: 400,
+            message: "idempotency_error: keys".into(),
+            retryable: false,
+            retry_after: None,
+        };
+        assert_eq!(api_message(&api), "idempotency_error: keys");
+        let other = SinkError::Malformed("no id".into());
+        assert_eq!(api_message(&other), other.to_string());
+    }
+
     #[test]
     fn the_key_and_its_masked_echo_are_redacted() {
         let key = "sk_test_51AbCdEfGhIjKlMnOp";
@@ -1212,41 +1214,27 @@ mod tests {
         );
     }
 
+    /// NULL or an empty value: left out of a create, clears on update.
     #[test]
-    fn null_clears_on_update_and_is_left_out_on_create() {
-        let cfg = crate::config::SinkConfig {
-            kind: crate::config::SinkKind::Stripe,
-            url: "http://127.0.0.1:9/".into(),
-            secret: None,
-            api_key: Some(Secret::new("sk_test_x")),
-            api_key_source: "environment variable K".into(),
-            external_id_pointer: "/id".into(),
-            columns: vec![],
-            mapping: vec![
-                ("email".into(), "email".into()),
-                ("metadata.plan".into(), "plan".into()),
-                ("name".into(), "name".into()),
-                ("phone".into(), "phone".into()),
-            ],
-            timeout: Duration::from_secs(1),
-            max_in_flight: 1,
-            rate_limit_per_sec: 0,
-            on_delete: OnDelete::Mark,
-            max_response_bytes: 1 << 20,
-            max_external_id_length: 255,
-        };
-        let sink = StripeSink::new(&cfg).unwrap();
+    fn null_and_empty_clear_on_update_and_are_left_out_on_create() {
+        let mut cfg = sink_cfg("http://127.0.0.1:9/");
+        cfg.mapping.extend([
+            ("metadata.plan".into(), "plan".into()),
+            ("name".into(), "name".into()),
+            ("phone".into(), "phone".into()),
+        ]);
+        let sink = StripeSink::new(&cfg).expect("sink");
         assert_eq!(sink.base, "http://127.0.0.1:9");
         let c = change(Operation::Insert, "evt_1");
-        let data = serde_json::json!({"email": "a@x", "plan": null, "name": 7});
-        let data = data.as_object().unwrap();
+        let data = serde_json::json!({"email": "a@x", "plan": null, "name": 7, "phone": ""});
+        let data = data.as_object().cloned().unwrap_or_default();
         assert_eq!(
-            sink.fields_form(&c, data, false).encode(),
+            sink.fields_form(&c, &data, false).encode(),
             "email=a%40x&name=7&metadata[usersync_key]=42"
         );
         assert_eq!(
-            sink.fields_form(&c, data, true).encode(),
-            "email=a%40x&metadata[plan]=&name=7&metadata[usersync_key]=42"
+            sink.fields_form(&c, &data, true).encode(),
+            "email=a%40x&metadata[plan]=&name=7&phone=&metadata[usersync_key]=42"
         );
     }
 }
