@@ -877,6 +877,17 @@ mod tests {
         }
     }
 
+    /// The fake with one customer the sink created; its id.
+    async fn fake_with_a_customer() -> (crate::dev::fake::stripe::FakeStripe, StripeSink, String) {
+        let (api, sink) = fake().await;
+        let id = sink
+            .push(&with_email(Operation::Insert, "evt_1"), None)
+            .await
+            .expect("create")
+            .expect("an id");
+        (api, sink, id)
+    }
+
     fn with_email(op: Operation, event: &str) -> Change {
         let mut c = change(op, event);
         c.data = serde_json::json!({"email": "ada@example.com"})
@@ -890,12 +901,7 @@ mod tests {
     /// customer silently left in place.
     #[tokio::test]
     async fn a_refused_delete_fails_and_only_a_missing_customer_counts_as_deleted() {
-        let (api, sink) = fake().await;
-        let id = sink
-            .push(&with_email(Operation::Insert, "evt_1"), None)
-            .await
-            .expect("create")
-            .expect("an id");
+        let (api, sink, id) = fake_with_a_customer().await;
         api.inject(crate::dev::fake::Fault::Status {
             status: 400,
             count: 1,
@@ -1005,12 +1011,7 @@ mod tests {
     /// for Stripe's "no such customer", and any other refusal an error.
     #[tokio::test]
     async fn retrieve_answers_the_object_none_when_missing_and_fails_otherwise() {
-        let (api, sink) = fake().await;
-        let id = sink
-            .push(&with_email(Operation::Insert, "evt_1"), None)
-            .await
-            .expect("create")
-            .expect("an id");
+        let (api, sink, id) = fake_with_a_customer().await;
         let got = sink.customer(&id).await.expect("customer").expect("found");
         assert_eq!(
             (got["id"].as_str(), got["email"].as_str()),
