@@ -299,7 +299,16 @@ async fn sink_columns_naming_a_missing_column_is_refused() {
 /// Nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_column_renamed_mid_stream_loses_nothing_across_a_restart() {
-    let db = TestDb::new(USERS_UUID).await;
+    // The key is not the first column, so a guess by position is wrong.
+    let db = TestDb::new(
+        "CREATE TABLE public.users (
+            email text NOT NULL,
+            name text,
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            plan text NOT NULL DEFAULT 'free'
+        )",
+    )
+    .await;
     let daemon = tokio::spawn(run(db.binary_command(&["run"])));
     insert_user(&db, "first@example.com").await;
     let synced = "SELECT count(*) FROM users WHERE external_synced_at IS NOT NULL";
