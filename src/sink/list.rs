@@ -336,7 +336,11 @@ mod tests {
     #[tokio::test]
     async fn a_refused_page_is_retried_a_bounded_number_of_times_and_a_permanent_refusal_once() {
         let (url, count) = answering(503).await;
-        let e = lister(&url).page(None).await.expect_err("503");
+        // Bounded, so a retry loop that never ends fails here instead of hanging.
+        let e = tokio::time::timeout(Duration::from_secs(30), lister(&url).page(None))
+            .await
+            .expect("the retries end")
+            .expect_err("503");
         assert_eq!(e.status(), Some(503));
         assert_eq!(count.load(Ordering::SeqCst), MAX_ATTEMPTS as usize);
         let (url, count) = answering(401).await;
