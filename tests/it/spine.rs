@@ -1020,14 +1020,15 @@ async fn a_write_back_waits_for_its_source_but_not_for_a_row_that_is_gone() {
         mut durable,
         run,
     } = write_back_behind_an_open_insert(&db, 7, Duration::from_secs(120)).await;
-    // The writer is in its wait once its session has asked whether the
-    // source is visible.
+    // The writer is in its wait while its session sleeps inside the
+    // write-back's transaction (its last statement is then the retried
+    // UPDATE: the visibility query is on screen only for a round trip).
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let waiting = db
             .count(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'usersync-writeback' \
-                 AND query LIKE '%pg_visible_in_snapshot%'",
+                 AND state = 'idle in transaction'",
             )
             .await;
         if waiting > 0 {
