@@ -281,35 +281,8 @@ pub fn field_text(kind: Service, raw: &Value, path: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dev::canned::answering;
     use serde_json::json;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-
-    /// A server that answers every request with `status` (and
-    /// `Retry-After: 0`), counting the requests.
-    async fn answering(status: u16) -> (String, Arc<AtomicUsize>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let count = Arc::new(AtomicUsize::new(0));
-        let seen = Arc::clone(&count);
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let mut buf = vec![0u8; 8192];
-                let _ = conn.read(&mut buf).await;
-                seen.fetch_add(1, Ordering::SeqCst);
-                let body = r#"{"error":{"message":"no"}}"#;
-                let answer = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\nretry-after: 0\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(answer.as_bytes()).await;
-            }
-        });
-        (url, count)
-    }
 
     fn lister(url: &str) -> Lister {
         let policy = SinkConfig {
@@ -335,18 +308,19 @@ mod tests {
     /// MAX_ATTEMPTS times; a refusal that retrying cannot fix, once.
     #[tokio::test]
     async fn a_refused_page_is_retried_a_bounded_number_of_times_and_a_permanent_refusal_once() {
-        let (url, count) = answering(503).await;
+        let refusal = r#"{"error":{"message":"no"}}"#;
+        let server = answering(503, refusal).await;
         // Bounded, so a retry loop that never ends fails here instead of hanging.
-        let e = tokio::time::timeout(Duration::from_secs(30), lister(&url).page(None))
+        let e = tokio::time::timeout(Duration::from_secs(30), lister(&server.url).page(None))
             .await
             .expect("the retries end")
             .expect_err("503");
         assert_eq!(e.status(), Some(503));
-        assert_eq!(count.load(Ordering::SeqCst), MAX_ATTEMPTS as usize);
-        let (url, count) = answering(401).await;
-        let e = lister(&url).page(None).await.expect_err("401");
+        assert_eq!(server.requests(), MAX_ATTEMPTS as usize);
+        let server = answering(401, refusal).await;
+        let e = lister(&server.url).page(None).await.expect_err("401");
         assert_eq!(e.status(), Some(401));
-        assert_eq!(count.load(Ordering::SeqCst), 1);
+        assert_eq!(server.requests(), 1);
     }
 
     #[test]

@@ -293,4 +293,28 @@ mod tests {
             .expect("nothing to delete");
         assert_eq!(gone.as_deref(), Some("usr_unknown"));
     }
+
+    /// An empty id in the answer is no id: an update keeps the id it was
+    /// sent with, and a create fails with the message that names the
+    /// pointer (not as an invalid id, which would hide the cause).
+    #[tokio::test]
+    async fn an_empty_id_in_the_answer_keeps_the_known_id() {
+        let server = crate::dev::canned::answering(200, r#"{"id": ""}"#).await;
+        let sink = WebhookSink::new(&config(&server.url)).expect("sink");
+        let data = serde_json::json!({"email": "a@example.com"});
+        let kept = sink
+            .push(
+                &change(Operation::Update, Some(data.clone())),
+                Some("usr_known"),
+            )
+            .await
+            .expect("an update answered without an id succeeds");
+        assert_eq!(kept.as_deref(), Some("usr_known"));
+        let e = sink
+            .push(&change(Operation::Insert, Some(data)), None)
+            .await
+            .expect_err("a create must return an id");
+        assert!(e.to_string().contains("has no external id at /id"), "{e}");
+        assert_eq!(server.requests(), 2);
+    }
 }
