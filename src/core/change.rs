@@ -104,8 +104,9 @@ impl Change {
     }
 
     /// A change of user `key` (a JSON string or number) in the first
-    /// transaction at LSN 1, without values: the unit tests' starting point.
-    #[cfg(test)]
+    /// transaction at LSN 1, without values: the tests' starting point (the
+    /// `it` tests build the library without `cfg(test)`, hence public).
+    #[doc(hidden)]
     pub fn for_test(op: Operation, key: Value) -> Change {
         let text = match &key {
             Value::String(s) => s.clone(),

@@ -550,22 +550,13 @@ impl Pipeline {
                         // A closed writer means shutdown; the change is replayed next start.
                         let _ = writer.send(item).await;
                         PushResult {
-                            key,
-                            seq,
-                            abandoned: false,
                             deleted: change.op == Operation::Delete,
                             external_id,
                             linked,
-                            failure: None,
+                            ..PushResult::nothing_pushed(key, seq)
                         }
                     }
                     Err(failed) => PushResult {
-                        key,
-                        seq,
-                        abandoned: false,
-                        deleted: false,
-                        external_id: None,
-                        linked: false,
                         failure: Some(Failure {
                             seq,
                             change,
@@ -574,6 +565,7 @@ impl Pipeline {
                             failed,
                             first_attempt_at,
                         }),
+                        ..PushResult::nothing_pushed(key, seq)
                     },
                 }
             }));

@@ -756,7 +756,7 @@ async fn answered_requests_are_pruned_after_a_day() {
     db.exec("SELECT pg_replication_slot_advance(current_database(), pg_current_wal_lsn())")
         .await;
     let daemon = db.start_daemon();
-    wait_for_async("the old answers to go", Duration::from_secs(30), || async {
+    wait_until("the old answers to go", Duration::from_secs(30), || async {
         db.count("SELECT count(*) FROM usersync.sync_requests")
             .await
             == 2
@@ -767,18 +767,6 @@ async fn answered_requests_are_pruned_after_a_day() {
         .await;
     assert_eq!(left, 2);
     daemon.stop().await;
-}
-
-async fn wait_for_async<F, Fut>(what: &str, timeout: Duration, f: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `[backfill] on_start = true`: `run` pushes the users that existed before
@@ -801,7 +789,7 @@ async fn run_with_backfill_on_start_pushes_existing_users() {
             .await,
         0
     );
-    wait_for_async(
+    wait_until(
         "the backfill to finish",
         Duration::from_secs(30),
         || async {

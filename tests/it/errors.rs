@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{TestDb, USERS_UUID};
+use crate::common::{wait_until, TestDb, USERS_UUID};
 use usersync::dev::pgtemp::{TempCluster, TempClusterOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_usersync");
@@ -312,14 +312,10 @@ async fn a_key_column_renamed_mid_stream_loses_nothing_across_a_restart() {
     let daemon = tokio::spawn(run(db.binary_command(&["run"])));
     insert_user(&db, "first@example.com").await;
     let synced = "SELECT count(*) FROM users WHERE external_synced_at IS NOT NULL";
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while db.count(synced).await == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first user was not synced"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("the first user synced", Duration::from_secs(30), || async {
+        db.count(synced).await > 0
+    })
+    .await;
     // One transaction: its insert is decoded under the old name and its
     // update under the new one, by this session and after the restart.
     db.exec(

@@ -871,25 +871,11 @@ async fn sink_down_then_back() {
     wait_consistent_explained(&db, LONG_WAIT).await;
     assert_latest_values(&db).await;
     assert_created_once(&db, &inserted);
-    wait_for_async("the slot to be confirmed past the outage", WAIT, || async {
+    wait_until("the slot to be confirmed past the outage", WAIT, || async {
         confirmed_lsn(&db).await > oldest_failing
     })
     .await;
     daemon.stop().await;
-}
-
-async fn wait_for_async<F, Fut>(what: &str, timeout: Duration, f: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -182,11 +182,10 @@ async fn an_update_of_only_an_unconvertible_value_is_dead_lettered() {
     let daemon = db.start_daemon();
     db.exec("INSERT INTO users (id, email) VALUES (5, 'five@example.com')")
         .await;
-    let deadline = Instant::now() + WAIT;
-    while external_id(&db, 5).await.is_none() {
-        assert!(Instant::now() < deadline, "user 5 was not synced");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("user 5 synced", WAIT, || async {
+        external_id(&db, 5).await.is_some()
+    })
+    .await;
     db.exec(r#"UPDATE users SET js = '{"a": "\ud800"}' WHERE id = 5"#)
         .await;
     let deadline = Instant::now() + WAIT;

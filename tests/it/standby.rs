@@ -199,7 +199,7 @@ async fn leadership_moves_on_a_lost_lock_session_and_on_sigkill_without_loss_or_
     let mut b = Daemon::spawn(&db, "b", &[]);
     b.wait_log("standby: another usersync leads", 1).await;
     let (a_url, b_url) = (a.metrics_url().await, b.metrics_url().await);
-    wait_for_async("a streaming and ready", || async {
+    wait_until("a streaming and ready", WAIT, || async {
         http_get(&format!("{a_url}/readyz")).await.0 == 200
     })
     .await;
@@ -248,7 +248,7 @@ async fn leadership_moves_on_a_lost_lock_session_and_on_sigkill_without_loss_or_
     let st = status(&db).await;
     assert!(st.contains(&format!(":{} (backend pid", a.pid())), "{st}");
     assert!(st.contains("no standby"), "{st}");
-    wait_for_async("a ready again", || async {
+    wait_until("a ready again", WAIT, || async {
         http_get(&format!("{a_url}/readyz")).await.0 == 200
     })
     .await;
@@ -291,18 +291,6 @@ async fn a_frozen_leader_is_replaced_and_pushes_nothing_when_it_wakes() {
         vec!["\"user.created\" 1000".to_string()],
         "only the marker is pushed after the old leader woke up"
     );
-}
-
-async fn wait_for_async<F, Fut>(what: &str, f: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A term that ends while its write-back waits for the replication origin

@@ -14,7 +14,7 @@ use crate::common::*;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use usersync::config::Config;
-use usersync::core::change::{Change, Operation, UserKey};
+use usersync::core::change::{Change, Operation};
 use usersync::dev::fake::stripe::{FakeStripe, FakeStripeOptions, StripeRequest};
 use usersync::dev::fake::Fault;
 use usersync::sink::stripe::StripeSink;
@@ -261,29 +261,14 @@ fn sink_for(fake: &FakeStripe, on_delete: &str) -> StripeSink {
 }
 
 fn change(op: Operation, event: &str, key: i64, data: Option<Value>) -> Change {
-    Change {
-        event_id: event.into(),
-        op,
-        key: UserKey {
-            text: key.to_string(),
-            json: json!(key),
-        },
-        table: "public.users".into(),
-        commit_lsn: 1,
-        position: 0,
-        xid: 1,
-        commit_time_us: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_micros() as i64,
-        data: data.map(|d| d.as_object().cloned().unwrap()),
-        previous: None,
-        changed: vec![],
-        omitted: vec![],
-        unconvertible: None,
-        external_id: None,
-        decoded_at: Instant::now(),
-    }
+    let mut change = Change::for_test(op, json!(key));
+    change.event_id = event.into();
+    change.commit_time_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    change.data = data.map(|d| d.as_object().cloned().unwrap());
+    change
 }
 
 #[tokio::test]

@@ -390,6 +390,22 @@ pub async fn wait_for<F: Fn() -> bool>(what: &str, timeout: Duration, f: F) {
     }
 }
 
+/// [`wait_for`] for a check that must await (a query, a request): polls
+/// `f` until it holds, failing after `timeout` with `what`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
