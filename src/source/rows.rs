@@ -497,3 +497,77 @@ impl RowBuilder {
         self.base_change(Operation::Update, key, at)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::table::{
+        MAX_REQUEST_EXTERNAL_ID, RECOVER_DELETE_REASON, REQUESTS_SCHEMA, REQUESTS_TABLE,
+    };
+    use crate::source::pgoutput::RelationColumn;
+
+    fn builder_with(namespace: &str, name: &str) -> RowBuilder {
+        let mut rows = RowBuilder::new(
+            TableName {
+                schema: "public".into(),
+                name: "users".into(),
+            },
+            "id".into(),
+            &[],
+        );
+        let column = |name: &str, type_oid: u32| RelationColumn {
+            is_key: name == "id",
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        };
+        rows.on_relation(Relation {
+            id: 1,
+            namespace: namespace.into(),
+            name: name.into(),
+            replica_identity: b'd',
+            columns: vec![
+                column("id", 20),
+                column("user_key", 25),
+                column("reason", 25),
+                column("external_id", 25),
+            ],
+        });
+        rows
+    }
+
+    fn request(rows: &RowBuilder, reason: &str, external_id: &str) -> Option<RequestRow> {
+        let text = |s: &str| ColumnValue::Text(s.as_bytes().to_vec().into());
+        let tuple = TupleData(vec![text("7"), text("42"), text(reason), text(external_id)]);
+        rows.request_of(1, &tuple).expect("a readable request")
+    }
+
+    /// Only `usersync.sync_requests` carries requests: a table of that name
+    /// in another schema, or another table in usersync's schema, is none.
+    /// Only a delete request names an external id, and only a non-empty,
+    /// bounded one (the table is writable by hand; an empty id must not
+    /// reach a sink as the record to delete).
+    #[test]
+    fn requests_come_from_the_request_table_and_name_only_a_sound_delete_target() {
+        let rows = builder_with(REQUESTS_SCHEMA, REQUESTS_TABLE);
+        let delete = request(&rows, RECOVER_DELETE_REASON, "usr_1").expect("a request");
+        assert_eq!((delete.id, delete.key.as_str()), (7, "42"));
+        assert!(delete.delete_if_gone);
+        assert_eq!(delete.external_id.as_deref(), Some("usr_1"));
+        let empty = request(&rows, RECOVER_DELETE_REASON, "").expect("a request");
+        assert_eq!(empty.external_id, None);
+        let long = "x".repeat(MAX_REQUEST_EXTERNAL_ID + 1);
+        let long = request(&rows, RECOVER_DELETE_REASON, &long).expect("a request");
+        assert_eq!(long.external_id, None);
+        let sync = request(&rows, "sync-user", "usr_1").expect("a request");
+        assert!(!sync.delete_if_gone);
+        assert_eq!(sync.external_id, None);
+        for (namespace, name) in [("public", REQUESTS_TABLE), (REQUESTS_SCHEMA, "other")] {
+            let rows = builder_with(namespace, name);
+            assert!(
+                request(&rows, "sync-user", "").is_none(),
+                "{namespace}.{name}"
+            );
+        }
+    }
+}

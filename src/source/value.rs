@@ -1071,6 +1071,44 @@ mod tests {
         );
     }
 
+    /// Arrays and domains of non-builtin types take their structure from
+    /// the catalog (`set_kind`): an array of an enum is a JSON array, a
+    /// domain over int4 a number, and a domain chain that loops (only a
+    /// corrupt registry could make one) ends as text instead of recursing
+    /// until the stack overflows.
+    #[test]
+    fn catalog_arrays_and_domains_take_their_structure() {
+        let mut types = TypeRegistry::default();
+        types.insert(16390, "public".into(), "mood".into());
+        types.set_kind(
+            16389,
+            TypeKind::Array {
+                element: 16390,
+                delimiter: b',',
+            },
+        );
+        types.set_kind(16391, TypeKind::Domain { base: INT4 });
+        types.set_kind(
+            16392,
+            TypeKind::Array {
+                element: 16391,
+                delimiter: b';',
+            },
+        );
+        types.set_kind(16393, TypeKind::Domain { base: 16393 });
+        assert_eq!(
+            text_to_json(16389, b"{happy,\"so so\"}", &types).unwrap(),
+            json!(["happy", "so so"])
+        );
+        assert_eq!(text_to_json(16391, b"42", &types).unwrap(), json!(42));
+        assert_eq!(
+            text_to_json(16392, b"{1;2}", &types).unwrap(),
+            json!([1, 2])
+        );
+        assert!(text_to_json(16391, b"4x", &types).is_err());
+        assert_eq!(text_to_json(16393, b"x", &types).unwrap(), json!("x"));
+    }
+
     #[test]
     fn json_is_embedded() {
         assert_eq!(

@@ -185,8 +185,9 @@ async fn update_of_no_synced_value_is_not_pushed() {
 
 /// A publication may hold other tables (the operator's own, or one made
 /// `FOR ALL TABLES`): their rows are never pushed as users, even when they
-/// look like users. Quiescence: the slot confirmed past a later change of the
-/// user means every change before it was completed.
+/// look like users, and a table named like usersync's request table in
+/// another schema is no request. Quiescence: the slot confirmed past a later
+/// change of the user means every change before it was completed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_to_another_table_in_the_publication_are_not_pushed() {
     install_crypto();
@@ -195,7 +196,9 @@ async fn changes_to_another_table_in_the_publication_are_not_pushed() {
         "CREATE TABLE public.orders (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
          email text, name text, plan text); \
          ALTER TABLE public.orders REPLICA IDENTITY FULL; \
-         ALTER PUBLICATION usersync_users ADD TABLE public.orders",
+         ALTER PUBLICATION usersync_users ADD TABLE public.orders; \
+         CREATE TABLE public.sync_requests (id bigint PRIMARY KEY, user_key text, reason text); \
+         ALTER PUBLICATION usersync_users ADD TABLE public.sync_requests",
     )
     .await;
     let daemon = db.start_daemon();
@@ -204,6 +207,8 @@ async fn changes_to_another_table_in_the_publication_are_not_pushed() {
          INSERT INTO orders (email, name) VALUES ('order@example.com', 'an order'); COMMIT",
     )
     .await;
+    db.exec("INSERT INTO public.sync_requests SELECT 1, id::text, 'sync-user' FROM users")
+        .await;
     db.exec("UPDATE orders SET plan = 'pro'; DELETE FROM orders")
         .await;
     db.exec("UPDATE users SET name = 'marker'").await;
