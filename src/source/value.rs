@@ -1172,6 +1172,15 @@ mod tests {
         // Brackets inside strings do not count.
         let strings = format!(r#"["{}\"{}"]"#, "[".repeat(5000), "{".repeat(5000));
         assert!(ok(3802, &strings).is_array());
+        // Depth is nesting, not the number of brackets: siblings are shallow.
+        let wide = format!("[{}1]", "[1],".repeat(MAX_JSON_DEPTH + 1));
+        assert!(ok(3802, &wide).is_array());
+        // Nesting after a string (one with an escaped quote) still counts.
+        let after_string = format!(r#"{{"a\"": "x", "b": {}}}"#, nested(MAX_JSON_DEPTH));
+        assert!(
+            problem(3802, &after_string).contains("nested deeper than 1000 levels"),
+            "a document nested too deep after a string was accepted"
+        );
         let err = problem(3802, &nested(MAX_JSON_DEPTH + 1));
         assert_eq!(
             err,
