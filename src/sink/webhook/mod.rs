@@ -317,4 +317,47 @@ mod tests {
         assert!(e.to_string().contains("has no external id at /id"), "{e}");
         assert_eq!(server.requests(), 2);
     }
+
+    /// An update of a row from before usersync (no id known, and the
+    /// endpoint answers 404) is sent again as a create, under its own
+    /// webhook id so a receiver deduplicating on ids does not drop it.
+    #[tokio::test]
+    async fn an_update_unknown_to_the_endpoint_is_sent_again_as_a_create() {
+        let fake = FakeService::start(FakeOptions::default())
+            .await
+            .expect("fake endpoint");
+        let sink = WebhookSink::new(&config(&fake.url())).expect("sink");
+        let update = change(
+            Operation::Update,
+            Some(serde_json::json!({"email": "old@example.com"})),
+        );
+        let id = sink
+            .push(&update, None)
+            .await
+            .expect("created")
+            .expect("an id");
+        let sent: Vec<(String, Option<String>, u16)> = fake
+            .requests()
+            .iter()
+            .map(|r| {
+                (
+                    r.body["type"].as_str().unwrap_or_default().to_string(),
+                    r.webhook_id.clone(),
+                    r.status,
+                )
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            [
+                ("user.updated".into(), Some(update.event_id.clone()), 404),
+                (
+                    "user.created".into(),
+                    Some(format!("{}_create", update.event_id)),
+                    201
+                ),
+            ]
+        );
+        assert_eq!(fake.users()[0].external_id, id);
+    }
 }
