@@ -1331,6 +1331,14 @@ mod tests {
         problem(1007, "[1:0]={1}");
         problem(1007, "[0:1][0:1]={1,2}");
         problem(1007, "[99999999999:1]={1}");
+        // A one-element dimension, and as many dimensions as PostgreSQL allows.
+        assert_eq!(ok(1007, "[1:1]={7}"), json!([7]));
+        let six = format!("{}={{{{{{{{{{{{1}}}}}}}}}}}}", "[1:1]".repeat(6));
+        assert_eq!(ok(1007, &six), json!([[[[[[1]]]]]]));
+        let seven = format!("{}={{{{{{{{{{{{{{1}}}}}}}}}}}}}}", "[1:1]".repeat(7));
+        assert!(problem(1007, &seven).contains("too many array dimensions"));
+        // The closing bracket is checked, not skipped.
+        problem(1007, "[0:1x={1,2}");
     }
 
     #[test]
@@ -1432,6 +1440,8 @@ mod tests {
             "{{1,2},{3}}",
             "{\"a}",
             "{\"a\"b}",
+            "{\"a\"x\"b\"}",
+            "{{1}x{2}}",
             "{a\"b\"}",
             "{a{b}",
             "{a\\",
