@@ -95,6 +95,15 @@ async fn sync_user_works_with_and_without_a_daemon() {
         db.synced_rows().await,
         vec![("1".into(), Some(ext.clone()))]
     );
+    // It recorded the values it pushed: a backfill of changed rows (a dry
+    // run needs no daemon) has nothing to push again.
+    let out = run_cli(db.binary_command(&["backfill", "--dry-run"]), CLI_LIMIT).await;
+    assert_eq!(out.code, Some(0), "{}", out.all());
+    assert!(
+        out.stdout.contains("0 of 1 rows would be pushed"),
+        "{}",
+        out.all()
+    );
 
     // The daemon then streams the row's insert: the row is linked already,
     // so it is not created a second time.
