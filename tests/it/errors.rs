@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::common::{wait_until, TestDb, USERS_UUID};
+use crate::common::{poll_until, wait_until, TestDb, USERS_UUID};
 use usersync::dev::pgtemp::{TempCluster, TempClusterOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_usersync");
@@ -342,16 +342,16 @@ async fn a_key_column_renamed_mid_stream_loses_nothing_across_a_restart() {
         "the update behind the rename went out with another key: {pushed:#?}"
     );
     let mut daemon = db.spawn_binary(&["run"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while db.count(synced).await < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the update behind the rename was not written back after a restart: {:#?}\n{}",
-            db.accepted(),
-            db.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let written_back = poll_until(Duration::from_secs(30), || async {
+        db.count(synced).await >= 2
+    })
+    .await;
+    assert!(
+        written_back,
+        "the update behind the rename was not written back after a restart: {:#?}\n{}",
+        db.accepted(),
+        db.log_tail()
+    );
     let _ = daemon.kill();
     let _ = daemon.wait();
     assert!(

@@ -50,23 +50,21 @@ async fn external_id(db: &TestDb, id: i64) -> Option<String> {
 
 /// Waits until user `id` is written back and `dead` dead letters exist.
 async fn wait_settled(db: &TestDb, id: i64, dead: usize) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let written = external_id(db, id).await.is_some();
-        let letters = dead_letters(db).await;
-        if written && letters.len() >= dead {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "user {id} written back: {written}; dead letters: {letters:?}; requests: {:?}",
+    let settled = poll_until(WAIT, || async {
+        external_id(db, id).await.is_some() && dead_letters(db).await.len() >= dead
+    })
+    .await;
+    if !settled {
+        panic!(
+            "user {id} written back: {}; dead letters: {:?}; requests: {:?}",
+            external_id(db, id).await.is_some(),
+            dead_letters(db).await,
             db.fake
                 .requests()
                 .iter()
                 .map(|r| (r.status, r.body["key"].clone()))
                 .collect::<Vec<_>>()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -188,18 +186,13 @@ async fn an_update_of_only_an_unconvertible_value_is_dead_lettered() {
     .await;
     db.exec(r#"UPDATE users SET js = '{"a": "\ud800"}' WHERE id = 5"#)
         .await;
-    let deadline = Instant::now() + WAIT;
-    let dl = loop {
-        let dl = dead_letters(&db).await;
-        if !dl.is_empty() {
-            break dl;
-        }
-        assert!(
-            Instant::now() < deadline && !daemon.task.is_finished(),
-            "the update was not dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // Ends early when the daemon stops: a stopped session dead-letters nothing.
+    poll_until(WAIT, || async {
+        !dead_letters(&db).await.is_empty() || daemon.task.is_finished()
+    })
+    .await;
+    let dl = dead_letters(&db).await;
+    assert!(!dl.is_empty(), "the update was not dead-lettered");
     assert_eq!((dl[0].0.as_str(), dl[0].1.as_str()), ("5", "failed"));
     assert!(dl[0].2.contains("column js"), "{}", dl[0].2);
     daemon.stop().await;

@@ -397,10 +397,26 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
+    if !poll_until(timeout, f).await {
+        panic!("timed out after {timeout:?} waiting for {what}");
+    }
+}
+
+/// Polls the async check `f` until it holds or `timeout` has passed, and
+/// says which: for a caller whose failure message shows the state it finds
+/// then (the daemon's log, the requests the fake saw).
+pub async fn poll_until<F, Fut>(timeout: Duration, f: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let deadline = Instant::now() + timeout;
-    while !f().await {
+    loop {
+        if f().await {
+            return true;
+        }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
